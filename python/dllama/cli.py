@@ -1,0 +1,54 @@
+"""The `dllama` command line. Each group of commands lives in its own `cli_*.py` module."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dllama import __version__
+
+app = typer.Typer(
+    name="dllama",
+    help="Run Llama-family models on one machine or split across several over TCP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"dllama {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+) -> None:
+    """dllama: Llama-family inference, one machine or a cluster of small ones."""
+
+
+def _register_commands() -> None:
+    from dllama import cli_convert, cli_run, cli_worker
+
+    cli_convert.register(app)
+    cli_run.register(app)
+    cli_worker.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

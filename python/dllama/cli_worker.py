@@ -1,0 +1,9 @@
+"""CLI: worker commands (in progress)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,1 @@
+//! File formats shared with the C++ distributed-llama, byte for byte.

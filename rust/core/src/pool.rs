@@ -1,0 +1,1 @@
+//! The long-lived thread pool (in progress).

@@ -1,0 +1,1 @@
+//! Quantized blocks and kernels.
