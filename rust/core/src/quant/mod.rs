@@ -1,1 +1,5 @@
 //! Quantized blocks and kernels.
+
+pub mod block;
+
+pub use block::{BlockQ40, BlockQ80, QK};
