@@ -1,3 +1,9 @@
-//! The Llama model: weights, slice, KV cache, forward pass (in progress).
+//! The Llama model on one node: configuration, this node's slice, weights, KV cache and the
+//! forward pass.
 pub mod collective;
+pub mod config;
+pub mod split;
+
 pub use collective::{Collective, Local};
+pub use config::{DType, ModelConfig, RopeConfig, RopeType};
+pub use split::NodeSlice;
