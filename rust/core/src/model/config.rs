@@ -120,20 +120,25 @@ impl ModelConfig {
                 self.dim, self.hidden_dim, self.n_layers, self.vocab_size
             ));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even and non-zero (RoPE rotates pairs)",
                 self.head_dim
             ));
         }
         if self.weights_float_type.is_quantized()
-            && (self.dim % 32 != 0 || self.hidden_dim % 32 != 0 || self.q_dim() % 32 != 0)
+            && (!self.dim.is_multiple_of(32)
+                || !self.hidden_dim.is_multiple_of(32)
+                || !self.q_dim().is_multiple_of(32))
         {
             return bad(format!(
                 "quantized weights need dim ({}), hidden_dim ({}) and n_heads*head_dim ({}) to be multiples of 32",

@@ -7,3 +7,15 @@ pub mod split;
 pub use collective::{Collective, Local};
 pub use config::{DType, ModelConfig, RopeConfig, RopeType};
 pub use split::NodeSlice;
+pub mod compute;
+pub mod forward;
+pub mod kv_cache;
+pub mod tensor;
+pub mod weights;
+
+pub use forward::{BufferType, Model};
+pub use tensor::Tensor;
+pub use weights::{LayerWeights, Weights};
+
+#[cfg(test)]
+mod tests;

@@ -81,7 +81,7 @@ impl NodeSlice {
                 cfg.n_kv_heads
             ));
         }
-        if cfg.hidden_dim % BLOCK != 0 || cfg.hidden_dim / BLOCK < n {
+        if !cfg.hidden_dim.is_multiple_of(BLOCK) || cfg.hidden_dim / BLOCK < n {
             return Err(format!(
                 "the hidden dimension {} must split into whole 32-value blocks, at least one per node",
                 cfg.hidden_dim
