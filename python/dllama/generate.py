@@ -116,8 +116,8 @@ class LLM:
         self.last_summary: Summary | None = None
 
     def encode(self, prompt: str) -> list[int]:
-        """The prompt's token ids (with BOS when the tokenizer adds one)."""
-        return self.tokenizer.encode(prompt, add_bos=True)
+        """The prompt's token ids (with BOS when the tokenizer's file says to add one)."""
+        return self.tokenizer.encode(prompt)
 
     def generate(
         self,
@@ -144,7 +144,7 @@ class LLM:
                 f"{max_seq_len} (raise --max-seq-len)"
             )
         eos = set(self.tokenizer.eos_ids)
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.decoder()
         self.last_summary = None
 
         # prefill: the whole prompt in one call (batched inside the node)
@@ -165,7 +165,7 @@ class LLM:
             if token in eos:
                 stop = "eos"
                 break
-            text = decoder.push(token)
+            text = decoder.feed(token)
             if first:
                 total_ms = prompt_ms + (time.perf_counter() - step_start) * 1000
                 first = False

@@ -1,0 +1,181 @@
+"""Helpers of the engine tests: random transformers Llama models and a `.m` writer.
+
+The writer follows distributed-llama's `convert-hf.py`: tensors in `.m` order, q and k rows
+permuted from Hugging Face's half-split RoPE layout to Meta's interleaved pairs when the
+header says `rope_type` 0 (llama) or 2 (llama3.1); left as they are for `rope_type` 1
+(falcon / neox halves, which is what transformers computes on unpermuted weights).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from dllama import _core  # noqa: E402
+
+FLOAT_CODES = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
+
+
+def random_llama(
+    *,
+    dim: int = 64,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 4,
+    vocab: int = 128,
+    tied: bool = False,
+    rope_scaling: dict[str, Any] | None = None,
+    rope_theta: float = 10000.0,
+    max_pos: int = 128,
+    init: float = 0.02,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=dim,
+        intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+        rope_theta=rope_theta,
+        max_position_embeddings=max_pos,
+        initializer_range=init,
+        rms_norm_eps=1e-5,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        # non-trivial norm weights (they start at 1.0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def permute(w: npt.NDArray[np.float32], n_heads: int) -> npt.NDArray[np.float32]:
+    """HF's (head, [first half, second half]) rows to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def unpermute(w: npt.NDArray[np.float32], n_heads: int) -> npt.NDArray[np.float32]:
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def header_fields(cfg: LlamaConfig, float_type: str, rope_type: int) -> dict[str, int | float]:
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    f: dict[str, int | float] = {
+        "version": 0,
+        "arch_type": 0xABCD00,
+        "dim": cfg.hidden_size,
+        "hidden_dim": cfg.intermediate_size,
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_key_value_heads,
+        "n_experts": 0,
+        "n_active_experts": 0,
+        "vocab_size": cfg.vocab_size,
+        "max_seq_len": cfg.max_position_embeddings,
+        "hidden_act": 1,
+        "rope_theta": int(cfg.rope_theta),
+        "weights_float_type": FLOAT_CODES[float_type],
+        "rope_type": rope_type,
+        "head_dim": head_dim,
+        "norm_epsilon": float(cfg.rms_norm_eps),
+    }
+    rs = cfg.rope_scaling
+    if rs and rs.get("rope_type") == "llama3":
+        f["rope_scaling_factor"] = int(rs["factor"])
+        f["rope_scaling_low_freq_factor"] = int(rs["low_freq_factor"])
+        f["rope_scaling_high_freq_factor"] = int(rs["high_freq_factor"])
+        f["rope_scaling_orig_max_seq_len"] = int(rs["original_max_position_embeddings"])
+    return f
+
+
+def write_m(model: LlamaForCausalLM, path: Path, float_type: str = "f32", rope_type: int = 0) -> None:
+    """Write `model` as a `.m` file (weights of `float_type`, norms and embedding f32)."""
+    cfg = model.config
+    sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    fields = header_fields(cfg, float_type, rope_type)
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    perm = rope_type in (0, 2)
+
+    def hf(name: str) -> npt.NDArray[np.float32]:
+        if name == "embedding":
+            return sd["model.embed_tokens.weight"]
+        if name == "norm":
+            return sd["model.norm.weight"]
+        if name == "wcls":
+            return sd["lm_head.weight"]
+        _, i, t = name.split(".")
+        p = f"model.layers.{i}."
+        if t == "q":
+            w = sd[p + "self_attn.q_proj.weight"]
+            return permute(w, nh) if perm else w
+        if t == "k":
+            w = sd[p + "self_attn.k_proj.weight"]
+            return permute(w, nkv) if perm else w
+        key = {
+            "v": "self_attn.v_proj.weight",
+            "wo": "self_attn.o_proj.weight",
+            "w1": "mlp.gate_proj.weight",
+            "w2": "mlp.down_proj.weight",
+            "w3": "mlp.up_proj.weight",
+            "attn_norm": "input_layernorm.weight",
+            "ffn_norm": "post_attention_layernorm.weight",
+        }[t]
+        return sd[p + key]
+
+    with open(path, "wb") as f:
+        f.write(_core.encode_model_header(fields))
+        for name, rows, cols, ft, _offset, nbytes in _core.model_tensors(fields):
+            x = np.ascontiguousarray(hf(name), dtype=np.float32).reshape(-1)
+            assert x.size == rows * cols, (name, x.size, rows, cols)
+            data = _core.quantize(x, ft)
+            assert len(data) == nbytes
+            f.write(data)
+
+
+def dequantized_copy(model: LlamaForCausalLM, float_type: str) -> LlamaForCausalLM:
+    """A copy of `model` whose matmul weights went through `float_type` and back (norms and
+    embedding stay f32, as in the `.m` file)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 2 and name != "model.embed_tokens.weight":
+                x = p.detach().numpy().astype(np.float32).reshape(-1)
+                y = _core.dequantize(_core.quantize(x, float_type), float_type)
+                p.copy_(torch.from_numpy(y.reshape(p.shape)))
+        if m.config.tie_word_embeddings:
+            # lm_head shares the embedding: untie so only the classifier is quantized
+            m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
+            x = m.lm_head.weight.detach().numpy().astype(np.float32).reshape(-1)
+            y = _core.dequantize(_core.quantize(x, float_type), float_type)
+            m.lm_head.weight.data.copy_(torch.from_numpy(y.reshape(m.lm_head.weight.shape)))
+    return m
+
+
+def hf_logits(model: LlamaForCausalLM, tokens: list[int]) -> npt.NDArray[np.float32]:
+    """(n_tokens, vocab) logits of every position."""
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), use_cache=False)
+    return out.logits[0].to(torch.float32).numpy()
