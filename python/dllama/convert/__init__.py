@@ -1,0 +1,1 @@
+"""Checkpoint and tokenizer conversion to distributed-llama's `.m` and `.t` files."""
