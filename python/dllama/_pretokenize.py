@@ -5,6 +5,8 @@ They split text exactly like these regular expressions (with Unicode classes \\p
 
 - "gpt2" (GPT-2, SmolLM2, StarCoder):
   's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+- "smollm" (SmolLM/SmolLM2, StarCoder: Hugging Face's Digits(individual_digits=True) before
+  the byte-level regex): every \\p{N} character alone, then "gpt2" on the text between them
 - "llama3" (Llama 3):
   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}
   | ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+
@@ -120,4 +122,18 @@ def _llama3_match(text: str, i: int) -> int:
     return _whitespace(text, i)
 
 
-SPLITTERS = {"gpt2": split_gpt2, "llama3": split_llama3}
+def split_smollm(text: str) -> list[str]:
+    out: list[str] = []
+    start = 0
+    for i, ch in enumerate(text):
+        if _cls(ch) == N:
+            if i > start:
+                out += split_gpt2(text[start:i])
+            out.append(ch)
+            start = i + 1
+    if start < len(text):
+        out += split_gpt2(text[start:])
+    return out
+
+
+SPLITTERS = {"gpt2": split_gpt2, "smollm": split_smollm, "llama3": split_llama3}

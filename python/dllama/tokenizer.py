@@ -10,8 +10,9 @@ inferred from the vocabulary:
   in the vocabulary become their UTF-8 bytes `<0xNN>`. Special tokens are pieces of the form
   `<...>` with score 0 (SentencePiece's control tokens); they never take part in merges.
 - **Byte-level BPE** (otherwise; GPT-2 style: SmolLM2, Llama 3): the text is pre-tokenized
-  (the Llama 3 pattern when the vocabulary groups digits by three, as Llama 3 does; the GPT-2
-  pattern otherwise), and each piece's bytes are merged by score the same way. Our
+  by the pattern the vocabulary implies: Llama 3's when it has tokens of three digits but none
+  longer (Llama 3 groups digits by three); SmolLM's (each digit alone, then GPT-2's) when no
+  token holds two digits; GPT-2's otherwise. Then each piece's bytes are merged by score the same way. Our
   converter writes -(merge rank + 1) as the score, so this is the merge order of the
   original tokenizer. Special tokens are tokens of the form `<...>` that the encoder cannot
   produce from their own text (e.g. `<|im_start|>`).
@@ -32,6 +33,7 @@ from dllama._pretokenize import SPLITTERS
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _SPECIAL_SHAPE = re.compile(rb"<[^\s<>]+>")
+_NUMERIC2 = re.compile(rb" ?[0-9]{2,}")
 _NUMERIC3 = re.compile(rb" ?[0-9]{3}")
 _NUMERIC4 = re.compile(rb" ?[0-9]{4,}")
 
@@ -160,9 +162,15 @@ class Tokenizer:
                     "the vocabulary has neither byte-fallback pieces <0xNN> nor single-byte "
                     "tokens: unknown tokenizer scheme"
                 )
+            numeric2 = any(_NUMERIC2.fullmatch(p) for p in self.vocab)
             numeric3 = any(_NUMERIC3.fullmatch(p) for p in self.vocab)
             numeric4 = any(_NUMERIC4.fullmatch(p) for p in self.vocab)
-            self.scheme = "llama3" if numeric3 and not numeric4 else "gpt2"
+            if numeric3 and not numeric4:
+                self.scheme = "llama3"
+            elif not numeric2:
+                self.scheme = "smollm"
+            else:
+                self.scheme = "gpt2"
             self._merge_score = {p: scores[i] for i, p in enumerate(self.vocab)}
             self._piece_ids = self._ids
             specials = {
