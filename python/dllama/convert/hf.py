@@ -107,6 +107,8 @@ class HFSource(Source):
         if not files:
             raise ConvertError(f"{folder}: no *.safetensors files (pytorch .bin is not supported)")
         self.description = str(folder)
+        # transformers >= 5 writes "rope_parameters" (with rope_theta inside); older "rope_scaling"
+        rope: dict[str, Any] = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         self.n_heads = int(cfg["num_attention_heads"])
         self.n_kv_heads = int(cfg.get("num_key_value_heads") or self.n_heads)
         self.fields = base_fields(
@@ -117,13 +119,13 @@ class HFSource(Source):
             n_kv_heads=self.n_kv_heads,
             vocab_size=int(cfg["vocab_size"]),
             max_seq_len=int(max_seq_len or cfg.get("max_position_embeddings") or 4096),
-            rope_theta=float(cfg.get("rope_theta") or 10000.0),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
             norm_epsilon=float(cfg.get("rms_norm_eps") or 1e-5),
             head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
         )
-        scaling = cfg.get("rope_scaling")
-        if scaling:
-            kind = scaling.get("rope_type") or scaling.get("type")
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind != "default":
+            scaling = rope
             if kind != "llama3":
                 raise ConvertError(f"{config_path}: unsupported rope_scaling type {kind!r} (only llama3)")
             set_llama3_scaling(
