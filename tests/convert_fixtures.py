@@ -12,20 +12,22 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA
-    vocab_size=96,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
+TINY: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA
+    "vocab_size": 96,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
 
 
-def make_hf(folder: Path, *, tied: bool = False, seed: int = 0, dtype: str = "float32", **extra: Any) -> dict[str, np.ndarray]:
+def make_hf(
+    folder: Path, *, tied: bool = False, seed: int = 0, dtype: str = "float32", **extra: Any
+) -> dict[str, np.ndarray]:
     """Saves a random LlamaForCausalLM; returns its float32 state dict (HF names)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -53,8 +55,12 @@ def hf_to_meta_names(sd: dict[str, np.ndarray], n_layers: int) -> dict[str, np.n
     }
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        out[f"layers.{i}.attention.wq.weight"] = permute_hf_to_meta(sd[p + "self_attn.q_proj.weight"], nh)
-        out[f"layers.{i}.attention.wk.weight"] = permute_hf_to_meta(sd[p + "self_attn.k_proj.weight"], nkv)
+        out[f"layers.{i}.attention.wq.weight"] = permute_hf_to_meta(
+            sd[p + "self_attn.q_proj.weight"], nh
+        )
+        out[f"layers.{i}.attention.wk.weight"] = permute_hf_to_meta(
+            sd[p + "self_attn.k_proj.weight"], nkv
+        )
         out[f"layers.{i}.attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
         out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
@@ -65,7 +71,9 @@ def hf_to_meta_names(sd: dict[str, np.ndarray], n_layers: int) -> dict[str, np.n
     return out
 
 
-def write_meta(folder: Path, meta: dict[str, np.ndarray], n_shards: int, params: dict[str, Any]) -> None:
+def write_meta(
+    folder: Path, meta: dict[str, np.ndarray], n_shards: int, params: dict[str, Any]
+) -> None:
     """Splits the tensors the way Meta's model-parallel checkpoints are split."""
     import torch
 
@@ -78,7 +86,9 @@ def write_meta(folder: Path, meta: dict[str, np.ndarray], n_shards: int, params:
         else:
             parts = np.split(t, n_shards, axis=1 if name.endswith(column) else 0)
         for s, part in zip(shards, parts):
-            s[name] = torch.from_numpy(np.ascontiguousarray(part)).to(torch.bfloat16 if params.get("_bf16") else torch.float32)
+            s[name] = torch.from_numpy(np.ascontiguousarray(part)).to(
+                torch.bfloat16 if params.get("_bf16") else torch.float32
+            )
     for i, s in enumerate(shards):
         s["rope.freqs"] = torch.ones(8)
         torch.save(s, folder / f"consolidated.{i:02d}.pth")

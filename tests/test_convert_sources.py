@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest_assets import smollm2_gguf
 from convert_fixtures import TINY, hf_to_meta_names, make_hf, meta_params, write_meta
 from dllama.convert.gguf_file import GGUFError, GGUFFile
@@ -21,7 +20,9 @@ N_LAYERS = TINY["num_hidden_layers"]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, np.ndarray]]:
+def checkpoints(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path, dict[str, np.ndarray]]:
     root = tmp_path_factory.mktemp("ckpt")
     sd = make_hf(root / "hf")
     meta = hf_to_meta_names(sd, N_LAYERS)
@@ -37,9 +38,17 @@ def _meta_key(name: str) -> str:
     if name == "wcls":
         return "output.weight"
     _, i, short = name.split(".")
-    key = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "wo": "attention.wo",
-           "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3",
-           "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}[short]
+    key = {
+        "q": "attention.wq",
+        "k": "attention.wk",
+        "v": "attention.wv",
+        "wo": "attention.wo",
+        "w1": "feed_forward.w1",
+        "w2": "feed_forward.w2",
+        "w3": "feed_forward.w3",
+        "attn_norm": "attention_norm",
+        "ffn_norm": "ffn_norm",
+    }[short]
     return f"layers.{i}.{key}.weight"
 
 
@@ -93,20 +102,33 @@ def test_permutation_turns_half_split_rope_into_interleaved_rope() -> None:
         hf_k = _rope_hf((wk @ y).reshape(n_heads, hd), p2, 1e4)
         me_q = _rope_meta((mq @ x).reshape(n_heads, hd), p1, 1e4)
         me_k = _rope_meta((mk @ y).reshape(n_heads, hd), p2, 1e4)
-        np.testing.assert_allclose((hf_q * hf_k).sum(-1), (me_q * me_k).sum(-1), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            (hf_q * hf_k).sum(-1), (me_q * me_k).sum(-1), rtol=1e-9, atol=1e-9
+        )
 
 
 def test_hf_bf16_tied_and_llama3_scaling(tmp_path: Path) -> None:
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+    }
     sd = make_hf(tmp_path, tied=True, dtype="bfloat16", rope_scaling=scaling, rope_theta=500000.0)
     with HFSource(tmp_path) as hf:
         f = hf.fields
-        assert (f["rope_type"], f["rope_scaling_factor"], f["rope_scaling_low_freq_factor"]) == (2, 8, 1)
+        assert (f["rope_type"], f["rope_scaling_factor"], f["rope_scaling_low_freq_factor"]) == (
+            2,
+            8,
+            1,
+        )
         assert (f["rope_scaling_high_freq_factor"], f["rope_scaling_orig_max_seq_len"]) == (4, 128)
         assert f["rope_theta"] == 500000
         np.testing.assert_array_equal(hf.checked("wcls"), sd["model.embed_tokens.weight"])
-        np.testing.assert_array_equal(hf.checked("layers.1.w2"), sd["model.layers.1.mlp.down_proj.weight"])
+        np.testing.assert_array_equal(
+            hf.checked("layers.1.w2"), sd["model.layers.1.mlp.down_proj.weight"]
+        )
 
 
 def test_gguf_reader_equals_gguf_package() -> None:
@@ -141,22 +163,49 @@ def test_gguf_q_k_are_already_interleaved() -> None:
     sd = {k: v.float().numpy() for k, v in loaded["tensors"].items()}
     with GGUFSource(path) as src:
         f = src.fields
-        assert (f["dim"], f["hidden_dim"], f["n_layers"], f["n_heads"], f["n_kv_heads"]) == (576, 1536, 30, 9, 3)
-        assert (f["vocab_size"], f["max_seq_len"], f["rope_theta"], f["head_dim"]) == (49152, 8192, 100000, 64)
+        assert (f["dim"], f["hidden_dim"], f["n_layers"], f["n_heads"], f["n_kv_heads"]) == (
+            576,
+            1536,
+            30,
+            9,
+            3,
+        )
+        assert (f["vocab_size"], f["max_seq_len"], f["rope_theta"], f["head_dim"]) == (
+            49152,
+            8192,
+            100000,
+            64,
+        )
         assert f["norm_epsilon"] == 1e-5 and f["rope_type"] == 0 and src.tied
         for i in (0, 29):
             p = f"model.layers.{i}.self_attn."
-            np.testing.assert_allclose(src.checked(f"layers.{i}.q"), permute_hf_to_meta(sd[p + "q_proj.weight"], 9), rtol=1e-6, atol=1e-7)
-            np.testing.assert_allclose(src.checked(f"layers.{i}.k"), permute_hf_to_meta(sd[p + "k_proj.weight"], 3), rtol=1e-6, atol=1e-7)
-            np.testing.assert_allclose(src.checked(f"layers.{i}.w2"), sd[f"model.layers.{i}.mlp.down_proj.weight"], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(src.checked("embedding"), sd["model.embed_tokens.weight"], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                src.checked(f"layers.{i}.q"),
+                permute_hf_to_meta(sd[p + "q_proj.weight"], 9),
+                rtol=1e-6,
+                atol=1e-7,
+            )
+            np.testing.assert_allclose(
+                src.checked(f"layers.{i}.k"),
+                permute_hf_to_meta(sd[p + "k_proj.weight"], 3),
+                rtol=1e-6,
+                atol=1e-7,
+            )
+            np.testing.assert_allclose(
+                src.checked(f"layers.{i}.w2"),
+                sd[f"model.layers.{i}.mlp.down_proj.weight"],
+                rtol=1e-6,
+                atol=1e-7,
+            )
+        np.testing.assert_allclose(
+            src.checked("embedding"), sd["model.embed_tokens.weight"], rtol=1e-6, atol=1e-7
+        )
 
 
 # ------------------------------------------------------------------- bad input ----
 
 
-def test_bad_checkpoints(tmp_path: Path, checkpoints: Any) -> None:
-    hf_dir, meta_dir, _ = checkpoints
+def test_bad_checkpoints(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConvertError, match="no params.json"):
@@ -165,7 +214,9 @@ def test_bad_checkpoints(tmp_path: Path, checkpoints: Any) -> None:
         HFSource(empty)
     bad = tmp_path / "bert"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    (bad / "config.json").write_text(
+        json.dumps({"architectures": ["BertModel"], "model_type": "bert"})
+    )
     with pytest.raises(ConvertError, match="unsupported architecture"):
         HFSource(bad)
     shardless = tmp_path / "shardless"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest_assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
 from dllama._pretokenize import split_gpt2, split_llama3, split_smollm
 from dllama.convert.source import ConvertError
@@ -144,7 +143,9 @@ def test_byte_level_matches_smollm2_digit_splitting(smol_tok: Tokenizer) -> None
         assert smol_tok.encode(text, add_bos=False) == ref.encode(text).ids
 
 
-def test_tokenizer_json_conversion(tmp_path: Path, smol_ref: Any, smol_dict: dict[str, Any]) -> None:
+def test_tokenizer_json_conversion(
+    tmp_path: Path, smol_ref: Any, smol_dict: dict[str, Any]
+) -> None:
     smol_ref.save_pretrained(str(tmp_path))
     d = from_tokenizer_json(tmp_path / "tokenizer.json")
     assert d["vocab"] == smol_dict["vocab"]
@@ -201,11 +202,13 @@ def test_pretokenizers_equal_the_regular_expressions() -> None:
     to_unicode = {b: c for c, b in byte_decoder().items()}
 
     def smollm_ref(s: str) -> list[str]:
-        return [
-            "".join(to_unicode[b] for b in w.encode("utf-8")) for w in split_smollm(s)
-        ]
+        return ["".join(to_unicode[b] for b in w.encode("utf-8")) for w in split_smollm(s)]
 
-    alphabet = list("aZé日 \n\r\t1234'sStTlLdD.,!?()-_😀\u00a0\u2003½²Ⅷ\x1c") + ["'ll", "'RE", " \n "]
+    alphabet = list("aZé日 \n\r\t1234'sStTlLdD.,!?()-_😀\u00a0\u2003½²Ⅷ\x1c") + [
+        "'ll",
+        "'RE",
+        " \n ",
+    ]
     rng = random.Random(0)
     for _ in range(5000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))

@@ -117,7 +117,7 @@ class Tokenizer:
         self.add_bos = True
         self.chat_template: str | None = None
         self.scheme = "sentencepiece"
-        self._byte_ids = {}
+        self._byte_ids: dict[int, int] = {}
         for i in range(sp.vocab_size()):
             if sp.is_byte(i):
                 m = _BYTE_PIECE.fullmatch(self.vocab[i])
@@ -137,7 +137,7 @@ class Tokenizer:
         self.eos_ids = [int(i) for i in tok["eos_ids"]]
         self.add_bos = bool(tok.get("add_bos", True))
         self.chat_template = tok.get("chat_template")
-        self._byte_ids: dict[int, int] = {}
+        self._byte_ids = {}
         for i, piece in enumerate(self.vocab):
             m = _BYTE_PIECE.fullmatch(piece)
             if m:
@@ -153,7 +153,9 @@ class Tokenizer:
                 if scores[i] == 0.0 and _SPECIAL_SHAPE.fullmatch(p) and not _BYTE_PIECE.fullmatch(p)
             }
             excluded = specials | set(self._byte_ids.values())
-            self._merge_score = {p: scores[i] for i, p in enumerate(self.vocab) if i not in excluded}
+            self._merge_score = {
+                p: scores[i] for i, p in enumerate(self.vocab) if i not in excluded
+            }
             self._piece_ids = {p: i for p, i in self._ids.items() if i not in excluded}
         else:
             self._byte_ids = {}
@@ -176,7 +178,8 @@ class Tokenizer:
             specials = {
                 i
                 for i, p in enumerate(self.vocab)
-                if _SPECIAL_SHAPE.fullmatch(p) and self._encode_ordinary(p.decode("utf-8", "replace")) != [i]
+                if _SPECIAL_SHAPE.fullmatch(p)
+                and self._encode_ordinary(p.decode("utf-8", "replace")) != [i]
             }
         self._specials = {self.vocab[i]: i for i in sorted(specials)}
         self._special_ids = set(specials)
@@ -201,7 +204,9 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return set(self._special_ids)
 
-    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool | None = None, parse_special: bool = False
+    ) -> list[int]:
         """Token ids of `text`; a bos id first when `add_bos` (default: the tokenizer's)."""
         ids: list[int] = []
         if self.add_bos if add_bos is None else add_bos:
@@ -289,7 +294,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------------- chat -----
 
-    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text of `messages` under the tokenizer's chat template (needs jinja2)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")

@@ -148,7 +148,9 @@ class _Cursor:
                 arr = np.frombuffer(self.take(n * size), dtype=_NUMPY_SCALARS[itype])
                 return [bool(v) for v in arr] if itype == 7 else arr.tolist()
             return [self.value(itype) for _ in range(n)]
-        raise GGUFError(f"{self.path}: unknown metadata value type {vtype} at offset {self.pos - 4}")
+        raise GGUFError(
+            f"{self.path}: unknown metadata value type {vtype} at offset {self.pos - 4}"
+        )
 
 
 class GGUFFile:
@@ -213,7 +215,7 @@ class GGUFFile:
     def close(self) -> None:
         self._mmap.close()
 
-    def __enter__(self) -> GGUFFile:
+    def __enter__(self) -> GGUFFile:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

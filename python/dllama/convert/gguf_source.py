@@ -61,7 +61,9 @@ class GGUFSource(Source):
         if arch != "llama":
             raise ConvertError(f"{path}: unsupported GGUF architecture {arch!r} (only llama)")
         if "token_embd.weight" not in g.tensors:
-            raise ConvertError(f"{path}: no token_embd.weight (a vocabulary-only GGUF has no model)")
+            raise ConvertError(
+                f"{path}: no token_embd.weight (a vocabulary-only GGUF has no model)"
+            )
 
         def key(name: str) -> int:
             value = g.get(f"llama.{name}")
@@ -70,7 +72,11 @@ class GGUFSource(Source):
             return int(value)
 
         dim, n_heads = key("embedding_length"), key("attention.head_count")
-        head_dim = int(g.get("llama.attention.key_length") or g.get("llama.rope.dimension_count") or dim // n_heads)
+        head_dim = int(
+            g.get("llama.attention.key_length")
+            or g.get("llama.rope.dimension_count")
+            or dim // n_heads
+        )
         theta = float(g.get("llama.rope.freq_base") or 10000.0)
         self.fields = base_fields(
             dim=dim,
@@ -95,7 +101,9 @@ class GGUFSource(Source):
             if stored.shape == (len(want),) and np.allclose(stored, want, rtol=1e-4):
                 set_llama3_scaling(self.fields, factor, 1.0, 4.0, orig)
                 return
-        raise ConvertError(f"{self.description}: rope_freqs.weight matches no known llama3 rope scaling")
+        raise ConvertError(
+            f"{self.description}: rope_freqs.weight matches no known llama3 rope scaling"
+        )
 
     def _gguf_name(self, name: str) -> str:
         if name == "embedding":

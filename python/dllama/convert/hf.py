@@ -62,7 +62,9 @@ class SafetensorsFile:
         itemsize = 4 if dtype == "F32" else 2
         count = int(np.prod(shape)) if shape else 1
         if count * itemsize != end - begin:
-            raise ConvertError(f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape}")
+            raise ConvertError(
+                f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape}"
+            )
         raw = np.frombuffer(self._mmap, dtype=_DTYPES[dtype], count=count, offset=begin)
         if dtype == "BF16":
             out = (raw.astype(np.uint32) << 16).view(np.float32)
@@ -127,7 +129,9 @@ class HFSource(Source):
         if kind != "default":
             scaling = rope
             if kind != "llama3":
-                raise ConvertError(f"{config_path}: unsupported rope_scaling type {kind!r} (only llama3)")
+                raise ConvertError(
+                    f"{config_path}: unsupported rope_scaling type {kind!r} (only llama3)"
+                )
             set_llama3_scaling(
                 self.fields,
                 scaling["factor"],
@@ -143,7 +147,9 @@ class HFSource(Source):
 
     def _get(self, key: str) -> F32Array:
         if key not in self._where:
-            raise ConvertError(f"{self.description}: tensor {key} not found in the safetensors files")
+            raise ConvertError(
+                f"{self.description}: tensor {key} not found in the safetensors files"
+            )
         return self._where[key].tensor(key)
 
     def tensor(self, name: str) -> F32Array:

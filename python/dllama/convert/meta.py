@@ -55,7 +55,9 @@ class MetaSource(Source):
         try:
             import torch
         except ImportError as e:
-            raise ConvertError("reading Meta .pth checkpoints needs torch: pip install torch") from e
+            raise ConvertError(
+                "reading Meta .pth checkpoints needs torch: pip install torch"
+            ) from e
         with open(params_path, encoding="utf-8") as f:
             params: dict[str, Any] = json.load(f)
         self.description = str(folder)

@@ -9,6 +9,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -21,11 +22,11 @@ class ConvertProgress:
     def __init__(self, total_bytes: int, enabled: bool = True, description: str = "") -> None:
         self.enabled = enabled
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._total = total_bytes
         self._description = description
 
-    def __enter__(self) -> ConvertProgress:
+    def __enter__(self) -> ConvertProgress:  # noqa: PYI034
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.fields[tensor]:<20}"),

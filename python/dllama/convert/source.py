@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
-from typing import Union
 
 import numpy as np
 import numpy.typing as npt
 
 F32Array = npt.NDArray[np.float32]
-HeaderFields = dict[str, Union[int, float]]
+HeaderFields = dict[str, int | float]
 
 ARCH_LLAMA = 0xABCD00
 HIDDEN_ACT_SILU = 1
@@ -169,10 +168,12 @@ class Source(abc.ABC):
         t = np.ascontiguousarray(self.tensor(name), dtype=np.float32)
         want = expected_shape(self.fields, name)
         if t.shape != want:
-            raise ConvertError(f"{self.description}: tensor {name} has shape {t.shape}, expected {want}")
+            raise ConvertError(
+                f"{self.description}: tensor {name} has shape {t.shape}, expected {want}"
+            )
         return t
 
-    def __enter__(self) -> Source:
+    def __enter__(self) -> Source:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

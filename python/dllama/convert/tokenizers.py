@@ -101,7 +101,9 @@ def from_sentencepiece(path: str | Path) -> dict[str, Any]:
     """A SentencePiece `tokenizer.model` (Llama 2, Mistral)."""
     path = Path(path)
     sp = _sp_processor(path)
-    vocab = [sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8") for i in range(sp.vocab_size())]
+    vocab = [
+        sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8") for i in range(sp.vocab_size())
+    ]
     scores = [sp.get_score(i) for i in range(sp.vocab_size())]
     config = _side_config(path.parent)
     eos = [int(sp.eos_id())] + _extra_eos(path.parent)
@@ -179,16 +181,21 @@ def from_tokenizer_json(path: str | Path) -> dict[str, Any]:
         names[i] = tok
     missing = [i for i, t in enumerate(names) if t is None]
     if missing:
-        raise ConvertError(f"{path}: token ids {missing[:5]} have no token (holes in the vocabulary)")
+        raise ConvertError(
+            f"{path}: token ids {missing[:5]} have no token (holes in the vocabulary)"
+        )
     sp_style = bool(model.get("byte_fallback")) or SP_SPACE in json.dumps(data.get("normalizer"))
     table = byte_decoder()
     rank = _merge_ranks(model.get("merges") or [])
     vocab: list[bytes] = []
     scores: list[float] = []
-    for i, tok in enumerate(names):
-        assert tok is not None
+    for i, name in enumerate(names):
+        assert name is not None
+        tok = name
         if i in added or sp_style:
-            vocab.append(tok.replace(SP_SPACE, " ").encode("utf-8") if sp_style else tok.encode("utf-8"))
+            vocab.append(
+                tok.replace(SP_SPACE, " ").encode("utf-8") if sp_style else tok.encode("utf-8")
+            )
         else:
             vocab.append(_byte_level_bytes(tok, table))
         if i in added or (sp_style and tok.startswith("<0x") and len(tok) == 6):
@@ -203,7 +210,11 @@ def from_tokenizer_json(path: str | Path) -> dict[str, Any]:
     eos_ids = [token_to_id[eos_text]] if eos_text in token_to_id else []
     eos_ids += _extra_eos(path.parent)
     if bos_id is None:
-        cfg = _read_json(path.parent / "config.json") if (path.parent / "config.json").is_file() else {}
+        cfg = (
+            _read_json(path.parent / "config.json")
+            if (path.parent / "config.json").is_file()
+            else {}
+        )
         bos_id = cfg.get("bos_token_id")
     if bos_id is None or not eos_ids:
         raise ConvertError(
@@ -252,7 +263,9 @@ def from_gguf(path: str | Path) -> dict[str, Any]:
         if bos is None or eos is None:
             raise ConvertError(f"{path}: the GGUF vocabulary has no bos/eos token ids")
         eos_ids = [int(eos)] + [
-            int(g.get(k)) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if g.get(k) is not None
+            int(g.get(k))
+            for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+            if g.get(k) is not None
         ]
         template = g.get("tokenizer.chat_template")
         pad = g.get("tokenizer.ggml.padding_token_id")

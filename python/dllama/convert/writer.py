@@ -55,7 +55,9 @@ def write_model(
             for name, rows, cols, ftype, offset, nbytes in specs:
                 bar.tensor(name)
                 if f.tell() != offset:
-                    raise ConvertError(f"internal: {name} would start at {f.tell()}, header says {offset}")
+                    raise ConvertError(
+                        f"internal: {name} would start at {f.tell()}, header says {offset}"
+                    )
                 raw = source.raw_q40(name) if ftype == "q40" else None
                 if raw is not None and len(raw) == nbytes:
                     f.write(raw)
@@ -78,7 +80,9 @@ def _write_quantized(
 ) -> None:
     t = source.checked(name).reshape(-1)  # (rows * cols,)
     if t.size != rows * cols:
-        raise ConvertError(f"{source.description}: tensor {name} has {t.size} values, expected {rows * cols}")
+        raise ConvertError(
+            f"{source.description}: tensor {name} has {t.size} values, expected {rows * cols}"
+        )
     step = max(1, _CHUNK_VALUES // max(cols, 1)) * cols  # whole rows per chunk
     written = 0
     for start in range(0, t.size, step):
@@ -86,4 +90,6 @@ def _write_quantized(
         f.write(data)  # type: ignore[attr-defined]
         written += len(data)
     if written != nbytes:
-        raise ConvertError(f"internal: tensor {name} took {written} bytes, the header implies {nbytes}")
+        raise ConvertError(
+            f"internal: tensor {name} took {written} bytes, the header implies {nbytes}"
+        )
