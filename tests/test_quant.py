@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
-
 from dllama import _core
 
 gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGMLQuantizationType  # noqa: E402
+from gguf import GGMLQuantizationType
 
 #: Largest |x - dequantize(quantize(x))| in a block, as a fraction of the block's max |x|.
 #: Q40: steps of amax/8; values of the opposite sign to the extreme one clamp to +7, so up to a
@@ -128,7 +127,8 @@ def test_f32_and_f16_are_plain_little_endian() -> None:
     assert _core.quantize(x, "f16") == x.astype("<f2").tobytes()
     np.testing.assert_array_equal(_core.dequantize(_core.quantize(x, "f32"), "f32"), x.ravel())
     np.testing.assert_array_equal(
-        _core.dequantize(_core.quantize(x, "f16"), "f16"), x.astype(np.float16).astype(np.float32).ravel()
+        _core.dequantize(_core.quantize(x, "f16"), "f16"),
+        x.astype(np.float16).astype(np.float32).ravel(),
     )
 
 
