@@ -166,8 +166,9 @@ def test_real_sentencepiece_vocabulary_round_trips(tmp_path: Path) -> None:
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model)
     n = sp.get_piece_size()
-    tok = {
-        "vocab": [sp.id_to_piece(i).encode() for i in range(n)],
+    vocab = [sp.id_to_piece(i).encode() for i in range(n)]
+    tok: dict[str, Any] = {
+        "vocab": vocab,
         "scores": [float(np.float32(sp.get_score(i))) for i in range(n)],
         "bos_id": sp.bos_id(),
         "eos_ids": [sp.eos_id()],
@@ -177,7 +178,7 @@ def test_real_sentencepiece_vocabulary_round_trips(tmp_path: Path) -> None:
     back = _core.read_tokenizer(path)
     assert back["vocab"] == tok["vocab"] and back["scores"] == tok["scores"]
     assert (back["bos_id"], back["eos_ids"]) == (1, [2])
-    assert back["max_token_length"] == max(len(v) for v in tok["vocab"])
+    assert back["max_token_length"] == max(len(v) for v in vocab)
 
 
 def test_llama2c_tokenizer_bin(tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="not a multiple of 32"):
         _core.quantize(np.zeros(40, np.float32), "q80")
     with pytest.raises(TypeError, match="float32 numpy array, got float64"):
-        _core.quantize(np.zeros(64), "q40")
+        _core.quantize(np.zeros(64), "q40")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _core.quantize([0.0] * 64, "q40")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a whole number of q40 blocks"):
