@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
+from conftest_assets import TEST_STRINGS, llama3_tiktoken_model, mistral_sp_model, smollm2_gguf
 from dllama._pretokenize import split_gpt2, split_llama3, split_smollm
 from dllama.convert.source import ConvertError
 from dllama.convert.tokenizers import (
@@ -240,3 +240,26 @@ def test_bad_tokenizer_inputs(tmp_path: Path) -> None:
         load_tokenizer_source(wordpiece)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         Tokenizer.from_dict(from_sentencepiece(mistral_sp_model())).decode([10**6])
+
+
+# ------------------------------------------------------------ Llama 3 (tiktoken) ----
+
+
+def test_llama3_tiktoken_encode_equals_reference() -> None:
+    pytest.importorskip("tiktoken")
+    path = llama3_tiktoken_model()
+    from llama_models.llama3.tokenizer import Tokenizer as Llama3Tokenizer
+
+    ref = Llama3Tokenizer(path)
+    d = load_tokenizer_source(path)
+    assert len(d["vocab"]) == 128256 and d["bos_id"] == 128000
+    assert d["eos_ids"] == [128001, 128008, 128009]
+    tok = Tokenizer.from_dict(d)
+    assert tok.scheme == "llama3" and len(tok.special_ids) == 256
+    for text in [*TEST_STRINGS, LONG_TEXT]:
+        ids = ref.encode(text, bos=False, eos=False)
+        assert tok.encode(text, add_bos=False) == ids
+        assert tok.decode(ids) == ref.decode(ids)
+    chat = "<|start_header_id|>user<|end_header_id|>\n\nHi 123456<|eot_id|>"
+    want = ref.encode(chat, bos=True, eos=False, allowed_special="all")
+    assert tok.encode(chat, parse_special=True) == want
