@@ -132,14 +132,31 @@ def write_meta(folder: Path, hf_file: Path, shape: tuple[int, ...]) -> None:
         t = torch.frombuffer(m, dtype=torch.float16, count=(end - begin) // 2, offset=base + begin)
         sd[key] = t.reshape(e["shape"])
     torch.save(sd, folder / "consolidated.00.pth")
-    params = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv,
-              "vocab_size": -1, "multiple_of": 256, "norm_eps": 1e-5}
+    params = {
+        "dim": dim,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "vocab_size": -1,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+    }
     (folder / "params.json").write_text(json.dumps(params))
 
 
 def measure(src: Path, out: Path, float_type: str) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "dllama.cli", "convert", str(src), "--out", str(out),
-           "--type", float_type, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dllama.cli",
+        "convert",
+        str(src),
+        "--out",
+        str(out),
+        "--type",
+        float_type,
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)

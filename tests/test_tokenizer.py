@@ -116,6 +116,9 @@ def test_byte_level_long_text_and_specials(smol_tok: Tokenizer, smol_ref: Any) -
         chat, add_special_tokens=False
     )
     assert smol_tok.special_ids == set(range(17))
+    assert Tokenizer(smollm2_gguf()).encode(chat, parse_special=True) == smol_tok.encode(
+        chat, parse_special=True
+    )
     # without parse_special, the text of a special token is ordinary text
     assert 1 not in smol_tok.encode("<|im_start|>", add_bos=False)
 
@@ -263,3 +266,4 @@ def test_llama3_tiktoken_encode_equals_reference() -> None:
     chat = "<|start_header_id|>user<|end_header_id|>\n\nHi 123456<|eot_id|>"
     want = ref.encode(chat, bos=True, eos=False, allowed_special="all")
     assert tok.encode(chat, parse_special=True) == want
+    assert Tokenizer(path).encode(chat, parse_special=True) == want  # the file directly

@@ -33,6 +33,7 @@ from dllama._pretokenize import SPLITTERS
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _SPECIAL_SHAPE = re.compile(rb"<[^\s<>]+>")
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ \d+\r?\n")
 _NUMERIC2 = re.compile(rb" ?[0-9]{2,}")
 _NUMERIC3 = re.compile(rb" ?[0-9]{3}")
 _NUMERIC4 = re.compile(rb" ?[0-9]{4,}")
@@ -80,12 +81,19 @@ class Tokenizer:
     """Encodes text to token ids and decodes them back (see the module docstring)."""
 
     def __init__(self, path: str | Path) -> None:
+        """A `.t` file, a SentencePiece `.model` (through sentencepiece), or any source the
+        converter reads (tokenizer.json, Llama 3 tiktoken `tokenizer.model`, a GGUF)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
-            head = f.read(4)
-        if path.suffix == ".model" or head[:1] == b"\n":  # SentencePiece protobuf
+            head = f.read(64)
+        if head[:4] == b"GGUF" or head[:1] == b"{" or _TIKTOKEN_LINE.match(head):
+            # a GGUF vocabulary, a tokenizer.json or Llama 3's tiktoken file: convert in memory
+            from dllama.convert.tokenizers import load_tokenizer_source
+
+            self._init_vocab(load_tokenizer_source(path))
+        elif head[:1] == b"\n":  # a SentencePiece protobuf
             self._init_sentencepiece(path)
         else:
             from dllama import _core
