@@ -187,7 +187,9 @@ def from_tokenizer_json(path: str | Path) -> dict[str, Any]:
         raise ConvertError(
             f"{path}: token ids {missing[:5]} have no token (holes in the vocabulary)"
         )
-    sp_style = bool(model.get("byte_fallback")) or SP_SPACE in json.dumps(data.get("normalizer"))
+    # SentencePiece-style (Llama 2 / Mistral tokenizer.json): byte fallback, or ▁ for spaces
+    pre = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")], ensure_ascii=False)
+    sp_style = bool(model.get("byte_fallback")) or SP_SPACE in pre
     table = byte_decoder()
     rank = _merge_ranks(model.get("merges") or [])
     vocab: list[bytes] = []
