@@ -166,15 +166,24 @@ def measure(src: Path, out: Path, float_type: str) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
+def _generate_in_child() -> None:
+    # Generation maps the whole checkpoint; a child forked from a process with a large
+    # resident set inherits that high-water mark in ru_maxrss, so generate in another process.
+    subprocess.run([sys.executable, *sys.argv, "--generate-only"], check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--source", choices=["hf", "meta"], default="hf")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dllama-convert-mem"))
     ap.add_argument("--type", default="q40")
-    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--keep", action="store_true", help="keep the converted file")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = SHAPES[args.shape]
+    if not args.generate_only:
+        _generate_in_child()
     hf_dir = args.dir / f"{args.shape}-hf"
     hf_file = hf_dir / "model.safetensors"
     if not hf_file.is_file():
@@ -186,6 +195,8 @@ def main() -> None:
         if not (src / "consolidated.00.pth").is_file():
             print(f"generating {src} ...", flush=True)
             write_meta(src, hf_file, shape)
+    if args.generate_only:
+        return
     size = sum(p.stat().st_size for p in src.iterdir())
     out = args.dir / f"{args.shape}-{args.source}-{args.type}.m"
     elapsed, peak = measure(src, out, args.type)
