@@ -356,3 +356,38 @@ def test_seed_entry_point(tmp_path: Path, ckpt: dict[str, Any]) -> None:
     assert (
         r.returncode == 1 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
     )
+
+
+def test_llama2c_tokenizer_bin_encodes_like_sentencepiece(tmp_path: Path) -> None:
+    """A llama2.c / seed `tokenizer.bin` (as distributed-llama's convert-tokenizer-sentencepiece
+    wrote it: bos/eos pieces renamed, ▁ as space) works with our encoder."""
+    import struct
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model()))
+    pieces = []
+    for i in range(sp.vocab_size()):
+        text = {sp.bos_id(): "\n<s>\n", sp.eos_id(): "\n</s>\n"}.get(i, sp.id_to_piece(i))
+        pieces.append((text.replace("▁", " ").encode("utf-8"), sp.get_score(i)))
+    path = tmp_path / "tokenizer.bin"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", max(len(b) for b, _ in pieces)))
+        f.writelines(struct.pack("<fI", score, len(b)) + b for b, score in pieces)
+    tok = Tokenizer(path)
+    assert tok.scheme == "sentencepiece" and tok.bos_id == 1
+    for text in TEST_STRINGS:
+        assert tok.encode(text, add_bos=False) == sp.encode(text)
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_meta_vocab_checked_against_its_tokenizer(tmp_path: Path, ckpt: dict[str, Any]) -> None:
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    for p in ckpt["meta"].iterdir():
+        (folder / p.name).symlink_to(p)
+    (folder / "tokenizer.model").symlink_to(mistral_sp_model())
+    with pytest.raises(
+        ConvertError, match="tokenizer has 32000 tokens but tok_embeddings has 96 rows"
+    ):
+        convert_model(folder, tmp_path / "x.m", "q40", progress=False)
