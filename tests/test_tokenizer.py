@@ -267,3 +267,22 @@ def test_llama3_tiktoken_encode_equals_reference() -> None:
     want = ref.encode(chat, bos=True, eos=False, allowed_special="all")
     assert tok.encode(chat, parse_special=True) == want
     assert Tokenizer(path).encode(chat, parse_special=True) == want  # the file directly
+
+
+def test_chat_template_renders_like_transformers(smol_tok: Tokenizer, smol_ref: Any) -> None:
+    pytest.importorskip("jinja2")
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    for generation in (True, False):
+        want = smol_ref.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation
+        )
+        assert smol_tok.render_chat(messages, add_generation_prompt=generation) == want
+    prompt = smol_tok.render_chat(messages[1:2])
+    ids = smol_tok.encode(prompt, parse_special=True)
+    ref = smol_ref.apply_chat_template(messages[1:2], add_generation_prompt=True)
+    assert ids == list(ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref)

@@ -316,7 +316,10 @@ class Tokenizer:
         def raise_exception(message: str) -> None:
             raise ValueError(message)
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        # the environment transformers renders chat templates with
+        env = jinja2.Environment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
         bos = self.vocab[self.bos_id].decode("utf-8", "replace").strip()
         eos = self.vocab[self.eos_ids[0]].decode("utf-8", "replace").strip() if self.eos_ids else ""
