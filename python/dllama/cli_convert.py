@@ -88,7 +88,12 @@ def convert(
 def tokenize(
     text: Annotated[str, typer.Argument(help="The text to tokenize.")],
     tokenizer: Annotated[
-        Path, typer.Option("--tokenizer", help="A .t file or a SentencePiece tokenizer.model.")
+        Path,
+        typer.Option(
+            "--tokenizer",
+            help="A .t file, a tokenizer.model (SentencePiece or Llama 3), a tokenizer.json "
+            "or a .gguf.",
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     bos: Annotated[

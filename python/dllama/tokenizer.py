@@ -143,6 +143,11 @@ class Tokenizer:
             raise ValueError(f"{len(self.vocab)} tokens but {len(scores)} scores")
         self.bos_id = int(tok["bos_id"])
         self.eos_ids = [int(i) for i in tok["eos_ids"]]
+        for what, i in [("bos", self.bos_id), *(("eos", e) for e in self.eos_ids)]:
+            if i >= len(self.vocab) or (i < 0 and what == "eos"):
+                raise ValueError(
+                    f"{what} id {i} is outside the vocabulary of {len(self.vocab)} tokens"
+                )
         self.add_bos = bool(tok.get("add_bos", True))
         self.chat_template = tok.get("chat_template")
         self._byte_ids = {}
@@ -217,7 +222,7 @@ class Tokenizer:
     ) -> list[int]:
         """Token ids of `text`; a bos id first when `add_bos` (default: the tokenizer's)."""
         ids: list[int] = []
-        if self.add_bos if add_bos is None else add_bos:
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id >= 0:
             ids.append(self.bos_id)
         if self._sp is not None:
             if parse_special and self._specials:
@@ -321,7 +326,7 @@ class Tokenizer:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = raise_exception
-        bos = self.vocab[self.bos_id].decode("utf-8", "replace").strip()
+        bos = self.vocab[self.bos_id].decode("utf-8", "replace").strip() if self.bos_id >= 0 else ""
         eos = self.vocab[self.eos_ids[0]].decode("utf-8", "replace").strip() if self.eos_ids else ""
         return env.from_string(self.chat_template).render(
             messages=list(messages),
