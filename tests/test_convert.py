@@ -391,3 +391,69 @@ def test_meta_vocab_checked_against_its_tokenizer(tmp_path: Path, ckpt: dict[str
         ConvertError, match="tokenizer has 32000 tokens but tok_embeddings has 96 rows"
     ):
         convert_model(folder, tmp_path / "x.m", "q40", progress=False)
+
+
+def _vocab_only_gguf(path: Path, kind: str) -> None:
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    if kind == "llama":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model()))
+        n = sp.vocab_size()
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+        w.add_token_scores([sp.get_score(i) for i in range(n)])
+        types = [
+            2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+            for i in range(n)
+        ]
+        w.add_token_types(types)
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+    else:
+        with GGUFFile(smollm2_gguf()) as g:
+            w.add_tokenizer_model("gpt2")
+            w.add_token_list(g.get("tokenizer.ggml.tokens"))
+            w.add_token_types(g.get("tokenizer.ggml.token_type"))
+            w.add_token_merges(g.get("tokenizer.ggml.merges"))
+            w.add_bos_token_id(1)
+            w.add_eos_token_id(2)
+            w.add_chat_template(g.get("tokenizer.chat_template"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_vocabulary_only_gguf_files(tmp_path: Path) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model()))
+    spm_gguf = tmp_path / "vocab-llama-spm.gguf"
+    _vocab_only_gguf(spm_gguf, "llama")
+    out = tmp_path / "spm.t"
+    r = runner.invoke(app, ["convert", str(spm_gguf), "--tokenizer-out", str(out)])
+    assert r.exit_code == 0, r.output
+    # the same .t file as from the SentencePiece model itself
+    direct = tmp_path / "direct.t"
+    convert_tokenizer(mistral_sp_model(), direct)
+    assert out.read_bytes() == direct.read_bytes()
+    tok = Tokenizer(out)
+    for text in TEST_STRINGS:
+        assert tok.encode(text, add_bos=False) == sp.encode(text)
+    bpe_gguf = tmp_path / "vocab-smollm.gguf"
+    _vocab_only_gguf(bpe_gguf, "gpt2")
+    out2 = tmp_path / "bpe.t"
+    r = runner.invoke(app, ["convert", str(bpe_gguf), "--tokenizer-out", str(out2)])
+    assert r.exit_code == 0, r.output
+    from dllama.convert.tokenizers import from_gguf
+
+    assert _core.read_tokenizer(str(out2))["vocab"] == from_gguf(smollm2_gguf())["vocab"]
+    smol = Tokenizer.from_dict(_core.read_tokenizer(str(out2)))
+    ref = Tokenizer(smollm2_gguf())
+    for text in TEST_STRINGS:
+        assert smol.encode(text) == ref.encode(text)
+    # asking for a model from a vocabulary-only file names the problem
+    r = runner.invoke(app, ["convert", str(bpe_gguf), "--out", str(tmp_path / "m.m")])
+    assert r.exit_code == 1 and "vocabulary-only GGUF has no model" in r.output

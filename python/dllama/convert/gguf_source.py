@@ -73,11 +73,7 @@ class GGUFSource(Source):
             return int(value)
 
         dim, n_heads = key("embedding_length"), key("attention.head_count")
-        head_dim = int(
-            g.get("llama.attention.key_length")
-            or g.get("llama.rope.dimension_count")
-            or dim // n_heads
-        )
+        head_dim = int(g.get("llama.attention.key_length") or dim // n_heads)
         theta = float(g.get("llama.rope.freq_base") or 10000.0)
         self.fields = base_fields(
             dim=dim,
