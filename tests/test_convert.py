@@ -111,7 +111,13 @@ def test_tied_hf_writes_the_embedding_as_classifier(tmp_path: Path) -> None:
     )
 
 
-def _write_gguf(path: Path, meta: dict[str, np.ndarray], q4_0: bool) -> None:
+def _write_gguf(
+    path: Path,
+    meta: dict[str, np.ndarray],
+    q4_0: bool,
+    extra: dict[str, np.ndarray] | None = None,
+    rope_theta: float = TINY["rope_theta"],
+) -> None:
     """The tiny model as a llama GGUF (Q/K in Meta order, as llama.cpp writes them)."""
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), "llama")
@@ -121,7 +127,9 @@ def _write_gguf(path: Path, meta: dict[str, np.ndarray], q4_0: bool) -> None:
     w.add_feed_forward_length(TINY["intermediate_size"])
     w.add_head_count(TINY["num_attention_heads"])
     w.add_head_count_kv(TINY["num_key_value_heads"])
-    w.add_rope_freq_base(TINY["rope_theta"])
+    w.add_rope_freq_base(rope_theta)
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, t)
     w.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
     names = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}
     short = {
@@ -457,3 +465,28 @@ def test_vocabulary_only_gguf_files(tmp_path: Path) -> None:
     # asking for a model from a vocabulary-only file names the problem
     r = runner.invoke(app, ["convert", str(bpe_gguf), "--out", str(tmp_path / "m.m")])
     assert r.exit_code == 1 and "vocabulary-only GGUF has no model" in r.output
+
+
+def test_gguf_llama3_rope_factors(tmp_path: Path, ckpt: dict[str, Any]) -> None:
+    """llama.cpp keeps Llama 3.1 rope scaling only as rope_freqs.weight: recognised, or refused."""
+    from dllama.convert.gguf_source import llama3_rope_factors
+
+    factors = np.array(llama3_rope_factors(16, 500000.0, 8.0, 1.0, 4.0, 8192), dtype=np.float32)
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and len(set(factors.tolist())) > 2
+    good = tmp_path / "l31.gguf"
+    _write_gguf(good, ckpt["tensors"], False, {"rope_freqs.weight": factors}, rope_theta=500000.0)
+    r = convert_model(good, tmp_path / "l31.m", "f32", progress=False)
+    h = _core.read_model_header(str(tmp_path / "l31.m"))
+    assert (h["rope_type"], h["rope_scaling_factor"], h["rope_scaling_orig_max_seq_len"]) == (
+        2,
+        8,
+        8192,
+    )
+    assert (h["rope_scaling_low_freq_factor"], h["rope_scaling_high_freq_factor"]) == (1, 4)
+    assert r.fields["rope_theta"] == 500000
+    bad = tmp_path / "odd.gguf"
+    _write_gguf(
+        bad, ckpt["tensors"], False, {"rope_freqs.weight": factors * 1.5}, rope_theta=500000.0
+    )
+    with pytest.raises(ConvertError, match="matches no known llama3 rope scaling"):
+        convert_model(bad, tmp_path / "odd.m", "f32", progress=False)
