@@ -262,3 +262,22 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
     truncated.write_bytes(smollm2_gguf().read_bytes()[:2_000_000])
     with pytest.raises(GGUFError, match="truncated"):
         GGUFFile(truncated)
+
+
+def test_meta_llama31_params(tmp_path: Path, checkpoints: Any) -> None:
+    _, _, meta = checkpoints
+    params = meta_params()
+    del params["max_seq_len"]  # Meta's params.json usually has none: 4096 unless --max-seq-len
+    params.update(use_scaled_rope=True, rope_theta=500000.0, norm_eps=1e-6)
+    write_meta(tmp_path / "m", meta, 1, params)
+    with MetaSource(tmp_path / "m") as m:
+        f = m.fields
+        assert (f["rope_type"], f["rope_scaling_factor"], f["rope_scaling_low_freq_factor"]) == (
+            2,
+            8,
+            1,
+        )
+        assert (f["rope_scaling_high_freq_factor"], f["rope_scaling_orig_max_seq_len"]) == (4, 8192)
+        assert (f["rope_theta"], f["norm_epsilon"], f["max_seq_len"]) == (500000, 1e-6, 4096)
+    with MetaSource(tmp_path / "m", max_seq_len=1024) as m:
+        assert m.fields["max_seq_len"] == 1024
