@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -286,3 +287,56 @@ def test_chat_template_renders_like_transformers(smol_tok: Tokenizer, smol_ref: 
     ids = smol_tok.encode(prompt, parse_special=True)
     ref = smol_ref.apply_chat_template(messages[1:2], add_generation_prompt=True)
     assert ids == list(ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref)
+
+
+def _sentencepiece_style_tokenizer_json(folder: Path) -> Any:
+    """A Llama 2 / Mistral style tokenizer.json (BPE with byte fallback, ▁ for spaces) built
+    with `tokenizers` from Mistral's vocabulary, as transformers' LlamaConverter builds one."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model()))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    merges = []
+    for piece, pid in vocab.items():
+        if sp.is_control(pid) or sp.is_byte(pid) or sp.is_unknown(pid):
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in vocab and b in vocab:
+                merges.append((a, b, pid))
+    merges.sort(key=lambda m: (-sp.get_score(m[2]), m[2], vocab[m[0]], vocab[m[1]]))
+    bpe = tokenizers.models.BPE(
+        vocab=vocab,
+        merges=[(a, b) for a, b, _ in merges],
+        byte_fallback=True,
+        unk_token="<unk>",
+        fuse_unk=True,
+    )
+    ref = tokenizers.Tokenizer(bpe)
+    norm = tokenizers.normalizers
+    ref.normalizer = norm.Sequence([norm.Prepend("▁"), norm.Replace(" ", "▁")])
+    ref.add_special_tokens(["<unk>", "<s>", "</s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    ref.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return ref
+
+
+def test_sentencepiece_style_tokenizer_json(tmp_path: Path, sp_ref: Any) -> None:
+    ref = _sentencepiece_style_tokenizer_json(tmp_path)
+    d = from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert d["bos_id"] == 1 and d["eos_ids"] == [2] and d["add_bos"] is True
+    assert d["vocab"] == from_sentencepiece(mistral_sp_model())["vocab"]
+    tok = Tokenizer.from_dict(d)
+    assert tok.scheme == "sentencepiece" and tok.special_ids == {0, 1, 2}
+    for text in [*TEST_STRINGS, LONG_TEXT]:
+        if "<s>" in text:
+            want = ref.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text, add_bos=False, parse_special=True) == want
+            continue
+        assert ref.encode(text, add_special_tokens=False).ids == sp_ref.encode(
+            text
+        )  # the reference
+        assert tok.encode(text, add_bos=False) == sp_ref.encode(text)
