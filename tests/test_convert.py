@@ -490,3 +490,11 @@ def test_gguf_llama3_rope_factors(tmp_path: Path, ckpt: dict[str, Any]) -> None:
     )
     with pytest.raises(ConvertError, match="matches no known llama3 rope scaling"):
         convert_model(bad, tmp_path / "odd.m", "f32", progress=False)
+
+
+def test_hf_many_safetensors_files(tmp_path: Path, ckpt: dict[str, Any]) -> None:
+    make_hf(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    convert_model(tmp_path / "sharded", tmp_path / "s.m", "q80", progress=False)
+    convert_model(ckpt["hf"], tmp_path / "one.m", "q80", progress=False)
+    assert (tmp_path / "s.m").read_bytes() == (tmp_path / "one.m").read_bytes()
