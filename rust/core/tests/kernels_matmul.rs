@@ -8,7 +8,6 @@ use common::*;
 use dllama_core::pool::ThreadPool;
 use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
 use dllama_core::quant::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Weights, QK};
-use rand::Rng;
 
 /// Scalar kernels against the f64 product of the same (already quantized) values, relative
 /// to sum |w x|: the integer block sums are exact, only the f32 scale products and the f32
@@ -400,7 +399,7 @@ fn bad_shapes_are_errors_not_panics() {
     let w = vec![quant::BlockQ40::default(); 4];
     let x = vec![BlockQ80::default(); 2];
     let xf = vec![0.0f32; 64];
-    let mut out = vec![0.0f32; 2];
+    let mut out = [0.0f32; 2];
     let cases: Vec<(Weights, Input, usize, usize, usize, usize)> = vec![
         (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 2), // ok
         (Weights::Q40(&w), Input::Q80(&x), 3, 64, 1, 2), // weights too short
@@ -424,42 +423,42 @@ fn bad_shapes_are_errors_not_panics() {
 }
 
 #[test]
-fn forced_path_env() {
-    // the env switch is read once per process: check the parse in a child process
-    let exe = std::env::current_exe().unwrap();
-    for (forced, want) in [
-        ("scalar", "scalar"),
-        (
-            "avx2",
-            if KernelPath::Avx2.supported() {
-                "avx2"
-            } else {
-                "scalar"
-            },
-        ),
-    ] {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "print_active_path",
-                "--nocapture",
-                "--include-ignored",
-            ])
-            .env("DLLAMA_KERNELS", forced)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            text.contains(&format!("ACTIVE_PATH={want};")),
-            "DLLAMA_KERNELS={forced}: {text}"
+fn forced_path_env_values() {
+    // DLLAMA_KERNELS is read once per process (Kernels::get); its parsing is Kernels::choose
+    let best = Kernels::choose(None).unwrap().path;
+    assert_eq!(Kernels::choose(Some("auto")).unwrap().path, best);
+    assert_eq!(
+        best,
+        KernelPath::ALL.into_iter().find(|p| p.supported()).unwrap()
+    );
+    assert_eq!(
+        Kernels::choose(Some("scalar")).unwrap().path,
+        KernelPath::Scalar
+    );
+    let avx2 = if KernelPath::Avx2.supported() {
+        KernelPath::Avx2
+    } else {
+        KernelPath::Scalar
+    };
+    assert_eq!(Kernels::choose(Some("avx2")).unwrap().path, avx2);
+    let neon = if KernelPath::Neon.supported() {
+        KernelPath::Neon
+    } else {
+        KernelPath::Scalar
+    };
+    assert_eq!(Kernels::choose(Some(" neon ")).unwrap().path, neon);
+    let err = Kernels::choose(Some("fast"))
+        .map(|k| k.path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("DLLAMA_KERNELS") && err.contains("scalar"),
+        "{err}"
+    );
+    if let Ok(v) = std::env::var("DLLAMA_KERNELS") {
+        assert_eq!(
+            quant::active_path(),
+            Kernels::choose(Some(&v)).unwrap().path
         );
     }
-}
-
-#[test]
-#[ignore = "helper run by forced_path_env in a child process"]
-fn print_active_path() {
-    eprintln!("ACTIVE_PATH={};", quant::active_path());
-    let _ = rand::thread_rng().gen::<u8>();
 }

@@ -11,6 +11,8 @@
 //! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
 //! its `target_feature` attribute (`dispatch` checks them once).
 
+#![allow(clippy::needless_range_loop)] // lanes and unrolled accumulators read best indexed
+
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -65,8 +67,19 @@ unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
     for b in x {
         p.dx.push(f16_to_f32(b.d));
         let xv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        p.corr.push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
+        p.corr
+            .push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
     }
+}
+
+fn prefetch_distance() -> usize {
+    static PF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PF.get_or_init(|| {
+        std::env::var("PF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512)
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -97,11 +110,18 @@ macro_rules! q40_q80_kernels {
                 }
                 for r in 0..R {
                     let wb = w.add(r * bpr + b);
+                    if b % 4 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>((wb as *const i8).add(prefetch_distance()));
+                    }
                     let nib = q40_nibbles(wb);
                     let dw = scale8((*wb).d);
                     for t in 0..T {
                         let p = $dot(nib, xv[t], xc[t]);
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, xd[t]), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_mul_ps(dw, xd[t]),
+                            acc[r][t],
+                        );
                     }
                 }
             }
@@ -119,10 +139,19 @@ macro_rules! q40_q80_kernels {
         /// # Safety
         /// The CPU has the features of this function's `target_feature`.
         #[target_feature(enable = $features)]
-        pub unsafe fn matmul_q40_q80(w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+        pub unsafe fn matmul_q40_q80(
+            w: &[BlockQ40],
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
             let n_rows = out.len() / n_tokens;
             let bpr = x.len() / n_tokens;
-            assert!(n_rows * n_tokens == out.len() && bpr * n_tokens == x.len() && w.len() == n_rows * bpr);
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && w.len() == n_rows * bpr
+            );
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -158,7 +187,8 @@ macro_rules! q40_q80_kernels {
                         }
                         while t < n_tokens {
                             let o = t * bpr;
-                            out[t * n_rows + r] = tile::<1, 1>(wr, xp.add(o), dx.add(o), corr.add(o), bpr)[0][0];
+                            out[t * n_rows + r] =
+                                tile::<1, 1>(wr, xp.add(o), dx.add(o), corr.add(o), bpr)[0][0];
                             t += 1;
                         }
                     }
@@ -251,7 +281,11 @@ pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     let mut i = 0;
     while i + 32 <= n {
         for k in 0..4 {
-            a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8 * k)), _mm256_loadu_ps(xp.add(i + 8 * k)), a[k]);
+            a[k] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 8 * k)),
+                _mm256_loadu_ps(xp.add(i + 8 * k)),
+                a[k],
+            );
         }
         i += 32;
     }
@@ -259,7 +293,10 @@ pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
         i += 8;
     }
-    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
     while i < n {
         s += w[i] * x[i];
         i += 1;
@@ -286,7 +323,10 @@ unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
         a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), a[0]);
         i += 8;
     }
-    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
     while i < n {
         s += f16_to_f32(w[i]) * x[i];
         i += 1;
@@ -305,7 +345,10 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     let av = _mm256_set1_ps(a);
     let mut i = 0;
     while i + 8 <= n {
-        _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))));
+        _mm256_storeu_ps(
+            yp.add(i),
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))),
+        );
         i += 8;
     }
     while i < n {
@@ -320,7 +363,9 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
     let n_rows = out.len() / n_tokens;
     let cols = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols);
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
     for r in 0..n_rows {
         let wr = &w[r * cols..(r + 1) * cols];
         for t in 0..n_tokens {
@@ -335,7 +380,9 @@ pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize)
 pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
     let n_rows = out.len() / n_tokens;
     let cols = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols);
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
     for r in 0..n_rows {
         let wr = &w[r * cols..(r + 1) * cols];
         for t in 0..n_tokens {
@@ -351,14 +398,25 @@ pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize)
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(x.len(), out.len() * QK, "quantize_q80: {} values for {} blocks", x.len(), out.len());
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "quantize_q80: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
     let sign = _mm256_set1_ps(-0.0);
     let half = _mm256_set1_ps(0.5);
     let one = _mm256_set1_ps(1.0);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let p = xb.as_ptr();
-        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
         let m = _mm256_max_ps(
             _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
@@ -378,7 +436,10 @@ pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
             let t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
             let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(s, t));
             let step = _mm256_or_ps(_mm256_and_ps(s, sign), one);
-            let r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), step));
+            let r = _mm256_add_ps(
+                t,
+                _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), step),
+            );
             q[k] = _mm256_cvtps_epi32(r);
         }
         let i01 = _mm256_packs_epi32(q[0], q[1]);

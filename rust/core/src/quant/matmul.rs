@@ -77,13 +77,22 @@ pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) -> Result<()> {
     Ok(())
 }
 
-fn check_shapes(w: &Weights<'_>, x: &Input<'_>, out: &[f32], n_rows: usize, cols: usize, n_tokens: usize) -> Result<()> {
+fn check_shapes(
+    w: &Weights<'_>,
+    x: &Input<'_>,
+    out: &[f32],
+    n_rows: usize,
+    cols: usize,
+    n_tokens: usize,
+) -> Result<()> {
     let quantized = matches!(w, Weights::Q40(_) | Weights::Q80(_)) || matches!(x, Input::Q80(_));
     if n_tokens == 0 {
         return Err(Error::invalid("matmul: n_tokens must be at least 1"));
     }
-    if quantized && cols % QK != 0 {
-        return Err(Error::invalid(format!("matmul: {cols} columns is not a multiple of {QK} for quantized data")));
+    if quantized && !cols.is_multiple_of(QK) {
+        return Err(Error::invalid(format!(
+            "matmul: {cols} columns is not a multiple of {QK} for quantized data"
+        )));
     }
     if w.len() != n_rows * cols {
         return Err(Error::invalid(format!(
@@ -116,15 +125,33 @@ fn check_shapes(w: &Weights<'_>, x: &Input<'_>, out: &[f32], n_rows: usize, cols
 }
 
 /// The rows `r0..r1` of `w` (n_rows, cols) times all of `x`, into `out` (n_tokens, r1 - r0).
-fn run_rows(k: &Kernels, w: &Weights<'_>, x: &Input<'_>, cols: usize, rows: std::ops::Range<usize>, n_tokens: usize, out: &mut [f32]) {
+fn run_rows(
+    k: &Kernels,
+    w: &Weights<'_>,
+    x: &Input<'_>,
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    n_tokens: usize,
+    out: &mut [f32],
+) {
     let (r0, r1) = (rows.start, rows.end);
     let bpr = cols / QK;
     match (w, x) {
-        (Weights::Q40(w), Input::Q80(x)) => k.matmul_q40_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens),
-        (Weights::Q40(w), Input::F32(x)) => scalar::matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens),
-        (Weights::Q80(w), Input::Q80(x)) => k.matmul_q80_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens),
-        (Weights::F32(w), Input::F32(x)) => k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens),
-        (Weights::F16(w), Input::F32(x)) => k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens),
+        (Weights::Q40(w), Input::Q80(x)) => {
+            k.matmul_q40_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::Q40(w), Input::F32(x)) => {
+            scalar::matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::Q80(w), Input::Q80(x)) => {
+            k.matmul_q80_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::F32(w), Input::F32(x)) => {
+            k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens)
+        }
+        (Weights::F16(w), Input::F32(x)) => {
+            k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens)
+        }
         _ => unreachable!("pairs checked by check_shapes"),
     }
 }

@@ -15,6 +15,8 @@ pub mod avx2;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 
-pub use block::{as_q40, as_q80, dequantize_q40, dequantize_q80, quantize_q40, BlockQ40, BlockQ80, QK};
+pub use block::{
+    as_q40, as_q80, dequantize_q40, dequantize_q80, quantize_q40, BlockQ40, BlockQ80, QK,
+};
 pub use dispatch::{active_path, KernelPath, Kernels};
 pub use matmul::{matmul, quantize_q80, Input, Weights};

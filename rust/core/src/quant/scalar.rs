@@ -29,7 +29,11 @@ pub fn dot_q40_q80(w: &[BlockQ40], x: &[BlockQ80]) -> f32 {
 pub fn dot_q80_q80(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
     let mut acc = 0.0f32;
     for (a, b) in w.iter().zip(x) {
-        let sumi: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let sumi: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         acc += sumi as f32 * (f16_to_f32(a.d) * f16_to_f32(b.d));
     }
     acc
@@ -56,10 +60,18 @@ pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
 /// Generic (n_tokens, n_rows) loop over a row dot product; row-outer so each weight row is
 /// read from memory once per batch.
 #[inline(always)]
-fn matmul_rows<W, X>(w: &[W], x: &[X], out: &mut [f32], n_tokens: usize, dot: impl Fn(&[W], &[X]) -> f32) {
+fn matmul_rows<W, X>(
+    w: &[W],
+    x: &[X],
+    out: &mut [f32],
+    n_tokens: usize,
+    dot: impl Fn(&[W], &[X]) -> f32,
+) {
     let n_rows = out.len() / n_tokens;
     let width = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width);
+    assert!(
+        n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width
+    );
     if width == 0 {
         out.fill(0.0);
         return;
@@ -98,7 +110,8 @@ pub fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
     for (a, xb) in w.iter().zip(x.chunks_exact(QK)) {
         let mut s = 0.0f32;
         for j in 0..QK / 2 {
-            s += ((a.qs[j] & 0x0F) as i32 - 8) as f32 * xb[j] + ((a.qs[j] >> 4) as i32 - 8) as f32 * xb[j + QK / 2];
+            s += ((a.qs[j] & 0x0F) as i32 - 8) as f32 * xb[j]
+                + ((a.qs[j] >> 4) as i32 - 8) as f32 * xb[j + QK / 2];
         }
         acc += s * f16_to_f32(a.d);
     }
@@ -111,7 +124,12 @@ pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usiz
     let n_rows = out.len() / n_tokens;
     let cols = x.len() / n_tokens;
     let bpr = cols / QK;
-    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && bpr * QK == cols && w.len() == n_rows * bpr);
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
     if bpr == 0 {
         out.fill(0.0);
         return;
