@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use dllama_core::pool::ThreadPool;
 use dllama_core::quant::{
-    self, matmul, BlockQ40, BlockQ80, Input, KernelPath, Kernels, Weights, QK,
+    self, matmul, BlockQ40, BlockQ80, Input, KernelPath, Kernels, PackedQ40, Weights, QK,
 };
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -81,6 +81,10 @@ fn main() {
                 .collect()
         })
         .collect();
+    let packed: Vec<PackedQ40> = mats
+        .iter()
+        .map(|m| PackedQ40::pack(m, rows, cols).unwrap())
+        .collect();
     let x: Vec<f32> = (0..cols)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();
@@ -125,6 +129,30 @@ fn main() {
                 t * 1e3,
                 100.0 * gbs / bw
             );
+            if path == KernelPath::Scalar {
+                continue;
+            }
+            let mut times = Vec::new();
+            for it in 0..(3 * n_mats) {
+                let p = &packed[it % n_mats];
+                let t0 = Instant::now();
+                let shared = dllama_core::pool::SharedOut::new(&mut out);
+                pool.split_rows(rows, |_, r| {
+                    // SAFETY: disjoint rows per thread
+                    let o = unsafe { shared.rows_mut(r.start, r.len()) };
+                    let cells = p.groups(r.start / 8, r.end.div_ceil(8));
+                    k.matmul_q40x8_q80(cells, bpr, &xq, o, 1);
+                });
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            let t = median(times);
+            let gbs = mat_bytes as f64 / t / 1e9;
+            println!(
+                "threads {threads}: packed  {rows}x{cols} {:<16} {:7.3} ms  {gbs:5.1} GB/s  ({:.0}% of read bandwidth)",
+                path.name(),
+                t * 1e3,
+                100.0 * gbs / bw
+            );
         }
         // the checked entry point the engine uses, on the active path
         let mut times = Vec::new();
@@ -145,6 +173,27 @@ fn main() {
         let t = median(times);
         println!(
             "threads {threads}: quant::matmul (active path) {:7.3} ms  {:5.1} GB/s",
+            t * 1e3,
+            mat_bytes as f64 / t / 1e9
+        );
+        let mut times = Vec::new();
+        for it in 0..(3 * n_mats) {
+            let t0 = Instant::now();
+            matmul(
+                &mut pool,
+                Weights::Q40Packed(&packed[it % n_mats]),
+                Input::Q80(&xq),
+                &mut out,
+                rows,
+                cols,
+                1,
+            )
+            .unwrap();
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        let t = median(times);
+        println!(
+            "threads {threads}: quant::matmul packed (active path) {:7.3} ms  {:5.1} GB/s",
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );

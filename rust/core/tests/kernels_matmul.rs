@@ -462,3 +462,95 @@ fn forced_path_env_values() {
         );
     }
 }
+
+#[test]
+fn packed_q40_every_path() {
+    let mut rng = rng(10);
+    // row counts around the group of 8 and the row split of 16
+    for &(n_rows, bpr, n_tokens) in &[
+        (1, 1, 1),
+        (7, 3, 1),
+        (8, 2, 1),
+        (9, 5, 2),
+        (16, 1, 3),
+        (23, 7, 1),
+        (40, 129, 2),
+        (64, 344, 1),
+    ] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        let mut row = vec![quant::BlockQ40::default(); bpr];
+        for r in 0..n_rows {
+            packed.unpack_row(r, &mut row);
+            assert_eq!(&row[..], &w[r * bpr..(r + 1) * bpr], "unpack row {r}");
+        }
+        let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let all = packed.groups(0, packed.n_groups());
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40x8_q80(all, bpr, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} packed q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+        for threads in [1, 2, 3] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            matmul(
+                &mut pool,
+                Weights::Q40Packed(&packed),
+                Input::Q80(&x),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_close(
+                &format!("matmul packed {n_rows}x{bpr}x{n_tokens} on {threads}"),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+    let w = random_q40(&mut rng, 6);
+    assert!(quant::PackedQ40::pack(&w, 2, 100).is_err());
+    let packed = quant::PackedQ40::pack(&w, 2, 96).unwrap();
+    let mut pool = ThreadPool::new(1).unwrap();
+    let x = random_q80(&mut rng, 3);
+    let mut out = [0.0f32; 3];
+    assert!(matmul(
+        &mut pool,
+        Weights::Q40Packed(&packed),
+        Input::Q80(&x),
+        &mut out,
+        3,
+        96,
+        1
+    )
+    .is_err());
+    let xf = vec![0.0f32; 96];
+    assert!(matmul(
+        &mut pool,
+        Weights::Q40Packed(&packed),
+        Input::F32(&xf),
+        &mut out[..2],
+        2,
+        96,
+        1
+    )
+    .is_err());
+}

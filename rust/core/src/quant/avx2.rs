@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+use super::packed::{CELL, GROUP};
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -52,41 +53,109 @@ unsafe fn scale8(d: u16) -> __m256 {
 struct XPrep {
     dx: Vec<f32>,
     corr: Vec<__m256i>,
+    /// -8 * sum x of each block (for the packed kernels, whose lanes are rows).
+    ncorr: Vec<i32>,
 }
 
 thread_local! {
-    static XPREP: RefCell<XPrep> = const { RefCell::new(XPrep { dx: Vec::new(), corr: Vec::new() }) };
+    static XPREP: RefCell<XPrep> = const { RefCell::new(XPrep { dx: Vec::new(), corr: Vec::new(), ncorr: Vec::new() }) };
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
     p.dx.clear();
     p.corr.clear();
+    p.ncorr.clear();
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);
     for b in x {
         p.dx.push(f16_to_f32(b.d));
+        p.ncorr
+            .push(-8 * b.qs.iter().map(|&q| q as i32).sum::<i32>());
         let xv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
         p.corr
             .push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
     }
 }
 
-fn prefetch_distance() -> usize {
-    static PF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PF.get_or_init(|| {
-        std::env::var("PF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(512)
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // Q40 × Q80, generated for each int8 dot instruction
 
 macro_rules! q40_q80_kernels {
-    ($features:literal, $dot:ident) => {
+    ($features:literal, $dot:ident, $dot8:ident) => {
+        /// out (n_tokens, n_rows) = packed w (n_rows, bpr) × x (n_tokens, bpr); `cells` are
+        /// the groups of these rows (`PackedQ40::groups`), the last one possibly partial.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let n_rows = out.len() / n_tokens;
+            let n_groups = n_rows.div_ceil(GROUP);
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && cells.len() == n_groups * bpr * CELL
+            );
+            XPREP.with(|p| {
+                let mut p = p.borrow_mut();
+                prepare_x(x, &mut p);
+                let mut lanes = [0.0f32; GROUP];
+                for g in 0..n_groups {
+                    let gc = cells.as_ptr().add(g * bpr * CELL);
+                    let rows = GROUP.min(n_rows - g * GROUP);
+                    // the group's cells (bpr · 144 bytes) stay in L2 while the tokens go by
+                    for t in 0..n_tokens {
+                        let o = t * bpr;
+                        let (xt, dx, nc) = (
+                            x.as_ptr().add(o),
+                            p.dx.as_ptr().add(o),
+                            p.ncorr.as_ptr().add(o),
+                        );
+                        let mut acc = [_mm256_setzero_ps(); 2];
+                        let mut b = 0;
+                        while b + 2 <= bpr {
+                            for k in 0..2 {
+                                let c = gc.add((b + k) * CELL);
+                                let pi = $dot8(c, (*xt.add(b + k)).qs.as_ptr(), *nc.add(b + k));
+                                let s = _mm256_mul_ps(
+                                    _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i)),
+                                    _mm256_broadcast_ss(&*dx.add(b + k)),
+                                );
+                                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), s, acc[k]);
+                            }
+                            b += 2;
+                        }
+                        if b < bpr {
+                            let c = gc.add(b * CELL);
+                            let pi = $dot8(c, (*xt.add(b)).qs.as_ptr(), *nc.add(b));
+                            let s = _mm256_mul_ps(
+                                _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i)),
+                                _mm256_broadcast_ss(&*dx.add(b)),
+                            );
+                            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), s, acc[0]);
+                        }
+                        let row0 = t * n_rows + g * GROUP;
+                        if rows == GROUP {
+                            _mm256_storeu_ps(
+                                out.as_mut_ptr().add(row0),
+                                _mm256_add_ps(acc[0], acc[1]),
+                            );
+                        } else {
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1]));
+                            out[row0..row0 + rows].copy_from_slice(&lanes[..rows]);
+                        }
+                    }
+                }
+            });
+        }
+
         /// R rows × T tokens of Q40 × Q80, blocks innermost; `out[r][t]`.
         #[target_feature(enable = $features)]
         #[inline]
@@ -110,9 +179,6 @@ macro_rules! q40_q80_kernels {
                 }
                 for r in 0..R {
                     let wb = w.add(r * bpr + b);
-                    if b % 4 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>((wb as *const i8).add(prefetch_distance()));
-                    }
                     let nib = q40_nibbles(wb);
                     let dw = scale8((*wb).d);
                     for t in 0..T {
@@ -198,6 +264,68 @@ macro_rules! q40_q80_kernels {
     };
 }
 
+/// The 8 rows' integer dot products of one packed cell with one input block:
+/// lane j = sum n_j * x - 8 sum x, with `vpmaddubsw`: 8 products of at most 2 · 15 · 128
+/// summed in i16 stay below 32768, then one `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot8_maddubs(c: *const u8, xq: *const i8, ncorr: i32) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let xq = xq as *const i32;
+    let mut s = [_mm256_setzero_si256(); 2];
+    for q in 0..4 {
+        let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
+        let lo = _mm256_and_si256(v, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
+        let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
+        s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo, xl));
+        s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi, xh));
+    }
+    let p = _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1));
+    _mm256_add_epi32(p, _mm256_set1_epi32(ncorr))
+}
+
+macro_rules! dot8_vnni {
+    ($name:ident, $features:literal, $dpbusd:ident) => {
+        /// As `dot8_maddubs`, with `vpdpbusd` (two independent chains of 4).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $name(c: *const u8, xq: *const i8, ncorr: i32) -> __m256i {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let xq = xq as *const i32;
+            let mut s = [_mm256_set1_epi32(ncorr), _mm256_setzero_si256()];
+            for q in 0..4 {
+                let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                s[0] = $dpbusd(
+                    s[0],
+                    lo,
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q))),
+                );
+                s[1] = $dpbusd(
+                    s[1],
+                    hi,
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q))),
+                );
+            }
+            _mm256_add_epi32(s[0], s[1])
+        }
+    };
+}
+
+dot8_vnni!(
+    dot8_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32
+);
+dot8_vnni!(
+    dot8_avx512vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32
+);
+
 /// sum n * x - corr, with AVX2 `vpmaddubsw` (n <= 15 so no i16 saturation) + `vpmaddwd`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -208,7 +336,7 @@ unsafe fn dot_maddubs(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod maddubs {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs);
+    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs, dot8_maddubs);
 }
 
 /// sum n * x - corr with AVX-VNNI `vpdpbusd` (VEX encoding: Alder Lake+, Zen 5).
@@ -220,7 +348,7 @@ unsafe fn dot_avxvnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avxvnni {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni);
+    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni, dot8_avxvnni);
 }
 
 /// sum n * x - corr with AVX-512 VNNI `vpdpbusd` on 256-bit registers (Ice Lake+, Zen 4+).
@@ -232,7 +360,11 @@ unsafe fn dot_avx512vnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avx512vnni {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_avx512vnni);
+    q40_q80_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        dot_avx512vnni,
+        dot8_avx512vnni
+    );
 }
 
 pub use maddubs::matmul_q40_q80;

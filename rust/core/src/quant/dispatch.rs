@@ -96,6 +96,7 @@ pub struct Kernels {
     quantize_q80: unsafe fn(&[f32], &mut [BlockQ80]),
     matmul_q40_q80: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize),
     matmul_q80_q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize),
+    matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
@@ -120,11 +121,17 @@ impl Kernels {
                     KernelPath::Avx512Vnni => avx2::avx512vnni::matmul_q40_q80,
                     _ => avx2::maddubs::matmul_q40_q80,
                 };
+                let q40x8: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::AvxVnni => avx2::avxvnni::matmul_q40x8_q80,
+                    KernelPath::Avx512Vnni => avx2::avx512vnni::matmul_q40x8_q80,
+                    _ => avx2::maddubs::matmul_q40x8_q80,
+                };
                 Some(Kernels {
                     path,
                     quantize_q80: avx2::quantize_q80,
                     matmul_q40_q80: q40,
                     matmul_q80_q80: avx2::matmul_q80_q80,
+                    matmul_q40x8_q80: q40x8,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
                     dot_f32: avx2::dot_f32,
@@ -147,6 +154,7 @@ impl Kernels {
                     quantize_q80: neon::quantize_q80,
                     matmul_q40_q80: q40,
                     matmul_q80_q80: q80,
+                    matmul_q40x8_q80: scalar::matmul_q40x8_q80,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
                     dot_f32: neon::dot_f32,
@@ -185,6 +193,7 @@ impl Kernels {
             quantize_q80: scalar::quantize_q80,
             matmul_q40_q80: scalar::matmul_q40_q80,
             matmul_q80_q80: scalar::matmul_q80_q80,
+            matmul_q40x8_q80: scalar::matmul_q40x8_q80,
             matmul_f32: scalar::matmul_f32,
             matmul_f16: scalar::matmul_f16,
             dot_f32: scalar::dot_f32,
@@ -213,6 +222,17 @@ impl Kernels {
     }
     pub fn matmul_q40_q80(&self, w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
         unsafe { (self.matmul_q40_q80)(w, x, out, n_tokens) }
+    }
+    /// Packed Q40 (`PackedQ40::groups` of these rows, `bpr` blocks per row) × Q80.
+    pub fn matmul_q40x8_q80(
+        &self,
+        cells: &[u8],
+        bpr: usize,
+        x: &[BlockQ80],
+        out: &mut [f32],
+        n_tokens: usize,
+    ) {
+        unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
     }
     pub fn matmul_q80_q80(&self, w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
         unsafe { (self.matmul_q80_q80)(w, x, out, n_tokens) }

@@ -140,3 +140,37 @@ pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usiz
         }
     }
 }
+
+/// out (n_tokens, n_rows) = packed w × x (n_tokens, bpr) Q80: each row unpacked, then
+/// `dot_q40_q80` (the reference for the packed SIMD kernels).
+pub fn matmul_q40x8_q80(
+    cells: &[u8],
+    bpr: usize,
+    x: &[BlockQ80],
+    out: &mut [f32],
+    n_tokens: usize,
+) {
+    use super::packed::{CELL, GROUP};
+    let n_rows = out.len() / n_tokens;
+    let n_groups = n_rows.div_ceil(GROUP);
+    assert!(
+        n_rows * n_tokens == out.len()
+            && bpr * n_tokens == x.len()
+            && cells.len() == n_groups * bpr * CELL
+    );
+    let mut row = vec![BlockQ40::default(); bpr];
+    for r in 0..n_rows {
+        let (g, j) = (r / GROUP, r % GROUP);
+        for (b, blk) in row.iter_mut().enumerate() {
+            let cell = &cells[(g * bpr + b) * CELL..];
+            blk.d = u16::from_le_bytes([cell[2 * j], cell[2 * j + 1]]);
+            for q in 0..4 {
+                let o = 16 + 32 * q + 4 * j;
+                blk.qs[4 * q..4 * q + 4].copy_from_slice(&cell[o..o + 4]);
+            }
+        }
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_q40_q80(&row, &x[t * bpr..(t + 1) * bpr]);
+        }
+    }
+}
