@@ -222,5 +222,26 @@ fn main() {
             t * 1e3,
             t * 1e3 / nt as f64
         );
+        let mut times = Vec::new();
+        for it in 0..n_mats {
+            let t0 = Instant::now();
+            matmul(
+                &mut pool,
+                Weights::Q40Packed(&packed[it % n_mats]),
+                Input::Q80(&xb),
+                &mut ob,
+                rows,
+                cols,
+                nt,
+            )
+            .unwrap();
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        let t = median(times);
+        println!(
+            "threads {threads}: packed prefill {nt} tokens {:7.3} ms = {:.3} ms/token",
+            t * 1e3,
+            t * 1e3 / nt as f64
+        );
     }
 }

@@ -83,6 +83,39 @@ unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
 
 macro_rules! q40_q80_kernels {
     ($features:literal, $dot:ident, $dot8:ident) => {
+        /// 8 rows (one packed group) × T tokens: each cell is expanded once for the T tokens;
+        /// lane j of `acc[t]` is row j's output for token t.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn packed_tile<const T: usize>(
+            gc: *const u8,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+            nc: *const i32,
+        ) -> [__m256; T] {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..bpr {
+                let c = gc.add(b * CELL);
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for q in 0..4 {
+                    let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
+                    lo[q] = _mm256_and_si256(v, m4);
+                    hi[q] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
+                for t in 0..T {
+                    let i = t * bpr + b;
+                    let p = $dot8(&lo, &hi, (*x.add(i)).qs.as_ptr() as *const i32, *nc.add(i));
+                    let s = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dx.add(i)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[t]);
+                }
+            }
+            acc
+        }
+
         /// out (n_tokens, n_rows) = packed w (n_rows, bpr) × x (n_tokens, bpr); `cells` are
         /// the groups of these rows (`PackedQ40::groups`), the last one possibly partial.
         ///
@@ -107,50 +140,46 @@ macro_rules! q40_q80_kernels {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
                 let mut lanes = [0.0f32; GROUP];
-                for g in 0..n_groups {
-                    let gc = cells.as_ptr().add(g * bpr * CELL);
+                let mut store = |t: usize, g: usize, v: __m256| {
+                    let row0 = t * n_rows + g * GROUP;
                     let rows = GROUP.min(n_rows - g * GROUP);
-                    // the group's cells (bpr · 144 bytes) stay in L2 while the tokens go by
-                    for t in 0..n_tokens {
+                    if rows == GROUP {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(row0), v);
+                    } else {
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        out[row0..row0 + rows].copy_from_slice(&lanes[..rows]);
+                    }
+                };
+                for g in 0..n_groups {
+                    // the group's cells (bpr · 144 bytes) stay in L2 while the tokens go by,
+                    // so the weights are read from memory once per batch
+                    let gc = cells.as_ptr().add(g * bpr * CELL);
+                    let mut t = 0;
+                    while t + 4 <= n_tokens {
                         let o = t * bpr;
-                        let (xt, dx, nc) = (
+                        let v = packed_tile::<4>(
+                            gc,
+                            bpr,
                             x.as_ptr().add(o),
                             p.dx.as_ptr().add(o),
                             p.ncorr.as_ptr().add(o),
                         );
-                        let mut acc = [_mm256_setzero_ps(); 2];
-                        let mut b = 0;
-                        while b + 2 <= bpr {
-                            for k in 0..2 {
-                                let c = gc.add((b + k) * CELL);
-                                let pi = $dot8(c, (*xt.add(b + k)).qs.as_ptr(), *nc.add(b + k));
-                                let s = _mm256_mul_ps(
-                                    _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i)),
-                                    _mm256_broadcast_ss(&*dx.add(b + k)),
-                                );
-                                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), s, acc[k]);
-                            }
-                            b += 2;
+                        for (k, &vk) in v.iter().enumerate() {
+                            store(t + k, g, vk);
                         }
-                        if b < bpr {
-                            let c = gc.add(b * CELL);
-                            let pi = $dot8(c, (*xt.add(b)).qs.as_ptr(), *nc.add(b));
-                            let s = _mm256_mul_ps(
-                                _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i)),
-                                _mm256_broadcast_ss(&*dx.add(b)),
-                            );
-                            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), s, acc[0]);
-                        }
-                        let row0 = t * n_rows + g * GROUP;
-                        if rows == GROUP {
-                            _mm256_storeu_ps(
-                                out.as_mut_ptr().add(row0),
-                                _mm256_add_ps(acc[0], acc[1]),
-                            );
-                        } else {
-                            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1]));
-                            out[row0..row0 + rows].copy_from_slice(&lanes[..rows]);
-                        }
+                        t += 4;
+                    }
+                    while t < n_tokens {
+                        let o = t * bpr;
+                        let v = packed_tile::<1>(
+                            gc,
+                            bpr,
+                            x.as_ptr().add(o),
+                            p.dx.as_ptr().add(o),
+                            p.ncorr.as_ptr().add(o),
+                        );
+                        store(t, g, v[0]);
+                        t += 1;
                     }
                 }
             });
@@ -264,23 +293,23 @@ macro_rules! q40_q80_kernels {
     };
 }
 
-/// The 8 rows' integer dot products of one packed cell with one input block:
-/// lane j = sum n_j * x - 8 sum x, with `vpmaddubsw`: 8 products of at most 2 · 15 · 128
-/// summed in i16 stay below 32768, then one `vpmaddwd`.
+/// The 8 rows' integer dot products of one packed cell (expanded: `lo[q]`, `hi[q]`) with
+/// one input block `xq` (32 bytes as 8 i32): lane j = sum n_j * x - 8 sum x. With
+/// `vpmaddubsw`: 8 products of at most 2 · 15 · 128 summed in i16 stay below 32768.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot8_maddubs(c: *const u8, xq: *const i8, ncorr: i32) -> __m256i {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let xq = xq as *const i32;
+unsafe fn dot8_maddubs(
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    xq: *const i32,
+    ncorr: i32,
+) -> __m256i {
     let mut s = [_mm256_setzero_si256(); 2];
     for q in 0..4 {
-        let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
-        let lo = _mm256_and_si256(v, m4);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
         let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
-        s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo, xl));
-        s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi, xh));
+        s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo[q], xl));
+        s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi[q], xh));
     }
     let p = _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1));
     _mm256_add_epi32(p, _mm256_set1_epi32(ncorr))
@@ -291,22 +320,22 @@ macro_rules! dot8_vnni {
         /// As `dot8_maddubs`, with `vpdpbusd` (two independent chains of 4).
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn $name(c: *const u8, xq: *const i8, ncorr: i32) -> __m256i {
-            let m4 = _mm256_set1_epi8(0x0F);
-            let xq = xq as *const i32;
+        unsafe fn $name(
+            lo: &[__m256i; 4],
+            hi: &[__m256i; 4],
+            xq: *const i32,
+            ncorr: i32,
+        ) -> __m256i {
             let mut s = [_mm256_set1_epi32(ncorr), _mm256_setzero_si256()];
             for q in 0..4 {
-                let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
-                let lo = _mm256_and_si256(v, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 s[0] = $dpbusd(
                     s[0],
-                    lo,
+                    lo[q],
                     _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q))),
                 );
                 s[1] = $dpbusd(
                     s[1],
-                    hi,
+                    hi[q],
                     _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q))),
                 );
             }
