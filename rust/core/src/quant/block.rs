@@ -106,8 +106,8 @@ pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         yb.d = f32_to_f16(d);
-        for j in 0..QK {
-            yb.qs[j] = (xb[j] * id).round() as i8;
+        for (q, &v) in yb.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
         }
     }
 }
@@ -117,15 +117,15 @@ pub fn dequantize_q80(blocks: &[BlockQ80], out: &mut [f32]) {
     assert_eq!(out.len(), blocks.len() * QK);
     for (b, yb) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16_to_f32(b.d);
-        for j in 0..QK {
-            yb[j] = b.qs[j] as f32 * d;
+        for (y, &q) in yb.iter_mut().zip(&b.qs) {
+            *y = q as f32 * d;
         }
     }
 }
 
 /// View raw file bytes as Q40 blocks (blocks have alignment 2).
 pub fn as_q40(bytes: &[u8]) -> Option<&[BlockQ40]> {
-    if bytes.len() % 18 != 0 || bytes.as_ptr() as usize % 2 != 0 {
+    if !bytes.len().is_multiple_of(18) || !(bytes.as_ptr() as usize).is_multiple_of(2) {
         return None;
     }
     // SAFETY: BlockQ40 is repr(C), 18 bytes, alignment 2, every bit pattern valid.
@@ -134,7 +134,7 @@ pub fn as_q40(bytes: &[u8]) -> Option<&[BlockQ40]> {
 
 /// View raw bytes as Q80 blocks (blocks have alignment 2).
 pub fn as_q80(bytes: &[u8]) -> Option<&[BlockQ80]> {
-    if bytes.len() % 34 != 0 || bytes.as_ptr() as usize % 2 != 0 {
+    if !bytes.len().is_multiple_of(34) || !(bytes.as_ptr() as usize).is_multiple_of(2) {
         return None;
     }
     // SAFETY: BlockQ80 is repr(C), 34 bytes, alignment 2, every bit pattern valid.
@@ -166,13 +166,13 @@ mod tests {
         quantize_q40(&x, &mut q);
         let mut y = vec![0.0; 64];
         dequantize_q40(&q, &mut y);
-        for b in 0..2 {
-            let d = f16_to_f32(q[b].d).abs();
+        for (b, blk) in q.iter().enumerate() {
+            let d = f16_to_f32(blk.d).abs();
             for j in 0..32 {
                 let i = b * 32 + j;
                 // half a step, except a value of the opposite sign to the largest one and
                 // nearly its size: +8 steps does not fit in 4 bits and is clamped to +7.
-                let s = x[i] / f16_to_f32(q[b].d);
+                let s = x[i] / f16_to_f32(blk.d);
                 let bound = if s > 7.5 { (s - 7.0) * d } else { 0.5 * d };
                 assert!(
                     (x[i] - y[i]).abs() <= bound * 1.001 + 1e-6,

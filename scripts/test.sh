@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: the Rust core (x86_64, then aarch64 under qemu), then pytest.
+# Expects the package installed with its test extra (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo test (rust core, $(uname -m))"
+cargo test -p dllama-core --release
+
+if [ "${DLLAMA_SKIP_AARCH64:-0}" != "1" ] && [ -x scripts/test-aarch64.sh ]; then
+  echo "== cargo test (rust core, aarch64 under qemu)"
+  scripts/test-aarch64.sh
+fi
+
+echo "== pytest"
+python -m pytest -ra tests
