@@ -9,7 +9,10 @@ use std::time::Instant;
 use dllama_core::pool::ThreadPool;
 
 fn main() {
-    let max_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    let max_threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
     for threads in 1..=max_threads {
         let mut pool = ThreadPool::new(threads).unwrap();
         let mut per_op = Vec::new();

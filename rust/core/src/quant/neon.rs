@@ -22,6 +22,16 @@ unsafe fn q40_signed(b: *const BlockQ40) -> (int8x16_t, int8x16_t) {
     (lo, hi)
 }
 
+/// f16 bits to f32 with the hardware conversion (`fcvtl`), not a software routine.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn h2f(bits: u16) -> f32 {
+    let h = vdup_n_u16(bits);
+    let out: float32x4_t;
+    asm!("fcvtl {0:v}.4s, {1:v}.4h", out(vreg) out, in(vreg) h, options(pure, nomem, nostack));
+    vgetq_lane_f32::<0>(out)
+}
+
 /// acc + the products of a and b summed in groups of 4 lanes, without `sdot`.
 #[target_feature(enable = "neon")]
 #[inline]
@@ -42,6 +52,35 @@ unsafe fn dot4_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 
 macro_rules! int8_kernels {
     ($features:literal, $dot4:ident) => {
+        /// R rows of Q40 × one Q80 token; the input block loads and scales are shared.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile<const R: usize>(
+            w: *const BlockQ40,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+        ) -> [f32; R] {
+            let mut acc = [vdupq_n_f32(0.0); R];
+            for b in 0..bpr {
+                let xb = x.add(b);
+                let x0 = vld1q_s8((*xb).qs.as_ptr());
+                let x1 = vld1q_s8((*xb).qs.as_ptr().add(16));
+                let d = *dx.add(b);
+                for r in 0..R {
+                    let wb = w.add(r * bpr + b);
+                    let (lo, hi) = q40_signed(wb);
+                    let p = $dot4($dot4(vdupq_n_s32(0), lo, x0), hi, x1);
+                    acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(p), h2f((*wb).d) * d);
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = vaddvq_f32(acc[r]);
+            }
+            out
+        }
+
         /// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, bpr) Q80.
         ///
         /// # Safety
@@ -60,37 +99,27 @@ macro_rules! int8_kernels {
                     && bpr * n_tokens == x.len()
                     && w.len() == n_rows * bpr
             );
-            for r in 0..n_rows {
-                let wr = w.as_ptr().add(r * bpr);
+            let dx: Vec<f32> = x.iter().map(|b| h2f(b.d)).collect();
+            // row-outer: a weight row is read from memory once, then stays in L1 for all tokens
+            let mut r = 0;
+            while r < n_rows {
+                let rows = if r + 4 <= n_rows { 4 } else { 1 };
                 for t in 0..n_tokens {
-                    let xt = x.as_ptr().add(t * bpr);
-                    let mut acc0 = vdupq_n_f32(0.0);
-                    let mut acc1 = vdupq_n_f32(0.0);
-                    let mut b = 0;
-                    // two blocks per step, two accumulators
-                    while b + 2 <= bpr {
-                        for (k, acc) in [(0usize, &mut acc0), (1, &mut acc1)] {
-                            let (wb, xb) = (wr.add(b + k), xt.add(b + k));
-                            let (lo, hi) = q40_signed(wb);
-                            let x0 = vld1q_s8((*xb).qs.as_ptr());
-                            let x1 = vld1q_s8((*xb).qs.as_ptr().add(16));
-                            let p = $dot4($dot4(vdupq_n_s32(0), lo, x0), hi, x1);
-                            let s = f16_to_f32((*wb).d) * f16_to_f32((*xb).d);
-                            *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(p), s);
+                    let (wp, xp, dp) = (
+                        w.as_ptr().add(r * bpr),
+                        x.as_ptr().add(t * bpr),
+                        dx.as_ptr().add(t * bpr),
+                    );
+                    if rows == 4 {
+                        let v = tile::<4>(wp, bpr, xp, dp);
+                        for i in 0..4 {
+                            out[t * n_rows + r + i] = v[i];
                         }
-                        b += 2;
+                    } else {
+                        out[t * n_rows + r] = tile::<1>(wp, bpr, xp, dp)[0];
                     }
-                    if b < bpr {
-                        let (wb, xb) = (wr.add(b), xt.add(b));
-                        let (lo, hi) = q40_signed(wb);
-                        let x0 = vld1q_s8((*xb).qs.as_ptr());
-                        let x1 = vld1q_s8((*xb).qs.as_ptr().add(16));
-                        let p = $dot4($dot4(vdupq_n_s32(0), lo, x0), hi, x1);
-                        let s = f16_to_f32((*wb).d) * f16_to_f32((*xb).d);
-                        acc0 = vfmaq_n_f32(acc0, vcvtq_f32_s32(p), s);
-                    }
-                    *out.get_unchecked_mut(t * n_rows + r) = vaddvq_f32(vaddq_f32(acc0, acc1));
                 }
+                r += rows;
             }
         }
 
@@ -129,7 +158,7 @@ macro_rules! int8_kernels {
                             vld1q_s8(a.qs.as_ptr().add(16)),
                             vld1q_s8(b.qs.as_ptr().add(16)),
                         );
-                        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), f16_to_f32(a.d) * f16_to_f32(b.d));
+                        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(a.d) * h2f(b.d));
                     }
                     out[t * n_rows + r] = vaddvq_f32(acc);
                 }
