@@ -1,7 +1,7 @@
 //! Every matmul / quantize kernel of every path this CPU runs: SIMD equal to scalar within
 //! tight named limits, scalar equal to an f64 reference within a named per-format limit.
 
-#[path = "kernels_common.rs"]
+#[path = "kernels_common/mod.rs"]
 mod common;
 
 use common::*;

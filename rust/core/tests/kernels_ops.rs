@@ -1,6 +1,6 @@
 //! RMSNorm, RoPE, softmax, SiLU / GELU and attention against f64 references.
 
-#[path = "kernels_common.rs"]
+#[path = "kernels_common/mod.rs"]
 mod common;
 
 use common::*;

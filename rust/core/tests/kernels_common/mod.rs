@@ -1,4 +1,4 @@
-//! Shared helpers of the kernel tests (included with `#[path]`, not a test crate of its own).
+//! Shared helpers of the kernel tests (a directory, so cargo does not build it as a test crate).
 #![allow(dead_code)]
 
 use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
