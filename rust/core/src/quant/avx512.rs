@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{with_prepared_x, PreparedX};
+use super::avx2_q40::{with_prepared_x, PreparedX};
 use super::block::BlockQ80;
 use super::packed::{CELL, GROUP};
 

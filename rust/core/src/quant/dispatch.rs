@@ -120,14 +120,14 @@ impl Kernels {
             KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512Vnni => {
                 use super::avx2;
                 let q40: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize) = match path {
-                    KernelPath::AvxVnni => avx2::avxvnni::matmul_q40_q80,
-                    KernelPath::Avx512Vnni => avx2::avx512vnni::matmul_q40_q80,
-                    _ => avx2::maddubs::matmul_q40_q80,
+                    KernelPath::AvxVnni => super::avx2_q40::avxvnni::matmul_q40_q80,
+                    KernelPath::Avx512Vnni => super::avx2_q40::avx512vnni::matmul_q40_q80,
+                    _ => super::avx2_q40::maddubs::matmul_q40_q80,
                 };
                 let q40x8: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize) = match path {
-                    KernelPath::AvxVnni => avx2::avxvnni::matmul_q40x8_q80,
+                    KernelPath::AvxVnni => super::avx2_q40::avxvnni::matmul_q40x8_q80,
                     KernelPath::Avx512Vnni => super::avx512::matmul_q40x8_q80,
-                    _ => avx2::maddubs::matmul_q40x8_q80,
+                    _ => super::avx2_q40::maddubs::matmul_q40x8_q80,
                 };
                 Some(Kernels {
                     path,
