@@ -105,7 +105,11 @@ fn main() {
         let dispatch_ns = t0.elapsed().as_secs_f64() / n as f64 * 1e9;
         let bw = read_bandwidth(&mut pool, &bw_buf);
         println!("threads {threads}: memory read {bw:.1} GB/s, empty dispatch {dispatch_ns:.0} ns");
-        for path in KernelPath::ALL {
+        let mut paths = KernelPath::ALL.to_vec();
+        if std::env::var("BENCH_REVERSE").is_ok() {
+            paths.reverse();
+        }
+        for path in paths {
             let Some(k) = Kernels::for_path(path) else {
                 continue;
             };
