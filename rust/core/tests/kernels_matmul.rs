@@ -557,3 +557,37 @@ fn packed_q40_every_path() {
     )
     .is_err());
 }
+
+/// Kernels the dispatcher does not pick on every CPU with their path (the EVEX-encoded
+/// 256-bit VNNI ones run only where AVX-VNNI is missing): called directly when the CPU can.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn evex_vnni_kernels_match_scalar() {
+    use dllama_core::quant::{avx2_q40, avx512};
+    if !KernelPath::Avx512Vnni.supported() {
+        eprintln!("no AVX-512 VNNI on this CPU: skipped");
+        return;
+    }
+    let mut rng = rng(11);
+    for &(n_rows, bpr, n_tokens) in &[(1, 1, 1), (5, 3, 1), (17, 11, 2), (33, 129, 1), (24, 7, 5)] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        let cells = packed.groups(0, packed.n_groups());
+        let mut got = vec![f32::NAN; n_tokens * n_rows];
+        // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (checked above), hence AVX2/FMA/F16C
+        unsafe { avx2_q40::avx512vnni::matmul_q40_q80(&w, &x, &mut got, n_tokens) };
+        assert_close("evex q40", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
+        got.fill(f32::NAN);
+        unsafe { avx2_q40::avx512vnni::matmul_q40x8_q80(cells, bpr, &x, &mut got, n_tokens) };
+        assert_close("evex packed", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
+        got.fill(f32::NAN);
+        unsafe { avx512::matmul_q40x8_q80_zmm(cells, bpr, &x, &mut got, n_tokens) };
+        assert_close("zmm packed", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
+    }
+}
