@@ -591,3 +591,58 @@ fn evex_vnni_kernels_match_scalar() {
         assert_close("zmm packed", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
     }
 }
+
+#[test]
+fn attention_kernels_every_path() {
+    let mut rng = rng(12);
+    for &(hd, stride, n_pos) in &[
+        (1, 1, 1),
+        (7, 9, 3),
+        (64, 192, 17),
+        (128, 128, 33),
+        (12, 36, 1),
+    ] {
+        let q = random_values(&mut rng, hd, 1.0);
+        let k = random_values(&mut rng, (n_pos - 1) * stride + hd, 1.0);
+        let att = random_values(&mut rng, n_pos, 1.0);
+        let scale = 0.125f32;
+        let (mut want_s, mut mag_s) = (vec![0.0f64; n_pos], vec![0.0f64; n_pos]);
+        for p in 0..n_pos {
+            for i in 0..hd {
+                let v = q[i] as f64 * k[p * stride + i] as f64 * scale as f64;
+                want_s[p] += v;
+                mag_s[p] += v.abs();
+            }
+        }
+        let (mut want_v, mut mag_v) = (vec![0.5f64; hd], vec![0.5f64; hd]);
+        for p in 0..n_pos {
+            for i in 0..hd {
+                let v = att[p] as f64 * k[p * stride + i] as f64;
+                want_v[i] += v;
+                mag_v[i] += v.abs();
+            }
+        }
+        for kern in all_kernels() {
+            let mut scores = vec![f32::NAN; n_pos];
+            kern.attn_scores(&q, &k, stride, scale, &mut scores);
+            assert_close(
+                &format!("{} attn_scores {hd}/{stride}/{n_pos}", kern.path),
+                &scores,
+                &want_s,
+                &mag_s,
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+            let mut out = vec![0.5f32; hd];
+            kern.attn_values(&att, &k, stride, &mut out);
+            assert_close(
+                &format!("{} attn_values {hd}/{stride}/{n_pos}", kern.path),
+                &out,
+                &want_v,
+                &mag_v,
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+        }
+    }
+}

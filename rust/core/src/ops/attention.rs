@@ -63,21 +63,12 @@ pub fn attention_heads(
         let qh = &q[h * hd..(h + 1) * hd];
         let kv_off = (h / group) * hd;
         // scores of every past position
-        for (p, a) in att.iter_mut().enumerate() {
-            let kp = &k_cache[p * kv_dim + kv_off..p * kv_dim + kv_off + hd];
-            *a = k.dot_f32(qh, kp) * scale;
-        }
+        k.attn_scores(qh, &k_cache[kv_off..], kv_dim, scale, att);
         softmax(att);
         // weighted sum of the values
         let oh = &mut out[i * hd..(i + 1) * hd];
         oh.fill(0.0);
-        for (p, &a) in att.iter().enumerate() {
-            k.axpy(
-                a,
-                &v_cache[p * kv_dim + kv_off..p * kv_dim + kv_off + hd],
-                oh,
-            );
-        }
+        k.attn_values(att, &v_cache[kv_off..], kv_dim, oh);
     }
 }
 

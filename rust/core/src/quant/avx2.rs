@@ -132,6 +132,7 @@ unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
     let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
@@ -239,5 +240,38 @@ pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
         let i23 = _mm256_packs_epi32(q[2], q[3]);
         let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i01, i23), perm);
         _mm256_storeu_si256(yb.qs.as_mut_ptr() as *mut __m256i, bytes);
+    }
+}
+
+/// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    if let Some(last) = scores.len().checked_sub(1) {
+        assert!(last * stride + hd <= k.len(), "attn_scores: keys too short");
+    }
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32(q, k.get_unchecked(p * stride..p * stride + hd)) * scale;
+    }
+}
+
+/// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    if let Some(last) = att.len().checked_sub(1) {
+        assert!(
+            last * stride + hd <= v.len(),
+            "attn_values: values too short"
+        );
+    }
+    for (p, &a) in att.iter().enumerate() {
+        axpy(a, v.get_unchecked(p * stride..p * stride + hd), out);
     }
 }

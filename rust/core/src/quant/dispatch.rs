@@ -104,6 +104,8 @@ pub struct Kernels {
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
+    attn_scores: unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]),
+    attn_values: unsafe fn(&[f32], &[f32], usize, &mut [f32]),
 }
 
 // Each table is built only by `Kernels::for_path`, which checks the CPU supports it, so the
@@ -143,6 +145,8 @@ impl Kernels {
                     matmul_f16: avx2::matmul_f16,
                     dot_f32: avx2::dot_f32,
                     axpy: avx2::axpy,
+                    attn_scores: avx2::attn_scores,
+                    attn_values: avx2::attn_values,
                 })
             }
             #[cfg(target_arch = "aarch64")]
@@ -166,6 +170,8 @@ impl Kernels {
                     matmul_f16: neon::matmul_f16,
                     dot_f32: neon::dot_f32,
                     axpy: neon::axpy,
+                    attn_scores: neon::attn_scores,
+                    attn_values: neon::attn_values,
                 })
             }
             #[allow(unreachable_patterns)]
@@ -205,6 +211,8 @@ impl Kernels {
             matmul_f16: scalar::matmul_f16,
             dot_f32: scalar::dot_f32,
             axpy: scalar::axpy,
+            attn_scores: scalar::attn_scores,
+            attn_values: scalar::attn_values,
         }
     }
 
@@ -257,6 +265,14 @@ impl Kernels {
     /// y += a * x over the shorter length.
     pub fn axpy(&self, a: f32, x: &[f32], y: &mut [f32]) {
         unsafe { (self.axpy)(a, x, y) }
+    }
+    /// scores[p] = (q · k[p·stride ..][..q.len()]) · scale for every p (panics when k is short).
+    pub fn attn_scores(&self, q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+        unsafe { (self.attn_scores)(q, k, stride, scale, scores) }
+    }
+    /// out += sum_p att[p] · v[p·stride ..][..out.len()] (panics when v is short).
+    pub fn attn_values(&self, att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        unsafe { (self.attn_values)(att, v, stride, out) }
     }
 }
 

@@ -180,6 +180,7 @@ pub mod dotprod {
 /// # Safety
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
+#[inline]
 pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
@@ -258,6 +259,7 @@ unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
 /// # Safety
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
+#[inline]
 pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
     let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
@@ -341,5 +343,38 @@ pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
             let h = vcombine_s16(vqmovn_s32(a), vqmovn_s32(b));
             vst1_s8(yb.qs.as_mut_ptr().add(8 * k), vqmovn_s16(h));
         }
+    }
+}
+
+/// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    if let Some(last) = scores.len().checked_sub(1) {
+        assert!(last * stride + hd <= k.len(), "attn_scores: keys too short");
+    }
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32(q, k.get_unchecked(p * stride..p * stride + hd)) * scale;
+    }
+}
+
+/// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    if let Some(last) = att.len().checked_sub(1) {
+        assert!(
+            last * stride + hd <= v.len(),
+            "attn_values: values too short"
+        );
+    }
+    for (p, &a) in att.iter().enumerate() {
+        axpy(a, v.get_unchecked(p * stride..p * stride + hd), out);
     }
 }

@@ -174,3 +174,19 @@ pub fn matmul_q40x8_q80(
         }
     }
 }
+
+/// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+pub fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32(q, &k[p * stride..p * stride + hd]) * scale;
+    }
+}
+
+/// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    for (p, &a) in att.iter().enumerate() {
+        axpy(a, &v[p * stride..p * stride + hd], out);
+    }
+}
