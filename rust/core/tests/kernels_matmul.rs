@@ -363,7 +363,7 @@ fn threaded_matmul_equals_single_thread() {
 }
 
 #[test]
-fn q40_by_f32_input_matches_reference() {
+fn q40_and_q80_by_f32_input_match_reference() {
     let mut rng = rng(9);
     let (n_rows, bpr, n_tokens) = (7, 5, 3);
     let cols = bpr * QK;

@@ -129,11 +129,11 @@ fn check_shapes(
         }
     }
     match (w, x) {
-        (Weights::Q40(_), _)
-        | (Weights::Q80(_) | Weights::Q40Packed(_), Input::Q80(_))
+        (Weights::Q40(_) | Weights::Q80(_), _)
+        | (Weights::Q40Packed(_), Input::Q80(_))
         | (Weights::F32(_) | Weights::F16(_), Input::F32(_)) => Ok(()),
         _ => Err(Error::invalid(format!(
-            "matmul: {} weights by a {} input is not supported (q40 × q80|f32, q80|packed q40 × q80, f32|f16 × f32)",
+            "matmul: {} weights by a {} input is not supported (q40|q80 × q80|f32, packed q40 × q80, f32|f16 × f32)",
             w.name(),
             x.name()
         ))),
@@ -158,6 +158,9 @@ fn run_rows(
         }
         (Weights::Q40(w), Input::F32(x)) => {
             scalar::matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::Q80(w), Input::F32(x)) => {
+            scalar::matmul_q80_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
         (Weights::Q80(w), Input::Q80(x)) => {
             k.matmul_q80_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)

@@ -190,3 +190,31 @@ pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
         axpy(a, &v[p * stride..p * stride + hd], out);
     }
 }
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, cols) F32 (the f32-buffer path
+/// for Q80 weights; portable on every path, like `matmul_q40_f32`).
+pub fn matmul_q80_f32(w: &[BlockQ80], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    let bpr = cols / QK;
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
+    if bpr == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (r, wr) in w.chunks_exact(bpr).enumerate() {
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            let mut acc = 0.0f32;
+            for (a, xb) in wr.iter().zip(xt.chunks_exact(QK)) {
+                let s: f32 = a.qs.iter().zip(xb).map(|(&q, &v)| q as f32 * v).sum();
+                acc += s * f16_to_f32(a.d);
+            }
+            out[t * n_rows + r] = acc;
+        }
+    }
+}
