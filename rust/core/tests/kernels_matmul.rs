@@ -391,6 +391,26 @@ fn q40_and_q80_by_f32_input_match_reference() {
         SCALAR_REL_Q40_Q80,
         ABS_FLOOR,
     );
+    let w8 = random_q80(&mut rng, n_rows * bpr);
+    let (want8, mag8) = reference(&q80_values(&w8), &x64, n_rows, cols, n_tokens);
+    matmul(
+        &mut pool,
+        Weights::Q80(&w8),
+        Input::F32(&x),
+        &mut got,
+        n_rows,
+        cols,
+        n_tokens,
+    )
+    .unwrap();
+    assert_close(
+        "q80 × f32",
+        &got,
+        &want8,
+        &mag8,
+        SCALAR_REL_Q80_Q80,
+        ABS_FLOOR,
+    );
 }
 
 #[test]
