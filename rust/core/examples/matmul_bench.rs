@@ -81,10 +81,30 @@ fn main() {
                 .collect()
         })
         .collect();
+    let t0 = Instant::now();
     let packed: Vec<PackedQ40> = mats
         .iter()
         .map(|m| PackedQ40::pack(m, rows, cols).unwrap())
         .collect();
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "packing: {:.2} GB/s of Q40 weights (1 thread)",
+        (n_mats * mat_bytes) as f64 / dt / 1e9
+    );
+    {
+        let mut pool2 = ThreadPool::new(2).unwrap();
+        let t0 = Instant::now();
+        let again: Vec<PackedQ40> = mats
+            .iter()
+            .map(|m| PackedQ40::pack_with(&mut pool2, m, rows, cols).unwrap())
+            .collect();
+        let dt = t0.elapsed().as_secs_f64();
+        println!(
+            "packing: {:.2} GB/s of Q40 weights (2 threads)",
+            (n_mats * mat_bytes) as f64 / dt / 1e9
+        );
+        drop(again);
+    }
     let x: Vec<f32> = (0..cols)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();

@@ -504,6 +504,14 @@ fn packed_q40_every_path() {
         let w = random_q40(&mut rng, n_rows * bpr);
         let x = random_q80(&mut rng, n_tokens * bpr);
         let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        for threads in [2, 3] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let again = quant::PackedQ40::pack_with(&mut pool, &w, n_rows, cols).unwrap();
+            assert!(
+                again.groups(0, again.n_groups()) == packed.groups(0, packed.n_groups()),
+                "pack_with on {threads} threads"
+            );
+        }
         let mut row = vec![quant::BlockQ40::default(); bpr];
         for r in 0..n_rows {
             packed.unpack_row(r, &mut row);

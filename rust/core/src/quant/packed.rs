@@ -13,6 +13,7 @@
 //! Rows past the last multiple of 8 are padded with zero blocks (scale 0).
 
 use super::block::{BlockQ40, QK};
+use crate::pool::{split_range, ThreadPool};
 use crate::{Error, Result};
 
 /// Rows per interleaved group.
@@ -33,8 +34,42 @@ impl std::fmt::Debug for PackedQ40 {
 }
 
 impl PackedQ40 {
-    /// Repack `w` (n_rows, cols) Q40 rows.
+    /// Repack `w` (n_rows, cols) Q40 rows on the calling thread.
     pub fn pack(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<PackedQ40> {
+        let (bpr, mut data) = Self::alloc(w, n_rows, cols)?;
+        pack_groups(w, n_rows, bpr, 0, &mut data);
+        Ok(PackedQ40 { n_rows, bpr, data })
+    }
+
+    /// Repack with every thread of `pool` (each thread packs a run of groups).
+    pub fn pack_with(
+        pool: &mut ThreadPool,
+        w: &[BlockQ40],
+        n_rows: usize,
+        cols: usize,
+    ) -> Result<PackedQ40> {
+        let (bpr, mut data) = Self::alloc(w, n_rows, cols)?;
+        let n_groups = n_rows.div_ceil(GROUP);
+        let group_bytes = bpr * CELL;
+        let base = SharedBytes(data.as_mut_ptr());
+        pool.run(|i, n| {
+            let r = split_range(n_groups, i, n, 1);
+            if r.is_empty() {
+                return;
+            }
+            // SAFETY: threads get disjoint group ranges of `data`, which outlives the run
+            let mine = unsafe {
+                std::slice::from_raw_parts_mut(
+                    base.at(r.start * group_bytes),
+                    r.len() * group_bytes,
+                )
+            };
+            pack_groups(w, n_rows, bpr, r.start, mine);
+        });
+        Ok(PackedQ40 { n_rows, bpr, data })
+    }
+
+    fn alloc(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<(usize, Vec<u8>)> {
         if !cols.is_multiple_of(QK) || w.len() != n_rows * (cols / QK) {
             return Err(Error::invalid(format!(
                 "pack_q40: {} blocks are not ({n_rows}, {cols}) Q40 weights",
@@ -42,27 +77,7 @@ impl PackedQ40 {
             )));
         }
         let bpr = cols / QK;
-        let n_groups = n_rows.div_ceil(GROUP);
-        let mut data = vec![0u8; n_groups * bpr * CELL];
-        let pad = BlockQ40 {
-            d: 0,
-            qs: [0x88; 16],
-        };
-        for g in 0..n_groups {
-            for b in 0..bpr {
-                let cell = &mut data[(g * bpr + b) * CELL..(g * bpr + b + 1) * CELL];
-                for j in 0..GROUP {
-                    let r = g * GROUP + j;
-                    let blk = if r < n_rows { &w[r * bpr + b] } else { &pad };
-                    cell[2 * j..2 * j + 2].copy_from_slice(&blk.d.to_le_bytes());
-                    for q in 0..4 {
-                        let o = 16 + 32 * q + 4 * j;
-                        cell[o..o + 4].copy_from_slice(&blk.qs[4 * q..4 * q + 4]);
-                    }
-                }
-            }
-        }
-        Ok(PackedQ40 { n_rows, bpr, data })
+        Ok((bpr, vec![0u8; n_rows.div_ceil(GROUP) * bpr * CELL]))
     }
 
     pub fn n_rows(&self) -> usize {
@@ -93,6 +108,45 @@ impl PackedQ40 {
                 let o = 16 + 32 * q + 4 * j;
                 blk.qs[4 * q..4 * q + 4].copy_from_slice(&cell[o..o + 4]);
             }
+        }
+    }
+}
+
+/// A raw pointer that may cross to the pool's threads (disjoint ranges only).
+#[derive(Clone, Copy)]
+struct SharedBytes(*mut u8);
+unsafe impl Send for SharedBytes {}
+unsafe impl Sync for SharedBytes {}
+impl SharedBytes {
+    fn at(self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Pack the groups g0.. of `w` into `out` (whole groups of `bpr` cells).
+fn pack_groups(w: &[BlockQ40], n_rows: usize, bpr: usize, g0: usize, out: &mut [u8]) {
+    let pad = BlockQ40 {
+        d: 0,
+        qs: [0x88; 16],
+    };
+    for (gi, group) in out.chunks_exact_mut(bpr * CELL).enumerate() {
+        let g = g0 + gi;
+        // rows past n_rows (the last group's padding) are zero blocks
+        let rows: [Option<&[BlockQ40]>; GROUP] = std::array::from_fn(|j| {
+            let r = g * GROUP + j;
+            (r < n_rows).then(|| &w[r * bpr..(r + 1) * bpr])
+        });
+        for (b, cell) in group.chunks_exact_mut(CELL).enumerate() {
+            let mut c = [0u8; CELL];
+            for (j, row) in rows.iter().enumerate() {
+                let blk = row.map_or(&pad, |row| &row[b]);
+                c[2 * j..2 * j + 2].copy_from_slice(&blk.d.to_le_bytes());
+                for q in 0..4 {
+                    let o = 16 + 32 * q + 4 * j;
+                    c[o..o + 4].copy_from_slice(&blk.qs[4 * q..4 * q + 4]);
+                }
+            }
+            cell.copy_from_slice(&c);
         }
     }
 }
