@@ -14,12 +14,57 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
-/// Spins before parking: long enough to bridge the gap between two ops of one token, short
-/// enough not to burn a shared core while the node waits for the network or the user.
-const SPIN_ITERS: u32 = 20_000;
+/// How long a waiting thread stays awake before it parks: long enough to bridge the gaps
+/// between the ops of a token and between two tokens (sampling, a network exchange), since
+/// waking a parked thread costs a futex call and, on a busy machine, up to a scheduler tick
+/// (~1 ms measured on a shared 2-vCPU VM); short enough not to burn a core while the node idles.
+const AWAKE_TIME: Duration = Duration::from_millis(2);
+
+/// Pure spinning (the common case: the other threads are a few microseconds away) before the
+/// waiting thread starts to `yield_now`, which hands the core to a thread we wait for when
+/// the machine has more runnable threads than cores.
+const SPIN_TIME: Duration = Duration::from_micros(50);
+
+/// Spin iterations between two looks at the clock.
+const SPINS_PER_CLOCK_CHECK: u32 = 64;
+
+/// Spin-wait state: `wait()` is true while the thread should stay awake, then it parks.
+struct Spinner {
+    start: Option<Instant>,
+    spins: u32,
+    yielding: bool,
+}
+
+impl Spinner {
+    fn new() -> Spinner {
+        Spinner {
+            start: None,
+            spins: 0,
+            yielding: false,
+        }
+    }
+    #[inline]
+    fn wait(&mut self) -> bool {
+        self.spins = self.spins.wrapping_add(1);
+        if self.yielding || self.spins % SPINS_PER_CLOCK_CHECK == 0 {
+            let elapsed = self.start.get_or_insert_with(Instant::now).elapsed();
+            if elapsed > AWAKE_TIME {
+                return false;
+            }
+            self.yielding = elapsed > SPIN_TIME;
+        }
+        if self.yielding {
+            thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+        true
+    }
+}
 
 /// Rows of f32 output per cache line: row ranges given to threads start on a multiple of it,
 /// so two threads never write the same cache line of the output.
@@ -111,12 +156,9 @@ impl ThreadPool {
         let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
         // wait for the workers: spin, then park (the last worker unparks us)
         let target = n - 1;
-        let mut spins = 0u32;
+        let mut spinner = Spinner::new();
         while self.shared.done.load(Ordering::Acquire) < target {
-            if spins < SPIN_ITERS {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
+            if !spinner.wait() {
                 thread::park();
             }
         }
@@ -162,16 +204,13 @@ fn worker_loop(shared: &Shared, index: usize) {
     let mut seen = 0u64;
     loop {
         // wait for a new generation: spin, then park
-        let mut spins = 0u32;
+        let mut spinner = Spinner::new();
         let gen = loop {
             let g = shared.generation.load(Ordering::Acquire);
             if g != seen || shared.stop.load(Ordering::Acquire) {
                 break g;
             }
-            if spins < SPIN_ITERS {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
+            if !spinner.wait() {
                 thread::park();
             }
         };
