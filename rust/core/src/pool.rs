@@ -50,7 +50,7 @@ impl Spinner {
     #[inline]
     fn wait(&mut self) -> bool {
         self.spins = self.spins.wrapping_add(1);
-        if self.yielding || self.spins % SPINS_PER_CLOCK_CHECK == 0 {
+        if self.yielding || self.spins.is_multiple_of(SPINS_PER_CLOCK_CHECK) {
             let elapsed = self.start.get_or_insert_with(Instant::now).elapsed();
             if elapsed > AWAKE_TIME {
                 return false;
