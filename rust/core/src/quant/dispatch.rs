@@ -1,0 +1,214 @@
+//! Which kernel version runs: chosen once from the CPU's features, kept in a `OnceLock`.
+//!
+//! `DLLAMA_KERNELS=scalar` forces the portable versions; `avx2` forces plain AVX2 on a CPU
+//! that also has VNNI (for tests and measurements); `neon` forces NEON without `dotprod`.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use super::block::{BlockQ40, BlockQ80};
+use super::scalar;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// Portable Rust, the reference.
+    Scalar,
+    /// x86_64 AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 kernels with the Q40 × Q80 dot product on AVX-VNNI `vpdpbusd`.
+    AvxVnni,
+    /// AVX2 kernels with the Q40 × Q80 dot product on AVX-512 VNNI `vpdpbusd` (256-bit).
+    Avx512Vnni,
+    /// aarch64 NEON (Pi 4: Cortex-A72).
+    Neon,
+    /// aarch64 NEON with the `sdot` dot-product instructions (Pi 5: Cortex-A76).
+    NeonDotprod,
+}
+
+impl KernelPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::AvxVnni => "avx2+avxvnni",
+            KernelPath::Avx512Vnni => "avx2+avx512vnni",
+            KernelPath::Neon => "neon",
+            KernelPath::NeonDotprod => "neon+dotprod",
+        }
+    }
+
+    /// Every path, best first.
+    pub const ALL: [KernelPath; 6] = [
+        KernelPath::AvxVnni,
+        KernelPath::Avx512Vnni,
+        KernelPath::Avx2,
+        KernelPath::NeonDotprod,
+        KernelPath::Neon,
+        KernelPath::Scalar,
+    ];
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            KernelPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::AvxVnni => KernelPath::Avx2.supported() && is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => {
+                KernelPath::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Kernel entry points of one path. Shapes as in `scalar`: w (n_rows, bpr or cols),
+/// x (n_tokens, ...), out (n_tokens, n_rows); the last argument is n_tokens.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub path: KernelPath,
+    quantize_q80: unsafe fn(&[f32], &mut [BlockQ80]),
+    matmul_q40_q80: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize),
+    matmul_q80_q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize),
+    matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
+    matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
+    dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    axpy: unsafe fn(f32, &[f32], &mut [f32]),
+}
+
+// Each table is built only by `Kernels::for_path`, which checks the CPU supports it, so the
+// target-feature functions it points to are safe to call through it.
+impl Kernels {
+    /// The kernels of `path`, or `None` when this CPU (or build target) cannot run them.
+    pub fn for_path(path: KernelPath) -> Option<Kernels> {
+        if !path.supported() {
+            return None;
+        }
+        let scalar = Kernels {
+            path,
+            quantize_q80: scalar::quantize_q80,
+            matmul_q40_q80: scalar::matmul_q40_q80,
+            matmul_q80_q80: scalar::matmul_q80_q80,
+            matmul_f32: scalar::matmul_f32,
+            matmul_f16: scalar::matmul_f16,
+            dot_f32: scalar::dot_f32,
+            axpy: scalar::axpy,
+        };
+        match path {
+            KernelPath::Scalar => Some(scalar),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512Vnni => {
+                use super::avx2;
+                let q40: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::AvxVnni => avx2::avxvnni::matmul_q40_q80,
+                    KernelPath::Avx512Vnni => avx2::avx512vnni::matmul_q40_q80,
+                    _ => avx2::maddubs::matmul_q40_q80,
+                };
+                Some(Kernels {
+                    path,
+                    quantize_q80: avx2::quantize_q80,
+                    matmul_q40_q80: q40,
+                    matmul_q80_q80: avx2::matmul_q80_q80,
+                    matmul_f32: avx2::matmul_f32,
+                    matmul_f16: avx2::matmul_f16,
+                    dot_f32: avx2::dot_f32,
+                    axpy: avx2::axpy,
+                })
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon | KernelPath::NeonDotprod => {
+                use super::neon;
+                let q40: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::NeonDotprod => neon::dotprod::matmul_q40_q80,
+                    _ => neon::plain::matmul_q40_q80,
+                };
+                let q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::NeonDotprod => neon::dotprod::matmul_q80_q80,
+                    _ => neon::plain::matmul_q80_q80,
+                };
+                Some(Kernels {
+                    path,
+                    quantize_q80: neon::quantize_q80,
+                    matmul_q40_q80: q40,
+                    matmul_q80_q80: q80,
+                    matmul_f32: neon::matmul_f32,
+                    matmul_f16: neon::matmul_f16,
+                    dot_f32: neon::dot_f32,
+                    axpy: neon::axpy,
+                })
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The best path of this CPU, unless `DLLAMA_KERNELS` names another one.
+    fn detect() -> Kernels {
+        let forced = std::env::var("DLLAMA_KERNELS").ok();
+        let wanted: &[KernelPath] = match forced.as_deref().map(str::trim) {
+            Some("scalar") => &[KernelPath::Scalar],
+            Some("avx2") => &[KernelPath::Avx2, KernelPath::Scalar],
+            Some("neon") => &[KernelPath::Neon, KernelPath::Scalar],
+            _ => &KernelPath::ALL,
+        };
+        wanted.iter().find_map(|&p| Kernels::for_path(p)).unwrap_or(Kernels::for_path(KernelPath::Scalar).unwrap_or_else(|| unreachable!()))
+    }
+
+    /// The kernels chosen for this process (decided on first use).
+    pub fn get() -> &'static Kernels {
+        static CHOSEN: OnceLock<Kernels> = OnceLock::new();
+        CHOSEN.get_or_init(Kernels::detect)
+    }
+
+    // Checked shapes are the caller's (`quant::matmul`) business; the kernels assert them too.
+
+    pub fn quantize_q80(&self, x: &[f32], out: &mut [BlockQ80]) {
+        // SAFETY: see the impl comment.
+        unsafe { (self.quantize_q80)(x, out) }
+    }
+    pub fn matmul_q40_q80(&self, w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_q40_q80)(w, x, out, n_tokens) }
+    }
+    pub fn matmul_q80_q80(&self, w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_q80_q80)(w, x, out, n_tokens) }
+    }
+    pub fn matmul_f32(&self, w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_f32)(w, x, out, n_tokens) }
+    }
+    pub fn matmul_f16(&self, w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_f16)(w, x, out, n_tokens) }
+    }
+    /// sum a[i] * b[i] over the shorter length.
+    pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        unsafe { (self.dot_f32)(a, b) }
+    }
+    /// y += a * x over the shorter length.
+    pub fn axpy(&self, a: f32, x: &[f32], y: &mut [f32]) {
+        unsafe { (self.axpy)(a, x, y) }
+    }
+}
+
+/// The name of the active kernel path (the engine prints it).
+pub fn active_path() -> KernelPath {
+    Kernels::get().path
+}

@@ -1,0 +1,124 @@
+//! Portable kernels: the reference every SIMD version is tested against (ggml's `_generic`).
+//!
+//! Shapes: a matmul multiplies weights `w` (n_rows, cols) by inputs `x` (n_tokens, cols) into
+//! `out` (n_tokens, n_rows): out[t, r] = sum_c w[r, c] * x[t, c]. Quantized rows are blocks of
+//! 32 values along the row, so w is (n_rows, cols / 32) blocks and x (n_tokens, cols / 32).
+
+use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+
+pub use super::block::quantize_q80;
+
+/// Dot product of one Q40 row with one Q80 row (same number of blocks).
+#[inline]
+pub fn dot_q40_q80(w: &[BlockQ40], x: &[BlockQ80]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = (a.qs[j] & 0x0F) as i32 - 8;
+            let hi = (a.qs[j] >> 4) as i32 - 8;
+            sumi += lo * b.qs[j] as i32 + hi * b.qs[j + QK / 2] as i32;
+        }
+        acc += sumi as f32 * (f16_to_f32(a.d) * f16_to_f32(b.d));
+    }
+    acc
+}
+
+/// Dot product of two Q80 rows.
+#[inline]
+pub fn dot_q80_q80(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let sumi: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        acc += sumi as f32 * (f16_to_f32(a.d) * f16_to_f32(b.d));
+    }
+    acc
+}
+
+#[inline]
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a * b).sum()
+}
+
+/// y += a * x.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (v, &u) in y.iter_mut().zip(x) {
+        *v += a * u;
+    }
+}
+
+#[inline]
+pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(&a, b)| f16_to_f32(a) * b).sum()
+}
+
+/// Generic (n_tokens, n_rows) loop over a row dot product; row-outer so each weight row is
+/// read from memory once per batch.
+#[inline(always)]
+fn matmul_rows<W, X>(w: &[W], x: &[X], out: &mut [f32], n_tokens: usize, dot: impl Fn(&[W], &[X]) -> f32) {
+    let n_rows = out.len() / n_tokens;
+    let width = x.len() / n_tokens;
+    assert!(n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width);
+    if width == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (r, wr) in w.chunks_exact(width).enumerate() {
+        for (t, xt) in x.chunks_exact(width).enumerate() {
+            out[t * n_rows + r] = dot(wr, xt);
+        }
+    }
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, bpr) Q80.
+pub fn matmul_q40_q80(w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_q40_q80)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, bpr) Q80.
+pub fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_q80_q80)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, cols) F32 × x (n_tokens, cols) F32.
+pub fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_f32)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, cols) F16 bits × x (n_tokens, cols) F32.
+pub fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_f16)
+}
+
+/// Dot product of one Q40 row with an F32 vector (the f32-buffer path).
+#[inline]
+pub fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, xb) in w.iter().zip(x.chunks_exact(QK)) {
+        let mut s = 0.0f32;
+        for j in 0..QK / 2 {
+            s += ((a.qs[j] & 0x0F) as i32 - 8) as f32 * xb[j] + ((a.qs[j] >> 4) as i32 - 8) as f32 * xb[j + QK / 2];
+        }
+        acc += s * f16_to_f32(a.d);
+    }
+    acc
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, cols) F32. Portable on every
+/// path: the f32-buffer mode trades speed for exactness and is not the one that is tuned.
+pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    let bpr = cols / QK;
+    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && bpr * QK == cols && w.len() == n_rows * bpr);
+    if bpr == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (r, wr) in w.chunks_exact(bpr).enumerate() {
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            out[t * n_rows + r] = dot_q40_f32(wr, xt);
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! Every matmul / quantize kernel of every path this CPU runs: SIMD equal to scalar within
+//! tight named limits, scalar equal to an f64 reference within a named per-format limit.
+
+#[path = "kernels_common.rs"]
+mod common;
+
+use common::*;
+use dllama_core::pool::ThreadPool;
+use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
+use dllama_core::quant::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Weights, QK};
+use rand::Rng;
+
+/// Scalar kernels against the f64 product of the same (already quantized) values, relative
+/// to sum |w x|: the integer block sums are exact, only the f32 scale products and the f32
+/// accumulation round.
+const SCALAR_REL_Q40_Q80: f64 = 1e-5;
+const SCALAR_REL_Q80_Q80: f64 = 1e-5;
+const SCALAR_REL_F32: f64 = 1e-5;
+const SCALAR_REL_F16: f64 = 1e-5;
+/// SIMD against scalar, relative to sum |w x|: same integer sums, another f32 summation order.
+const SIMD_REL: f64 = 2e-6;
+/// Absolute floor for outputs whose sum |w x| is zero (all-zero rows).
+const ABS_FLOOR: f64 = 1e-30;
+
+fn scalar() -> Kernels {
+    Kernels::for_path(KernelPath::Scalar).unwrap()
+}
+
+#[test]
+fn paths_available() {
+    let names: Vec<&str> = all_kernels().iter().map(|k| k.path.name()).collect();
+    eprintln!(
+        "kernel paths tested on this CPU: {names:?}; active: {}",
+        quant::active_path()
+    );
+    assert!(names.contains(&"scalar"));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert!(names.contains(&"avx2"));
+    }
+    #[cfg(target_arch = "aarch64")]
+    assert!(names.contains(&"neon"));
+}
+
+#[test]
+fn q40_q80_every_path() {
+    let mut rng = rng(1);
+    for &(n_rows, bpr, n_tokens) in &SHAPES {
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let (want, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        assert_close(
+            "scalar q40×q80 vs f64",
+            &base,
+            &want,
+            &mag,
+            SCALAR_REL_Q40_Q80,
+            ABS_FLOOR,
+        );
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40_q80(&w, &x, &mut got, n_tokens);
+            let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+            assert_close(
+                &format!("{} q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn q40_q80_batch_equals_one_token_at_a_time() {
+    let mut rng = rng(2);
+    let (n_rows, bpr, n_tokens) = (13, 9, 7);
+    let w = random_q40(&mut rng, n_rows * bpr);
+    let x = random_q80(&mut rng, n_tokens * bpr);
+    for k in all_kernels() {
+        let mut batch = vec![0.0f32; n_tokens * n_rows];
+        k.matmul_q40_q80(&w, &x, &mut batch, n_tokens);
+        for t in 0..n_tokens {
+            let mut one = vec![0.0f32; n_rows];
+            k.matmul_q40_q80(&w, &x[t * bpr..(t + 1) * bpr], &mut one, 1);
+            assert_eq!(
+                &batch[t * n_rows..(t + 1) * n_rows],
+                &one[..],
+                "{} token {t}",
+                k.path
+            );
+        }
+    }
+}
+
+#[test]
+fn q80_q80_every_path() {
+    let mut rng = rng(3);
+    for &(n_rows, bpr, n_tokens) in &SHAPES {
+        let w = random_q80(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let (want, mag) = reference(&q80_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q80_q80(&w, &x, &mut base, n_tokens);
+        assert_close(
+            "scalar q80×q80 vs f64",
+            &base,
+            &want,
+            &mag,
+            SCALAR_REL_Q80_Q80,
+            ABS_FLOOR,
+        );
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q80_q80(&w, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} q80×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn f32_and_f16_every_path() {
+    let mut rng = rng(4);
+    // column counts that are not multiples of the 8 / 32 unroll
+    for &(n_rows, cols, n_tokens) in &[
+        (1, 1, 1),
+        (3, 7, 1),
+        (5, 33, 2),
+        (9, 100, 3),
+        (4, 4096, 1),
+        (17, 257, 5),
+    ] {
+        let w = random_values(&mut rng, n_rows * cols, 1.0);
+        let x = random_values(&mut rng, n_tokens * cols, 1.0);
+        let w16: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
+        let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let w16_64: Vec<f64> = w16.iter().map(|&v| f16_to_f32(v) as f64).collect();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (want, mag) = reference(&w64, &x64, n_rows, cols, n_tokens);
+        let (want16, mag16) = reference(&w16_64, &x64, n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        let mut base16 = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_f32(&w, &x, &mut base, n_tokens);
+        scalar().matmul_f16(&w16, &x, &mut base16, n_tokens);
+        assert_close(
+            "scalar f32 vs f64",
+            &base,
+            &want,
+            &mag,
+            SCALAR_REL_F32,
+            ABS_FLOOR,
+        );
+        assert_close(
+            "scalar f16 vs f64",
+            &base16,
+            &want16,
+            &mag16,
+            SCALAR_REL_F16,
+            ABS_FLOOR,
+        );
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_f32(&w, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} f32 {n_rows}x{cols}x{n_tokens}", k.path),
+                &got,
+                &want,
+                &mag,
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+            k.matmul_f16(&w16, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} f16 {n_rows}x{cols}x{n_tokens}", k.path),
+                &got,
+                &want16,
+                &mag16,
+                SCALAR_REL_F16,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_and_axpy_every_path() {
+    let mut rng = rng(5);
+    for n in [0, 1, 7, 8, 9, 31, 32, 33, 64, 100, 128] {
+        let a = random_values(&mut rng, n, 1.0);
+        let b = random_values(&mut rng, n, 1.0);
+        let want: f64 = a.iter().zip(&b).map(|(&p, &q)| p as f64 * q as f64).sum();
+        let mag: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(&p, &q)| (p as f64 * q as f64).abs())
+            .sum();
+        for k in all_kernels() {
+            let got = k.dot_f32(&a, &b);
+            assert_close(
+                &format!("{} dot {n}", k.path),
+                &[got],
+                &[want],
+                &[mag],
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+            let mut y = b.clone();
+            k.axpy(0.75, &a, &mut y);
+            for i in 0..n {
+                let w = b[i] as f64 + 0.75 * a[i] as f64;
+                assert!(
+                    (y[i] as f64 - w).abs() <= 1e-6 * (b[i].abs() as f64 + a[i].abs() as f64),
+                    "{} axpy {n} at {i}",
+                    k.path
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_q80_every_path_bit_exact() {
+    let mut rng = rng(6);
+    let mut x = Vec::new();
+    for scale in [1e-6f32, 0.01, 1.0, 300.0] {
+        x.extend(random_values(&mut rng, 32 * 37, scale));
+    }
+    // a zero block, and a block of exact ties: amax 127 gives d = 1, so k + 0.5 rounds away
+    x.extend([0.0f32; 32]);
+    let mut ties: Vec<f32> = (0..31).map(|i| (i as f32 - 15.0) + 0.5).collect();
+    ties.push(127.0);
+    x.extend(ties);
+    let n = x.len() / QK;
+    let mut want = vec![BlockQ80::default(); n];
+    scalar().quantize_q80(&x, &mut want);
+    // scalar = ggml's reference quantizer (block.rs), checked against the definition
+    for (b, xb) in want.iter().zip(x.chunks_exact(QK)) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_eq!(b.d, f32_to_f16(amax / 127.0));
+    }
+    assert_eq!(want[n - 1].qs[0], -15, "-14.5 rounds away from zero");
+    assert_eq!(want[n - 1].qs[15], 1, "0.5 rounds away from zero");
+    for k in all_kernels() {
+        let mut got = vec![BlockQ80::default(); n];
+        k.quantize_q80(&x, &mut got);
+        for i in 0..n {
+            assert_eq!(got[i], want[i], "{} block {i}", k.path);
+        }
+    }
+}
+
+#[test]
+fn quantized_matmul_close_to_float_product() {
+    // end to end: quantize f32 weights to Q40 and inputs to Q80, multiply, compare with the
+    // f64 product of the original values. Each Q40 value is within one step d_w of the
+    // original (half a step, or a full one for the clamped +8 case), each Q80 value within d_x / 2.
+    let mut rng = rng(7);
+    let (n_rows, cols) = (24, 32 * 20);
+    let w = random_values(&mut rng, n_rows * cols, 1.0);
+    let x = random_values(&mut rng, cols, 1.0);
+    let mut wq = vec![quant::BlockQ40::default(); n_rows * cols / QK];
+    quant::quantize_q40(&w, &mut wq);
+    let mut xq = vec![BlockQ80::default(); cols / QK];
+    quant::quantize_q80(&x, &mut xq).unwrap();
+    let mut got = vec![0.0f32; n_rows];
+    let mut pool = ThreadPool::new(1).unwrap();
+    matmul(
+        &mut pool,
+        Weights::Q40(&wq),
+        Input::Q80(&xq),
+        &mut got,
+        n_rows,
+        cols,
+        1,
+    )
+    .unwrap();
+    for r in 0..n_rows {
+        let (mut exact, mut bound) = (0.0f64, 0.0f64);
+        for c in 0..cols {
+            let dw = f16_to_f32(wq[(r * cols + c) / QK].d).abs() as f64;
+            let dx = f16_to_f32(xq[c / QK].d) as f64 / 2.0;
+            let (a, b) = (w[r * cols + c] as f64, x[c] as f64);
+            exact += a * b;
+            bound += dw * b.abs() + a.abs() * dx + dw * dx;
+        }
+        assert!(
+            (got[r] as f64 - exact).abs() <= bound * 1.001,
+            "row {r}: {} vs {exact} (bound {bound})",
+            got[r]
+        );
+    }
+}
+
+#[test]
+fn threaded_matmul_equals_single_thread() {
+    let mut rng = rng(8);
+    let k = Kernels::get();
+    for &(n_rows, bpr, n_tokens) in &[
+        (1, 3, 1),
+        (15, 4, 1),
+        (16, 4, 1),
+        (17, 4, 1),
+        (100, 5, 1),
+        (37, 6, 3),
+        (64, 2, 5),
+    ] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let xf = random_values(&mut rng, n_tokens * cols, 1.0);
+        let wf = random_values(&mut rng, n_rows * cols, 1.0);
+        let mut want = vec![0.0f32; n_tokens * n_rows];
+        k.matmul_q40_q80(&w, &x, &mut want, n_tokens);
+        let mut want_f = vec![0.0f32; n_tokens * n_rows];
+        k.matmul_f32(&wf, &xf, &mut want_f, n_tokens);
+        for threads in [1, 2, 3, 4] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            matmul(
+                &mut pool,
+                Weights::Q40(&w),
+                Input::Q80(&x),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_eq!(
+                got, want,
+                "q40 {n_rows}x{bpr}x{n_tokens} on {threads} threads"
+            );
+            matmul(
+                &mut pool,
+                Weights::F32(&wf),
+                Input::F32(&xf),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_eq!(
+                got, want_f,
+                "f32 {n_rows}x{cols}x{n_tokens} on {threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
+fn q40_by_f32_input_matches_reference() {
+    let mut rng = rng(9);
+    let (n_rows, bpr, n_tokens) = (7, 5, 3);
+    let cols = bpr * QK;
+    let w = random_q40(&mut rng, n_rows * bpr);
+    let x = random_values(&mut rng, n_tokens * cols, 1.0);
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let (want, mag) = reference(&q40_values(&w), &x64, n_rows, cols, n_tokens);
+    let mut pool = ThreadPool::new(2).unwrap();
+    let mut got = vec![0.0f32; n_tokens * n_rows];
+    matmul(
+        &mut pool,
+        Weights::Q40(&w),
+        Input::F32(&x),
+        &mut got,
+        n_rows,
+        cols,
+        n_tokens,
+    )
+    .unwrap();
+    assert_close(
+        "q40 × f32",
+        &got,
+        &want,
+        &mag,
+        SCALAR_REL_Q40_Q80,
+        ABS_FLOOR,
+    );
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let mut pool = ThreadPool::new(2).unwrap();
+    let w = vec![quant::BlockQ40::default(); 4];
+    let x = vec![BlockQ80::default(); 2];
+    let xf = vec![0.0f32; 64];
+    let mut out = vec![0.0f32; 2];
+    let cases: Vec<(Weights, Input, usize, usize, usize, usize)> = vec![
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 2), // ok
+        (Weights::Q40(&w), Input::Q80(&x), 3, 64, 1, 2), // weights too short
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 2, 2), // input too short
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 0, 2), // no tokens
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 1), // output too short
+        (Weights::Q40(&w), Input::Q80(&x), 4, 33, 1, 2), // cols not a block multiple
+        (Weights::F32(&xf), Input::Q80(&x), 1, 64, 1, 1), // unsupported pair
+    ];
+    for (i, (wt, inp, rows, cols, toks, out_len)) in cases.into_iter().enumerate() {
+        let r = matmul(&mut pool, wt, inp, &mut out[..out_len], rows, cols, toks);
+        if i == 0 {
+            assert!(r.is_ok());
+        } else {
+            let msg = r.expect_err("bad shape accepted").to_string();
+            assert!(msg.starts_with("matmul:"), "case {i}: {msg}");
+        }
+    }
+    let mut q = vec![BlockQ80::default(); 1];
+    assert!(quant::quantize_q80(&[0.0; 33], &mut q).is_err());
+}
+
+#[test]
+fn forced_path_env() {
+    // the env switch is read once per process: check the parse in a child process
+    let exe = std::env::current_exe().unwrap();
+    for (forced, want) in [
+        ("scalar", "scalar"),
+        (
+            "avx2",
+            if KernelPath::Avx2.supported() {
+                "avx2"
+            } else {
+                "scalar"
+            },
+        ),
+    ] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "print_active_path",
+                "--nocapture",
+                "--include-ignored",
+            ])
+            .env("DLLAMA_KERNELS", forced)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains(&format!("ACTIVE_PATH={want};")),
+            "DLLAMA_KERNELS={forced}: {text}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "helper run by forced_path_env in a child process"]
+fn print_active_path() {
+    eprintln!("ACTIVE_PATH={};", quant::active_path());
+    let _ = rand::thread_rng().gen::<u8>();
+}
