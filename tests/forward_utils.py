@@ -41,6 +41,9 @@ def random_llama(
     seed: int = 0,
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    if rope_scaling:
+        rope = {**rope_scaling, "rope_theta": rope_theta}
     cfg = LlamaConfig(
         hidden_size=dim,
         intermediate_size=hidden,
@@ -49,8 +52,7 @@ def random_llama(
         num_key_value_heads=kv_heads,
         vocab_size=vocab,
         tie_word_embeddings=tied,
-        rope_scaling=rope_scaling,
-        rope_theta=rope_theta,
+        rope_parameters=rope,
         max_position_embeddings=max_pos,
         initializer_range=init,
         rms_norm_eps=1e-5,
@@ -92,14 +94,14 @@ def header_fields(cfg: LlamaConfig, float_type: str, rope_type: int) -> dict[str
         "vocab_size": cfg.vocab_size,
         "max_seq_len": cfg.max_position_embeddings,
         "hidden_act": 1,
-        "rope_theta": int(cfg.rope_theta),
+        "rope_theta": int(cfg.rope_parameters["rope_theta"]),
         "weights_float_type": FLOAT_CODES[float_type],
         "rope_type": rope_type,
         "head_dim": head_dim,
         "norm_epsilon": float(cfg.rms_norm_eps),
     }
-    rs = cfg.rope_scaling
-    if rs and rs.get("rope_type") == "llama3":
+    rs = cfg.rope_parameters
+    if rs.get("rope_type") == "llama3":
         f["rope_scaling_factor"] = int(rs["factor"])
         f["rope_scaling_low_freq_factor"] = int(rs["low_freq_factor"])
         f["rope_scaling_high_freq_factor"] = int(rs["high_freq_factor"])

@@ -5,8 +5,8 @@
   attention and GQA, tied and untied classifier, the three RoPE layouts.
 - Q40 weights with Q80 activations against transformers running the same (dequantized)
   weights in f32: the only difference left is the 8-bit quantization of the activations.
-  Stated bound: max logit error <= 3% of the largest logit magnitude, and top-1 agreement on
-  at least 99% of positions.
+  Stated bound: max logit error <= 2.5% of the largest logit magnitude (Q80_LOGIT_BOUND), and
+  top-1 agreement on at least 99% of the positions where the answer is decisive.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ CONFIGS: list[tuple[str, dict[str, Any], int]] = [
     ("gqa-untied-neox", {"heads": 8, "kv_heads": 2, "tied": False}, 1),
     ("mqa-llama31", {"heads": 4, "kv_heads": 1, "rope_scaling": LLAMA3_SCALING, "rope_theta": 500000.0}, 2),
 ]
+
+#: Q40 weights with Q80 activations vs the same weights in f32: max |logit error| relative to
+#: the largest logit (measured 0.007 to 0.014 on these models)
+Q80_LOGIT_BOUND = 0.025
 
 PROMPT = [1, 17, 99, 3, 42, 42, 7, 120, 64, 5, 88, 23, 0, 127, 31, 9]
 
@@ -67,28 +71,38 @@ def test_f32_logits_equal_transformers(tmp_path: Path, cid: str, kwargs: dict[st
 
 
 def test_q40_weights_q80_buffers(tmp_path: Path) -> None:
-    agree = 0
-    total = 0
+    """Random models have near-ties among their logits, so top-1 is only asked where the
+    reference's top-1 margin exceeds twice the error bound (the real model's plain top-1
+    agreement is in test_forward_smollm2.py); elsewhere our pick must be within the bound of
+    the reference's best."""
+    bound = Q80_LOGIT_BOUND
+    decisive = agree = 0
     worst = 0.0
     prompt = [(i * 37 + 11) % 128 for i in range(48)]
     for cid, kwargs, rope_type in CONFIGS:
-        # larger init: well-separated logits, so top-1 is meaningful
-        model = random_llama(seed=2, init=0.1, **kwargs)
+        model = random_llama(seed=2, **kwargs)
         path = tmp_path / f"{cid}.m"
         write_m(model, path, "q40", rope_type)
         ref = hf_logits(dequantized_copy(model, "q40"), prompt)
         node = _core.Node(str(path), nthreads=2, buffer_float_type="q80")
         for pos, tok in enumerate(prompt):
             logits = node.forward([tok], pos)
-            worst = max(worst, rel_err(logits, ref[pos]))
-            agree += int(np.argmax(logits) == np.argmax(ref[pos]))
-            total += 1
+            r = ref[pos]
+            scale = float(np.max(np.abs(r)))
+            worst = max(worst, rel_err(logits, r))
+            ours = int(np.argmax(logits))
+            assert r[ours] >= r.max() - 2 * bound * scale, f"{cid} position {pos}: picked {ours}"
+            top2 = np.sort(r)[-2:]
+            if top2[1] - top2[0] > 2 * bound * scale:
+                decisive += 1
+                agree += int(ours == int(np.argmax(r)))
         # f32 buffers: the same weights, no activation quantization, so nearly exact
         node32 = _core.Node(str(path), buffer_float_type="f32")
         e = rel_err(node32.forward(prompt, 0), ref[-1])
         assert e < 1e-4, f"{cid} q40 weights, f32 buffers: relative error {e:.2e}"
-    assert worst <= 0.03, f"max relative logit error {worst:.3f}"
-    assert agree / total >= 0.99, f"top-1 agreement {agree}/{total}"
+    assert worst <= bound, f"max relative logit error {worst:.4f} > {bound}"
+    assert decisive >= 20, f"only {decisive} decisive positions"
+    assert agree / decisive >= 0.99, f"top-1 agreement {agree}/{decisive}"
 
 
 def test_bad_calls_raise_value_error(tmp_path: Path) -> None:

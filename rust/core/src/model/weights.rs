@@ -1,9 +1,10 @@
 //! This node's weights: its slice of every layer, the final norm and its rows of the
 //! classifier (plus the embedding on the root).
 
-use super::config::{DType, ModelConfig};
+use super::config::ModelConfig;
 use super::split::NodeSlice;
 use super::tensor::Tensor;
+use crate::format::FloatType;
 use crate::{Error, Result};
 
 /// One transformer block, this node's slice of it.
@@ -45,7 +46,7 @@ impl Weights {
 }
 
 /// Check a whole tensor of the file against the shape and type the header implies.
-fn expect(t: Tensor, name: &str, dtype: DType, rows: usize, cols: usize) -> Result<Tensor> {
+fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> Result<Tensor> {
     if t.dtype != dtype || t.rows != rows || t.cols != cols {
         return Err(Error::format(format!(
             "tensor {name} is {} {}x{}, expected {} {rows}x{cols}",
@@ -60,7 +61,7 @@ fn expect(t: Tensor, name: &str, dtype: DType, rows: usize, cols: usize) -> Resu
 
 /// A 1-D F32 tensor copied into a vector (norm weights are tiny).
 fn vector(t: Tensor, name: &str, len: usize) -> Result<Vec<f32>> {
-    let t = expect(t, name, DType::F32, 1, len)?;
+    let t = expect(t, name, FloatType::F32, 1, len)?;
     Ok(t.as_f32().to_vec())
 }
 
@@ -102,7 +103,7 @@ impl Weights {
             Some(expect(
                 get("embedding")?,
                 "embedding",
-                DType::F32,
+                FloatType::F32,
                 cfg.vocab_size,
                 dim,
             )?)
