@@ -28,9 +28,10 @@ fn quantize<'py>(
             "quantize() needs a float32 numpy array, got {dtype}"
         ))
     })?;
+    // as_slice() also accepts Fortran-ordered arrays (in memory order): only borrow C order
     let values: Cow<'_, [f32]> = match arr.as_slice() {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(arr.as_array().iter().copied().collect()),
+        Ok(s) if arr.is_c_contiguous() => Cow::Borrowed(s),
+        _ => Cow::Owned(arr.as_array().iter().copied().collect()),
     };
     let nbytes = ft.bytes_for(arr.len() as u64).py()? as usize;
     let values: &[f32] = &values;

@@ -561,7 +561,7 @@ impl ModelHeader {
     pub fn file_size(&self) -> u64 {
         self.tensors()
             .last()
-            .map(|t| t.offset + t.nbytes)
+            .map(|t| t.offset.saturating_add(t.nbytes))
             .unwrap_or(self.header_size() as u64)
     }
 

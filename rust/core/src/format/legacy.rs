@@ -93,7 +93,8 @@ pub fn layout(
     }
     t.push("norm".into(), 1, dim, f32);
     // freq_cis_real and freq_cis_imag: seq_len × head_size / 2 float32 each
-    t.skip(2 * header.max_seq_len as u64 * (header.head_dim as u64 / 2) * 4);
+    let gap = (header.max_seq_len as u64).saturating_mul(header.head_dim as u64 / 2 * 8);
+    t.skip(gap);
     t.push("wcls".into(), vocab, dim, wt);
     let size = t.offset;
     Ok((header, t.tensors, size))

@@ -73,7 +73,7 @@ impl ModelFile {
         let what = format!("model file {}", path.display());
         let header = ModelHeader::parse_named(&map, &what)?;
         let tensors = header.tensors();
-        let expected = tensors.last().map(|t| t.offset + t.nbytes).unwrap_or(0);
+        let expected = header.file_size();
         check_size(path, map.len() as u64, expected)?;
         Ok(ModelFile {
             header,
