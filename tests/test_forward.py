@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from forward_utils import dequantized_copy, hf_logits, random_llama, write_m
-
 from dllama import _core
+from forward_utils import dequantized_copy, hf_logits, random_llama, write_m
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -34,7 +33,11 @@ CONFIGS: list[tuple[str, dict[str, Any], int]] = [
     ("full-attention-untied", {"heads": 4, "kv_heads": 4, "tied": False}, 0),
     ("gqa-tied", {"heads": 4, "kv_heads": 2, "tied": True}, 0),
     ("gqa-untied-neox", {"heads": 8, "kv_heads": 2, "tied": False}, 1),
-    ("mqa-llama31", {"heads": 4, "kv_heads": 1, "rope_scaling": LLAMA3_SCALING, "rope_theta": 500000.0}, 2),
+    (
+        "mqa-llama31",
+        {"heads": 4, "kv_heads": 1, "rope_scaling": LLAMA3_SCALING, "rope_theta": 500000.0},
+        2,
+    ),
 ]
 
 #: Q40 weights with Q80 activations vs the same weights in f32: max |logit error| relative to
@@ -49,7 +52,9 @@ def rel_err(ours: npt.NDArray[np.float32], ref: npt.NDArray[np.float32]) -> floa
 
 
 @pytest.mark.parametrize("cid,kwargs,rope_type", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_f32_logits_equal_transformers(tmp_path: Path, cid: str, kwargs: dict[str, Any], rope_type: int) -> None:
+def test_f32_logits_equal_transformers(
+    tmp_path: Path, cid: str, kwargs: dict[str, Any], rope_type: int
+) -> None:
     model = random_llama(seed=1, **kwargs)
     path = tmp_path / "m.m"
     write_m(model, path, "f32", rope_type)
