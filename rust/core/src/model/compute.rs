@@ -30,14 +30,15 @@ pub fn matmul(
 }
 
 /// The input of a matmul by weights of type `dtype`: Q80 blocks (quantized into `xq`) when
-/// `q80` is on and the weights are quantized, else the f32 values themselves.
+/// `q80` is on and the weights are quantized, or for Q80 weights (which have no f32-input
+/// kernel); else the f32 values themselves.
 pub fn input<'a>(
     q80: bool,
     dtype: FloatType,
     x: &'a [f32],
     xq: &'a mut [BlockQ80],
 ) -> Result<Input<'a>> {
-    if q80 && is_quantized(dtype) {
+    if (q80 && is_quantized(dtype)) || dtype == FloatType::Q80 {
         let nb = x.len() / QK;
         quant::quantize_q80(x, &mut xq[..nb])?;
         Ok(Input::Q80(&xq[..nb]))
