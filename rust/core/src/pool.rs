@@ -56,7 +56,9 @@ impl ThreadPool {
     /// A pool of `n_threads` threads in all (the caller counts as one).
     pub fn new(n_threads: usize) -> Result<ThreadPool> {
         if n_threads == 0 || n_threads > 1024 {
-            return Err(Error::invalid(format!("nthreads must be between 1 and 1024, got {n_threads}")));
+            return Err(Error::invalid(format!(
+                "nthreads must be between 1 and 1024, got {n_threads}"
+            )));
         }
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
@@ -94,8 +96,9 @@ impl ThreadPool {
         let task: &(dyn Fn(usize, usize) + Sync + '_) = &f;
         // SAFETY: the pointer is only dereferenced by workers between the generation bump
         // below and their `done` increment, and we wait for all of them before returning.
-        let task: *const Task =
-            unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Task>(task) };
+        let task: *const Task = unsafe {
+            std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Task>(task)
+        };
         unsafe {
             *self.shared.task.get() = Some(task);
             *self.shared.caller.get() = Some(thread::current());
@@ -123,7 +126,12 @@ impl ThreadPool {
         if let Err(p) = mine {
             resume_unwind(p);
         }
-        let worker_panic = self.shared.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let worker_panic = self
+            .shared
+            .panic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(p) = worker_panic {
             resume_unwind(p);
         }
@@ -214,7 +222,10 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     pub fn new(out: &mut [f32]) -> SharedOut {
-        SharedOut { ptr: out.as_mut_ptr(), len: out.len() }
+        SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
     }
     pub fn len(&self) -> usize {
         self.len
@@ -222,18 +233,20 @@ impl SharedOut {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// # Safety
-    /// No other thread reads or writes element `i` while the pool task runs, and the slice
-    /// given to `new` outlives every use.
-    /// `len` elements from `start` as a slice.
+    /// `len` elements from `start` as a slice (panics when out of range).
     ///
     /// # Safety
-    /// As `write`, for every element of the range, and the range is within the output.
+    /// As `write`, for every element of the range.
     pub unsafe fn rows_mut<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
         assert!(start + len <= self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 
+    /// Store `v` at element `i`.
+    ///
+    /// # Safety
+    /// `i < len`; no other thread reads or writes element `i` while the pool task runs; the
+    /// slice given to `new` outlives every use.
     #[inline(always)]
     pub unsafe fn write(&self, i: usize, v: f32) {
         debug_assert!(i < self.len);

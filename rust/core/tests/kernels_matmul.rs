@@ -8,7 +8,6 @@ use common::*;
 use dllama_core::pool::ThreadPool;
 use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
 use dllama_core::quant::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Weights, QK};
-use rand::Rng;
 
 /// Scalar kernels against the f64 product of the same (already quantized) values, relative
 /// to sum |w x|: the integer block sums are exact, only the f32 scale products and the f32
@@ -400,7 +399,7 @@ fn bad_shapes_are_errors_not_panics() {
     let w = vec![quant::BlockQ40::default(); 4];
     let x = vec![BlockQ80::default(); 2];
     let xf = vec![0.0f32; 64];
-    let mut out = vec![0.0f32; 2];
+    let mut out = [0.0f32; 2];
     let cases: Vec<(Weights, Input, usize, usize, usize, usize)> = vec![
         (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 2), // ok
         (Weights::Q40(&w), Input::Q80(&x), 3, 64, 1, 2), // weights too short
@@ -424,42 +423,137 @@ fn bad_shapes_are_errors_not_panics() {
 }
 
 #[test]
-fn forced_path_env() {
-    // the env switch is read once per process: check the parse in a child process
-    let exe = std::env::current_exe().unwrap();
-    for (forced, want) in [
-        ("scalar", "scalar"),
-        (
-            "avx2",
-            if KernelPath::Avx2.supported() {
-                "avx2"
-            } else {
-                "scalar"
-            },
-        ),
-    ] {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "print_active_path",
-                "--nocapture",
-                "--include-ignored",
-            ])
-            .env("DLLAMA_KERNELS", forced)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            text.contains(&format!("ACTIVE_PATH={want};")),
-            "DLLAMA_KERNELS={forced}: {text}"
+fn forced_path_env_values() {
+    // DLLAMA_KERNELS is read once per process (Kernels::get); its parsing is Kernels::choose
+    let best = Kernels::choose(None).unwrap().path;
+    assert_eq!(Kernels::choose(Some("auto")).unwrap().path, best);
+    assert_eq!(
+        best,
+        KernelPath::ALL.into_iter().find(|p| p.supported()).unwrap()
+    );
+    assert_eq!(
+        Kernels::choose(Some("scalar")).unwrap().path,
+        KernelPath::Scalar
+    );
+    let avx2 = if KernelPath::Avx2.supported() {
+        KernelPath::Avx2
+    } else {
+        KernelPath::Scalar
+    };
+    assert_eq!(Kernels::choose(Some("avx2")).unwrap().path, avx2);
+    let neon = if KernelPath::Neon.supported() {
+        KernelPath::Neon
+    } else {
+        KernelPath::Scalar
+    };
+    assert_eq!(Kernels::choose(Some(" neon ")).unwrap().path, neon);
+    let err = Kernels::choose(Some("fast"))
+        .map(|k| k.path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("DLLAMA_KERNELS") && err.contains("scalar"),
+        "{err}"
+    );
+    if let Ok(v) = std::env::var("DLLAMA_KERNELS") {
+        assert_eq!(
+            quant::active_path(),
+            Kernels::choose(Some(&v)).unwrap().path
         );
     }
 }
 
 #[test]
-#[ignore = "helper run by forced_path_env in a child process"]
-fn print_active_path() {
-    eprintln!("ACTIVE_PATH={};", quant::active_path());
-    let _ = rand::thread_rng().gen::<u8>();
+fn packed_q40_every_path() {
+    let mut rng = rng(10);
+    // row counts around the group of 8 and the row split of 16
+    for &(n_rows, bpr, n_tokens) in &[
+        (1, 1, 1),
+        (7, 3, 1),
+        (9, 5, 4),
+        (17, 3, 9),
+        (8, 33, 5),
+        (8, 2, 1),
+        (9, 5, 2),
+        (16, 1, 3),
+        (23, 7, 1),
+        (40, 129, 2),
+        (64, 344, 1),
+    ] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        let mut row = vec![quant::BlockQ40::default(); bpr];
+        for r in 0..n_rows {
+            packed.unpack_row(r, &mut row);
+            assert_eq!(&row[..], &w[r * bpr..(r + 1) * bpr], "unpack row {r}");
+        }
+        let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let all = packed.groups(0, packed.n_groups());
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40x8_q80(all, bpr, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} packed q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+        for threads in [1, 2, 3] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            matmul(
+                &mut pool,
+                Weights::Q40Packed(&packed),
+                Input::Q80(&x),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_close(
+                &format!("matmul packed {n_rows}x{bpr}x{n_tokens} on {threads}"),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+    let w = random_q40(&mut rng, 6);
+    assert!(quant::PackedQ40::pack(&w, 2, 100).is_err());
+    let packed = quant::PackedQ40::pack(&w, 2, 96).unwrap();
+    let mut pool = ThreadPool::new(1).unwrap();
+    let x = random_q80(&mut rng, 3);
+    let mut out = [0.0f32; 3];
+    assert!(matmul(
+        &mut pool,
+        Weights::Q40Packed(&packed),
+        Input::Q80(&x),
+        &mut out,
+        3,
+        96,
+        1
+    )
+    .is_err());
+    let xf = vec![0.0f32; 96];
+    assert!(matmul(
+        &mut pool,
+        Weights::Q40Packed(&packed),
+        Input::F32(&xf),
+        &mut out[..2],
+        2,
+        96,
+        1
+    )
+    .is_err());
 }

@@ -21,7 +21,11 @@ pub fn softmax(x: &mut [f32]) {
 
 fn check(gate: &[f32], up: &[f32], what: &str) -> Result<()> {
     if gate.len() != up.len() {
-        return Err(Error::invalid(format!("{what}: gate has {} values, up {}", gate.len(), up.len())));
+        return Err(Error::invalid(format!(
+            "{what}: gate has {} values, up {}",
+            gate.len(),
+            up.len()
+        )));
     }
     Ok(())
 }

@@ -27,7 +27,11 @@ impl AttentionShape {
         self.n_kv_heads * self.head_dim
     }
     fn check(&self) -> Result<()> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || self.head_dim == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err(Error::invalid(format!(
                 "attention: bad shape {self:?} (n_heads must be a non-zero multiple of n_kv_heads)"
             )));
@@ -68,7 +72,11 @@ pub fn attention_heads(
         let oh = &mut out[i * hd..(i + 1) * hd];
         oh.fill(0.0);
         for (p, &a) in att.iter().enumerate() {
-            k.axpy(a, &v_cache[p * kv_dim + kv_off..p * kv_dim + kv_off + hd], oh);
+            k.axpy(
+                a,
+                &v_cache[p * kv_dim + kv_off..p * kv_dim + kv_off + hd],
+                oh,
+            );
         }
     }
 }

@@ -40,7 +40,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(
 /// Every row of x (n_tokens, dim) into out (n_tokens, dim).
 pub fn rmsnorm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let dim = weight.len();
-    if dim == 0 || x.len() % dim != 0 || out.len() != x.len() {
+    if dim == 0 || !x.len().is_multiple_of(dim) || out.len() != x.len() {
         return Err(Error::invalid(format!(
             "rmsnorm_rows: x has {} and out {} values, not rows of dim {dim}",
             x.len(),

@@ -22,7 +22,9 @@ impl RopeType {
             0 => Ok(RopeType::Llama),
             1 => Ok(RopeType::Falcon),
             2 => Ok(RopeType::Llama31),
-            _ => Err(Error::invalid(format!("unknown rope_type {code} (0 llama, 1 falcon, 2 llama3.1)"))),
+            _ => Err(Error::invalid(format!(
+                "unknown rope_type {code} (0 llama, 1 falcon, 2 llama3.1)"
+            ))),
         }
     }
 }
@@ -49,18 +51,31 @@ impl RopeConfig {
     /// The head_dim/2 rotation frequencies, as HF computes them in f32:
     /// 1 / theta^(2i / head_dim), then the Llama 3.1 scaling.
     pub fn frequencies(&self) -> Result<Vec<f32>> {
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return Err(Error::invalid(format!("rope: head_dim must be even and non-zero, got {}", self.head_dim)));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return Err(Error::invalid(format!(
+                "rope: head_dim must be even and non-zero, got {}",
+                self.head_dim
+            )));
         }
-        if !(self.theta > 0.0) {
-            return Err(Error::invalid(format!("rope: theta must be positive, got {}", self.theta)));
+        if self.theta.is_nan() || self.theta <= 0.0 {
+            return Err(Error::invalid(format!(
+                "rope: theta must be positive, got {}",
+                self.theta
+            )));
         }
         let half = self.head_dim / 2;
-        let mut f: Vec<f32> =
-            (0..half).map(|i| 1.0 / self.theta.powf((2 * i) as f32 / self.head_dim as f32)).collect();
+        let mut f: Vec<f32> = (0..half)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / self.head_dim as f32))
+            .collect();
         if self.rope_type == RopeType::Llama31 {
-            let s = self.scaling.ok_or_else(|| Error::invalid("rope: llama3.1 rope needs scaling parameters"))?;
-            if !(s.factor > 0.0) || s.orig_max_seq_len == 0 || s.high_freq_factor == s.low_freq_factor {
+            let s = self
+                .scaling
+                .ok_or_else(|| Error::invalid("rope: llama3.1 rope needs scaling parameters"))?;
+            if s.factor.is_nan()
+                || s.factor <= 0.0
+                || s.orig_max_seq_len == 0
+                || s.high_freq_factor == s.low_freq_factor
+            {
                 return Err(Error::invalid(format!("rope: bad llama3.1 scaling {s:?}")));
             }
             let old = s.orig_max_seq_len as f32;
@@ -73,7 +88,8 @@ impl RopeConfig {
                 } else if wavelen > low_wavelen {
                     *v /= s.factor;
                 } else {
-                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
                     *v = (1.0 - smooth) * *v / s.factor + smooth * *v;
                 }
             }
@@ -104,7 +120,12 @@ impl RopeTable {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok(RopeTable { config, max_seq_len, cos, sin })
+        Ok(RopeTable {
+            config,
+            max_seq_len,
+            cos,
+            sin,
+        })
     }
 
     /// Rotate x (n_heads, head_dim) in place for position `pos`.
@@ -112,10 +133,16 @@ impl RopeTable {
         let hd = self.config.head_dim;
         let half = hd / 2;
         if pos >= self.max_seq_len {
-            return Err(Error::invalid(format!("rope: position {pos} is beyond max_seq_len {}", self.max_seq_len)));
+            return Err(Error::invalid(format!(
+                "rope: position {pos} is beyond max_seq_len {}",
+                self.max_seq_len
+            )));
         }
-        if x.len() % hd != 0 {
-            return Err(Error::invalid(format!("rope: {} values are not whole heads of {hd}", x.len())));
+        if !x.len().is_multiple_of(hd) {
+            return Err(Error::invalid(format!(
+                "rope: {} values are not whole heads of {hd}",
+                x.len()
+            )));
         }
         let cos = &self.cos[pos * half..(pos + 1) * half];
         let sin = &self.sin[pos * half..(pos + 1) * half];
@@ -143,8 +170,11 @@ impl RopeTable {
 
     /// Rotate x (n_tokens, n_heads · head_dim) for positions pos0, pos0 + 1, ...
     pub fn apply_rows(&self, x: &mut [f32], row_len: usize, pos0: usize) -> Result<()> {
-        if row_len == 0 || x.len() % row_len != 0 {
-            return Err(Error::invalid(format!("rope: {} values are not rows of {row_len}", x.len())));
+        if row_len == 0 || !x.len().is_multiple_of(row_len) {
+            return Err(Error::invalid(format!(
+                "rope: {} values are not rows of {row_len}",
+                x.len()
+            )));
         }
         for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
             self.apply(row, pos0 + t)?;

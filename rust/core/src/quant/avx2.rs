@@ -11,10 +11,13 @@
 //! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
 //! its `target_feature` attribute (`dispatch` checks them once).
 
+#![allow(clippy::needless_range_loop)] // lanes and unrolled accumulators read best indexed
+
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+use super::packed::{CELL, GROUP};
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -50,22 +53,28 @@ unsafe fn scale8(d: u16) -> __m256 {
 struct XPrep {
     dx: Vec<f32>,
     corr: Vec<__m256i>,
+    /// -8 * sum x of each block (for the packed kernels, whose lanes are rows).
+    ncorr: Vec<i32>,
 }
 
 thread_local! {
-    static XPREP: RefCell<XPrep> = const { RefCell::new(XPrep { dx: Vec::new(), corr: Vec::new() }) };
+    static XPREP: RefCell<XPrep> = const { RefCell::new(XPrep { dx: Vec::new(), corr: Vec::new(), ncorr: Vec::new() }) };
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
     p.dx.clear();
     p.corr.clear();
+    p.ncorr.clear();
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);
     for b in x {
         p.dx.push(f16_to_f32(b.d));
+        p.ncorr
+            .push(-8 * b.qs.iter().map(|&q| q as i32).sum::<i32>());
         let xv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        p.corr.push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
+        p.corr
+            .push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
     }
 }
 
@@ -73,7 +82,109 @@ unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
 // Q40 × Q80, generated for each int8 dot instruction
 
 macro_rules! q40_q80_kernels {
-    ($features:literal, $dot:ident) => {
+    ($features:literal, $dot:ident, $dot8:ident) => {
+        /// 8 rows (one packed group) × T tokens: each cell is expanded once for the T tokens;
+        /// lane j of `acc[t]` is row j's output for token t.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn packed_tile<const T: usize>(
+            gc: *const u8,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+            nc: *const i32,
+        ) -> [__m256; T] {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..bpr {
+                let c = gc.add(b * CELL);
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for q in 0..4 {
+                    let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
+                    lo[q] = _mm256_and_si256(v, m4);
+                    hi[q] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
+                for t in 0..T {
+                    let i = t * bpr + b;
+                    let p = $dot8(&lo, &hi, (*x.add(i)).qs.as_ptr() as *const i32, *nc.add(i));
+                    let s = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dx.add(i)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[t]);
+                }
+            }
+            acc
+        }
+
+        /// out (n_tokens, n_rows) = packed w (n_rows, bpr) × x (n_tokens, bpr); `cells` are
+        /// the groups of these rows (`PackedQ40::groups`), the last one possibly partial.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let n_rows = out.len() / n_tokens;
+            let n_groups = n_rows.div_ceil(GROUP);
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && cells.len() == n_groups * bpr * CELL
+            );
+            XPREP.with(|p| {
+                let mut p = p.borrow_mut();
+                prepare_x(x, &mut p);
+                let mut lanes = [0.0f32; GROUP];
+                let mut store = |t: usize, g: usize, v: __m256| {
+                    let row0 = t * n_rows + g * GROUP;
+                    let rows = GROUP.min(n_rows - g * GROUP);
+                    if rows == GROUP {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(row0), v);
+                    } else {
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        out[row0..row0 + rows].copy_from_slice(&lanes[..rows]);
+                    }
+                };
+                for g in 0..n_groups {
+                    // the group's cells (bpr · 144 bytes) stay in L2 while the tokens go by,
+                    // so the weights are read from memory once per batch
+                    let gc = cells.as_ptr().add(g * bpr * CELL);
+                    let mut t = 0;
+                    while t + 4 <= n_tokens {
+                        let o = t * bpr;
+                        let v = packed_tile::<4>(
+                            gc,
+                            bpr,
+                            x.as_ptr().add(o),
+                            p.dx.as_ptr().add(o),
+                            p.ncorr.as_ptr().add(o),
+                        );
+                        for (k, &vk) in v.iter().enumerate() {
+                            store(t + k, g, vk);
+                        }
+                        t += 4;
+                    }
+                    while t < n_tokens {
+                        let o = t * bpr;
+                        let v = packed_tile::<1>(
+                            gc,
+                            bpr,
+                            x.as_ptr().add(o),
+                            p.dx.as_ptr().add(o),
+                            p.ncorr.as_ptr().add(o),
+                        );
+                        store(t, g, v[0]);
+                        t += 1;
+                    }
+                }
+            });
+        }
+
         /// R rows × T tokens of Q40 × Q80, blocks innermost; `out[r][t]`.
         #[target_feature(enable = $features)]
         #[inline]
@@ -101,7 +212,11 @@ macro_rules! q40_q80_kernels {
                     let dw = scale8((*wb).d);
                     for t in 0..T {
                         let p = $dot(nib, xv[t], xc[t]);
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, xd[t]), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_mul_ps(dw, xd[t]),
+                            acc[r][t],
+                        );
                     }
                 }
             }
@@ -119,10 +234,19 @@ macro_rules! q40_q80_kernels {
         /// # Safety
         /// The CPU has the features of this function's `target_feature`.
         #[target_feature(enable = $features)]
-        pub unsafe fn matmul_q40_q80(w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+        pub unsafe fn matmul_q40_q80(
+            w: &[BlockQ40],
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
             let n_rows = out.len() / n_tokens;
             let bpr = x.len() / n_tokens;
-            assert!(n_rows * n_tokens == out.len() && bpr * n_tokens == x.len() && w.len() == n_rows * bpr);
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && w.len() == n_rows * bpr
+            );
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -158,7 +282,8 @@ macro_rules! q40_q80_kernels {
                         }
                         while t < n_tokens {
                             let o = t * bpr;
-                            out[t * n_rows + r] = tile::<1, 1>(wr, xp.add(o), dx.add(o), corr.add(o), bpr)[0][0];
+                            out[t * n_rows + r] =
+                                tile::<1, 1>(wr, xp.add(o), dx.add(o), corr.add(o), bpr)[0][0];
                             t += 1;
                         }
                     }
@@ -167,6 +292,68 @@ macro_rules! q40_q80_kernels {
         }
     };
 }
+
+/// The 8 rows' integer dot products of one packed cell (expanded: `lo[q]`, `hi[q]`) with
+/// one input block `xq` (32 bytes as 8 i32): lane j = sum n_j * x - 8 sum x. With
+/// `vpmaddubsw`: 8 products of at most 2 · 15 · 128 summed in i16 stay below 32768.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot8_maddubs(
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    xq: *const i32,
+    ncorr: i32,
+) -> __m256i {
+    let mut s = [_mm256_setzero_si256(); 2];
+    for q in 0..4 {
+        let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
+        let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
+        s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo[q], xl));
+        s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi[q], xh));
+    }
+    let p = _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1));
+    _mm256_add_epi32(p, _mm256_set1_epi32(ncorr))
+}
+
+macro_rules! dot8_vnni {
+    ($name:ident, $features:literal, $dpbusd:ident) => {
+        /// As `dot8_maddubs`, with `vpdpbusd` (two independent chains of 4).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $name(
+            lo: &[__m256i; 4],
+            hi: &[__m256i; 4],
+            xq: *const i32,
+            ncorr: i32,
+        ) -> __m256i {
+            let mut s = [_mm256_set1_epi32(ncorr), _mm256_setzero_si256()];
+            for q in 0..4 {
+                s[0] = $dpbusd(
+                    s[0],
+                    lo[q],
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q))),
+                );
+                s[1] = $dpbusd(
+                    s[1],
+                    hi[q],
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q))),
+                );
+            }
+            _mm256_add_epi32(s[0], s[1])
+        }
+    };
+}
+
+dot8_vnni!(
+    dot8_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32
+);
+dot8_vnni!(
+    dot8_avx512vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32
+);
 
 /// sum n * x - corr, with AVX2 `vpmaddubsw` (n <= 15 so no i16 saturation) + `vpmaddwd`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -178,7 +365,7 @@ unsafe fn dot_maddubs(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod maddubs {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs);
+    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs, dot8_maddubs);
 }
 
 /// sum n * x - corr with AVX-VNNI `vpdpbusd` (VEX encoding: Alder Lake+, Zen 5).
@@ -190,7 +377,7 @@ unsafe fn dot_avxvnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avxvnni {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni);
+    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni, dot8_avxvnni);
 }
 
 /// sum n * x - corr with AVX-512 VNNI `vpdpbusd` on 256-bit registers (Ice Lake+, Zen 4+).
@@ -202,7 +389,11 @@ unsafe fn dot_avx512vnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avx512vnni {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_avx512vnni);
+    q40_q80_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        dot_avx512vnni,
+        dot8_avx512vnni
+    );
 }
 
 pub use maddubs::matmul_q40_q80;
@@ -251,7 +442,11 @@ pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     let mut i = 0;
     while i + 32 <= n {
         for k in 0..4 {
-            a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8 * k)), _mm256_loadu_ps(xp.add(i + 8 * k)), a[k]);
+            a[k] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 8 * k)),
+                _mm256_loadu_ps(xp.add(i + 8 * k)),
+                a[k],
+            );
         }
         i += 32;
     }
@@ -259,7 +454,10 @@ pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
         i += 8;
     }
-    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
     while i < n {
         s += w[i] * x[i];
         i += 1;
@@ -286,7 +484,10 @@ unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
         a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), a[0]);
         i += 8;
     }
-    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
     while i < n {
         s += f16_to_f32(w[i]) * x[i];
         i += 1;
@@ -305,7 +506,10 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     let av = _mm256_set1_ps(a);
     let mut i = 0;
     while i + 8 <= n {
-        _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))));
+        _mm256_storeu_ps(
+            yp.add(i),
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))),
+        );
         i += 8;
     }
     while i < n {
@@ -320,7 +524,9 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
     let n_rows = out.len() / n_tokens;
     let cols = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols);
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
     for r in 0..n_rows {
         let wr = &w[r * cols..(r + 1) * cols];
         for t in 0..n_tokens {
@@ -335,7 +541,9 @@ pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize)
 pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
     let n_rows = out.len() / n_tokens;
     let cols = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols);
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
     for r in 0..n_rows {
         let wr = &w[r * cols..(r + 1) * cols];
         for t in 0..n_tokens {
@@ -351,14 +559,25 @@ pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize)
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(x.len(), out.len() * QK, "quantize_q80: {} values for {} blocks", x.len(), out.len());
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "quantize_q80: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
     let sign = _mm256_set1_ps(-0.0);
     let half = _mm256_set1_ps(0.5);
     let one = _mm256_set1_ps(1.0);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let p = xb.as_ptr();
-        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
         let m = _mm256_max_ps(
             _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
@@ -378,7 +597,10 @@ pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
             let t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
             let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(s, t));
             let step = _mm256_or_ps(_mm256_and_ps(s, sign), one);
-            let r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), step));
+            let r = _mm256_add_ps(
+                t,
+                _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), step),
+            );
             q[k] = _mm256_cvtps_epi32(r);
         }
         let i01 = _mm256_packs_epi32(q[0], q[1]);

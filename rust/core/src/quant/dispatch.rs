@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use super::block::{BlockQ40, BlockQ80};
 use super::scalar;
+use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
@@ -53,10 +54,14 @@ impl KernelPath {
             KernelPath::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            KernelPath::AvxVnni => KernelPath::Avx2.supported() && is_x86_feature_detected!("avxvnni"),
+            KernelPath::AvxVnni => {
+                KernelPath::Avx2.supported() && is_x86_feature_detected!("avxvnni")
+            }
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512Vnni => {
                 KernelPath::Avx2.supported()
@@ -68,7 +73,8 @@ impl KernelPath {
             KernelPath::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
             KernelPath::NeonDotprod => {
-                std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("dotprod")
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
             }
             #[allow(unreachable_patterns)]
             _ => false,
@@ -90,6 +96,7 @@ pub struct Kernels {
     quantize_q80: unsafe fn(&[f32], &mut [BlockQ80]),
     matmul_q40_q80: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize),
     matmul_q80_q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize),
+    matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
@@ -104,18 +111,8 @@ impl Kernels {
         if !path.supported() {
             return None;
         }
-        let scalar = Kernels {
-            path,
-            quantize_q80: scalar::quantize_q80,
-            matmul_q40_q80: scalar::matmul_q40_q80,
-            matmul_q80_q80: scalar::matmul_q80_q80,
-            matmul_f32: scalar::matmul_f32,
-            matmul_f16: scalar::matmul_f16,
-            dot_f32: scalar::dot_f32,
-            axpy: scalar::axpy,
-        };
         match path {
-            KernelPath::Scalar => Some(scalar),
+            KernelPath::Scalar => Some(Kernels::scalar()),
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512Vnni => {
                 use super::avx2;
@@ -124,11 +121,17 @@ impl Kernels {
                     KernelPath::Avx512Vnni => avx2::avx512vnni::matmul_q40_q80,
                     _ => avx2::maddubs::matmul_q40_q80,
                 };
+                let q40x8: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::AvxVnni => avx2::avxvnni::matmul_q40x8_q80,
+                    KernelPath::Avx512Vnni => avx2::avx512vnni::matmul_q40x8_q80,
+                    _ => avx2::maddubs::matmul_q40x8_q80,
+                };
                 Some(Kernels {
                     path,
                     quantize_q80: avx2::quantize_q80,
                     matmul_q40_q80: q40,
                     matmul_q80_q80: avx2::matmul_q80_q80,
+                    matmul_q40x8_q80: q40x8,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
                     dot_f32: avx2::dot_f32,
@@ -151,6 +154,7 @@ impl Kernels {
                     quantize_q80: neon::quantize_q80,
                     matmul_q40_q80: q40,
                     matmul_q80_q80: q80,
+                    matmul_q40x8_q80: scalar::matmul_q40x8_q80,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
                     dot_f32: neon::dot_f32,
@@ -162,22 +166,52 @@ impl Kernels {
         }
     }
 
-    /// The best path of this CPU, unless `DLLAMA_KERNELS` names another one.
-    fn detect() -> Kernels {
-        let forced = std::env::var("DLLAMA_KERNELS").ok();
-        let wanted: &[KernelPath] = match forced.as_deref().map(str::trim) {
+    /// The kernels for a `DLLAMA_KERNELS` value: `None` or "auto" is the best path of this
+    /// CPU; "scalar", "avx2" and "neon" force that path (falling back to scalar where the CPU
+    /// lacks it). Any other value is an error naming the accepted ones.
+    pub fn choose(forced: Option<&str>) -> Result<Kernels> {
+        let wanted: &[KernelPath] = match forced.map(str::trim) {
+            None | Some("") | Some("auto") => &KernelPath::ALL,
             Some("scalar") => &[KernelPath::Scalar],
             Some("avx2") => &[KernelPath::Avx2, KernelPath::Scalar],
             Some("neon") => &[KernelPath::Neon, KernelPath::Scalar],
-            _ => &KernelPath::ALL,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "DLLAMA_KERNELS={other:?} is not one of auto, scalar, avx2, neon"
+                )))
+            }
         };
-        wanted.iter().find_map(|&p| Kernels::for_path(p)).unwrap_or(Kernels::for_path(KernelPath::Scalar).unwrap_or_else(|| unreachable!()))
+        Ok(wanted
+            .iter()
+            .find_map(|&p| Kernels::for_path(p))
+            .unwrap_or_else(Kernels::scalar))
+    }
+
+    fn scalar() -> Kernels {
+        Kernels {
+            path: KernelPath::Scalar,
+            quantize_q80: scalar::quantize_q80,
+            matmul_q40_q80: scalar::matmul_q40_q80,
+            matmul_q80_q80: scalar::matmul_q80_q80,
+            matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+            matmul_f32: scalar::matmul_f32,
+            matmul_f16: scalar::matmul_f16,
+            dot_f32: scalar::dot_f32,
+            axpy: scalar::axpy,
+        }
     }
 
     /// The kernels chosen for this process (decided on first use).
     pub fn get() -> &'static Kernels {
         static CHOSEN: OnceLock<Kernels> = OnceLock::new();
-        CHOSEN.get_or_init(Kernels::detect)
+        CHOSEN.get_or_init(|| {
+            let forced = std::env::var("DLLAMA_KERNELS").ok();
+            Kernels::choose(forced.as_deref()).unwrap_or_else(|e| {
+                // read once, deep inside the first matmul: warn and run the best path
+                eprintln!("dllama: {e}; using the best kernels of this CPU");
+                Kernels::choose(None).unwrap_or_else(|_| Kernels::scalar())
+            })
+        })
     }
 
     // Checked shapes are the caller's (`quant::matmul`) business; the kernels assert them too.
@@ -188,6 +222,17 @@ impl Kernels {
     }
     pub fn matmul_q40_q80(&self, w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
         unsafe { (self.matmul_q40_q80)(w, x, out, n_tokens) }
+    }
+    /// Packed Q40 (`PackedQ40::groups` of these rows, `bpr` blocks per row) × Q80.
+    pub fn matmul_q40x8_q80(
+        &self,
+        cells: &[u8],
+        bpr: usize,
+        x: &[BlockQ80],
+        out: &mut [f32],
+        n_tokens: usize,
+    ) {
+        unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
     }
     pub fn matmul_q80_q80(&self, w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
         unsafe { (self.matmul_q80_q80)(w, x, out, n_tokens) }

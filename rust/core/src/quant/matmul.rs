@@ -9,8 +9,9 @@ use std::cell::RefCell;
 
 use super::block::{BlockQ40, BlockQ80, QK};
 use super::dispatch::Kernels;
+use super::packed::{PackedQ40, GROUP};
 use super::scalar;
-use crate::pool::{SharedOut, ThreadPool};
+use crate::pool::{SharedOut, ThreadPool, ROW_ALIGN};
 use crate::{Error, Result};
 
 /// A weight matrix (n_rows, cols), row-major, as stored in the `.m` file.
@@ -21,6 +22,8 @@ pub enum Weights<'a> {
     F16(&'a [u16]),
     Q40(&'a [BlockQ40]),
     Q80(&'a [BlockQ80]),
+    /// Q40 repacked by [`PackedQ40::pack`] for the x86_64 SIMD kernels (Q80 input only).
+    Q40Packed(&'a PackedQ40),
 }
 
 /// The input vectors (n_tokens, cols): f32, or already quantized to Q80.
@@ -37,6 +40,7 @@ impl Weights<'_> {
             Weights::F16(w) => w.len(),
             Weights::Q40(w) => w.len() * QK,
             Weights::Q80(w) => w.len() * QK,
+            Weights::Q40Packed(w) => w.n_rows() * w.cols(),
         }
     }
     fn name(&self) -> &'static str {
@@ -45,6 +49,7 @@ impl Weights<'_> {
             Weights::F16(_) => "f16",
             Weights::Q40(_) => "q40",
             Weights::Q80(_) => "q80",
+            Weights::Q40Packed(_) => "packed q40",
         }
     }
 }
@@ -77,13 +82,22 @@ pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) -> Result<()> {
     Ok(())
 }
 
-fn check_shapes(w: &Weights<'_>, x: &Input<'_>, out: &[f32], n_rows: usize, cols: usize, n_tokens: usize) -> Result<()> {
-    let quantized = matches!(w, Weights::Q40(_) | Weights::Q80(_)) || matches!(x, Input::Q80(_));
+fn check_shapes(
+    w: &Weights<'_>,
+    x: &Input<'_>,
+    out: &[f32],
+    n_rows: usize,
+    cols: usize,
+    n_tokens: usize,
+) -> Result<()> {
+    let quantized = !matches!(w, Weights::F32(_) | Weights::F16(_)) || matches!(x, Input::Q80(_));
     if n_tokens == 0 {
         return Err(Error::invalid("matmul: n_tokens must be at least 1"));
     }
-    if quantized && cols % QK != 0 {
-        return Err(Error::invalid(format!("matmul: {cols} columns is not a multiple of {QK} for quantized data")));
+    if quantized && !cols.is_multiple_of(QK) {
+        return Err(Error::invalid(format!(
+            "matmul: {cols} columns is not a multiple of {QK} for quantized data"
+        )));
     }
     if w.len() != n_rows * cols {
         return Err(Error::invalid(format!(
@@ -105,10 +119,21 @@ fn check_shapes(w: &Weights<'_>, x: &Input<'_>, out: &[f32], n_rows: usize, cols
             out.len()
         )));
     }
+    if let Weights::Q40Packed(p) = w {
+        if p.n_rows() != n_rows || p.cols() != cols {
+            return Err(Error::invalid(format!(
+                "matmul: packed q40 weights are ({}, {}), expected ({n_rows}, {cols})",
+                p.n_rows(),
+                p.cols()
+            )));
+        }
+    }
     match (w, x) {
-        (Weights::Q40(_), _) | (Weights::Q80(_), Input::Q80(_)) | (Weights::F32(_) | Weights::F16(_), Input::F32(_)) => Ok(()),
+        (Weights::Q40(_), _)
+        | (Weights::Q80(_) | Weights::Q40Packed(_), Input::Q80(_))
+        | (Weights::F32(_) | Weights::F16(_), Input::F32(_)) => Ok(()),
         _ => Err(Error::invalid(format!(
-            "matmul: {} weights by a {} input is not supported (q40 × q80|f32, q80 × q80, f32|f16 × f32)",
+            "matmul: {} weights by a {} input is not supported (q40 × q80|f32, q80|packed q40 × q80, f32|f16 × f32)",
             w.name(),
             x.name()
         ))),
@@ -116,17 +141,57 @@ fn check_shapes(w: &Weights<'_>, x: &Input<'_>, out: &[f32], n_rows: usize, cols
 }
 
 /// The rows `r0..r1` of `w` (n_rows, cols) times all of `x`, into `out` (n_tokens, r1 - r0).
-fn run_rows(k: &Kernels, w: &Weights<'_>, x: &Input<'_>, cols: usize, rows: std::ops::Range<usize>, n_tokens: usize, out: &mut [f32]) {
+fn run_rows(
+    k: &Kernels,
+    w: &Weights<'_>,
+    x: &Input<'_>,
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    n_tokens: usize,
+    out: &mut [f32],
+) {
     let (r0, r1) = (rows.start, rows.end);
     let bpr = cols / QK;
     match (w, x) {
-        (Weights::Q40(w), Input::Q80(x)) => k.matmul_q40_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens),
-        (Weights::Q40(w), Input::F32(x)) => scalar::matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens),
-        (Weights::Q80(w), Input::Q80(x)) => k.matmul_q80_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens),
-        (Weights::F32(w), Input::F32(x)) => k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens),
-        (Weights::F16(w), Input::F32(x)) => k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens),
+        (Weights::Q40(w), Input::Q80(x)) => {
+            k.matmul_q40_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::Q40(w), Input::F32(x)) => {
+            scalar::matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::Q80(w), Input::Q80(x)) => {
+            k.matmul_q80_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+        }
+        (Weights::Q40Packed(w), Input::Q80(x)) => {
+            // row ranges start on a group boundary (ROW_ALIGN is a multiple of GROUP)
+            debug_assert!(r0.is_multiple_of(GROUP));
+            k.matmul_q40x8_q80(
+                w.groups(r0 / GROUP, r1.div_ceil(GROUP)),
+                bpr,
+                x,
+                out,
+                n_tokens,
+            )
+        }
+        (Weights::F32(w), Input::F32(x)) => {
+            k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens)
+        }
+        (Weights::F16(w), Input::F32(x)) => {
+            k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens)
+        }
         _ => unreachable!("pairs checked by check_shapes"),
     }
+}
+
+const _: () = assert!(ROW_ALIGN.is_multiple_of(GROUP));
+
+/// Whether the active kernels run packed Q40 faster than plain Q40 (x86_64 SIMD): the engine
+/// packs its Q40 weights at load time when this is true.
+pub fn prefers_packed_q40() -> bool {
+    !matches!(
+        Kernels::get().path,
+        super::KernelPath::Scalar | super::KernelPath::Neon | super::KernelPath::NeonDotprod
+    )
 }
 
 thread_local! {

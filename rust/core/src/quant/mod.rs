@@ -8,6 +8,7 @@
 pub mod block;
 pub mod dispatch;
 pub mod matmul;
+pub mod packed;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -15,6 +16,9 @@ pub mod avx2;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 
-pub use block::{as_q40, as_q80, dequantize_q40, dequantize_q80, quantize_q40, BlockQ40, BlockQ80, QK};
+pub use block::{
+    as_q40, as_q80, dequantize_q40, dequantize_q80, quantize_q40, BlockQ40, BlockQ80, QK,
+};
 pub use dispatch::{active_path, KernelPath, Kernels};
-pub use matmul::{matmul, quantize_q80, Input, Weights};
+pub use matmul::{matmul, prefers_packed_q40, quantize_q80, Input, Weights};
+pub use packed::PackedQ40;

@@ -29,7 +29,11 @@ pub fn dot_q40_q80(w: &[BlockQ40], x: &[BlockQ80]) -> f32 {
 pub fn dot_q80_q80(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
     let mut acc = 0.0f32;
     for (a, b) in w.iter().zip(x) {
-        let sumi: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let sumi: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         acc += sumi as f32 * (f16_to_f32(a.d) * f16_to_f32(b.d));
     }
     acc
@@ -56,10 +60,18 @@ pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
 /// Generic (n_tokens, n_rows) loop over a row dot product; row-outer so each weight row is
 /// read from memory once per batch.
 #[inline(always)]
-fn matmul_rows<W, X>(w: &[W], x: &[X], out: &mut [f32], n_tokens: usize, dot: impl Fn(&[W], &[X]) -> f32) {
+fn matmul_rows<W, X>(
+    w: &[W],
+    x: &[X],
+    out: &mut [f32],
+    n_tokens: usize,
+    dot: impl Fn(&[W], &[X]) -> f32,
+) {
     let n_rows = out.len() / n_tokens;
     let width = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width);
+    assert!(
+        n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width
+    );
     if width == 0 {
         out.fill(0.0);
         return;
@@ -98,7 +110,8 @@ pub fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
     for (a, xb) in w.iter().zip(x.chunks_exact(QK)) {
         let mut s = 0.0f32;
         for j in 0..QK / 2 {
-            s += ((a.qs[j] & 0x0F) as i32 - 8) as f32 * xb[j] + ((a.qs[j] >> 4) as i32 - 8) as f32 * xb[j + QK / 2];
+            s += ((a.qs[j] & 0x0F) as i32 - 8) as f32 * xb[j]
+                + ((a.qs[j] >> 4) as i32 - 8) as f32 * xb[j + QK / 2];
         }
         acc += s * f16_to_f32(a.d);
     }
@@ -111,7 +124,12 @@ pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usiz
     let n_rows = out.len() / n_tokens;
     let cols = x.len() / n_tokens;
     let bpr = cols / QK;
-    assert!(n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && bpr * QK == cols && w.len() == n_rows * bpr);
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
     if bpr == 0 {
         out.fill(0.0);
         return;
@@ -119,6 +137,40 @@ pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usiz
     for (r, wr) in w.chunks_exact(bpr).enumerate() {
         for (t, xt) in x.chunks_exact(cols).enumerate() {
             out[t * n_rows + r] = dot_q40_f32(wr, xt);
+        }
+    }
+}
+
+/// out (n_tokens, n_rows) = packed w × x (n_tokens, bpr) Q80: each row unpacked, then
+/// `dot_q40_q80` (the reference for the packed SIMD kernels).
+pub fn matmul_q40x8_q80(
+    cells: &[u8],
+    bpr: usize,
+    x: &[BlockQ80],
+    out: &mut [f32],
+    n_tokens: usize,
+) {
+    use super::packed::{CELL, GROUP};
+    let n_rows = out.len() / n_tokens;
+    let n_groups = n_rows.div_ceil(GROUP);
+    assert!(
+        n_rows * n_tokens == out.len()
+            && bpr * n_tokens == x.len()
+            && cells.len() == n_groups * bpr * CELL
+    );
+    let mut row = vec![BlockQ40::default(); bpr];
+    for r in 0..n_rows {
+        let (g, j) = (r / GROUP, r % GROUP);
+        for (b, blk) in row.iter_mut().enumerate() {
+            let cell = &cells[(g * bpr + b) * CELL..];
+            blk.d = u16::from_le_bytes([cell[2 * j], cell[2 * j + 1]]);
+            for q in 0..4 {
+                let o = 16 + 32 * q + 4 * j;
+                blk.qs[4 * q..4 * q + 4].copy_from_slice(&cell[o..o + 4]);
+            }
+        }
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_q40_q80(&row, &x[t * bpr..(t + 1) * bpr]);
         }
     }
 }
