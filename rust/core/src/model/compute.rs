@@ -8,8 +8,12 @@ use crate::pool::ThreadPool;
 use crate::quant::{self, BlockQ80, Input, QK};
 use crate::Result;
 
-/// The kernels' view of a weight tensor.
-pub fn weights_view(w: &Tensor) -> quant::Weights<'_> {
+/// The kernels' view of a weight tensor multiplied by `x`: the repacked rows when there are
+/// some and the input is Q80 (the packed kernels take Q80 only).
+pub fn weights_view<'a>(w: &'a Tensor, x: &Input<'_>) -> quant::Weights<'a> {
+    if let (Some(p), Input::Q80(_)) = (w.packed(), x) {
+        return quant::Weights::Q40Packed(p);
+    }
     match w.dtype {
         FloatType::F32 => quant::Weights::F32(w.as_f32()),
         FloatType::F16 => quant::Weights::F16(w.as_f16()),
@@ -26,7 +30,7 @@ pub fn matmul(
     n_tokens: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    quant::matmul(pool, weights_view(w), x, out, w.rows, w.cols, n_tokens)
+    quant::matmul(pool, weights_view(w, &x), x, out, w.rows, w.cols, n_tokens)
 }
 
 /// The input of a matmul by weights of type `dtype`: Q80 blocks (quantized into `xq`) when

@@ -8,6 +8,7 @@ use super::split::NodeSlice;
 use super::tensor::Tensor;
 use super::weights::Weights;
 use crate::format::{FloatType, ModelFile};
+use crate::quant::prefers_packed_q40;
 use crate::Result;
 
 /// How to build a node.
@@ -63,7 +64,11 @@ pub fn build_model(file: &ModelFile, opts: &LoadOptions) -> Result<Model> {
     let cfg = ModelConfig::from_header(&file.header)?;
     let slice = NodeSlice::new(&cfg, opts.node_index, opts.n_nodes)?;
     let get = |name: &str| file_tensor(file, name);
-    let weights = Weights::load(&cfg, &slice, opts.node_index == 0, &get)?;
+    // pack Q40 rows for the x86_64 kernels when they will get Q80 inputs
+    let pack = prefers_packed_q40()
+        && opts.buffer_type == BufferType::Q80
+        && cfg.weights_float_type == FloatType::Q40;
+    let weights = Weights::load(&cfg, &slice, opts.node_index == 0, pack, &get)?;
     Model::new(
         cfg,
         slice,

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use super::config::{bytes_for, is_quantized};
 use crate::format::FloatType;
 use crate::quant::block::{as_q40, as_q80};
-use crate::quant::{BlockQ40, BlockQ80};
+use crate::quant::{BlockQ40, BlockQ80, PackedQ40};
 use crate::{Error, Result};
 
 /// Something that holds bytes for as long as it lives (a mapped file, an owned buffer).
 pub trait ByteSource: Send + Sync {
     fn bytes(&self) -> &[u8];
+    /// A hint that `range` will not be read for a while (a mapped file drops those pages
+    /// from this process; they come back from the file if read again).
+    fn release(&self, _range: Range<usize>) {}
 }
 
 /// Owned bytes with 8-byte alignment, so f32 / f16 / block views are always valid.
@@ -51,6 +54,20 @@ impl ByteSource for memmap2::Mmap {
     fn bytes(&self) -> &[u8] {
         self
     }
+    fn release(&self, range: Range<usize>) {
+        // whole 4 KiB pages inside the range only
+        const PAGE: usize = 4096;
+        let start = range.start.div_ceil(PAGE) * PAGE;
+        let end = range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: a read-only file mapping: dropped pages are read back from the file on
+            // the next access, nothing is lost. Failure only means the pages stay.
+            #[cfg(unix)]
+            let _ = unsafe {
+                self.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
 }
 
 /// A (rows, cols) row-major matrix; quantized blocks of 32 run along a row.
@@ -61,6 +78,8 @@ pub struct Tensor {
     pub cols: usize,
     source: Arc<dyn ByteSource>,
     range: Range<usize>,
+    /// Q40 rows repacked for the x86_64 kernels (see `quant::packed`), when packed.
+    packed: Option<Arc<PackedQ40>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -102,6 +121,7 @@ impl Tensor {
             cols,
             source,
             range,
+            packed: None,
         };
         if !(t.bytes().as_ptr() as usize).is_multiple_of(align) {
             // Only possible for a mapped tensor at an odd offset: copy it.
@@ -140,6 +160,7 @@ impl Tensor {
             cols: self.cols,
             source: self.source.clone(),
             range: start..start + r.len() * rb,
+            packed: None,
         }
     }
 
@@ -153,6 +174,7 @@ impl Tensor {
             cols: self.cols,
             source: Arc::new(AlignedBytes::from_slice(src)),
             range: 0..len,
+            packed: None,
         }
     }
 
@@ -202,6 +224,26 @@ impl Tensor {
     }
     pub fn as_q80(&self) -> &[BlockQ80] {
         as_q80(self.bytes()).expect("alignment checked in Tensor::new")
+    }
+
+    /// This Q40 tensor with its rows also repacked for the x86_64 kernels (an owned copy the
+    /// matmuls read instead of the mapped rows, whose pages are then released). Other types
+    /// are returned as they are.
+    pub fn packed_q40(mut self) -> Result<Tensor> {
+        if self.dtype == FloatType::Q40 && self.packed.is_none() {
+            self.packed = Some(Arc::new(PackedQ40::pack(
+                self.as_q40(),
+                self.rows,
+                self.cols,
+            )?));
+            self.source.release(self.range.clone());
+        }
+        Ok(self)
+    }
+
+    /// The repacked rows, if any.
+    pub fn packed(&self) -> Option<&PackedQ40> {
+        self.packed.as_deref()
     }
 
     /// Size in bytes.

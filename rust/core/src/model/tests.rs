@@ -112,6 +112,17 @@ fn build(
     n: usize,
     bt: BufferType,
 ) -> Model {
+    build_packed(cfg, tensors, i, n, bt, false)
+}
+
+fn build_packed(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    i: usize,
+    n: usize,
+    bt: BufferType,
+    pack: bool,
+) -> Model {
     let slice = NodeSlice::new(cfg, i, n).unwrap();
     let get = |name: &str| {
         tensors
@@ -119,7 +130,7 @@ fn build(
             .cloned()
             .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))
     };
-    let w = Weights::load(cfg, &slice, i == 0, &get).unwrap();
+    let w = Weights::load(cfg, &slice, i == 0, pack, &get).unwrap();
     Model::new(cfg.clone(), slice, w, bt, 0, 1 + i % 2).unwrap()
 }
 
@@ -277,6 +288,27 @@ fn q40_weights_with_q80_inputs_stay_close() {
     }
 }
 
+#[test]
+fn packed_q40_equals_plain_q40() {
+    let cfg = config(4, 2, RopeType::Llama, FloatType::Q40);
+    let mut full = random_model(&cfg, 5);
+    let tensors = encode(&cfg, &mut full);
+    let mut logits = vec![];
+    for pack in [false, true] {
+        let mut m = build_packed(&cfg, &tensors, 0, 1, BufferType::Q80, pack);
+        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
+        m.embed(&TOKENS, &mut x).unwrap();
+        m.forward(&mut x, 0, &mut Local).unwrap();
+        let mut x = vec![0.0; cfg.dim];
+        m.embed(&[7], &mut x).unwrap();
+        m.forward(&mut x, TOKENS.len(), &mut Local).unwrap();
+        logits.push(m.logits.clone());
+    }
+    let want: Vec<f64> = logits[0].iter().map(|&v| v as f64).collect();
+    let e = max_rel_err(&logits[1], &want);
+    assert!(e < 1e-5, "packed vs plain: rel err {e}");
+}
+
 // ---- an in-process collective: n nodes on n threads ----
 
 struct Shared {
@@ -392,7 +424,7 @@ fn bad_calls_are_errors() {
             .cloned()
             .ok_or_else(|| crate::Error::format(name.to_string()))
     };
-    let err = Weights::load(&cfg, &slice, true, &get)
+    let err = Weights::load(&cfg, &slice, true, false, &get)
         .err()
         .unwrap()
         .to_string();

@@ -29,7 +29,8 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Bytes of weight matrices this node reads per token (for bandwidth figures).
+    /// Bytes of weight matrices this node reads per token (for bandwidth figures; packed
+    /// Q40 has the same size).
     pub fn matmul_bytes(&self) -> usize {
         let layers: usize = self
             .layers
@@ -68,13 +69,16 @@ fn vector(t: Tensor, name: &str, len: usize) -> Result<Vec<f32>> {
 impl Weights {
     /// Take this node's slice of every tensor. `get(name)` returns the whole tensor of the
     /// file by its `.m` name (norms as 1 x dim), memory-mapped: row slices stay mapped,
-    /// column slices (wo, w2 when `n_nodes > 1`) are copied.
+    /// column slices (wo, w2 when `n_nodes > 1`) are copied. With `pack`, Q40 matrices are
+    /// repacked for the x86_64 kernels, tensor by tensor, releasing the mapped pages of each.
     pub fn load(
         cfg: &ModelConfig,
         slice: &NodeSlice,
         with_embedding: bool,
+        pack: bool,
         get: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<Weights> {
+        let fin = |t: Tensor| if pack { t.packed_q40() } else { Ok(t) };
         let wt = cfg.weights_float_type;
         let (dim, hid, q_dim, kv_dim) = (cfg.dim, cfg.hidden_dim, cfg.q_dim(), cfg.kv_dim());
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -88,13 +92,13 @@ impl Weights {
                 vector(get(&full)?, &full, dim)
             };
             layers.push(LayerWeights {
-                wq: m("q", q_dim, dim)?.rows(slice.q_rows.clone()),
-                wk: m("k", kv_dim, dim)?.rows(slice.kv_rows.clone()),
-                wv: m("v", kv_dim, dim)?.rows(slice.kv_rows.clone()),
-                wo: m("wo", dim, q_dim)?.columns(slice.q_rows.clone())?,
-                w1: m("w1", hid, dim)?.rows(slice.hidden.clone()),
-                w2: m("w2", dim, hid)?.columns(slice.hidden.clone())?,
-                w3: m("w3", hid, dim)?.rows(slice.hidden.clone()),
+                wq: fin(m("q", q_dim, dim)?.rows(slice.q_rows.clone()))?,
+                wk: fin(m("k", kv_dim, dim)?.rows(slice.kv_rows.clone()))?,
+                wv: fin(m("v", kv_dim, dim)?.rows(slice.kv_rows.clone()))?,
+                wo: fin(m("wo", dim, q_dim)?.columns(slice.q_rows.clone())?)?,
+                w1: fin(m("w1", hid, dim)?.rows(slice.hidden.clone()))?,
+                w2: fin(m("w2", dim, hid)?.columns(slice.hidden.clone())?)?,
+                w3: fin(m("w3", hid, dim)?.rows(slice.hidden.clone()))?,
                 attn_norm: v("attn_norm")?,
                 ffn_norm: v("ffn_norm")?,
             });
@@ -114,7 +118,9 @@ impl Weights {
             embedding,
             layers,
             norm: vector(get("norm")?, "norm", dim)?,
-            wcls: expect(get("wcls")?, "wcls", wt, cfg.vocab_size, dim)?.rows(slice.vocab.clone()),
+            wcls: fin(
+                expect(get("wcls")?, "wcls", wt, cfg.vocab_size, dim)?.rows(slice.vocab.clone())
+            )?,
         })
     }
 }
