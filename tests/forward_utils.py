@@ -275,3 +275,46 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], steps: int) -> list[in
             out.append(tok)
             res = model(torch.tensor([[tok]]), cache=res.cache, use_cache=True)
     return out
+
+
+def write_legacy_bin(model: LlamaForCausalLM, path: Path, float_type: str = "f32") -> None:
+    """`model` in the seed's legacy `.bin` layout (see format/legacy.rs): 7 int32, embedding,
+    per layer both norms then wq..w3, the final norm, llama2.c's unused RoPE tables, wcls."""
+    cfg = model.config
+    sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head = cfg.hidden_size // nh
+    dims = [
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        nh,
+        nkv,
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+    ]
+
+    def enc(x: npt.NDArray[np.float32], ft: str) -> bytes:
+        return _core.quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), ft)
+
+    with open(path, "wb") as f:
+        f.write(np.array(dims, dtype=np.int32).tobytes())
+        f.write(enc(sd["model.embed_tokens.weight"], "f32"))
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            f.write(enc(sd[p + "input_layernorm.weight"], "f32"))
+            f.write(enc(sd[p + "post_attention_layernorm.weight"], "f32"))
+            f.write(enc(permute(sd[p + "self_attn.q_proj.weight"], nh), float_type))
+            f.write(enc(permute(sd[p + "self_attn.k_proj.weight"], nkv), float_type))
+            f.writelines(enc(sd[p + name + ".weight"], float_type) for name in (
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.down_proj",
+                "mlp.up_proj",
+            ))
+        f.write(enc(sd["model.norm.weight"], "f32"))
+        f.write(b"\0" * (2 * cfg.max_position_embeddings * (head // 2) * 4))
+        f.write(enc(sd["lm_head.weight"], float_type))

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from dllama import _core
-from forward_utils import dequantized_copy, hf_logits, random_llama, write_m
+from forward_utils import dequantized_copy, hf_logits, random_llama, write_legacy_bin, write_m
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -161,3 +161,21 @@ def test_node_info(tmp_path: Path) -> None:
     assert node.last_inference_ms > 0
     assert node.last_transfer_ms == 0 and node.last_sent_bytes == 0
     assert _core.Node(str(path), max_seq_len=100).max_seq_len == 100
+
+
+@pytest.mark.parametrize("float_type", ["f32", "q40"])
+def test_legacy_bin_runs_like_the_m_file(tmp_path: Path, float_type: str) -> None:
+    model = random_llama(seed=5, heads=4, kv_heads=2)
+    write_m(model, tmp_path / "m.m", float_type, 0)
+    write_legacy_bin(model, tmp_path / "m.bin", float_type)
+    a = _core.Node(str(tmp_path / "m.m"))
+    b = _core.Node(str(tmp_path / "m.bin"), weights_float_type=float_type)
+    assert b.weights_float_type == float_type
+    np.testing.assert_array_equal(a.forward(PROMPT, 0), b.forward(PROMPT, 0))
+    if float_type == "f32":
+        assert rel_err(b.forward([3], len(PROMPT)), hf_logits(model, [*PROMPT, 3])[-1]) < 1e-4
+    # without the weights type, the legacy file is not a .m file
+    with pytest.raises(_core.ModelFormatError):
+        _core.Node(str(tmp_path / "m.bin"))
+    with pytest.raises(ValueError, match="unknown float type"):
+        _core.Node(str(tmp_path / "m.bin"), weights_float_type="q4")
