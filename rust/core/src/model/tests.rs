@@ -130,7 +130,17 @@ fn build_packed(
             .cloned()
             .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))
     };
-    let w = Weights::load(cfg, &slice, i == 0, pack, &get).unwrap();
+    let w = if i % 2 == 0 {
+        Weights::load(cfg, &slice, i == 0, pack, &get).unwrap()
+    } else {
+        // odd nodes get their parts as owned bytes, as if shipped by the root
+        let get_part = |name: &str| {
+            let (part, ..) = weights::tensor_part(cfg, &slice, name)?;
+            let t = part.take(get(name)?)?;
+            Tensor::owned(t.dtype, t.rows, t.cols, t.bytes())
+        };
+        Weights::from_parts(cfg, &slice, i == 0, pack, &get_part).unwrap()
+    };
     Model::new(cfg.clone(), slice, w, bt, 0, 1 + i % 2).unwrap()
 }
 
@@ -432,4 +442,19 @@ fn bad_calls_are_errors() {
         err.contains("layers.1.w2 is f32 96x64, expected f32 64x96"),
         "{err}"
     );
+    // parts: unknown names, and a part of the wrong shape
+    for name in ["layers.2.q", "layers.x.q", "layers.0.wz", "tok_embeddings"] {
+        assert!(weights::tensor_part(&cfg, &slice, name).is_err(), "{name}");
+    }
+    let half = NodeSlice::new(&cfg, 1, 2).unwrap();
+    let whole = |name: &str| {
+        bad.get(name)
+            .cloned()
+            .ok_or_else(|| crate::Error::format(name.to_string()))
+    };
+    let err = Weights::from_parts(&cfg, &half, false, false, &whole)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("expected f32 64x64"), "{err}");
 }
