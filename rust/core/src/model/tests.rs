@@ -130,7 +130,7 @@ fn build_packed(
             .cloned()
             .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))
     };
-    let w = if i % 2 == 0 {
+    let w = if i.is_multiple_of(2) {
         Weights::load(cfg, &slice, i == 0, pack, &get).unwrap()
     } else {
         // odd nodes get their parts as owned bytes, as if shipped by the root
