@@ -26,7 +26,13 @@ TINY: dict[str, Any] = {
 
 
 def make_hf(
-    folder: Path, *, tied: bool = False, seed: int = 0, dtype: str = "float32", **extra: Any
+    folder: Path,
+    *,
+    tied: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    **extra: Any,
 ) -> dict[str, np.ndarray]:
     """Saves a random LlamaForCausalLM; returns its float32 state dict (HF names)."""
     import torch
@@ -39,7 +45,10 @@ def make_hf(
         for p in model.parameters():  # norms are ones at init: make them random too
             p.copy_(torch.randn_like(p) * 0.5)
     model = model.to(getattr(torch, dtype))
-    model.save_pretrained(str(folder), safe_serialization=True)
+    if max_shard_size:
+        model.save_pretrained(str(folder), max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(str(folder))
     return {k: v.float().numpy().copy() for k, v in model.state_dict().items()}
 
 

@@ -52,6 +52,36 @@ def _meta_key(name: str) -> str:
     return f"layers.{i}.{key}.weight"
 
 
+@pytest.mark.parametrize("n_shards", [1, 8])
+def test_meta_shard_counts(tmp_path: Path, checkpoints: Any, n_shards: int) -> None:
+    hf_dir, _, meta = checkpoints
+    write_meta(tmp_path / "meta", meta, n_shards, meta_params())
+    with HFSource(hf_dir) as hf, MetaSource(tmp_path / "meta") as m:
+        assert hf.fields == m.fields
+        for name in tensor_names(N_LAYERS):
+            np.testing.assert_array_equal(m.checked(name), hf.checked(name), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "type_name", ["F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"]
+)
+def test_dequantize_equals_gguf_on_random_blocks(type_name: str) -> None:
+    gguf = pytest.importorskip("gguf")
+    from dllama.convert.gguf_file import GGML_TYPES, dequantize
+
+    code = next(c for c, (n, _, _) in GGML_TYPES.items() if n == type_name)
+    _, block, block_bytes = GGML_TYPES[code]
+    rng = np.random.default_rng(code)
+    raw = rng.integers(0, 256, size=(4, 2 * block_bytes), dtype=np.uint8)
+    if type_name not in ("F16", "BF16"):
+        # keep the f16 scales finite: clear the exponent's top bit of every byte pair
+        raw.reshape(-1, 2)[:, 1] &= 0x3B
+    ours = dequantize(raw.reshape(-1), code)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(code)).reshape(-1)
+    assert ours.shape == ref.shape == (4 * 2 * block_bytes // block_bytes * block,)
+    np.testing.assert_array_equal(ours, ref.astype(np.float32))
+
+
 def test_hf_and_two_shard_meta_give_the_same_tensors(checkpoints: Any) -> None:
     hf_dir, meta_dir, meta = checkpoints
     with HFSource(hf_dir) as hf, MetaSource(meta_dir) as m:
@@ -232,3 +262,22 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
     truncated.write_bytes(smollm2_gguf().read_bytes()[:2_000_000])
     with pytest.raises(GGUFError, match="truncated"):
         GGUFFile(truncated)
+
+
+def test_meta_llama31_params(tmp_path: Path, checkpoints: Any) -> None:
+    _, _, meta = checkpoints
+    params = meta_params()
+    del params["max_seq_len"]  # Meta's params.json usually has none: 4096 unless --max-seq-len
+    params.update(use_scaled_rope=True, rope_theta=500000.0, norm_eps=1e-6)
+    write_meta(tmp_path / "m", meta, 1, params)
+    with MetaSource(tmp_path / "m") as m:
+        f = m.fields
+        assert (f["rope_type"], f["rope_scaling_factor"], f["rope_scaling_low_freq_factor"]) == (
+            2,
+            8,
+            1,
+        )
+        assert (f["rope_scaling_high_freq_factor"], f["rope_scaling_orig_max_seq_len"]) == (4, 8192)
+        assert (f["rope_theta"], f["norm_epsilon"], f["max_seq_len"]) == (500000, 1e-6, 4096)
+    with MetaSource(tmp_path / "m", max_seq_len=1024) as m:
+        assert m.fields["max_seq_len"] == 1024

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
+from conftest_assets import TEST_STRINGS, llama3_tiktoken_model, mistral_sp_model, smollm2_gguf
 from dllama._pretokenize import split_gpt2, split_llama3, split_smollm
 from dllama.convert.source import ConvertError
 from dllama.convert.tokenizers import (
@@ -116,6 +117,9 @@ def test_byte_level_long_text_and_specials(smol_tok: Tokenizer, smol_ref: Any) -
         chat, add_special_tokens=False
     )
     assert smol_tok.special_ids == set(range(17))
+    assert Tokenizer(smollm2_gguf()).encode(chat, parse_special=True) == smol_tok.encode(
+        chat, parse_special=True
+    )
     # without parse_special, the text of a special token is ordinary text
     assert 1 not in smol_tok.encode("<|im_start|>", add_bos=False)
 
@@ -240,3 +244,99 @@ def test_bad_tokenizer_inputs(tmp_path: Path) -> None:
         load_tokenizer_source(wordpiece)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         Tokenizer.from_dict(from_sentencepiece(mistral_sp_model())).decode([10**6])
+
+
+# ------------------------------------------------------------ Llama 3 (tiktoken) ----
+
+
+def test_llama3_tiktoken_encode_equals_reference() -> None:
+    pytest.importorskip("tiktoken")
+    path = llama3_tiktoken_model()
+    from llama_models.llama3.tokenizer import Tokenizer as Llama3Tokenizer
+
+    ref = Llama3Tokenizer(path)
+    d = load_tokenizer_source(path)
+    assert len(d["vocab"]) == 128256 and d["bos_id"] == 128000
+    assert d["eos_ids"] == [128001, 128008, 128009]
+    tok = Tokenizer.from_dict(d)
+    assert tok.scheme == "llama3" and len(tok.special_ids) == 256
+    for text in [*TEST_STRINGS, LONG_TEXT]:
+        ids = ref.encode(text, bos=False, eos=False)
+        assert tok.encode(text, add_bos=False) == ids
+        assert tok.decode(ids) == ref.decode(ids)
+    chat = "<|start_header_id|>user<|end_header_id|>\n\nHi 123456<|eot_id|>"
+    want = ref.encode(chat, bos=True, eos=False, allowed_special="all")
+    assert tok.encode(chat, parse_special=True) == want
+    assert Tokenizer(path).encode(chat, parse_special=True) == want  # the file directly
+
+
+def test_chat_template_renders_like_transformers(smol_tok: Tokenizer, smol_ref: Any) -> None:
+    pytest.importorskip("jinja2")
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    for generation in (True, False):
+        want = smol_ref.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation
+        )
+        assert smol_tok.render_chat(messages, add_generation_prompt=generation) == want
+    prompt = smol_tok.render_chat(messages[1:2])
+    ids = smol_tok.encode(prompt, parse_special=True)
+    ref = smol_ref.apply_chat_template(messages[1:2], add_generation_prompt=True)
+    assert ids == list(ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref)
+
+
+def _sentencepiece_style_tokenizer_json(folder: Path) -> Any:
+    """A Llama 2 / Mistral style tokenizer.json (BPE with byte fallback, ▁ for spaces) built
+    with `tokenizers` from Mistral's vocabulary, as transformers' LlamaConverter builds one."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model()))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    merges = []
+    for piece, pid in vocab.items():
+        if sp.is_control(pid) or sp.is_byte(pid) or sp.is_unknown(pid):
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in vocab and b in vocab:
+                merges.append((a, b, pid))
+    merges.sort(key=lambda m: (-sp.get_score(m[2]), m[2], vocab[m[0]], vocab[m[1]]))
+    bpe = tokenizers.models.BPE(
+        vocab=vocab,
+        merges=[(a, b) for a, b, _ in merges],
+        byte_fallback=True,
+        unk_token="<unk>",
+        fuse_unk=True,
+    )
+    ref = tokenizers.Tokenizer(bpe)
+    norm = tokenizers.normalizers
+    ref.normalizer = norm.Sequence([norm.Prepend("▁"), norm.Replace(" ", "▁")])
+    ref.add_special_tokens(["<unk>", "<s>", "</s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    ref.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return ref
+
+
+def test_sentencepiece_style_tokenizer_json(tmp_path: Path, sp_ref: Any) -> None:
+    ref = _sentencepiece_style_tokenizer_json(tmp_path)
+    d = from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert d["bos_id"] == 1 and d["eos_ids"] == [2] and d["add_bos"] is True
+    assert d["vocab"] == from_sentencepiece(mistral_sp_model())["vocab"]
+    tok = Tokenizer.from_dict(d)
+    assert tok.scheme == "sentencepiece" and tok.special_ids == {0, 1, 2}
+    for text in [*TEST_STRINGS, LONG_TEXT]:
+        if "<s>" in text:
+            want = ref.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text, add_bos=False, parse_special=True) == want
+            continue
+        assert ref.encode(text, add_special_tokens=False).ids == sp_ref.encode(
+            text
+        )  # the reference
+        assert tok.encode(text, add_bos=False) == sp_ref.encode(text)

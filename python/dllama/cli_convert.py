@@ -43,17 +43,14 @@ def convert(
     ] = True,
 ) -> None:
     """Convert a checkpoint to a .m model (and its tokenizer to .t), or a tokenizer alone."""
-    from dllama.convert import ConvertError, convert_model, convert_tokenizer, is_model_source
+    from dllama.convert import ConvertError, convert_model, convert_tokenizer
 
     try:
         if float_type.lower() not in FLOAT_TYPES:
             _fail(f"unknown --type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
         if not src.exists():
             _fail(f"{src}: no such file or folder")
-        if is_model_source(src):
-            if out is None:
-                _fail(f"{src} is a model: give the output file with --out model.m")
-            assert out is not None
+        if out is not None:
             result = convert_model(
                 src,
                 out,
@@ -64,30 +61,25 @@ def convert(
             )
             assert result.model is not None
             f = result.fields
+            copied = result.model.n_copied_q40
             typer.echo(
                 f"wrote {out} ({result.model.file_size / 1e6:.1f} MB, {float_type}, dim {f['dim']}, "
-                f"{f['n_layers']} layers, {f['n_heads']}/{f['n_kv_heads']} heads, vocab {f['vocab_size']}"
-                + (
-                    f", {result.model.n_copied_q40} Q4_0 tensors copied"
-                    if result.model.n_copied_q40
-                    else ""
-                )
+                f"{f['n_layers']} layers, {f['n_heads']}/{f['n_kv_heads']} heads, "
+                f"vocab {f['vocab_size']}"
+                + (f", {copied} Q4_0 tensors copied" if copied else "")
                 + ")"
             )
             if result.tokenizer_path is not None:
                 typer.echo(f"wrote {result.tokenizer_path}")
-        else:
-            if out is not None:
-                _fail(f"{src} holds no model weights, only a tokenizer: use --tokenizer-out")
-            if tokenizer_out is None:
-                _fail(
-                    f"{src} is a tokenizer: give the output file with --tokenizer-out tokenizer.t"
-                )
-            assert tokenizer_out is not None
+        elif tokenizer_out is not None:
             tok = convert_tokenizer(src, tokenizer_out)
             typer.echo(
                 f"wrote {tokenizer_out} ({len(tok['vocab'])} tokens, bos {tok['bos_id']}, "
                 f"eos {tok['eos_ids']}, chat template: {'yes' if tok['chat_template'] else 'no'})"
+            )
+        else:
+            _fail(
+                "nothing to write: give --out model.m (a model) and/or --tokenizer-out tokenizer.t"
             )
     except (ConvertError, ValueError, OSError) as e:
         _fail(str(e))
@@ -96,7 +88,12 @@ def convert(
 def tokenize(
     text: Annotated[str, typer.Argument(help="The text to tokenize.")],
     tokenizer: Annotated[
-        Path, typer.Option("--tokenizer", help="A .t file or a SentencePiece tokenizer.model.")
+        Path,
+        typer.Option(
+            "--tokenizer",
+            help="A .t file, a tokenizer.model (SentencePiece or Llama 3), a tokenizer.json "
+            "or a .gguf.",
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     bos: Annotated[

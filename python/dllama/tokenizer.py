@@ -33,6 +33,7 @@ from dllama._pretokenize import SPLITTERS
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _SPECIAL_SHAPE = re.compile(rb"<[^\s<>]+>")
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ \d+\r?\n")
 _NUMERIC2 = re.compile(rb" ?[0-9]{2,}")
 _NUMERIC3 = re.compile(rb" ?[0-9]{3}")
 _NUMERIC4 = re.compile(rb" ?[0-9]{4,}")
@@ -80,12 +81,19 @@ class Tokenizer:
     """Encodes text to token ids and decodes them back (see the module docstring)."""
 
     def __init__(self, path: str | Path) -> None:
+        """A `.t` file, a SentencePiece `.model` (through sentencepiece), or any source the
+        converter reads (tokenizer.json, Llama 3 tiktoken `tokenizer.model`, a GGUF)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
-            head = f.read(4)
-        if path.suffix == ".model" or head[:1] == b"\n":  # SentencePiece protobuf
+            head = f.read(64)
+        if head[:4] == b"GGUF" or head[:1] == b"{" or _TIKTOKEN_LINE.match(head):
+            # a GGUF vocabulary, a tokenizer.json or Llama 3's tiktoken file: convert in memory
+            from dllama.convert.tokenizers import load_tokenizer_source
+
+            self._init_vocab(load_tokenizer_source(path))
+        elif head[:1] == b"\n":  # a SentencePiece protobuf
             self._init_sentencepiece(path)
         else:
             from dllama import _core
@@ -135,6 +143,11 @@ class Tokenizer:
             raise ValueError(f"{len(self.vocab)} tokens but {len(scores)} scores")
         self.bos_id = int(tok["bos_id"])
         self.eos_ids = [int(i) for i in tok["eos_ids"]]
+        for what, i in [("bos", self.bos_id), *(("eos", e) for e in self.eos_ids)]:
+            if i >= len(self.vocab) or (i < 0 and what == "eos"):
+                raise ValueError(
+                    f"{what} id {i} is outside the vocabulary of {len(self.vocab)} tokens"
+                )
         self.add_bos = bool(tok.get("add_bos", True))
         self.chat_template = tok.get("chat_template")
         self._byte_ids = {}
@@ -209,7 +222,7 @@ class Tokenizer:
     ) -> list[int]:
         """Token ids of `text`; a bos id first when `add_bos` (default: the tokenizer's)."""
         ids: list[int] = []
-        if self.add_bos if add_bos is None else add_bos:
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id >= 0:
             ids.append(self.bos_id)
         if self._sp is not None:
             if parse_special and self._specials:
@@ -308,9 +321,12 @@ class Tokenizer:
         def raise_exception(message: str) -> None:
             raise ValueError(message)
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        # the environment transformers renders chat templates with
+        env = jinja2.Environment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
-        bos = self.vocab[self.bos_id].decode("utf-8", "replace").strip()
+        bos = self.vocab[self.bos_id].decode("utf-8", "replace").strip() if self.bos_id >= 0 else ""
         eos = self.vocab[self.eos_ids[0]].decode("utf-8", "replace").strip() if self.eos_ids else ""
         return env.from_string(self.chat_template).render(
             messages=list(messages),

@@ -234,6 +234,13 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {name!r} not found")
         return self.tensors[name]
 
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from the resident set (see source.drop_mmap_range)."""
+        from dllama.convert.source import drop_mmap_range
+
+        t = self.tensor_info(name)
+        drop_mmap_range(self._mmap, t.offset, t.nbytes)
+
     def tensor(self, name: str) -> npt.NDArray[np.float32]:
         """The tensor dequantized to float32, in numpy shape (outermost first)."""
         t = self.tensor_info(name)

@@ -57,6 +57,7 @@ class GGUFSource(Source):
             raise ConvertError(str(e)) from e
         g = self.gguf
         self.description = str(path)
+        self._used: set[str] = set()
         arch = g.get("general.architecture")
         if arch != "llama":
             raise ConvertError(f"{path}: unsupported GGUF architecture {arch!r} (only llama)")
@@ -72,11 +73,7 @@ class GGUFSource(Source):
             return int(value)
 
         dim, n_heads = key("embedding_length"), key("attention.head_count")
-        head_dim = int(
-            g.get("llama.attention.key_length")
-            or g.get("llama.rope.dimension_count")
-            or dim // n_heads
-        )
+        head_dim = int(g.get("llama.attention.key_length") or dim // n_heads)
         theta = float(g.get("llama.rope.freq_base") or 10000.0)
         self.fields = base_fields(
             dim=dim,
@@ -117,15 +114,22 @@ class GGUFSource(Source):
 
     def tensor(self, name: str) -> F32Array:
         try:
+            self._used.add(self._gguf_name(name))
             return self.gguf.tensor(self._gguf_name(name))
         except GGUFError as e:
             raise ConvertError(str(e)) from e
+
+    def release(self) -> None:
+        for name in self._used:
+            self.gguf.release(name)
+        self._used.clear()
 
     def raw_q40(self, name: str) -> bytes | None:
         gname = self._gguf_name(name)
         info = self.gguf.tensors.get(gname)
         if info is None or info.ggml_type != GGML_Q4_0:
             return None
+        self._used.add(gname)
         return self.gguf.raw(gname).tobytes()
 
     def close(self) -> None:

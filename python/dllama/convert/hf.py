@@ -20,6 +20,7 @@ from dllama.convert.source import (
     F32Array,
     Source,
     base_fields,
+    drop_mmap_range,
     permute_hf_to_meta,
     set_llama3_scaling,
 )
@@ -72,8 +73,15 @@ class SafetensorsFile:
             out = raw.astype(np.float32)
         return out.reshape(shape)
 
+    def release(self, name: str) -> None:
+        begin, end = (self._data_start + int(o) for o in self.entries[name]["data_offsets"])
+        drop_mmap_range(self._mmap, begin, end - begin)
+
     def close(self) -> None:
-        self._mmap.close()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the map is released when it is collected
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -142,6 +150,7 @@ class HFSource(Source):
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self._files = [SafetensorsFile(p) for p in files]
         self._where = {name: f for f in self._files for name in f.entries}
+        self._used: set[str] = set()
         if "lm_head.weight" not in self._where:
             self.tied = True
 
@@ -150,7 +159,13 @@ class HFSource(Source):
             raise ConvertError(
                 f"{self.description}: tensor {key} not found in the safetensors files"
             )
+        self._used.add(key)
         return self._where[key].tensor(key)
+
+    def release(self) -> None:
+        for key in self._used:
+            self._where[key].release(key)
+        self._used.clear()
 
     def tensor(self, name: str) -> F32Array:
         if name == "embedding":

@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from dllama.convert.source import ConvertError, F32Array, Source, base_fields, set_llama3_scaling
+from dllama.convert.source import (
+    ConvertError,
+    F32Array,
+    Source,
+    base_fields,
+    drop_pages,
+    set_llama3_scaling,
+)
 
 _COLUMN_SPLIT = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
 _KEYS = {
@@ -61,6 +68,7 @@ class MetaSource(Source):
         with open(params_path, encoding="utf-8") as f:
             params: dict[str, Any] = json.load(f)
         self.description = str(folder)
+        self._used: list[Any] = []  # torch tensors read since the last release()
         self._shards: list[dict[str, Any]] = [
             torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shards
         ]
@@ -105,6 +113,7 @@ class MetaSource(Source):
             if key not in shard:
                 raise ConvertError(f"{self.description}: tensor {key} missing from shard {i}")
             parts.append(shard[key])
+        self._used += parts
         if len(parts) == 1 or parts[0].dim() == 1:
             joined = parts[0]
         else:
@@ -123,6 +132,12 @@ class MetaSource(Source):
             return self._joined("output.weight")
         _, i, short = name.split(".")
         return self._joined(f"layers.{i}.{_KEYS[short]}")
+
+    def release(self) -> None:
+        for t in self._used:
+            storage = t.untyped_storage()
+            drop_pages(storage.data_ptr(), storage.nbytes())
+        self._used.clear()
 
     def close(self) -> None:
         self._shards.clear()

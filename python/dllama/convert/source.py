@@ -10,7 +10,10 @@ RoPE order. Tensors are read from memory maps on demand, so only one is resident
 from __future__ import annotations
 
 import abc
+import ctypes
+import mmap
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -141,6 +144,45 @@ def permute_hf_to_meta(w: F32Array, n_heads: int) -> F32Array:
     )
 
 
+_PAGE = mmap.PAGESIZE
+
+
+def _libc_madvise() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
+
+
+_MADVISE = _libc_madvise()
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+
+
+def drop_pages(address: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside [address, address + nbytes) of a
+    read-only file mapping: they leave the resident set and fault back in from the file."""
+    if _MADVISE is None or nbytes <= 0:
+        return
+    start = (address + _PAGE - 1) // _PAGE * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if end > start:
+        _MADVISE(start, end - start, MADV_DONTNEED)
+
+
+def drop_mmap_range(m: mmap.mmap, offset: int, nbytes: int) -> None:
+    """The same for a range of a Python mmap object."""
+    if not hasattr(m, "madvise"):
+        return
+    start = offset // _PAGE * _PAGE
+    end = min(len(m), (offset + nbytes + _PAGE - 1) // _PAGE * _PAGE)
+    if end > start:
+        m.madvise(MADV_DONTNEED, start, end - start)
+
+
 class Source(abc.ABC):
     """A checkpoint opened for conversion."""
 
@@ -150,6 +192,11 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def tensor(self, name: str) -> F32Array:
         """The float32 tensor with this `.m` name."""
+
+    def release(self) -> None:
+        """Drops the pages of the tensors read so far from this process's resident set (they
+        stay in the page cache). Called by the writer after each tensor, so the resident size
+        stays near one tensor instead of growing to the whole memory-mapped model."""
 
     def raw_q40(self, name: str) -> bytes | memoryview | None:
         """The tensor's bytes when the source already holds it as Q4_0 (copied unchanged)."""

@@ -9,14 +9,17 @@ work in the C++ project too:
   -(merge rank + 1) for tokens made by a merge, so merging the highest-scoring pair first
   follows the merge order; tokens that no merge produces (bytes, specials) get -1e9.
 
-Sources: a SentencePiece `tokenizer.model`, a Hugging Face `tokenizer.json` (with
+Sources: a SentencePiece `tokenizer.model`, Meta's Llama 3 tiktoken `tokenizer.model`, a Hugging Face `tokenizer.json` (with
 `tokenizer_config.json` / `config.json` beside it for bos/eos, add_bos and the chat template),
 or the vocabulary of a GGUF file (`tokenizer.ggml.*`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +97,7 @@ def _sp_processor(path: Path) -> Any:
 
 
 def tokenizer_vocab_size(path: Path) -> int:
-    return int(_sp_processor(path).vocab_size())
+    return len(load_tokenizer_source(path)["vocab"])
 
 
 def from_sentencepiece(path: str | Path) -> dict[str, Any]:
@@ -184,7 +187,9 @@ def from_tokenizer_json(path: str | Path) -> dict[str, Any]:
         raise ConvertError(
             f"{path}: token ids {missing[:5]} have no token (holes in the vocabulary)"
         )
-    sp_style = bool(model.get("byte_fallback")) or SP_SPACE in json.dumps(data.get("normalizer"))
+    # SentencePiece-style (Llama 2 / Mistral tokenizer.json): byte fallback, or ▁ for spaces
+    pre = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")], ensure_ascii=False)
+    sp_style = bool(model.get("byte_fallback")) or SP_SPACE in pre
     table = byte_decoder()
     rank = _merge_ranks(model.get("merges") or [])
     vocab: list[bytes] = []
@@ -296,6 +301,73 @@ def from_gguf(path: str | Path) -> dict[str, Any]:
     )
 
 
+# ----------------------------------------------------------- tiktoken (Llama 3) ----
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ \d+\r?\n")
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def from_tiktoken(path: str | Path) -> dict[str, Any]:
+    """Meta's Llama 3 `tokenizer.model` (tiktoken ranks: one "base64 rank" line per token).
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, so the score of
+    a token is -rank and merging by highest score is exactly tiktoken's algorithm. The 256
+    special tokens follow the base tokens, in Llama 3's order.
+    """
+    path = Path(path)
+    vocab: list[bytes] = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                piece = base64.b64decode(token, validate=True)
+            except (ValueError, binascii.Error) as e:
+                raise ConvertError(f"{path}:{n}: not a tiktoken line ({e})") from e
+            if int(rank) != len(vocab):
+                raise ConvertError(
+                    f"{path}:{n}: rank {int(rank)} out of order (expected {len(vocab)})"
+                )
+            vocab.append(piece)
+    n_base = len(vocab)
+    scores = [-float(i) for i in range(n_base)]
+    specials = LLAMA3_SPECIALS + [
+        f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))
+    ]
+    vocab += [s.encode("utf-8") for s in specials]
+    scores += [NO_MERGE_SCORE] * len(specials)
+    ids = {s: n_base + i for i, s in enumerate(specials)}
+    return _tok_dict(
+        vocab,
+        scores,
+        ids["<|begin_of_text|>"],
+        [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
+        add_bos=True,
+        chat_template=_template(_side_config(path.parent)) or LLAMA3_CHAT_TEMPLATE,
+        pad_id=ids["<|finetune_right_pad_id|>"],
+    )
+
+
 def load_tokenizer_source(path: str | Path) -> dict[str, Any]:
     """Picks the conversion from the file: .model, tokenizer.json, .gguf (or a folder)."""
     path = Path(path)
@@ -307,13 +379,15 @@ def load_tokenizer_source(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"GGUF":
+        head = f.read(64)
+    if head[:4] == b"GGUF":
         return from_gguf(path)
-    if path.suffix == ".json":
+    if path.suffix == ".json" or head[:1] == b"{":
         return from_tokenizer_json(path)
-    if path.suffix == ".model":
-        return from_sentencepiece(path)
+    if _TIKTOKEN_LINE.match(head):
+        return from_tiktoken(path)
+    if path.name.endswith(".model") or ".model." in path.name or head[:1] == b"\n":
+        return from_sentencepiece(path)  # a SentencePiece protobuf
     raise ConvertError(
         f"{path}: not a tokenizer this converter knows (a SentencePiece .model, "
         "a Hugging Face tokenizer.json or a .gguf)"

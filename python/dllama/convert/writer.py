@@ -64,6 +64,7 @@ def write_model(
                     copied += 1
                 else:
                     _write_quantized(f, source, name, ftype, rows, cols, nbytes)
+                source.release()
                 bar.advance(nbytes)
             size = f.tell()
         if size != total:
