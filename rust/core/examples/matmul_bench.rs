@@ -153,6 +153,36 @@ fn main() {
                 t * 1e3,
                 100.0 * gbs / bw
             );
+            // packed prefill of 32 tokens on this path
+            let nt = 32;
+            let xb: Vec<BlockQ80> = (0..nt).flat_map(|_| xq.iter().copied()).collect();
+            let mut ob = vec![0.0f32; nt * rows];
+            let mut times = Vec::new();
+            for it in 0..n_mats {
+                let p = &packed[it % n_mats];
+                let t0 = Instant::now();
+                let shared = dllama_core::pool::SharedOut::new(&mut ob);
+                let n_rows_all = rows;
+                pool.split_rows(rows, |_, r| {
+                    let mut tile = vec![0.0f32; nt * r.len()];
+                    let cells = p.groups(r.start / 8, r.end.div_ceil(8));
+                    k.matmul_q40x8_q80(cells, bpr, &xb, &mut tile, nt);
+                    for t in 0..nt {
+                        for (i, &v) in tile[t * r.len()..(t + 1) * r.len()].iter().enumerate() {
+                            // SAFETY: disjoint rows per thread
+                            unsafe { shared.write(t * n_rows_all + r.start + i, v) };
+                        }
+                    }
+                });
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            let t = median(times);
+            println!(
+                "threads {threads}: packed prefill {nt} tokens {:<16} {:7.3} ms = {:.3} ms/token",
+                path.name(),
+                t * 1e3,
+                t * 1e3 / nt as f64
+            );
         }
         // the checked entry point the engine uses, on the active path
         let mut times = Vec::new();

@@ -50,11 +50,26 @@ unsafe fn scale8(d: u16) -> __m256 {
 
 /// Per input block: its scale and 8 * (sums of 4 consecutive values), in the lanes of
 /// `vpmaddwd(vpmaddubsw(n, x), 1)` / `vpdpbusd(n, x)`.
-struct XPrep {
-    dx: Vec<f32>,
+pub(crate) struct XPrep {
+    pub(crate) dx: Vec<f32>,
     corr: Vec<__m256i>,
     /// -8 * sum x of each block (for the packed kernels, whose lanes are rows).
-    ncorr: Vec<i32>,
+    pub(crate) ncorr: Vec<i32>,
+}
+
+pub(crate) type PreparedX = XPrep;
+
+/// Run `f` with the per-block scales and corrections of `x` (a per-thread buffer).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn with_prepared_x<R>(x: &[BlockQ80], f: impl FnOnce(&XPrep) -> R) -> R {
+    XPREP.with(|p| {
+        let mut p = p.borrow_mut();
+        prepare_x(x, &mut p);
+        f(&p)
+    })
 }
 
 thread_local! {
