@@ -321,23 +321,3 @@ def write_legacy_bin(model: LlamaForCausalLM, path: Path, float_type: str = "f32
         f.write(enc(sd["model.norm.weight"], "f32"))
         f.write(b"\0" * (2 * cfg.max_position_embeddings * (head // 2) * 4))
         f.write(enc(sd["lm_head.weight"], float_type))
-
-
-def fake_q80_inputs(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """Make every linear layer of `model` see its input as Q80 would carry it (blocks of 32
-    along the input, scale amax / 127 stored as f16, values rounded): transformers then
-    computes what the engine computes with Q80 buffers, in f32 arithmetic."""
-
-    def q80(x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        b = x.reshape(-1, 32).to(torch.float32)
-        d = b.abs().amax(dim=1, keepdim=True) / 127.0
-        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-        q = b * inv
-        q = torch.sign(q) * torch.floor(q.abs() + 0.5)  # round half away from zero, as roundf
-        return (q * d.to(torch.float16).to(torch.float32)).reshape(shape)
-
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.register_forward_pre_hook(lambda _m, args: (q80(args[0]),))
-    return model
