@@ -110,6 +110,21 @@ def test_q40_weights_q80_buffers(tmp_path: Path) -> None:
     assert agree / decisive >= 0.99, f"top-1 agreement {agree}/{decisive}"
 
 
+@pytest.mark.parametrize("float_type", ["f16", "q80"])
+def test_f16_and_q80_weights(tmp_path: Path, float_type: str) -> None:
+    """F16 weights run with f32 inputs: equal to transformers on the f16-rounded weights.
+    Q80 weights always take Q80 inputs: within the Q80 bound of the same weights in f32."""
+    model = random_llama(seed=6, heads=4, kv_heads=2)
+    write_m(model, tmp_path / "m.m", float_type, 0)
+    ref = hf_logits(dequantized_copy(model, float_type), PROMPT)
+    for buffers in ("f32", "q80"):
+        node = _core.Node(str(tmp_path / "m.m"), buffer_float_type=buffers)
+        assert node.weights_float_type == float_type
+        e = rel_err(node.forward(PROMPT, 0), ref[-1])
+        bound = 1e-4 if float_type == "f16" else Q80_LOGIT_BOUND
+        assert e < bound, f"{float_type} weights, {buffers} buffers: relative error {e:.2e}"
+
+
 def test_bad_calls_raise_value_error(tmp_path: Path) -> None:
     model = random_llama(seed=3, max_pos=32)
     path = tmp_path / "m.m"
