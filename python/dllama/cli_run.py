@@ -6,7 +6,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,7 +48,7 @@ def _err(msg: str) -> None:
 def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     model: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--model",
             "-m",
@@ -56,7 +56,7 @@ def run(
         ),
     ] = None,
     tokenizer: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
     ] = None,
     steps: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 256,
@@ -65,7 +65,7 @@ def run(
     ] = 0.8,
     topp: Annotated[float, typer.Option(help="Top-p (nucleus) sampling mass.")] = 0.9,
     seed: Annotated[
-        Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")
+        int | None, typer.Option(help="Random seed: the same seed gives the same text.")
     ] = None,
     nthreads: Annotated[int, typer.Option(help="Threads for the matmuls.")] = 1,
     buffer_float_type: Annotated[
@@ -76,7 +76,7 @@ def run(
         int, typer.Option(help="KV cache length; 0 = the model's, capped at 4096.")
     ] = 0,
     weights_float_type: Annotated[
-        Optional[WeightsType],
+        WeightsType | None,
         typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
     ] = None,
     stats: Annotated[

@@ -27,7 +27,11 @@ from dllama.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Piece:
-    """One generated token and what it cost (the seed's per-token stats line)."""
+    """One generated token and what it cost (the seed's per-token stats line).
+
+    A last piece with ``token == -1`` and zero timings may follow the generated tokens: the
+    decoder's flush, when generation stopped in the middle of a multi-byte character.
+    """
 
     token: int
     text: str

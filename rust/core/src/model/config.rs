@@ -1,85 +1,8 @@
 //! The engine's view of a model header: the shapes and constants the forward pass needs.
 
+use crate::format::{ArchType, FloatType, HiddenAct, ModelHeader};
+use crate::ops::{RopeConfig, RopeScaling, RopeType};
 use crate::{Error, Result};
-
-/// How RoPE rotates a head's values (the `.m` header's `rope_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeType {
-    /// 0: Meta's layout, pairs `(2i, 2i + 1)` rotate together (the converter permutes
-    /// HF's q/k rows into it).
-    Llama,
-    /// 1: GPT-NeoX layout, pairs `(i, i + head_dim / 2)`.
-    Falcon,
-    /// 2: as `Llama`, with Llama 3.1's frequency scaling.
-    Llama31,
-}
-
-impl RopeType {
-    pub fn from_code(code: u32) -> Result<RopeType> {
-        match code {
-            0 => Ok(RopeType::Llama),
-            1 => Ok(RopeType::Falcon),
-            2 => Ok(RopeType::Llama31),
-            _ => Err(Error::format(format!(
-                "unknown rope_type {code} (0 llama, 1 falcon, 2 llama3.1)"
-            ))),
-        }
-    }
-}
-
-/// RoPE constants (Llama 3.1 scaling fields are used only by `RopeType::Llama31`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RopeConfig {
-    pub rope_type: RopeType,
-    pub theta: f32,
-    pub scaling_factor: f32,
-    pub low_freq_factor: f32,
-    pub high_freq_factor: f32,
-    pub orig_max_seq_len: usize,
-}
-
-/// Storage type of a tensor, by the `.m` header's codes (`weights_float_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    Q40,
-    Q80,
-}
-
-impl DType {
-    pub fn from_code(code: u32) -> Result<DType> {
-        match code {
-            0 => Ok(DType::F32),
-            1 => Ok(DType::F16),
-            2 => Ok(DType::Q40),
-            3 => Ok(DType::Q80),
-            _ => Err(Error::format(format!(
-                "unknown float type code {code} (0 f32, 1 f16, 2 q40, 3 q80)"
-            ))),
-        }
-    }
-    pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q40 | DType::Q80)
-    }
-    /// Bytes taken by `n` values (`n` a multiple of 32 for the quantized types).
-    pub fn bytes_for(self, n: usize) -> usize {
-        match self {
-            DType::F32 => n * 4,
-            DType::F16 => n * 2,
-            DType::Q40 => n / 32 * 18,
-            DType::Q80 => n / 32 * 34,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::Q40 => "q40",
-            DType::Q80 => "q80",
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -93,11 +16,66 @@ pub struct ModelConfig {
     /// The model's own context length (from the header).
     pub max_seq_len: usize,
     pub norm_epsilon: f32,
+    pub hidden_act: HiddenAct,
     pub rope: RopeConfig,
-    pub weights_float_type: DType,
+    /// Storage type of the matmul weights (embedding and norms are always F32).
+    pub weights_float_type: FloatType,
+}
+
+/// Quantized types store values in blocks of 32.
+pub fn is_quantized(ft: FloatType) -> bool {
+    ft.block_values() > 1
+}
+
+/// Bytes taken by `n` values of `ft` (`n` a whole number of blocks).
+pub fn bytes_for(ft: FloatType, n: usize) -> usize {
+    n / ft.block_values() * ft.block_bytes()
 }
 
 impl ModelConfig {
+    /// From a parsed `.m` header; refuses what this engine does not run.
+    pub fn from_header(h: &ModelHeader) -> Result<ModelConfig> {
+        if h.arch_type != ArchType::Llama {
+            return Err(Error::format(format!(
+                "architecture {} is not supported (only llama: Llama 2/3, Mistral, SmolLM2)",
+                h.arch_type.name()
+            )));
+        }
+        if h.n_experts > 0 {
+            return Err(Error::format(format!(
+                "mixture-of-experts models ({} experts) are not supported",
+                h.n_experts
+            )));
+        }
+        let rope_type = RopeType::from_code(h.rope_type.code())?;
+        let cfg = ModelConfig {
+            dim: h.dim,
+            hidden_dim: h.hidden_dim,
+            n_layers: h.n_layers,
+            n_heads: h.n_heads,
+            n_kv_heads: h.n_kv_heads,
+            head_dim: h.head_dim,
+            vocab_size: h.vocab_size,
+            max_seq_len: h.max_seq_len,
+            norm_epsilon: h.norm_epsilon,
+            hidden_act: h.hidden_act,
+            rope: RopeConfig {
+                rope_type,
+                head_dim: h.head_dim,
+                theta: h.rope_theta as f32,
+                scaling: (rope_type == RopeType::Llama31).then_some(RopeScaling {
+                    factor: h.rope_scaling_factor as f32,
+                    low_freq_factor: h.rope_scaling_low_freq_factor as f32,
+                    high_freq_factor: h.rope_scaling_high_freq_factor as f32,
+                    orig_max_seq_len: h.rope_scaling_orig_max_seq_len as u32,
+                }),
+            },
+            weights_float_type: h.weights_float_type,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// n_heads * head_dim: rows of wq, columns of wo.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
@@ -111,13 +89,18 @@ impl ModelConfig {
         self.n_heads / self.n_kv_heads
     }
 
-    /// Check what the forward pass relies on; the file parser checks the rest.
+    /// Check what the forward pass relies on (the header parser checks the file's consistency).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::format(m));
-        if self.dim == 0 || self.hidden_dim == 0 || self.n_layers == 0 || self.vocab_size == 0 {
+        if self.dim == 0
+            || self.hidden_dim == 0
+            || self.n_layers == 0
+            || self.vocab_size == 0
+            || self.max_seq_len == 0
+        {
             return bad(format!(
-                "model has a zero dimension (dim {}, hidden_dim {}, n_layers {}, vocab_size {})",
-                self.dim, self.hidden_dim, self.n_layers, self.vocab_size
+                "model has a zero dimension (dim {}, hidden_dim {}, n_layers {}, vocab_size {}, max_seq_len {})",
+                self.dim, self.hidden_dim, self.n_layers, self.vocab_size, self.max_seq_len
             ));
         }
         if self.n_heads == 0
@@ -129,13 +112,16 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(2)
+            || self.rope.head_dim != self.head_dim
+        {
             return bad(format!(
                 "head_dim {} must be even and non-zero (RoPE rotates pairs)",
                 self.head_dim
             ));
         }
-        if self.weights_float_type.is_quantized()
+        if is_quantized(self.weights_float_type)
             && (!self.dim.is_multiple_of(32)
                 || !self.hidden_dim.is_multiple_of(32)
                 || !self.q_dim().is_multiple_of(32))
@@ -147,6 +133,9 @@ impl ModelConfig {
                 self.q_dim()
             ));
         }
+        self.rope
+            .frequencies()
+            .map_err(|e| Error::format(format!("bad RoPE settings in the header: {e}")))?;
         Ok(())
     }
 }

@@ -5,11 +5,14 @@
 //! attention and FFN projections across nodes. With `Local` this is the one-machine model.
 
 use super::collective::Collective;
-use super::compute::{self, Input};
-use super::config::{DType, ModelConfig};
+use super::compute::{self, input};
+use super::config::{is_quantized, ModelConfig};
 use super::kv_cache::KvCache;
 use super::split::NodeSlice;
 use super::weights::Weights;
+use crate::format::HiddenAct;
+use crate::ops::{self, AttentionShape, RopeTable};
+use crate::pool::ThreadPool;
 use crate::quant::{BlockQ80, QK};
 use crate::{Error, Result};
 
@@ -47,7 +50,6 @@ struct Buffers {
     k: Vec<f32>,            // (batch, kv_local)
     v: Vec<f32>,            // (batch, kv_local)
     att_out: Vec<f32>,      // (batch, q_local) attention output, input of wo
-    att: Vec<f32>,          // (max_seq_len) attention scores of one head
     proj: Vec<f32>,         // (batch, dim) partial output of wo / w2
     h1: Vec<f32>,           // (batch, hidden_local) gate, then silu(gate) * up
     h3: Vec<f32>,           // (batch, hidden_local) up
@@ -61,7 +63,8 @@ pub struct Model {
     pub cache: KvCache,
     /// Quantized weights take Q80 inputs (llama.cpp's way); otherwise F32 inputs.
     q80_inputs: bool,
-    rope_table: Vec<(f32, f32)>, // (max_seq_len, head_dim / 2) cos, sin
+    rope: RopeTable, // cos / sin of (max_seq_len, head_dim / 2)
+    pool: ThreadPool,
     bufs: Buffers,
     /// (vocab_size) logits of the last token, filled on the root.
     pub logits: Vec<f32>,
@@ -77,31 +80,26 @@ pub fn effective_max_seq_len(cfg: &ModelConfig, requested: usize) -> usize {
 }
 
 impl Model {
-    /// `max_seq_len`: 0 for the model's own, capped at 4096.
+    /// `max_seq_len`: 0 for the model's own, capped at 4096; `nthreads`: threads of the pool
+    /// that runs the matmuls and the attention.
     pub fn new(
         cfg: ModelConfig,
         slice: NodeSlice,
         weights: Weights,
         buffer_type: BufferType,
         max_seq_len: usize,
+        nthreads: usize,
     ) -> Result<Model> {
         cfg.validate()?;
         let seq = effective_max_seq_len(&cfg, max_seq_len);
         if seq == 0 {
             return Err(Error::invalid("max_seq_len must be at least 1"));
         }
-        let hd = cfg.head_dim;
         let (q_local, kv_local, hid) =
             (slice.q_rows.len(), slice.kv_rows.len(), slice.hidden.len());
         let b = MAX_BATCH;
-        let freqs = compute::rope_frequencies(&cfg.rope, hd);
-        let mut rope_table = Vec::with_capacity(seq * hd / 2);
-        for p in 0..seq {
-            for &f in &freqs {
-                let a = p as f32 * f;
-                rope_table.push((a.cos(), a.sin()));
-            }
-        }
+        let rope = RopeTable::new(cfg.rope, seq)?;
+        let pool = ThreadPool::new(nthreads)?;
         let xq_cols = cfg.dim.max(q_local).max(hid);
         let bufs = Buffers {
             xb: vec![0.0; b * cfg.dim],
@@ -110,13 +108,12 @@ impl Model {
             k: vec![0.0; b * kv_local],
             v: vec![0.0; b * kv_local],
             att_out: vec![0.0; b * q_local],
-            att: vec![0.0; seq],
             proj: vec![0.0; b * cfg.dim],
             h1: vec![0.0; b * hid],
             h3: vec![0.0; b * hid],
             logits_local: vec![0.0; slice.vocab.len()],
         };
-        let q80_inputs = buffer_type == BufferType::Q80 && cfg.weights_float_type.is_quantized();
+        let q80_inputs = buffer_type == BufferType::Q80 && is_quantized(cfg.weights_float_type);
         Ok(Model {
             cache: KvCache::new(cfg.n_layers, seq, kv_local),
             logits: vec![0.0; cfg.vocab_size],
@@ -124,9 +121,14 @@ impl Model {
             slice,
             weights,
             q80_inputs,
-            rope_table,
+            rope,
+            pool,
             bufs,
         })
+    }
+
+    pub fn nthreads(&self) -> usize {
+        self.pool.n_threads()
     }
 
     pub fn max_seq_len(&self) -> usize {
@@ -202,93 +204,78 @@ impl Model {
     ) -> Result<()> {
         let Model {
             cfg,
+            slice,
             weights,
             cache,
             bufs,
-            rope_table,
+            rope,
+            pool,
             q80_inputs,
             ..
         } = self;
-        let (dim, hd) = (cfg.dim, cfg.head_dim);
+        let q80 = *q80_inputs;
+        let dim = cfg.dim;
         let n = x.len() / dim;
-        let (q_local, kv_local) = (weights.layers[0].wq.rows, weights.layers[0].wk.rows);
-        let hid = weights.layers[0].w1.rows;
-        let n_heads_local = q_local / hd;
-        let group = cfg.group_size();
-        let rope_row = |p: usize| &rope_table[p * hd / 2..(p + 1) * hd / 2];
+        let (q_local, kv_local, hid) =
+            (slice.q_rows.len(), slice.kv_rows.len(), slice.hidden.len());
+        // this node's heads: whole groups, so the local heads map to the local KV heads
+        let shape = AttentionShape {
+            n_heads: slice.n_heads(),
+            n_kv_heads: slice.n_kv_heads(),
+            head_dim: cfg.head_dim,
+        };
 
         for (l, lw) in weights.layers.iter().enumerate() {
             // ---- attention ----
             // attention rmsnorm
-            compute::rmsnorm(x, &lw.attn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim]);
+            ops::rmsnorm_rows(x, &lw.attn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
             // qkv matmuls for these positions
-            let xin = input(*q80_inputs, lw.wq.dtype, &bufs.xb[..n * dim], &mut bufs.xq);
-            compute::matmul(&lw.wq, xin, n, &mut bufs.q[..n * q_local])?;
-            compute::matmul(&lw.wk, xin, n, &mut bufs.k[..n * kv_local])?;
-            compute::matmul(&lw.wv, xin, n, &mut bufs.v[..n * kv_local])?;
-            // RoPE on q and k, then k and v into the cache
+            let xin = input(q80, lw.wq.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.wq, xin, n, &mut bufs.q[..n * q_local])?;
+            compute::matmul(pool, &lw.wk, xin, n, &mut bufs.k[..n * kv_local])?;
+            compute::matmul(pool, &lw.wv, xin, n, &mut bufs.v[..n * kv_local])?;
+            // RoPE on q and k
+            rope.apply_rows(&mut bufs.q[..n * q_local], q_local, pos)?;
+            rope.apply_rows(&mut bufs.k[..n * kv_local], kv_local, pos)?;
+            // keys and values of these positions into the cache
             for t in 0..n {
-                let p = pos + t;
-                compute::rope(
-                    cfg.rope.rope_type,
-                    &mut bufs.q[t * q_local..(t + 1) * q_local],
-                    hd,
-                    rope_row(p),
-                );
-                compute::rope(
-                    cfg.rope.rope_type,
-                    &mut bufs.k[t * kv_local..(t + 1) * kv_local],
-                    hd,
-                    rope_row(p),
-                );
-                cache.store(
-                    l,
-                    p,
-                    &bufs.k[t * kv_local..(t + 1) * kv_local],
-                    &bufs.v[t * kv_local..(t + 1) * kv_local],
-                );
+                let r = t * kv_local..(t + 1) * kv_local;
+                cache.store(l, pos + t, &bufs.k[r.clone()], &bufs.v[r]);
             }
             // grouped-query attention, causal: token t sees positions 0..=pos + t
-            for t in 0..n {
-                let p = pos + t;
-                for h in 0..n_heads_local {
-                    let kvh = h / group;
-                    let kv = kvh * hd..(kvh + 1) * hd;
-                    let cache: &KvCache = cache;
-                    compute::attention_head(
-                        &bufs.q[t * q_local + h * hd..t * q_local + (h + 1) * hd],
-                        p,
-                        |pp| &cache.key(l, pp)[kv.clone()],
-                        |pp| &cache.value(l, pp)[kv.clone()],
-                        &mut bufs.att,
-                        &mut bufs.att_out[t * q_local + h * hd..t * q_local + (h + 1) * hd],
-                    );
-                }
-            }
+            let (kc, vc) = cache.layer(l);
+            ops::attention(
+                pool,
+                &shape,
+                &bufs.q[..n * q_local],
+                kc,
+                vc,
+                pos,
+                n,
+                &mut bufs.att_out[..n * q_local],
+            )?;
             // output projection (this node's columns of wo), summed over nodes
-            let ain = input(
-                *q80_inputs,
-                lw.wo.dtype,
-                &bufs.att_out[..n * q_local],
-                &mut bufs.xq,
-            );
-            compute::matmul(&lw.wo, ain, n, &mut bufs.proj[..n * dim])?;
+            let ain = input(q80, lw.wo.dtype, &bufs.att_out[..n * q_local], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.wo, ain, n, &mut bufs.proj[..n * dim])?;
             collective.all_reduce_sum(&mut bufs.proj[..n * dim])?;
             // residual connection
             add(x, &bufs.proj[..n * dim]);
 
             // ---- feed-forward (SwiGLU) ----
             // ffn rmsnorm
-            compute::rmsnorm(x, &lw.ffn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim]);
+            ops::rmsnorm_rows(x, &lw.ffn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
             // gate and up projections (this node's hidden units)
-            let xin = input(*q80_inputs, lw.w1.dtype, &bufs.xb[..n * dim], &mut bufs.xq);
-            compute::matmul(&lw.w1, xin, n, &mut bufs.h1[..n * hid])?;
-            compute::matmul(&lw.w3, xin, n, &mut bufs.h3[..n * hid])?;
-            // silu(gate) * up
-            compute::silu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid]);
+            let xin = input(q80, lw.w1.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.w1, xin, n, &mut bufs.h1[..n * hid])?;
+            compute::matmul(pool, &lw.w3, xin, n, &mut bufs.h3[..n * hid])?;
+            // act(gate) * up
+            match cfg.hidden_act {
+                HiddenAct::Silu => ops::silu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,
+                HiddenAct::Gelu => ops::gelu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,
+            }
             // down projection (this node's columns of w2), summed over nodes
-            let hin = input(*q80_inputs, lw.w2.dtype, &bufs.h1[..n * hid], &mut bufs.xq);
-            compute::matmul(&lw.w2, hin, n, &mut bufs.proj[..n * dim])?;
+            let hin = input(q80, lw.w2.dtype, &bufs.h1[..n * hid], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.w2, hin, n, &mut bufs.proj[..n * dim])?;
             collective.all_reduce_sum(&mut bufs.proj[..n * dim])?;
             // residual connection
             add(x, &bufs.proj[..n * dim]);
@@ -303,32 +290,21 @@ impl Model {
             cfg,
             weights,
             bufs,
+            pool,
             q80_inputs,
             logits,
             ..
         } = self;
         let dim = cfg.dim;
-        compute::rmsnorm(x, &weights.norm, cfg.norm_epsilon, &mut bufs.xb[..dim]);
+        ops::rmsnorm(x, &weights.norm, cfg.norm_epsilon, &mut bufs.xb[..dim])?;
         let xin = input(
             *q80_inputs,
             weights.wcls.dtype,
             &bufs.xb[..dim],
             &mut bufs.xq,
-        );
-        compute::matmul(&weights.wcls, xin, 1, &mut bufs.logits_local)?;
+        )?;
+        compute::matmul(pool, &weights.wcls, xin, 1, &mut bufs.logits_local)?;
         collective.gather_logits(&bufs.logits_local, logits)
-    }
-}
-
-/// The input of a matmul by weights of type `dtype`: Q80 blocks (quantized into `xq`) or
-/// the f32 values themselves.
-fn input<'a>(q80: bool, dtype: DType, x: &'a [f32], xq: &'a mut [BlockQ80]) -> Input<'a> {
-    if q80 && dtype.is_quantized() {
-        let nb = x.len() / QK;
-        compute::quantize_batch(x, &mut xq[..nb]);
-        Input::Q80(&xq[..nb])
-    } else {
-        Input::F32(x)
     }
 }
 

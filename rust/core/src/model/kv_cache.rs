@@ -38,6 +38,15 @@ impl KvCache {
     pub fn value(&self, layer: usize, pos: usize) -> &[f32] {
         &self.values[self.at(layer, pos)]
     }
+    /// Keys and values of `layer`: (max_seq_len, kv_dim) each.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let n = self.max_seq_len * self.kv_dim;
+        (
+            &self.keys[layer * n..(layer + 1) * n],
+            &self.values[layer * n..(layer + 1) * n],
+        )
+    }
+
     /// Store key and value (kv_dim each) of `pos` in `layer`.
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let r = self.at(layer, pos);

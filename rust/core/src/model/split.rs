@@ -140,7 +140,8 @@ impl NodeSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{DType, RopeConfig, RopeType};
+    use crate::format::{FloatType, HiddenAct};
+    use crate::ops::{RopeConfig, RopeType};
 
     pub(crate) fn cfg(
         n_heads: usize,
@@ -159,15 +160,14 @@ mod tests {
             vocab_size: vocab,
             max_seq_len: 16,
             norm_epsilon: 1e-5,
+            hidden_act: HiddenAct::Silu,
             rope: RopeConfig {
                 rope_type: RopeType::Llama,
+                head_dim,
                 theta: 10000.0,
-                scaling_factor: 1.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                orig_max_seq_len: 0,
+                scaling: None,
             },
-            weights_float_type: DType::Q40,
+            weights_float_type: FloatType::Q40,
         }
     }
 

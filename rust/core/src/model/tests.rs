@@ -8,27 +8,34 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::format::{FloatType, HiddenAct};
+use crate::ops::{RopeConfig, RopeScaling, RopeType};
 use crate::quant::block::{dequantize_q40, quantize_q40};
 use crate::quant::BlockQ40;
 
-fn config(n_heads: usize, n_kv_heads: usize, rope_type: RopeType, dtype: DType) -> ModelConfig {
+fn config(n_heads: usize, n_kv_heads: usize, rope_type: RopeType, dtype: FloatType) -> ModelConfig {
+    let head_dim = 64 / n_heads * 2;
     ModelConfig {
         dim: 64,
         hidden_dim: 96,
         n_layers: 2,
         n_heads,
         n_kv_heads,
-        head_dim: 64 / n_heads * 2,
+        head_dim,
         vocab_size: 50,
         max_seq_len: 64,
         norm_epsilon: 1e-5,
+        hidden_act: HiddenAct::Silu,
         rope: RopeConfig {
             rope_type,
+            head_dim,
             theta: 10000.0,
-            scaling_factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            orig_max_seq_len: 16,
+            scaling: (rope_type == RopeType::Llama31).then_some(RopeScaling {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                orig_max_seq_len: 16,
+            }),
         },
         weights_float_type: dtype,
     }
@@ -78,14 +85,20 @@ fn encode(
 ) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
     for (name, (rows, cols, v)) in full.iter_mut() {
-        let t = if is_matrix(name) && cfg.weights_float_type == DType::Q40 {
+        let t = if is_matrix(name) && cfg.weights_float_type == FloatType::Q40 {
             let mut q = vec![BlockQ40::default(); v.len() / 32];
             quantize_q40(v, &mut q);
             dequantize_q40(&q, v);
-            Tensor::owned(DType::Q40, *rows, *cols, crate::quant::block::q40_bytes(&q)).unwrap()
+            Tensor::owned(
+                FloatType::Q40,
+                *rows,
+                *cols,
+                crate::quant::block::q40_bytes(&q),
+            )
+            .unwrap()
         } else {
             let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Tensor::owned(DType::F32, *rows, *cols, &b).unwrap()
+            Tensor::owned(FloatType::F32, *rows, *cols, &b).unwrap()
         };
         out.insert(name.clone(), t);
     }
@@ -99,6 +112,17 @@ fn build(
     n: usize,
     bt: BufferType,
 ) -> Model {
+    build_packed(cfg, tensors, i, n, bt, false)
+}
+
+fn build_packed(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    i: usize,
+    n: usize,
+    bt: BufferType,
+    pack: bool,
+) -> Model {
     let slice = NodeSlice::new(cfg, i, n).unwrap();
     let get = |name: &str| {
         tensors
@@ -106,8 +130,18 @@ fn build(
             .cloned()
             .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))
     };
-    let w = Weights::load(cfg, &slice, i == 0, &get).unwrap();
-    Model::new(cfg.clone(), slice, w, bt, 0).unwrap()
+    let w = if i.is_multiple_of(2) {
+        Weights::load(cfg, &slice, i == 0, pack, &get).unwrap()
+    } else {
+        // odd nodes get their parts as owned bytes, as if shipped by the root
+        let get_part = |name: &str| {
+            let (part, ..) = weights::tensor_part(cfg, &slice, name)?;
+            let t = part.take(get(name)?)?;
+            Tensor::owned(t.dtype, t.rows, t.cols, t.bytes())
+        };
+        Weights::from_parts(cfg, &slice, i == 0, pack, &get_part).unwrap()
+    };
+    Model::new(cfg.clone(), slice, w, bt, 0, 1 + i % 2).unwrap()
 }
 
 // ---- f64 reference, written from the paper, token by token ----
@@ -129,7 +163,10 @@ fn reference_logits(
         x.iter().zip(w).map(|(a, b)| a / s * b).collect()
     };
     let hd = cfg.head_dim;
-    let freqs: Vec<f64> = compute::rope_frequencies(&cfg.rope, hd)
+    let freqs: Vec<f64> = cfg
+        .rope
+        .frequencies()
+        .unwrap()
         .iter()
         .map(|&f| f as f64)
         .collect();
@@ -221,7 +258,7 @@ fn f32_matches_the_reference_token_by_token_and_batched() {
         (4, 2, RopeType::Falcon),
         (4, 1, RopeType::Llama31),
     ] {
-        let cfg = config(nh, nkv, rt, DType::F32);
+        let cfg = config(nh, nkv, rt, FloatType::F32);
         let mut full = random_model(&cfg, 7);
         let tensors = encode(&cfg, &mut full);
         let want = reference_logits(&cfg, &full, &TOKENS);
@@ -245,7 +282,7 @@ fn f32_matches_the_reference_token_by_token_and_batched() {
 
 #[test]
 fn q40_weights_with_q80_inputs_stay_close() {
-    let cfg = config(4, 2, RopeType::Llama, DType::Q40);
+    let cfg = config(4, 2, RopeType::Llama, FloatType::Q40);
     let mut full = random_model(&cfg, 9);
     let tensors = encode(&cfg, &mut full); // `full` now holds the dequantized weights
     let want = reference_logits(&cfg, &full, &TOKENS);
@@ -259,6 +296,27 @@ fn q40_weights_with_q80_inputs_stay_close() {
         let bound = if bt == BufferType::F32 { 1e-5 } else { 0.05 };
         assert!(e < bound, "{bt:?}: rel err {e}");
     }
+}
+
+#[test]
+fn packed_q40_equals_plain_q40() {
+    let cfg = config(4, 2, RopeType::Llama, FloatType::Q40);
+    let mut full = random_model(&cfg, 5);
+    let tensors = encode(&cfg, &mut full);
+    let mut logits = vec![];
+    for pack in [false, true] {
+        let mut m = build_packed(&cfg, &tensors, 0, 1, BufferType::Q80, pack);
+        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
+        m.embed(&TOKENS, &mut x).unwrap();
+        m.forward(&mut x, 0, &mut Local).unwrap();
+        let mut x = vec![0.0; cfg.dim];
+        m.embed(&[7], &mut x).unwrap();
+        m.forward(&mut x, TOKENS.len(), &mut Local).unwrap();
+        logits.push(m.logits.clone());
+    }
+    let want: Vec<f64> = logits[0].iter().map(|&v| v as f64).collect();
+    let e = max_rel_err(&logits[1], &want);
+    assert!(e < 1e-5, "packed vs plain: rel err {e}");
 }
 
 // ---- an in-process collective: n nodes on n threads ----
@@ -308,7 +366,7 @@ impl Collective for Threads {
 
 #[test]
 fn split_across_nodes_equals_one_node() {
-    let cfg = config(4, 4, RopeType::Llama, DType::Q40);
+    let cfg = config(4, 4, RopeType::Llama, FloatType::Q40);
     let mut full = random_model(&cfg, 11);
     let tensors = encode(&cfg, &mut full);
     let mut one = build(&cfg, &tensors, 0, 1, BufferType::F32);
@@ -353,7 +411,7 @@ fn split_across_nodes_equals_one_node() {
 
 #[test]
 fn bad_calls_are_errors() {
-    let cfg = config(4, 4, RopeType::Llama, DType::F32);
+    let cfg = config(4, 4, RopeType::Llama, FloatType::F32);
     let mut full = random_model(&cfg, 1);
     let tensors = encode(&cfg, &mut full);
     let mut m = build(&cfg, &tensors, 0, 1, BufferType::Q80);
@@ -376,7 +434,7 @@ fn bad_calls_are_errors() {
             .cloned()
             .ok_or_else(|| crate::Error::format(name.to_string()))
     };
-    let err = Weights::load(&cfg, &slice, true, &get)
+    let err = Weights::load(&cfg, &slice, true, false, &get)
         .err()
         .unwrap()
         .to_string();
@@ -384,4 +442,19 @@ fn bad_calls_are_errors() {
         err.contains("layers.1.w2 is f32 96x64, expected f32 64x96"),
         "{err}"
     );
+    // parts: unknown names, and a part of the wrong shape
+    for name in ["layers.2.q", "layers.x.q", "layers.0.wz", "tok_embeddings"] {
+        assert!(weights::tensor_part(&cfg, &slice, name).is_err(), "{name}");
+    }
+    let half = NodeSlice::new(&cfg, 1, 2).unwrap();
+    let whole = |name: &str| {
+        bad.get(name)
+            .cloned()
+            .ok_or_else(|| crate::Error::format(name.to_string()))
+    };
+    let err = Weights::from_parts(&cfg, &half, false, false, &whole)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("expected f32 64x64"), "{err}");
 }

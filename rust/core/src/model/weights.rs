@@ -1,9 +1,12 @@
 //! This node's weights: its slice of every layer, the final norm and its rows of the
 //! classifier (plus the embedding on the root).
 
-use super::config::{DType, ModelConfig};
+use std::ops::Range;
+
+use super::config::ModelConfig;
 use super::split::NodeSlice;
 use super::tensor::Tensor;
+use crate::format::FloatType;
 use crate::{Error, Result};
 
 /// One transformer block, this node's slice of it.
@@ -28,7 +31,8 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Bytes of weight matrices this node reads per token (for bandwidth figures).
+    /// Bytes of weight matrices this node reads per token (for bandwidth figures; packed
+    /// Q40 has the same size).
     pub fn matmul_bytes(&self) -> usize {
         let layers: usize = self
             .layers
@@ -44,8 +48,80 @@ impl Weights {
     }
 }
 
-/// Check a whole tensor of the file against the shape and type the header implies.
-fn expect(t: Tensor, name: &str, dtype: DType, rows: usize, cols: usize) -> Result<Tensor> {
+/// Which part of a `.m` tensor a node holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    Rows(Range<usize>),
+    Cols(Range<usize>),
+}
+
+impl Part {
+    /// This part of `whole`: rows share its bytes, columns are copied.
+    pub fn take(&self, whole: Tensor) -> Result<Tensor> {
+        match self {
+            Part::Whole => Ok(whole),
+            Part::Rows(r) => Ok(whole.rows(r.clone())),
+            Part::Cols(c) => whole.columns(c.clone()),
+        }
+    }
+    /// (rows, cols) of this part of a (rows, cols) tensor.
+    pub fn shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        match self {
+            Part::Whole => (rows, cols),
+            Part::Rows(r) => (r.len(), cols),
+            Part::Cols(c) => (rows, c.len()),
+        }
+    }
+}
+
+/// The part of tensor `name` that `slice`'s node holds, and the whole tensor's type and
+/// (rows, cols) as the header implies them (norms are 1 x dim).
+pub fn tensor_part(
+    cfg: &ModelConfig,
+    slice: &NodeSlice,
+    name: &str,
+) -> Result<(Part, FloatType, usize, usize)> {
+    let (wt, f32) = (cfg.weights_float_type, FloatType::F32);
+    let (dim, hid, q_dim, kv_dim) = (cfg.dim, cfg.hidden_dim, cfg.q_dim(), cfg.kv_dim());
+    let part = match name {
+        "embedding" => (Part::Whole, f32, cfg.vocab_size, dim),
+        "norm" => (Part::Whole, f32, 1, dim),
+        "wcls" => (Part::Rows(slice.vocab.clone()), wt, cfg.vocab_size, dim),
+        _ => {
+            let layer = name
+                .strip_prefix("layers.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(i, t)| {
+                    i.parse::<usize>()
+                        .ok()
+                        .filter(|&i| i < cfg.n_layers)
+                        .map(|_| t)
+                });
+            match layer {
+                Some("q") => (Part::Rows(slice.q_rows.clone()), wt, q_dim, dim),
+                Some("k" | "v") => (Part::Rows(slice.kv_rows.clone()), wt, kv_dim, dim),
+                Some("wo") => (Part::Cols(slice.q_rows.clone()), wt, dim, q_dim),
+                Some("w1" | "w3") => (Part::Rows(slice.hidden.clone()), wt, hid, dim),
+                Some("w2") => (Part::Cols(slice.hidden.clone()), wt, dim, hid),
+                Some("attn_norm" | "ffn_norm") => (Part::Whole, f32, 1, dim),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "no tensor named {name:?} in this model"
+                    )))
+                }
+            }
+        }
+    };
+    // a node with the whole model takes every tensor whole
+    if slice.n_nodes == 1 {
+        return Ok((Part::Whole, part.1, part.2, part.3));
+    }
+    Ok(part)
+}
+
+/// Check a tensor against the type and shape the header implies.
+fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> Result<Tensor> {
     if t.dtype != dtype || t.rows != rows || t.cols != cols {
         return Err(Error::format(format!(
             "tensor {name} is {} {}x{}, expected {} {rows}x{cols}",
@@ -58,62 +134,81 @@ fn expect(t: Tensor, name: &str, dtype: DType, rows: usize, cols: usize) -> Resu
     Ok(t)
 }
 
-/// A 1-D F32 tensor copied into a vector (norm weights are tiny).
-fn vector(t: Tensor, name: &str, len: usize) -> Result<Vec<f32>> {
-    let t = expect(t, name, DType::F32, 1, len)?;
-    Ok(t.as_f32().to_vec())
-}
-
 impl Weights {
     /// Take this node's slice of every tensor. `get(name)` returns the whole tensor of the
     /// file by its `.m` name (norms as 1 x dim), memory-mapped: row slices stay mapped,
-    /// column slices (wo, w2 when `n_nodes > 1`) are copied.
+    /// column slices (wo, w2 when `n_nodes > 1`) are copied. With `pack`, Q40 matrices are
+    /// repacked for the x86_64 kernels, tensor by tensor, releasing the mapped pages of each.
     pub fn load(
         cfg: &ModelConfig,
         slice: &NodeSlice,
         with_embedding: bool,
+        pack: bool,
         get: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<Weights> {
-        let wt = cfg.weights_float_type;
-        let (dim, hid, q_dim, kv_dim) = (cfg.dim, cfg.hidden_dim, cfg.q_dim(), cfg.kv_dim());
+        Self::build(cfg, with_embedding, pack, &|name| {
+            let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
+            part.take(expect(get(name)?, name, ft, rows, cols)?)
+        })
+    }
+
+    /// The same from tensors already cut to this node's parts (e.g. shipped by the root):
+    /// `get_part(name)` returns `tensor_part(..).0` of tensor `name`, checked for shape.
+    pub fn from_parts(
+        cfg: &ModelConfig,
+        slice: &NodeSlice,
+        with_embedding: bool,
+        pack: bool,
+        get_part: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Weights> {
+        Self::build(cfg, with_embedding, pack, &|name| {
+            let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
+            let (r, c) = part.shape(rows, cols);
+            expect(get_part(name)?, name, ft, r, c)
+        })
+    }
+
+    /// Every tensor of this node by name through `part(name)`.
+    fn build(
+        cfg: &ModelConfig,
+        with_embedding: bool,
+        pack: bool,
+        part: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Weights> {
+        let m = |name: &str| -> Result<Tensor> {
+            let t = part(name)?;
+            if pack {
+                t.packed_q40()
+            } else {
+                Ok(t)
+            }
+        };
+        // norms are tiny: copied into vectors
+        let v = |name: &str| -> Result<Vec<f32>> { Ok(part(name)?.as_f32().to_vec()) };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let m = |name: &str, rows: usize, cols: usize| -> Result<Tensor> {
-                let full = format!("layers.{i}.{name}");
-                expect(get(&full)?, &full, wt, rows, cols)
-            };
-            let v = |name: &str| -> Result<Vec<f32>> {
-                let full = format!("layers.{i}.{name}");
-                vector(get(&full)?, &full, dim)
-            };
+            let n = |t: &str| format!("layers.{i}.{t}");
             layers.push(LayerWeights {
-                wq: m("q", q_dim, dim)?.rows(slice.q_rows.clone()),
-                wk: m("k", kv_dim, dim)?.rows(slice.kv_rows.clone()),
-                wv: m("v", kv_dim, dim)?.rows(slice.kv_rows.clone()),
-                wo: m("wo", dim, q_dim)?.columns(slice.q_rows.clone())?,
-                w1: m("w1", hid, dim)?.rows(slice.hidden.clone()),
-                w2: m("w2", dim, hid)?.columns(slice.hidden.clone())?,
-                w3: m("w3", hid, dim)?.rows(slice.hidden.clone()),
-                attn_norm: v("attn_norm")?,
-                ffn_norm: v("ffn_norm")?,
+                wq: m(&n("q"))?,
+                wk: m(&n("k"))?,
+                wv: m(&n("v"))?,
+                wo: m(&n("wo"))?,
+                w1: m(&n("w1"))?,
+                w2: m(&n("w2"))?,
+                w3: m(&n("w3"))?,
+                attn_norm: v(&n("attn_norm"))?,
+                ffn_norm: v(&n("ffn_norm"))?,
             });
         }
-        let embedding = if with_embedding {
-            Some(expect(
-                get("embedding")?,
-                "embedding",
-                DType::F32,
-                cfg.vocab_size,
-                dim,
-            )?)
-        } else {
-            None
-        };
         Ok(Weights {
-            embedding,
+            embedding: if with_embedding {
+                Some(part("embedding")?)
+            } else {
+                None
+            },
             layers,
-            norm: vector(get("norm")?, "norm", dim)?,
-            wcls: expect(get("wcls")?, "wcls", wt, cfg.vocab_size, dim)?.rows(slice.vocab.clone()),
+            norm: v("norm")?,
+            wcls: m("wcls")?,
         })
     }
 }
