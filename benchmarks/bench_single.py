@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-
 from dllama import _core
 
 
@@ -165,7 +164,9 @@ def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
             _, i, t = name.split(".")
             gname = f"blk.{i}.{GGUF_NAMES[t]}.weight"
         if ft == "q40":
-            w.add_tensor(gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+            w.add_tensor(
+                gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0
+            )
         else:
             arr = raw.view(np.float32)
             w.add_tensor(gname, arr if rows == 1 else arr.reshape(rows, cols))
@@ -238,7 +239,9 @@ def time_llamacpp(path: Path, nthreads: int, tokens: int) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["tinyllama", "7b"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--tokens", type=int, default=40, help="generated tokens timed (>= 32)")
@@ -264,19 +267,26 @@ def main() -> None:
             floor = wbytes / bw[n] * 1000
             ref = None if args.no_llamacpp else time_llamacpp(g_path, n, args.tokens)
             rows.append((s.name, n, ms, prefill, ref, floor, kernels))
-            print(f"{s.name} {n} thread(s): dllama {ms:.1f} ms/token (prefill {prefill:.1f} "
-                  f"ms/token), llama.cpp {ref if ref is None else f'{ref:.1f}'} ms/token, "
-                  f"floor {floor:.1f} ms", flush=True)
+            print(
+                f"{s.name} {n} thread(s): dllama {ms:.1f} ms/token (prefill {prefill:.1f} "
+                f"ms/token), llama.cpp {ref if ref is None else f'{ref:.1f}'} ms/token, "
+                f"floor {floor:.1f} ms",
+                flush=True,
+            )
 
     print()
-    print(f"| shape | threads | dllama ms/token | llama.cpp ms/token | dllama / llama.cpp "
-          f"| bandwidth floor ms | dllama / floor | dllama prefill ms/token | kernels |")
+    print(
+        "| shape | threads | dllama ms/token | llama.cpp ms/token | dllama / llama.cpp "
+        "| bandwidth floor ms | dllama / floor | dllama prefill ms/token | kernels |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, n, ms, prefill, ref, floor, kernels in rows:
         ratio = "-" if ref is None else f"{ms / ref:.2f}"
         refs = "-" if ref is None else f"{ref:.1f}"
-        print(f"| {name} | {n} | {ms:.1f} | {refs} | {ratio} | {floor:.1f} | {ms / floor:.2f} "
-              f"| {prefill:.1f} | {kernels} |")
+        print(
+            f"| {name} | {n} | {ms:.1f} | {refs} | {ratio} | {floor:.1f} | {ms / floor:.2f} "
+            f"| {prefill:.1f} | {kernels} |"
+        )
 
 
 if __name__ == "__main__":
