@@ -117,7 +117,7 @@ def run(
         typer.echo(
             f"💡 dim {node.dim}, {node.n_layers} layers, vocab {node.vocab_size}, "
             f"weights {node.weights_float_type}, kernels {node.kernels}, {node.nthreads} threads; "
-            f"KV cache {node.max_seq_len} positions, {node.kv_cache_bytes / 2**20:.1f} MiB",
+            f"KV cache {node.max_seq_len} positions, {node.kv_cache_bytes / 2**20:.1f} MiB when full",
             err=True,
         )
     try:
