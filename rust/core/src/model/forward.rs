@@ -143,6 +143,14 @@ impl Model {
             .as_ref()
             .ok_or_else(|| Error::invalid("this node holds no embedding"))?;
         let dim = self.cfg.dim;
+        if x.len() != tokens.len() * dim {
+            return Err(Error::invalid(format!(
+                "embed: {} tokens need {} values, the buffer has {}",
+                tokens.len(),
+                tokens.len() * dim,
+                x.len()
+            )));
+        }
         for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(dim)) {
             let t = t as usize;
             if t >= self.cfg.vocab_size {

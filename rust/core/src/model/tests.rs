@@ -424,6 +424,7 @@ fn bad_calls_are_errors() {
     let err = m.forward(&mut x, 64, &mut Local).unwrap_err().to_string();
     assert!(err.contains("exceed max_seq_len 64"), "{err}");
     assert!(m.forward(&mut [], 0, &mut Local).is_err());
+    assert!(m.embed(&[1, 2], &mut x).is_err());
     assert!(m.forward(&mut x[..10], 0, &mut Local).is_err());
     // a tensor of the wrong shape
     let mut bad = tensors.clone();
