@@ -66,3 +66,24 @@ def test_bad_logits() -> None:
         Sampler(1.0).sample(np.array([0.0, np.nan], dtype=np.float32))
     with pytest.raises(ValueError, match="1-D"):
         Sampler(0.0).sample(np.zeros((2, 2), dtype=np.float32))
+
+
+def test_top_p_candidates_filter_changes_nothing() -> None:
+    """The nucleus found among the pre-filtered candidates is the one a full sort finds."""
+
+    def full_sort_sample(p: np.ndarray, topp: float, u: float) -> int:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        last = min(int(np.searchsorted(cum, topp)) + 1, p.size)
+        kept = p[order][:last]
+        i = int(np.searchsorted(np.cumsum(kept), u * kept.sum(), side="right"))
+        return int(order[min(i, last - 1)])
+
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        logits = (rng.normal(size=500) * rng.uniform(0.5, 5)).astype(np.float32)
+        topp = float(rng.uniform(0.05, 0.99))
+        s = Sampler(temperature=0.9, topp=topp, seed=trial)
+        u = float(np.random.default_rng(trial).random())  # the sampler's first draw
+        want = full_sort_sample(s.probabilities(logits), topp, u)
+        assert s.sample(logits) == want

@@ -50,8 +50,11 @@ class Sampler:
             return int(np.argmax(logits))
         p = self.probabilities(logits)
         u = float(self._rng.random())
-        if 0.0 < self.topp < 1.0:
-            order = np.argsort(-p, kind="stable")
+        if 0.0 < self.topp < 1.0 and p.size > 1:
+            # Only tokens with p >= (1 - topp) / (n - 1) can be in the nucleus (the others
+            # together hold less than 1 - topp), so only those are sorted (as llama2.c).
+            cand = np.flatnonzero(p >= (1.0 - self.topp) / (p.size - 1))
+            order = cand[np.argsort(-p[cand], kind="stable")]
             sorted_p = p[order]
             cum = np.cumsum(sorted_p)
             # keep the smallest prefix whose mass reaches topp (at least one token)
