@@ -28,7 +28,10 @@ def _root(
     version: Annotated[
         bool | None,
         typer.Option(
-            "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
         ),
     ] = None,
 ) -> None:
