@@ -251,6 +251,31 @@ fn main() {
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );
+        // f32-buffer mode: Q40 weights × f32 input, active path and scalar
+        for k in [
+            Kernels::get(),
+            &Kernels::for_path(KernelPath::Scalar).unwrap(),
+        ] {
+            let mut times = Vec::new();
+            for it in 0..n_mats {
+                let w = &mats[it % n_mats];
+                let t0 = Instant::now();
+                let shared = dllama_core::pool::SharedOut::new(&mut out);
+                pool.split_rows(rows, |_, r| {
+                    // SAFETY: disjoint rows per thread
+                    let o = unsafe { shared.rows_mut(r.start, r.len()) };
+                    k.matmul_q40_f32(&w[r.start * bpr..r.end * bpr], &x, o, 1);
+                });
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            let t = median(times);
+            println!(
+                "threads {threads}: q40×f32 {:<16} {:7.3} ms  {:5.1} GB/s",
+                k.path.name(),
+                t * 1e3,
+                mat_bytes as f64 / t / 1e9
+            );
+        }
         // prefill: 32 tokens at once, weights read once per batch
         let nt = 32;
         let xb: Vec<BlockQ80> = (0..nt).flat_map(|_| xq.iter().copied()).collect();

@@ -27,7 +27,7 @@ const AWAKE_TIME: Duration = Duration::from_millis(2);
 /// Pure spinning (the common case: the other threads are a few microseconds away) before the
 /// waiting thread starts to `yield_now`, which hands the core to a thread we wait for when
 /// the machine has more runnable threads than cores.
-const SPIN_TIME: Duration = Duration::from_micros(50);
+const SPIN_TIME: Duration = Duration::from_micros(5);
 
 /// Spin iterations between two looks at the clock.
 const SPINS_PER_CLOCK_CHECK: u32 = 64;

@@ -674,3 +674,27 @@ fn attention_kernels_every_path() {
         }
     }
 }
+
+#[test]
+fn q40_f32_every_path() {
+    let mut rng = rng(13);
+    for &(n_rows, bpr, n_tokens) in &SHAPES {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_values(&mut rng, n_tokens * cols, 1.0);
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (want, mag) = reference(&q40_values(&w), &x64, n_rows, cols, n_tokens);
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40_f32(&w, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} q40×f32 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &want,
+                &mag,
+                SCALAR_REL_Q40_Q80,
+                ABS_FLOOR,
+            );
+        }
+    }
+}

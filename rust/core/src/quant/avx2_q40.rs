@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::avx2::{hsum, scale8};
-use super::block::{f16_to_f32, BlockQ40, BlockQ80};
+use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
 use super::packed::{CELL, GROUP};
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -395,3 +395,52 @@ pub mod avx512vnni {
 }
 
 pub use maddubs::matmul_q40_q80;
+
+// ---------------------------------------------------------------------------------------
+// Q40 × F32 (the f32-buffer mode)
+
+/// Dot product of one Q40 row with f32 values: each block's 32 values are widened to f32
+/// and multiplied exactly as the scalar `dot_q40_f32` (sum in f32, times the block scale).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
+    let eight = _mm256_set1_epi8(8);
+    let mut acc = _mm256_setzero_ps();
+    for (b, blk) in w.iter().enumerate() {
+        let v = _mm256_sub_epi8(q40_nibbles(blk), eight); // 32 signed values in value order
+        let xp = x.as_ptr().add(b * QK);
+        let lo = _mm256_castsi256_si128(v);
+        let hi = _mm256_extracti128_si256(v, 1);
+        let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+        let mut s = _mm256_setzero_ps();
+        for (k, &p) in parts.iter().enumerate() {
+            let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(p));
+            s = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(8 * k)), s);
+        }
+        acc = _mm256_fmadd_ps(s, scale8(blk.d), acc);
+    }
+    hsum(acc)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, cols) F32.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    let bpr = cols / QK;
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
+    for r in 0..n_rows {
+        let wr = &w[r * bpr..(r + 1) * bpr];
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_q40_f32(wr, &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}

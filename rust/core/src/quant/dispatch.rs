@@ -100,6 +100,7 @@ pub struct Kernels {
     matmul_q40_q80: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize),
     matmul_q80_q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize),
     matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
+    matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
@@ -141,6 +142,7 @@ impl Kernels {
                     matmul_q40_q80: q40,
                     matmul_q80_q80: avx2::matmul_q80_q80,
                     matmul_q40x8_q80: q40x8,
+                    matmul_q40_f32: super::avx2_q40::matmul_q40_f32,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
                     dot_f32: avx2::dot_f32,
@@ -166,6 +168,7 @@ impl Kernels {
                     matmul_q40_q80: q40,
                     matmul_q80_q80: q80,
                     matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+                    matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
                     dot_f32: neon::dot_f32,
@@ -207,6 +210,7 @@ impl Kernels {
             matmul_q40_q80: scalar::matmul_q40_q80,
             matmul_q80_q80: scalar::matmul_q80_q80,
             matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+            matmul_q40_f32: scalar::matmul_q40_f32,
             matmul_f32: scalar::matmul_f32,
             matmul_f16: scalar::matmul_f16,
             dot_f32: scalar::dot_f32,
@@ -248,6 +252,10 @@ impl Kernels {
         n_tokens: usize,
     ) {
         unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
+    }
+    /// Q40 weights × f32 input (the f32-buffer mode).
+    pub fn matmul_q40_f32(&self, w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_q40_f32)(w, x, out, n_tokens) }
     }
     pub fn matmul_q80_q80(&self, w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
         unsafe { (self.matmul_q80_q80)(w, x, out, n_tokens) }

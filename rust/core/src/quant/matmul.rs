@@ -157,7 +157,7 @@ fn run_rows(
             k.matmul_q40_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
         (Weights::Q40(w), Input::F32(x)) => {
-            scalar::matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
+            k.matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
         (Weights::Q80(w), Input::F32(x)) => {
             scalar::matmul_q80_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
