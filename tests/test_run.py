@@ -290,3 +290,46 @@ def test_eos_stops_generation_and_multibyte_text_is_whole(smol: tuple[Path, Path
     prompt = tok.encode("Hi")
     assert node.calls[0] == (prompt, 0)
     assert [c[1] for c in node.calls[1:]] == list(range(len(prompt), len(prompt) + len(text_ids)))
+
+
+def _mistral_tokenizer() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+    return p if p.is_file() else None
+
+
+@pytest.mark.skipif(_mistral_tokenizer() is None, reason="mistral_common is not installed")
+def test_sentencepiece_model_tokenizer(tmp_path: Path) -> None:
+    """A SentencePiece `.model` file works as --tokenizer (random model, Mistral's vocab)."""
+    from forward_utils import random_llama, write_m
+
+    tok = _mistral_tokenizer()
+    assert tok is not None
+    write_m(random_llama(seed=8, vocab=32000), tmp_path / "m.m", "q40", 0)
+    r = dllama(
+        "run",
+        "-m",
+        str(tmp_path / "m.m"),
+        "-t",
+        str(tok),
+        "-p",
+        "Hello world",
+        "--steps",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    pieces, summary = json_lines(r.stdout)
+    assert summary["prompt_tokens"] == 3  # <s> ▁Hello ▁world
+    assert len(pieces) == summary["generated_tokens"] <= 6
+    assert all(0 <= p["token"] < 32000 for p in pieces)
+    # a model whose vocabulary is smaller than the tokenizer's is refused
+    write_m(random_llama(seed=8, vocab=128), tmp_path / "small.m", "f32", 0)
+    r = dllama("run", "-m", str(tmp_path / "small.m"), "-t", str(tok), "-p", "Hi")
+    assert r.returncode == 1 and "do not belong together" in r.stderr
