@@ -5,7 +5,7 @@ use super::config::is_quantized;
 use super::tensor::Tensor;
 use crate::format::FloatType;
 use crate::pool::ThreadPool;
-use crate::quant::{self, BlockQ80, Input, QK};
+use crate::quant::{self, BlockQ80, Input, PackedQ40, QK};
 use crate::Result;
 
 /// The kernels' view of a weight tensor multiplied by `x`: the repacked rows when there are
@@ -31,6 +31,38 @@ pub fn matmul(
     out: &mut [f32],
 ) -> Result<()> {
     quant::matmul(pool, weights_view(w, &x), x, out, w.rows, w.cols, n_tokens)
+}
+
+/// out (n_tokens, p.n_rows()) = p × x (n_tokens, cols)ᵀ for repacked Q40 rows (Q80 input).
+pub fn matmul_packed(
+    pool: &mut ThreadPool,
+    p: &PackedQ40,
+    x: Input<'_>,
+    n_tokens: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    quant::matmul(
+        pool,
+        quant::Weights::Q40Packed(p),
+        x,
+        out,
+        p.n_rows(),
+        p.cols(),
+        n_tokens,
+    )
+}
+
+/// Split each row of `fused` (n_tokens, sum of widths) into the rows of `outs` (n_tokens,
+/// width each), in order.
+pub fn split_columns(fused: &[f32], n_tokens: usize, outs: &mut [(&mut [f32], usize)]) {
+    let total: usize = outs.iter().map(|(_, w)| *w).sum();
+    for t in 0..n_tokens {
+        let mut c = t * total;
+        for (out, w) in outs.iter_mut() {
+            out[t * *w..(t + 1) * *w].copy_from_slice(&fused[c..c + *w]);
+            c += *w;
+        }
+    }
 }
 
 /// The input of a matmul by weights of type `dtype`: Q80 blocks (quantized into `xq`) when

@@ -54,6 +54,7 @@ struct Buffers {
     h1: Vec<f32>,           // (batch, hidden_local) gate, then silu(gate) * up
     h3: Vec<f32>,           // (batch, hidden_local) up
     logits_local: Vec<f32>, // (vocab_local)
+    fused: Vec<f32>,        // (batch, max(q_local + 2 kv_local, 2 hidden_local)) fused matmul out
 }
 
 pub struct Model {
@@ -112,6 +113,7 @@ impl Model {
             h1: vec![0.0; b * hid],
             h3: vec![0.0; b * hid],
             logits_local: vec![0.0; slice.vocab.len()],
+            fused: vec![0.0; b * (q_local + 2 * kv_local).max(2 * hid)],
         };
         let q80_inputs = buffer_type == BufferType::Q80 && is_quantized(cfg.weights_float_type);
         Ok(Model {
@@ -239,9 +241,24 @@ impl Model {
             ops::rmsnorm_rows(x, &lw.attn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
             // qkv matmuls for these positions
             let xin = input(q80, lw.wq.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
-            compute::matmul(pool, &lw.wq, xin, n, &mut bufs.q[..n * q_local])?;
-            compute::matmul(pool, &lw.wk, xin, n, &mut bufs.k[..n * kv_local])?;
-            compute::matmul(pool, &lw.wv, xin, n, &mut bufs.v[..n * kv_local])?;
+            if let (Some(p), true) = (&lw.qkv_packed, q80) {
+                // one matmul for the three, then each token's row split into q, k, v
+                let fused = &mut bufs.fused[..n * (q_local + 2 * kv_local)];
+                compute::matmul_packed(pool, p, xin, n, fused)?;
+                compute::split_columns(
+                    fused,
+                    n,
+                    &mut [
+                        (&mut bufs.q[..], q_local),
+                        (&mut bufs.k[..], kv_local),
+                        (&mut bufs.v[..], kv_local),
+                    ],
+                );
+            } else {
+                compute::matmul(pool, &lw.wq, xin, n, &mut bufs.q[..n * q_local])?;
+                compute::matmul(pool, &lw.wk, xin, n, &mut bufs.k[..n * kv_local])?;
+                compute::matmul(pool, &lw.wv, xin, n, &mut bufs.v[..n * kv_local])?;
+            }
             // RoPE on q and k
             rope.apply_rows(&mut bufs.q[..n * q_local], q_local, pos)?;
             rope.apply_rows(&mut bufs.k[..n * kv_local], kv_local, pos)?;
@@ -274,8 +291,18 @@ impl Model {
             ops::rmsnorm_rows(x, &lw.ffn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
             // gate and up projections (this node's hidden units)
             let xin = input(q80, lw.w1.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
-            compute::matmul(pool, &lw.w1, xin, n, &mut bufs.h1[..n * hid])?;
-            compute::matmul(pool, &lw.w3, xin, n, &mut bufs.h3[..n * hid])?;
+            if let (Some(p), true) = (&lw.w13_packed, q80) {
+                let fused = &mut bufs.fused[..n * 2 * hid];
+                compute::matmul_packed(pool, p, xin, n, fused)?;
+                compute::split_columns(
+                    fused,
+                    n,
+                    &mut [(&mut bufs.h1[..], hid), (&mut bufs.h3[..], hid)],
+                );
+            } else {
+                compute::matmul(pool, &lw.w1, xin, n, &mut bufs.h1[..n * hid])?;
+                compute::matmul(pool, &lw.w3, xin, n, &mut bufs.h3[..n * hid])?;
+            }
             // act(gate) * up
             match cfg.hidden_act {
                 HiddenAct::Silu => ops::silu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,

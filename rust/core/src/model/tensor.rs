@@ -241,6 +241,11 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Release the mapped pages of this tensor (it will not be read for a while).
+    pub fn release(&self) {
+        self.source.release(self.range.clone());
+    }
+
     /// The repacked rows, if any.
     pub fn packed(&self) -> Option<&PackedQ40> {
         self.packed.as_deref()

@@ -2,11 +2,13 @@
 //! classifier (plus the embedding on the root).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::config::ModelConfig;
 use super::split::NodeSlice;
 use super::tensor::Tensor;
 use crate::format::FloatType;
+use crate::quant::{BlockQ40, PackedQ40};
 use crate::{Error, Result};
 
 /// One transformer block, this node's slice of it.
@@ -20,6 +22,33 @@ pub struct LayerWeights {
     pub w3: Tensor,          // (hidden_local, dim), up
     pub attn_norm: Vec<f32>, // (dim)
     pub ffn_norm: Vec<f32>,  // (dim)
+    /// When packing (x86_64, Q40 weights, Q80 buffers): the rows of wq, wk, wv repacked as one
+    /// (q_local + 2 kv_local, dim) matrix, and of w1, w3 as one (2 hidden_local, dim) matrix,
+    /// so each group is one matmul (one dispatch to the pool instead of three, or two). The
+    /// plain tensors above then stay mapped but unread (their pages released).
+    pub qkv_packed: Option<Arc<PackedQ40>>,
+    pub w13_packed: Option<Arc<PackedQ40>>,
+}
+
+/// The rows of Q40 `parts` (same columns) repacked as one matrix; the parts' mapped pages are
+/// released afterwards.
+fn pack_rows(parts: &[&Tensor]) -> Result<Arc<PackedQ40>> {
+    let cols = parts[0].cols;
+    let rows: usize = parts.iter().map(|t| t.rows).sum();
+    let mut blocks: Vec<BlockQ40> = Vec::with_capacity(rows * cols / 32);
+    for t in parts {
+        if t.dtype != FloatType::Q40 || t.cols != cols {
+            return Err(Error::invalid(
+                "only Q40 tensors of the same width are packed together",
+            ));
+        }
+        blocks.extend_from_slice(t.as_q40());
+    }
+    let packed = PackedQ40::pack(&blocks, rows, cols)?;
+    for t in parts {
+        t.release();
+    }
+    Ok(Arc::new(packed))
 }
 
 pub struct Weights {
@@ -175,6 +204,7 @@ impl Weights {
         pack: bool,
         part: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<Weights> {
+        let pack = pack && cfg.weights_float_type == FloatType::Q40;
         let m = |name: &str| -> Result<Tensor> {
             let t = part(name)?;
             if pack {
@@ -188,16 +218,28 @@ impl Weights {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |t: &str| format!("layers.{i}.{t}");
+            let (wq, wk, wv) = (part(&n("q"))?, part(&n("k"))?, part(&n("v"))?);
+            let (w1, w3) = (part(&n("w1"))?, part(&n("w3"))?);
+            let (qkv_packed, w13_packed) = if pack {
+                (
+                    Some(pack_rows(&[&wq, &wk, &wv])?),
+                    Some(pack_rows(&[&w1, &w3])?),
+                )
+            } else {
+                (None, None)
+            };
             layers.push(LayerWeights {
-                wq: m(&n("q"))?,
-                wk: m(&n("k"))?,
-                wv: m(&n("v"))?,
+                wq,
+                wk,
+                wv,
                 wo: m(&n("wo"))?,
-                w1: m(&n("w1"))?,
+                w1,
                 w2: m(&n("w2"))?,
-                w3: m(&n("w3"))?,
+                w3,
                 attn_norm: v(&n("attn_norm"))?,
                 ffn_norm: v(&n("ffn_norm"))?,
+                qkv_packed,
+                w13_packed,
             });
         }
         Ok(Weights {
