@@ -5,7 +5,7 @@ TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
 
 1. writes a `.m` file of random Q40 weights (cached in --dir),
 2. writes the very same Q4_0 blocks as a GGUF file (Q40 is byte-for-byte ggml's Q4_0),
-3. measures this machine's memory read bandwidth at 1 and 2 threads,
+3. measures this machine's memory read bandwidth with 1 and 2 processes reading at once,
 4. times dllama (`dllama._core.Node.forward`, one token at a time after a short prompt):
    median ms/token over --tokens generated tokens, at each thread count,
 5. times llama.cpp on the GGUF through the `xllamacpp` wheel (its own timing of the generated
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing as mp
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -177,22 +178,36 @@ def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     tmp.rename(path)
 
 
-def read_bandwidth(nthreads: int, nbytes: int = 1 << 30, repeat: int = 5) -> float:
-    """Bytes per second that `nthreads` threads read from memory (numpy reductions over a
-    buffer far larger than the caches; numpy releases the GIL while reducing)."""
-    a = np.ones(nbytes // 8, dtype=np.uint64)
-    parts = np.array_split(a, nthreads)
-    best = float("inf")
-    for _ in range(repeat):
-        threads = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+def _read_worker(nbytes: int, barrier: Any, rounds: int, out: Any) -> None:
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    a.max()  # touch every page before timing
+    times = []
+    for _ in range(rounds):
+        barrier.wait()
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = min(best, time.perf_counter() - t0)
-    del a, parts
-    return nbytes / best
+        a.max()
+        times.append(time.perf_counter() - t0)
+    out.put(times)
+
+
+def read_bandwidth(nprocs: int, nbytes: int = 1 << 30, rounds: int = 5) -> float:
+    """Bytes per second that `nprocs` processes read from memory at once: each takes the max
+    of its own float32 array (a share of `nbytes`, far larger than the caches); processes,
+    not threads, so no lock serializes them. Best of `rounds` (each round: slowest process)."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(nprocs)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_read_worker, args=(nbytes // nprocs, barrier, rounds, out))
+        for _ in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    slowest = [max(r[i] for r in results) for i in range(rounds)]
+    return (nbytes // nprocs * nprocs) / min(slowest)
 
 
 def time_dllama(path: Path, nthreads: int, tokens: int) -> tuple[float, float, str, int]:
