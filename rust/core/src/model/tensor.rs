@@ -178,7 +178,8 @@ impl Tensor {
         }
     }
 
-    /// Columns `c` of every row, copied (a column slice is not contiguous in the file).
+    /// Columns `c` of every row, copied (a column slice is not contiguous in the file); the
+    /// source's mapped pages are released afterwards.
     /// For quantized types `c` must be whole blocks.
     pub fn columns(&self, c: Range<usize>) -> Result<Tensor> {
         if c == (0..self.cols) {
@@ -201,6 +202,9 @@ impl Tensor {
                     .copy_from_slice(&src[r * rb + b0..r * rb + b1]);
             }
         }
+        // reading the columns touched most pages of the tensor: give them back (a mapped
+        // file's pages come back from the file if another view reads them)
+        self.release();
         let len = self.rows * (b1 - b0);
         Tensor::new(self.dtype, self.rows, c.len(), Arc::new(out), 0..len)
     }
