@@ -12,8 +12,8 @@ use pyo3::prelude::*;
 
 use crate::errors::IntoPy;
 
-/// A model loaded for inference: weights memory-mapped from the file, a KV cache, a pool of
-/// threads. `forward(tokens, pos)` runs tokens at positions `pos..` and returns the logits of
+/// A model loaded for inference: weights memory-mapped from the file (Q40 matrices repacked
+/// into memory on x86_64 with q80 buffers), a KV cache, a pool of threads. `forward(tokens, pos)` runs tokens at positions `pos..` and returns the logits of
 /// the last one.
 #[pyclass(name = "Node", module = "dllama._core")]
 pub struct PyNode {
