@@ -269,7 +269,7 @@ def main() -> None:
 
     bw = {n: read_bandwidth(n) for n in args.threads}
     for n, b in bw.items():
-        print(f"memory read bandwidth, {n} thread(s): {b / 1e9:.1f} GB/s", flush=True)
+        print(f"memory read bandwidth, {n} reader(s): {b / 1e9:.1f} GB/s", flush=True)
 
     rows = []
     for key in args.shapes:
