@@ -41,10 +41,7 @@ impl Error {
         Error::Invalid(msg.into())
     }
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 }
 

@@ -49,13 +49,7 @@ pub fn f32_to_f16(x: f32) -> u16 {
 /// Quantize `x` (a multiple of 32 values) into Q40 blocks, as ggml's
 /// `quantize_row_q4_0_ref`: d = m / -8 where m is the value of largest magnitude.
 pub fn quantize_q40(x: &[f32], out: &mut [BlockQ40]) {
-    assert_eq!(
-        x.len(),
-        out.len() * QK,
-        "quantize_q40: {} values for {} blocks",
-        x.len(),
-        out.len()
-    );
+    assert_eq!(x.len(), out.len() * QK, "quantize_q40: {} values for {} blocks", x.len(), out.len());
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let mut amax = 0.0f32;
         let mut max = 0.0f32;
@@ -94,13 +88,7 @@ pub fn dequantize_q40(blocks: &[BlockQ40], out: &mut [f32]) {
 /// Quantize `x` (a multiple of 32 values) into Q80 blocks, as ggml's
 /// `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d), ties away from zero.
 pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(
-        x.len(),
-        out.len() * QK,
-        "quantize_q80: {} values for {} blocks",
-        x.len(),
-        out.len()
-    );
+    assert_eq!(x.len(), out.len() * QK, "quantize_q80: {} values for {} blocks", x.len(), out.len());
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -159,9 +147,7 @@ mod tests {
 
     #[test]
     fn q40_round_trip_within_half_step() {
-        let x: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0)
-            .collect();
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0).collect();
         let mut q = vec![BlockQ40::default(); 2];
         quantize_q40(&x, &mut q);
         let mut y = vec![0.0; 64];
@@ -174,21 +160,14 @@ mod tests {
                 // nearly its size: +8 steps does not fit in 4 bits and is clamped to +7.
                 let s = x[i] / f16_to_f32(q[b].d);
                 let bound = if s > 7.5 { (s - 7.0) * d } else { 0.5 * d };
-                assert!(
-                    (x[i] - y[i]).abs() <= bound * 1.001 + 1e-6,
-                    "{i}: {} vs {}",
-                    x[i],
-                    y[i]
-                );
+                assert!((x[i] - y[i]).abs() <= bound * 1.001 + 1e-6, "{i}: {} vs {}", x[i], y[i]);
             }
         }
     }
 
     #[test]
     fn q80_round_trip_within_half_step() {
-        let x: Vec<f32> = (0..96)
-            .map(|i| ((i * 53 % 96) as f32 - 47.0) / 3.0)
-            .collect();
+        let x: Vec<f32> = (0..96).map(|i| ((i * 53 % 96) as f32 - 47.0) / 3.0).collect();
         let mut q = vec![BlockQ80::default(); 3];
         quantize_q80(&x, &mut q);
         let mut y = vec![0.0; 96];
