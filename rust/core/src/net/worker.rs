@@ -349,58 +349,68 @@ fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
     send_frame(&mut conn, Kind::Ready, &[], "Ready")?;
     log(&format!("ready for {peer}"));
 
-    // steps
+    // steps, until Stop or the root goes away
+    let mut steps = 0u64;
+    match run_steps(&mut conn, &setup, model.as_mut(), &t, &mut steps) {
+        Ok(()) => {
+            log(&format!(
+                "{peer} finished after {steps} steps; listening again"
+            ));
+            Ok(())
+        }
+        Err(Error::Connection(m)) => Err(Error::Connection(format!(
+            "{m}: the root went away after {steps} steps; listening again"
+        ))),
+        Err(Error::Protocol(m)) => Err(refuse(
+            &mut conn,
+            Error::Protocol(format!("{m}; listening again")),
+        )),
+        Err(e) => Err(Error::Connection(format!(
+            "session with {peer} ended after {steps} steps: {e}; listening again"
+        ))),
+    }
+}
+
+/// Serve steps until the root sends `Stop`.
+fn run_steps(
+    conn: &mut Conn,
+    setup: &Setup,
+    model: &mut dyn WorkerModel,
+    t: &Timeouts,
+    steps: &mut u64,
+) -> Result<()> {
     let dim = model.dim();
     let vectors = Wire::for_vectors(setup.buffer_type);
     let max_tokens = setup.max_seq_len.max(1) as usize;
     let mut x: Vec<f32> = Vec::new();
-    let mut steps = 0u64;
     loop {
         conn.set_timeout(t.idle)?;
-        let (kind, len) = match read_frame_header(
-            &mut conn,
-            8 + vectors.bytes(max_tokens * dim),
-            "the next step",
-        ) {
-            Ok(h) => h,
-            Err(Error::Connection(m)) => {
-                return Err(Error::Connection(format!(
-                    "root went away after {steps} steps ({m}); listening again"
-                )))
-            }
-            Err(e) => return Err(e),
-        };
+        let (kind, len) =
+            read_frame_header(conn, 8 + vectors.bytes(max_tokens * dim), "the next step")?;
         conn.set_timeout(t.step)?;
         match kind {
-            Kind::Stop => {
-                log(&format!(
-                    "{peer} finished after {steps} steps; listening again"
-                ));
-                return Ok(());
-            }
+            Kind::Stop => return Ok(()),
             Kind::Step => {
                 let mut p = vec![0u8; len];
                 conn.read_exact(&mut p, "the step input")?;
                 let mut r = Reader::new(&p, "Step");
                 let pos = r.u32()? as usize;
                 let n_tokens = r.u32()? as usize;
-                if n_tokens == 0 || n_tokens > max_tokens || pos + n_tokens > max_tokens {
-                    return Err(refuse(
-                        &mut conn,
-                        Error::Protocol(format!("step of {n_tokens} tokens at position {pos} exceeds max_seq_len {max_tokens}")),
-                    ));
+                if n_tokens == 0 || pos + n_tokens > max_tokens {
+                    return Err(Error::Protocol(format!(
+                        "step of {n_tokens} tokens at position {pos} exceeds max_seq_len {max_tokens}"
+                    )));
                 }
                 x.resize(n_tokens * dim, 0.0);
                 vectors.decode(r.remaining(), &mut x)?;
-                let mut coll = WorkerCollective::new(&mut conn, &setup);
+                let mut coll = WorkerCollective::new(conn, setup);
                 model.forward(&mut x, pos, &mut coll)?;
-                steps += 1;
+                *steps += 1;
             }
             other => {
-                return Err(refuse(
-                    &mut conn,
-                    Error::Protocol(format!("unexpected {other:?} between steps")),
-                ))
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} between steps"
+                )))
             }
         }
     }
