@@ -123,7 +123,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
         None,
     );
     let mut root = RootCollective::connect(
-        &[w.addr.clone()],
+        std::slice::from_ref(&w.addr),
         DIM,
         &identity(1),
         &root_opts(BufferType::Q80, None),
@@ -173,7 +173,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
     let mut small = identity(1);
     small.file_size = 2_000_000;
     let mut root = RootCollective::connect(
-        &[w2.addr.clone()],
+        std::slice::from_ref(&w2.addr),
         DIM,
         &small,
         &root_opts(BufferType::Q80, None),

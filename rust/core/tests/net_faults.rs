@@ -190,7 +190,7 @@ fn unreachable_and_silent_workers_give_clear_errors_in_bounded_time() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let err = RootCollective::connect(
-        &[addr.clone()],
+        std::slice::from_ref(&addr),
         DIM,
         &identity(1),
         &root_opts(BufferType::Q80, None),
