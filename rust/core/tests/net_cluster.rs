@@ -130,20 +130,31 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
     )
     .unwrap();
     assert!(root.needs_weights(0));
+    // the file: a, then the 5 rows of wo with 500 bytes of other columns after each
+    let mut file_bytes = a.clone();
+    for r in &rows {
+        file_bytes.extend_from_slice(r);
+        file_bytes.extend_from_slice(&[0xEE; 500]);
+    }
+    let path = std::env::temp_dir().join(format!("dllama-ship-{}.bin", std::process::id()));
+    std::fs::write(&path, &file_bytes).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let n = a.len() as u64;
     let tensors = vec![
         ShipTensor {
             name: "layers.0.q".into(),
-            parts: vec![&a[..1_500_001], &a[1_500_001..]],
+            parts: vec![(0, 1_500_001), (1_500_001, a.len() - 1_500_001)],
         },
         ShipTensor {
             name: "layers.0.wo".into(),
-            parts: rows.iter().map(|r| &r[..]).collect(),
+            parts: (0..5).map(|r| (n + r * 1500, 1000)).collect(),
         },
     ];
     let mut calls = 0;
     let mut last = (0, 0);
     let total = root
-        .ship(0, &tensors, &mut |d, t| {
+        .ship(0, &file, &tensors, &mut |d, t| {
             calls += 1;
             last = (d, t);
         })
@@ -181,7 +192,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
     .unwrap();
     // (the bytes may all fit in the socket buffers: then the refusal comes instead of Ready)
     let err = root
-        .ship(0, &tensors, &mut |_, _| {})
+        .ship(0, &file, &tensors, &mut |_, _| {})
         .and_then(|_| root.wait_ready())
         .unwrap_err()
         .to_string();

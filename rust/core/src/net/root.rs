@@ -197,16 +197,17 @@ impl RootCollective {
         self.workers[worker].needs_weights
     }
 
-    /// Stream worker `worker` (0-based) its tensors; returns the bytes shipped.
+    /// Stream worker `worker` (0-based) its tensors, read from `file`; returns the bytes shipped.
     pub fn ship(
         &mut self,
         worker: usize,
-        tensors: &[ShipTensor<'_>],
+        file: &std::fs::File,
+        tensors: &[ShipTensor],
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
         let link = &mut self.workers[worker];
         link.conn.set_timeout(self.timeouts.step)?;
-        match send_tensors(&mut link.conn, tensors, progress) {
+        match send_tensors(&mut link.conn, file, tensors, progress) {
             Ok(n) => Ok(n),
             // the worker may have refused (and said why) before it stopped reading
             Err(e) => Err(pending_refusal(&mut link.conn).unwrap_or(e)),

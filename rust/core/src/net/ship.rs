@@ -6,19 +6,39 @@ use super::protocol::{
     expect_frame, read_frame_header, send_frame, Kind, Reader, Writer, MAX_CONTROL_FRAME,
     SHIP_CHUNK,
 };
+use std::fs::File;
+
 use super::tcp::Conn;
 use crate::{Error, Result};
 
-/// A tensor to ship: its name and its bytes, possibly in several non-contiguous parts (the
-/// column slice of a row-major matrix is one part per row).
-pub struct ShipTensor<'a> {
+/// A tensor to ship: its name and where its bytes are in the model file, possibly in several
+/// non-contiguous parts (the column slice of a row-major matrix is one part per row).
+/// The root reads them with positioned reads, not through its memory map, so shipping does
+/// not leave the workers' slices resident in the root's memory.
+pub struct ShipTensor {
     pub name: String,
-    pub parts: Vec<&'a [u8]>,
+    /// (file offset, byte count) of each part, in order.
+    pub parts: Vec<(u64, usize)>,
 }
 
-impl ShipTensor<'_> {
+impl ShipTensor {
     pub fn nbytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.len() as u64).sum()
+        self.parts.iter().map(|p| p.1 as u64).sum()
+    }
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
     }
 }
 
@@ -72,10 +92,12 @@ pub struct ShippedTensor {
     pub data: AlignedBytes,
 }
 
-/// Root side: send `tensors` to one worker. `progress(done, total)` after every chunk.
+/// Root side: send `tensors` (parts of `file`) to one worker. `progress(done, total)` after
+/// every chunk.
 pub fn send_tensors(
     conn: &mut Conn,
-    tensors: &[ShipTensor<'_>],
+    file: &File,
+    tensors: &[ShipTensor],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     let total: u64 = tensors.iter().map(|t| t.nbytes()).sum();
@@ -85,12 +107,23 @@ pub fn send_tensors(
         let mut w = Writer::default();
         w.blob(t.name.as_bytes()).u64(t.nbytes());
         send_frame(conn, Kind::Tensor, &w.0, "a weight tensor header")?;
-        for part in &t.parts {
-            let mut rest: &[u8] = part;
-            while !rest.is_empty() {
-                let take = rest.len().min(SHIP_CHUNK - chunk.len());
-                chunk.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
+        for &(offset, len) in &t.parts {
+            let (mut off, mut rest) = (offset, len);
+            while rest > 0 {
+                let take = rest.min(SHIP_CHUNK - chunk.len());
+                let at = chunk.len();
+                chunk.resize(at + take, 0);
+                read_at(file, &mut chunk[at..], off).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "cannot read {} bytes of {} at offset {off} of the model file",
+                            take, t.name
+                        ),
+                        e,
+                    )
+                })?;
+                off += take as u64;
+                rest -= take;
                 if chunk.len() == SHIP_CHUNK {
                     send_frame(conn, Kind::Data, &chunk, "weights")?;
                     done += chunk.len() as u64;
