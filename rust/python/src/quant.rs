@@ -1,7 +1,59 @@
-//! Bindings: quant (in progress).
+//! Bindings: encoding float32 arrays as f32 / f16 / Q40 / Q80 bytes and back.
 
+use std::borrow::Cow;
+
+use dllama_core::format::{self, FloatType};
+use numpy::{PyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use crate::errors::IntoPy;
+
+/// Encodes a float32 array (any shape, read in C order) as `float_type` bytes: "f32", "f16",
+/// "q40" or "q80" (ggml Q4_0 / Q8_0 blocks; the size must be a multiple of 32).
+#[pyfunction]
+fn quantize<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    float_type: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let ft = FloatType::from_name(float_type).py()?;
+    let arr: PyReadonlyArrayDyn<'py, f32> = x.extract().map_err(|_| {
+        let dtype = x
+            .getattr("dtype")
+            .map(|d| d.to_string())
+            .unwrap_or_else(|_| x.get_type().to_string());
+        PyTypeError::new_err(format!(
+            "quantize() needs a float32 numpy array, got {dtype}"
+        ))
+    })?;
+    // as_slice() also accepts Fortran-ordered arrays (in memory order): only borrow C order
+    let values: Cow<'_, [f32]> = match arr.as_slice() {
+        Ok(s) if arr.is_c_contiguous() => Cow::Borrowed(s),
+        _ => Cow::Owned(arr.as_array().iter().copied().collect()),
+    };
+    let nbytes = ft.bytes_for(arr.len() as u64).py()? as usize;
+    let values: &[f32] = &values;
+    PyBytes::new_with(py, nbytes, |buf| {
+        py.detach(|| format::quantize_into(values, ft, buf)).py()
+    })
+}
+
+/// Decodes `float_type` bytes into a 1-D float32 array.
+#[pyfunction]
+fn dequantize<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    float_type: &str,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let ft = FloatType::from_name(float_type).py()?;
+    let values = py.detach(|| format::dequantize(data, ft)).py()?;
+    Ok(PyArray1::from_vec(py, values))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     Ok(())
 }

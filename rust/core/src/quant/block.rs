@@ -49,7 +49,13 @@ pub fn f32_to_f16(x: f32) -> u16 {
 /// Quantize `x` (a multiple of 32 values) into Q40 blocks, as ggml's
 /// `quantize_row_q4_0_ref`: d = m / -8 where m is the value of largest magnitude.
 pub fn quantize_q40(x: &[f32], out: &mut [BlockQ40]) {
-    assert_eq!(x.len(), out.len() * QK, "quantize_q40: {} values for {} blocks", x.len(), out.len());
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "quantize_q40: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let mut amax = 0.0f32;
         let mut max = 0.0f32;
@@ -88,14 +94,20 @@ pub fn dequantize_q40(blocks: &[BlockQ40], out: &mut [f32]) {
 /// Quantize `x` (a multiple of 32 values) into Q80 blocks, as ggml's
 /// `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d), ties away from zero.
 pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(x.len(), out.len() * QK, "quantize_q80: {} values for {} blocks", x.len(), out.len());
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "quantize_q80: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         yb.d = f32_to_f16(d);
-        for j in 0..QK {
-            yb.qs[j] = (xb[j] * id).round() as i8;
+        for (q, &v) in yb.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
         }
     }
 }
@@ -105,15 +117,15 @@ pub fn dequantize_q80(blocks: &[BlockQ80], out: &mut [f32]) {
     assert_eq!(out.len(), blocks.len() * QK);
     for (b, yb) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16_to_f32(b.d);
-        for j in 0..QK {
-            yb[j] = b.qs[j] as f32 * d;
+        for (y, &q) in yb.iter_mut().zip(&b.qs) {
+            *y = q as f32 * d;
         }
     }
 }
 
 /// View raw file bytes as Q40 blocks (blocks have alignment 2).
 pub fn as_q40(bytes: &[u8]) -> Option<&[BlockQ40]> {
-    if bytes.len() % 18 != 0 || bytes.as_ptr() as usize % 2 != 0 {
+    if !bytes.len().is_multiple_of(18) || !(bytes.as_ptr() as usize).is_multiple_of(2) {
         return None;
     }
     // SAFETY: BlockQ40 is repr(C), 18 bytes, alignment 2, every bit pattern valid.
@@ -122,7 +134,7 @@ pub fn as_q40(bytes: &[u8]) -> Option<&[BlockQ40]> {
 
 /// View raw bytes as Q80 blocks (blocks have alignment 2).
 pub fn as_q80(bytes: &[u8]) -> Option<&[BlockQ80]> {
-    if bytes.len() % 34 != 0 || bytes.as_ptr() as usize % 2 != 0 {
+    if !bytes.len().is_multiple_of(34) || !(bytes.as_ptr() as usize).is_multiple_of(2) {
         return None;
     }
     // SAFETY: BlockQ80 is repr(C), 34 bytes, alignment 2, every bit pattern valid.
@@ -147,27 +159,36 @@ mod tests {
 
     #[test]
     fn q40_round_trip_within_half_step() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0)
+            .collect();
         let mut q = vec![BlockQ40::default(); 2];
         quantize_q40(&x, &mut q);
         let mut y = vec![0.0; 64];
         dequantize_q40(&q, &mut y);
-        for b in 0..2 {
-            let d = f16_to_f32(q[b].d).abs();
+        for (b, blk) in q.iter().enumerate() {
+            let d = f16_to_f32(blk.d).abs();
             for j in 0..32 {
                 let i = b * 32 + j;
                 // half a step, except a value of the opposite sign to the largest one and
                 // nearly its size: +8 steps does not fit in 4 bits and is clamped to +7.
-                let s = x[i] / f16_to_f32(q[b].d);
+                let s = x[i] / f16_to_f32(blk.d);
                 let bound = if s > 7.5 { (s - 7.0) * d } else { 0.5 * d };
-                assert!((x[i] - y[i]).abs() <= bound * 1.001 + 1e-6, "{i}: {} vs {}", x[i], y[i]);
+                assert!(
+                    (x[i] - y[i]).abs() <= bound * 1.001 + 1e-6,
+                    "{i}: {} vs {}",
+                    x[i],
+                    y[i]
+                );
             }
         }
     }
 
     #[test]
     fn q80_round_trip_within_half_step() {
-        let x: Vec<f32> = (0..96).map(|i| ((i * 53 % 96) as f32 - 47.0) / 3.0).collect();
+        let x: Vec<f32> = (0..96)
+            .map(|i| ((i * 53 % 96) as f32 - 47.0) / 3.0)
+            .collect();
         let mut q = vec![BlockQ80::default(); 3];
         quantize_q80(&x, &mut q);
         let mut y = vec![0.0; 96];

@@ -1,0 +1,293 @@
+"""One-machine speed: dllama against llama.cpp on the same random Q40 weights (issue 3 §8).
+
+For each shape (Llama 2 7B: dim 4096, hidden 11008, 32 layers, 32 heads, vocab 32000;
+TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
+
+1. writes a `.m` file of random Q40 weights (cached in --dir),
+2. writes the very same Q4_0 blocks as a GGUF file (Q40 is byte-for-byte ggml's Q4_0),
+3. measures this machine's memory read bandwidth at 1 and 2 threads,
+4. times dllama (`dllama._core.Node.forward`, one token at a time after a short prompt):
+   median ms/token over --tokens generated tokens, at each thread count,
+5. times llama.cpp on the GGUF through the `xllamacpp` wheel (its own timing of the generated
+   tokens: mean ms/token over the same number of tokens), at each thread count,
+
+and prints a table with the bandwidth floor (weight bytes read per token / bandwidth) and the
+ratios. Run: `python benchmarks/bench_single.py` (about 10 minutes; --shapes tinyllama for a
+quick run). Not a test: the numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from dllama import _core
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    dim: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+    seq_len: int = 2048
+
+
+SHAPES = {
+    "7b": Shape("llama2-7b", 4096, 11008, 32, 32, 32),
+    "tinyllama": Shape("tinyllama-1.1b", 2048, 5632, 22, 32, 4),
+}
+
+
+def fields(s: Shape) -> dict[str, int | float]:
+    return {
+        "version": 0,
+        "arch_type": 0xABCD00,
+        "dim": s.dim,
+        "hidden_dim": s.hidden,
+        "n_layers": s.layers,
+        "n_heads": s.heads,
+        "n_kv_heads": s.kv_heads,
+        "n_experts": 0,
+        "n_active_experts": 0,
+        "vocab_size": s.vocab,
+        "max_seq_len": s.seq_len,
+        "hidden_act": 1,
+        "rope_theta": 10000,
+        "weights_float_type": 2,
+        "rope_type": 0,
+        "head_dim": s.dim // s.heads,
+        "norm_epsilon": 1e-5,
+    }
+
+
+def random_q40(rng: np.random.Generator, rows: int, cols: int) -> npt.NDArray[np.uint8]:
+    """(rows, cols / 32 * 18) bytes of Q40 blocks: random nibbles, scales ~ N(0, 0.02) / 8."""
+    nb = rows * cols // 32
+    blocks = np.empty((nb, 18), dtype=np.uint8)
+    d = (np.abs(rng.standard_normal(nb, dtype=np.float32)) * 0.0025 + 1e-4).astype(np.float16)
+    blocks[:, :2] = d.view(np.uint8).reshape(nb, 2)
+    blocks[:, 2:] = rng.integers(0, 256, size=(nb, 16), dtype=np.uint8)
+    return blocks.reshape(rows, cols // 32 * 18)
+
+
+def write_model(s: Shape, path: Path) -> None:
+    f = fields(s)
+    tensors = _core.model_tensors(f)
+    header = _core.encode_model_header(f)
+    size = len(header) + sum(t[5] for t in tensors)
+    if path.exists() and path.stat().st_size == size:
+        return
+    print(f"writing {path} ({size / 1e9:.2f} GB of random Q40 weights)...", flush=True)
+    rng = np.random.default_rng(0)
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        out.write(header)
+        for name, rows, cols, ft, _off, nbytes in tensors:
+            if ft == "q40":
+                data = random_q40(rng, rows, cols).tobytes()
+            elif name.endswith("norm"):
+                data = (1.0 + 0.05 * rng.standard_normal(cols, dtype=np.float32)).tobytes()
+            else:  # embedding
+                data = (0.02 * rng.standard_normal(rows * cols, dtype=np.float32)).tobytes()
+            assert len(data) == nbytes, name
+            out.write(data)
+    tmp.rename(path)
+
+
+GGUF_NAMES = {
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "wo": "attn_output",
+    "w1": "ffn_gate",
+    "w2": "ffn_down",
+    "w3": "ffn_up",
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+}
+
+
+def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
+    """The same weights as a llama GGUF (Q4_0 matmuls, F32 embedding and norms), the tensors
+    taken from the .m file's memory map without copying."""
+    if path.exists():
+        return
+    import gguf
+
+    print(f"writing {path} (the same weights as GGUF Q4_0)...", flush=True)
+    f = fields(s)
+    mm = np.memmap(m_path, dtype=np.uint8, mode="r")
+    tmp = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_context_length(s.seq_len)
+    w.add_embedding_length(s.dim)
+    w.add_block_count(s.layers)
+    w.add_feed_forward_length(s.hidden)
+    w.add_head_count(s.heads)
+    w.add_head_count_kv(s.kv_heads)
+    w.add_rope_dimension_count(s.dim // s.heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    # a SentencePiece-style vocabulary of the right size: specials, 256 byte tokens, fillers
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [f"t{i}".encode() for i in range(s.vocab - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (s.vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * s.vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for name, rows, cols, ft, off, nbytes in _core.model_tensors(f):
+        raw = mm[off : off + nbytes]
+        if name == "embedding":
+            gname = "token_embd.weight"
+        elif name == "norm":
+            gname = "output_norm.weight"
+        elif name == "wcls":
+            gname = "output.weight"
+        else:
+            _, i, t = name.split(".")
+            gname = f"blk.{i}.{GGUF_NAMES[t]}.weight"
+        if ft == "q40":
+            w.add_tensor(
+                gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0
+            )
+        else:
+            arr = raw.view(np.float32)
+            w.add_tensor(gname, arr if rows == 1 else arr.reshape(rows, cols))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    tmp.rename(path)
+
+
+def read_bandwidth(nthreads: int, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Bytes per second that `nthreads` threads read from memory (numpy reductions over a
+    buffer far larger than the caches; numpy releases the GIL while reducing)."""
+    a = np.ones(nbytes // 8, dtype=np.uint64)
+    parts = np.array_split(a, nthreads)
+    best = float("inf")
+    for _ in range(repeat):
+        threads = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = min(best, time.perf_counter() - t0)
+    del a, parts
+    return nbytes / best
+
+
+def time_dllama(path: Path, nthreads: int, tokens: int) -> tuple[float, float, str, int]:
+    """(median ms/token, prefill ms/token of a 16-token prompt, kernel path, bytes/token)."""
+    node = _core.Node(str(path), nthreads=nthreads, max_seq_len=256)
+    prompt = [(i * 7919) % node.vocab_size for i in range(16)]
+    t0 = time.perf_counter()
+    logits = node.forward(prompt, 0)
+    prefill = (time.perf_counter() - t0) * 1000 / len(prompt)
+    times = []
+    for i in range(tokens + 2):
+        tok = int(np.argmax(logits))
+        t0 = time.perf_counter()
+        logits = node.forward([tok], len(prompt) + i)
+        times.append((time.perf_counter() - t0) * 1000)
+    info = (node.kernels, node.weight_bytes_per_token)
+    del node
+    gc.collect()
+    return statistics.median(times[2:]), prefill, info[0], info[1]
+
+
+def time_llamacpp(path: Path, nthreads: int, tokens: int) -> float | None:
+    """llama.cpp's own mean ms per generated token, or None without xllamacpp."""
+    try:
+        import xllamacpp as x
+    except ImportError:
+        return None
+    p = x.CommonParams()
+    p.model.path = str(path)
+    p.n_ctx = 256
+    p.n_parallel = 1
+    p.cpuparams.n_threads = nthreads
+    p.cpuparams_batch.n_threads = nthreads
+    p.warmup = True
+    server = x.Server(p)
+    req = {"prompt": "t1 t2 t3 t4", "n_predict": tokens, "temperature": 0, "ignore_eos": True}
+    server.handle_completions({**req, "n_predict": 4})  # warm up
+    res = server.handle_completions(req)
+    del server
+    gc.collect()
+    timings = res["timings"]
+    assert timings["predicted_n"] == tokens, timings
+    return float(timings["predicted_per_token_ms"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["tinyllama", "7b"])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--tokens", type=int, default=40, help="generated tokens timed (>= 32)")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dllama-bench"))
+    ap.add_argument("--no-llamacpp", action="store_true")
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+
+    bw = {n: read_bandwidth(n) for n in args.threads}
+    for n, b in bw.items():
+        print(f"memory read bandwidth, {n} thread(s): {b / 1e9:.1f} GB/s", flush=True)
+
+    rows = []
+    for key in args.shapes:
+        s = SHAPES[key]
+        m_path = args.dir / f"{s.name}-q40.m"
+        g_path = args.dir / f"{s.name}-q4_0.gguf"
+        write_model(s, m_path)
+        if not args.no_llamacpp:
+            write_gguf(s, m_path, g_path)
+        for n in args.threads:
+            ms, prefill, kernels, wbytes = time_dllama(m_path, n, args.tokens)
+            floor = wbytes / bw[n] * 1000
+            ref = None if args.no_llamacpp else time_llamacpp(g_path, n, args.tokens)
+            rows.append((s.name, n, ms, prefill, ref, floor, kernels))
+            print(
+                f"{s.name} {n} thread(s): dllama {ms:.1f} ms/token (prefill {prefill:.1f} "
+                f"ms/token), llama.cpp {ref if ref is None else f'{ref:.1f}'} ms/token, "
+                f"floor {floor:.1f} ms",
+                flush=True,
+            )
+
+    print()
+    print(
+        "| shape | threads | dllama ms/token | llama.cpp ms/token | dllama / llama.cpp "
+        "| bandwidth floor ms | dllama / floor | dllama prefill ms/token | kernels |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, ms, prefill, ref, floor, kernels in rows:
+        ratio = "-" if ref is None else f"{ms / ref:.2f}"
+        refs = "-" if ref is None else f"{ref:.1f}"
+        print(
+            f"| {name} | {n} | {ms:.1f} | {refs} | {ratio} | {floor:.1f} | {ms / floor:.2f} "
+            f"| {prefill:.1f} | {kernels} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

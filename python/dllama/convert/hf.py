@@ -1,0 +1,196 @@
+"""Hugging Face checkpoints: config.json + one or many *.safetensors (bf16, f16 or f32).
+
+Supports LlamaForCausalLM and MistralForCausalLM. The safetensors files are parsed here and
+memory-mapped (an 8-byte header length, a JSON header, then the raw tensors), so neither
+torch nor the `safetensors` package is needed and a tensor is only read when it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dllama.convert.source import (
+    ConvertError,
+    F32Array,
+    Source,
+    base_fields,
+    drop_mmap_range,
+    permute_hf_to_meta,
+    set_llama3_scaling,
+)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+class SafetensorsFile:
+    """One memory-mapped .safetensors file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 8:
+                raise ConvertError(f"{path}: not a safetensors file ({size} bytes)")
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", self._mmap[:8])
+        if n > size - 8:
+            raise ConvertError(f"{path}: safetensors header of {n} bytes exceeds the file")
+        try:
+            header: dict[str, Any] = json.loads(self._mmap[8 : 8 + n])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{path}: unreadable safetensors header: {e}") from e
+        header.pop("__metadata__", None)
+        self._data_start = 8 + n
+        self._size = size
+        self.entries: dict[str, dict[str, Any]] = header
+
+    def tensor(self, name: str) -> F32Array:
+        e = self.entries[name]
+        dtype = e["dtype"]
+        if dtype not in _DTYPES:
+            raise ConvertError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
+        begin, end = (self._data_start + int(o) for o in e["data_offsets"])
+        if end > self._size:
+            raise ConvertError(f"{self.path}: tensor {name} extends past the end (truncated file)")
+        shape = tuple(int(s) for s in e["shape"])
+        itemsize = 4 if dtype == "F32" else 2
+        count = int(np.prod(shape)) if shape else 1
+        if count * itemsize != end - begin:
+            raise ConvertError(
+                f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape}"
+            )
+        raw = np.frombuffer(self._mmap, dtype=_DTYPES[dtype], count=count, offset=begin)
+        if dtype == "BF16":
+            out = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = raw.astype(np.float32)
+        return out.reshape(shape)
+
+    def release(self, name: str) -> None:
+        begin, end = (self._data_start + int(o) for o in self.entries[name]["data_offsets"])
+        drop_mmap_range(self._mmap, begin, end - begin)
+
+    def close(self) -> None:
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the map is released when it is collected
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected a JSON object")
+    return data
+
+
+class HFSource(Source):
+    """A Hugging Face model folder."""
+
+    def __init__(self, folder: str | Path, max_seq_len: int | None = None) -> None:
+        folder = Path(folder)
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ConvertError(f"{folder}: no config.json (not a Hugging Face model folder)")
+        cfg = _load_json(config_path)
+        archs = cfg.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ConvertError(
+                f"{config_path}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConvertError(f"{config_path}: unsupported hidden_act {act!r} (only silu)")
+        files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
+        if not files:
+            raise ConvertError(f"{folder}: no *.safetensors files (pytorch .bin is not supported)")
+        self.description = str(folder)
+        # transformers >= 5 writes "rope_parameters" (with rope_theta inside); older "rope_scaling"
+        rope: dict[str, Any] = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        self.n_heads = int(cfg["num_attention_heads"])
+        self.n_kv_heads = int(cfg.get("num_key_value_heads") or self.n_heads)
+        self.fields = base_fields(
+            dim=int(cfg["hidden_size"]),
+            hidden_dim=int(cfg["intermediate_size"]),
+            n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            vocab_size=int(cfg["vocab_size"]),
+            max_seq_len=int(max_seq_len or cfg.get("max_position_embeddings") or 4096),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+            norm_epsilon=float(cfg.get("rms_norm_eps") or 1e-5),
+            head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
+        )
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind != "default":
+            scaling = rope
+            if kind != "llama3":
+                raise ConvertError(
+                    f"{config_path}: unsupported rope_scaling type {kind!r} (only llama3)"
+                )
+            set_llama3_scaling(
+                self.fields,
+                scaling["factor"],
+                scaling["low_freq_factor"],
+                scaling["high_freq_factor"],
+                scaling["original_max_position_embeddings"],
+            )
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        self._files = [SafetensorsFile(p) for p in files]
+        self._where = {name: f for f in self._files for name in f.entries}
+        self._used: set[str] = set()
+        if "lm_head.weight" not in self._where:
+            self.tied = True
+
+    def _get(self, key: str) -> F32Array:
+        if key not in self._where:
+            raise ConvertError(
+                f"{self.description}: tensor {key} not found in the safetensors files"
+            )
+        self._used.add(key)
+        return self._where[key].tensor(key)
+
+    def release(self) -> None:
+        for key in self._used:
+            self._where[key].release(key)
+        self._used.clear()
+
+    def tensor(self, name: str) -> F32Array:
+        if name == "embedding":
+            return self._get("model.embed_tokens.weight")
+        if name == "norm":
+            return self._get("model.norm.weight")
+        if name == "wcls":
+            return self._get("model.embed_tokens.weight" if self.tied else "lm_head.weight")
+        _, i, short = name.split(".")
+        p = f"model.layers.{i}."
+        if short == "q":
+            return permute_hf_to_meta(self._get(p + "self_attn.q_proj.weight"), self.n_heads)
+        if short == "k":
+            return permute_hf_to_meta(self._get(p + "self_attn.k_proj.weight"), self.n_kv_heads)
+        key = {
+            "v": "self_attn.v_proj.weight",
+            "wo": "self_attn.o_proj.weight",
+            "w1": "mlp.gate_proj.weight",
+            "w2": "mlp.down_proj.weight",
+            "w3": "mlp.up_proj.weight",
+            "attn_norm": "input_layernorm.weight",
+            "ffn_norm": "post_attention_layernorm.weight",
+        }[short]
+        return self._get(p + key)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()

@@ -1,0 +1,323 @@
+//! The Llama forward pass of one node, llama2.c style: it reads top to bottom like the paper.
+//!
+//! Every node holds the full residual stream `x` (n_tokens, dim) and computes its slice of
+//! each layer (its heads, its hidden units); the collective sums the partial outputs of the
+//! attention and FFN projections across nodes. With `Local` this is the one-machine model.
+
+use super::collective::Collective;
+use super::compute::{self, input};
+use super::config::{is_quantized, ModelConfig};
+use super::kv_cache::KvCache;
+use super::split::NodeSlice;
+use super::weights::Weights;
+use crate::format::HiddenAct;
+use crate::ops::{self, AttentionShape, RopeTable};
+use crate::pool::ThreadPool;
+use crate::quant::{BlockQ80, QK};
+use crate::{Error, Result};
+
+/// Prompt tokens go through the layers in batches of at most this many: each weight row is
+/// read once per batch.
+pub const MAX_BATCH: usize = 32;
+
+/// Default cap of the KV cache length when the caller does not ask for one.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 4096;
+
+/// Type of the activations fed to quantized matmuls (and exchanged between nodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufferType {
+    F32,
+    Q80,
+}
+
+impl BufferType {
+    pub fn parse(s: &str) -> Result<BufferType> {
+        match s {
+            "f32" => Ok(BufferType::F32),
+            "q80" => Ok(BufferType::Q80),
+            _ => Err(Error::invalid(format!(
+                "unknown buffer float type {s:?} (expected \"q80\" or \"f32\")"
+            ))),
+        }
+    }
+}
+
+/// Scratch buffers of one batch, sized for `MAX_BATCH` tokens.
+struct Buffers {
+    xb: Vec<f32>,           // (batch, dim) normed input of a block
+    xq: Vec<BlockQ80>,      // (batch, max(dim, q_local, hidden_local) / 32) quantized matmul input
+    q: Vec<f32>,            // (batch, q_local)
+    k: Vec<f32>,            // (batch, kv_local)
+    v: Vec<f32>,            // (batch, kv_local)
+    att_out: Vec<f32>,      // (batch, q_local) attention output, input of wo
+    proj: Vec<f32>,         // (batch, dim) partial output of wo / w2
+    h1: Vec<f32>,           // (batch, hidden_local) gate, then silu(gate) * up
+    h3: Vec<f32>,           // (batch, hidden_local) up
+    logits_local: Vec<f32>, // (vocab_local)
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub slice: NodeSlice,
+    pub weights: Weights,
+    pub cache: KvCache,
+    /// Quantized weights take Q80 inputs (llama.cpp's way); otherwise F32 inputs.
+    q80_inputs: bool,
+    rope: RopeTable, // cos / sin of (max_seq_len, head_dim / 2)
+    pool: ThreadPool,
+    bufs: Buffers,
+    /// (vocab_size) logits of the last token, filled on the root.
+    pub logits: Vec<f32>,
+}
+
+/// The KV cache length for a requested `max_seq_len` (0: the model's, capped at 4096).
+pub fn effective_max_seq_len(cfg: &ModelConfig, requested: usize) -> usize {
+    if requested == 0 {
+        cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN)
+    } else {
+        requested.min(cfg.max_seq_len)
+    }
+}
+
+impl Model {
+    /// `max_seq_len`: 0 for the model's own, capped at 4096; `nthreads`: threads of the pool
+    /// that runs the matmuls and the attention.
+    pub fn new(
+        cfg: ModelConfig,
+        slice: NodeSlice,
+        weights: Weights,
+        buffer_type: BufferType,
+        max_seq_len: usize,
+        nthreads: usize,
+    ) -> Result<Model> {
+        cfg.validate()?;
+        let seq = effective_max_seq_len(&cfg, max_seq_len);
+        if seq == 0 {
+            return Err(Error::invalid("max_seq_len must be at least 1"));
+        }
+        let (q_local, kv_local, hid) =
+            (slice.q_rows.len(), slice.kv_rows.len(), slice.hidden.len());
+        let b = MAX_BATCH;
+        let rope = RopeTable::new(cfg.rope, seq)?;
+        let pool = ThreadPool::new(nthreads)?;
+        let xq_cols = cfg.dim.max(q_local).max(hid);
+        let bufs = Buffers {
+            xb: vec![0.0; b * cfg.dim],
+            xq: vec![BlockQ80::default(); b * xq_cols.div_ceil(QK)],
+            q: vec![0.0; b * q_local],
+            k: vec![0.0; b * kv_local],
+            v: vec![0.0; b * kv_local],
+            att_out: vec![0.0; b * q_local],
+            proj: vec![0.0; b * cfg.dim],
+            h1: vec![0.0; b * hid],
+            h3: vec![0.0; b * hid],
+            logits_local: vec![0.0; slice.vocab.len()],
+        };
+        let q80_inputs = buffer_type == BufferType::Q80 && is_quantized(cfg.weights_float_type);
+        Ok(Model {
+            cache: KvCache::new(cfg.n_layers, seq, kv_local),
+            logits: vec![0.0; cfg.vocab_size],
+            cfg,
+            slice,
+            weights,
+            q80_inputs,
+            rope,
+            pool,
+            bufs,
+        })
+    }
+
+    pub fn nthreads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.cache.max_seq_len
+    }
+
+    /// Look up the embeddings of `tokens` into `x` (n_tokens, dim). Root only.
+    pub fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+        let emb = self
+            .weights
+            .embedding
+            .as_ref()
+            .ok_or_else(|| Error::invalid("this node holds no embedding"))?;
+        let dim = self.cfg.dim;
+        if x.len() != tokens.len() * dim {
+            return Err(Error::invalid(format!(
+                "embed: {} tokens need {} values, the buffer has {}",
+                tokens.len(),
+                tokens.len() * dim,
+                x.len()
+            )));
+        }
+        for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(dim)) {
+            let t = t as usize;
+            if t >= self.cfg.vocab_size {
+                return Err(Error::invalid(format!(
+                    "token {t} out of range (vocab_size {})",
+                    self.cfg.vocab_size
+                )));
+            }
+            row.copy_from_slice(&emb.rows(t..t + 1).as_f32()[..dim]);
+        }
+        Ok(())
+    }
+
+    /// Check a call before any work: `n_tokens` tokens at positions `pos..`.
+    pub fn check_positions(&self, n_tokens: usize, pos: usize) -> Result<()> {
+        if n_tokens == 0 {
+            return Err(Error::invalid("forward needs at least one token"));
+        }
+        if pos + n_tokens > self.max_seq_len() {
+            return Err(Error::invalid(format!(
+                "positions {pos}..{} exceed max_seq_len {} (raise --max-seq-len, up to the model's {})",
+                pos + n_tokens,
+                self.max_seq_len(),
+                self.cfg.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run `x` (n_tokens, dim), the embedded tokens at positions `pos..pos + n_tokens`,
+    /// through every layer; the root ends with the last token's logits in `self.logits`.
+    pub fn forward(
+        &mut self,
+        x: &mut [f32],
+        pos: usize,
+        collective: &mut dyn Collective,
+    ) -> Result<()> {
+        let dim = self.cfg.dim;
+        if !x.len().is_multiple_of(dim) {
+            return Err(Error::invalid(format!(
+                "input of {} values is not a whole number of {dim}-value rows",
+                x.len()
+            )));
+        }
+        let n = x.len() / dim;
+        self.check_positions(n, pos)?;
+        for (i, chunk) in x.chunks_mut(MAX_BATCH * dim).enumerate() {
+            self.forward_batch(chunk, pos + i * MAX_BATCH, collective)?;
+        }
+        self.classify(&x[(n - 1) * dim..], collective)
+    }
+
+    /// The layers on one batch: x (n, dim) at positions pos..pos + n, n <= MAX_BATCH.
+    fn forward_batch(
+        &mut self,
+        x: &mut [f32],
+        pos: usize,
+        collective: &mut dyn Collective,
+    ) -> Result<()> {
+        let Model {
+            cfg,
+            slice,
+            weights,
+            cache,
+            bufs,
+            rope,
+            pool,
+            q80_inputs,
+            ..
+        } = self;
+        let q80 = *q80_inputs;
+        let dim = cfg.dim;
+        let n = x.len() / dim;
+        let (q_local, kv_local, hid) =
+            (slice.q_rows.len(), slice.kv_rows.len(), slice.hidden.len());
+        // this node's heads: whole groups, so the local heads map to the local KV heads
+        let shape = AttentionShape {
+            n_heads: slice.n_heads(),
+            n_kv_heads: slice.n_kv_heads(),
+            head_dim: cfg.head_dim,
+        };
+
+        for (l, lw) in weights.layers.iter().enumerate() {
+            // ---- attention ----
+            // attention rmsnorm
+            ops::rmsnorm_rows(x, &lw.attn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
+            // qkv matmuls for these positions
+            let xin = input(q80, lw.wq.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.wq, xin, n, &mut bufs.q[..n * q_local])?;
+            compute::matmul(pool, &lw.wk, xin, n, &mut bufs.k[..n * kv_local])?;
+            compute::matmul(pool, &lw.wv, xin, n, &mut bufs.v[..n * kv_local])?;
+            // RoPE on q and k
+            rope.apply_rows(&mut bufs.q[..n * q_local], q_local, pos)?;
+            rope.apply_rows(&mut bufs.k[..n * kv_local], kv_local, pos)?;
+            // keys and values of these positions into the cache
+            for t in 0..n {
+                let r = t * kv_local..(t + 1) * kv_local;
+                cache.store(l, pos + t, &bufs.k[r.clone()], &bufs.v[r]);
+            }
+            // grouped-query attention, causal: token t sees positions 0..=pos + t
+            let (kc, vc) = cache.layer(l);
+            ops::attention(
+                pool,
+                &shape,
+                &bufs.q[..n * q_local],
+                kc,
+                vc,
+                pos,
+                n,
+                &mut bufs.att_out[..n * q_local],
+            )?;
+            // output projection (this node's columns of wo), summed over nodes
+            let ain = input(q80, lw.wo.dtype, &bufs.att_out[..n * q_local], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.wo, ain, n, &mut bufs.proj[..n * dim])?;
+            collective.all_reduce_sum(&mut bufs.proj[..n * dim])?;
+            // residual connection
+            add(x, &bufs.proj[..n * dim]);
+
+            // ---- feed-forward (SwiGLU) ----
+            // ffn rmsnorm
+            ops::rmsnorm_rows(x, &lw.ffn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
+            // gate and up projections (this node's hidden units)
+            let xin = input(q80, lw.w1.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.w1, xin, n, &mut bufs.h1[..n * hid])?;
+            compute::matmul(pool, &lw.w3, xin, n, &mut bufs.h3[..n * hid])?;
+            // act(gate) * up
+            match cfg.hidden_act {
+                HiddenAct::Silu => ops::silu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,
+                HiddenAct::Gelu => ops::gelu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,
+            }
+            // down projection (this node's columns of w2), summed over nodes
+            let hin = input(q80, lw.w2.dtype, &bufs.h1[..n * hid], &mut bufs.xq)?;
+            compute::matmul(pool, &lw.w2, hin, n, &mut bufs.proj[..n * dim])?;
+            collective.all_reduce_sum(&mut bufs.proj[..n * dim])?;
+            // residual connection
+            add(x, &bufs.proj[..n * dim]);
+        }
+        Ok(())
+    }
+
+    /// Final norm and this node's rows of the classifier on the last token x (dim); the
+    /// root gathers every node's logits.
+    fn classify(&mut self, x: &[f32], collective: &mut dyn Collective) -> Result<()> {
+        let Model {
+            cfg,
+            weights,
+            bufs,
+            pool,
+            q80_inputs,
+            logits,
+            ..
+        } = self;
+        let dim = cfg.dim;
+        ops::rmsnorm(x, &weights.norm, cfg.norm_epsilon, &mut bufs.xb[..dim])?;
+        let xin = input(
+            *q80_inputs,
+            weights.wcls.dtype,
+            &bufs.xb[..dim],
+            &mut bufs.xq,
+        )?;
+        compute::matmul(pool, &weights.wcls, xin, 1, &mut bufs.logits_local)?;
+        collective.gather_logits(&bufs.logits_local, logits)
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

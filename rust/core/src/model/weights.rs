@@ -1,0 +1,214 @@
+//! This node's weights: its slice of every layer, the final norm and its rows of the
+//! classifier (plus the embedding on the root).
+
+use std::ops::Range;
+
+use super::config::ModelConfig;
+use super::split::NodeSlice;
+use super::tensor::Tensor;
+use crate::format::FloatType;
+use crate::{Error, Result};
+
+/// One transformer block, this node's slice of it.
+pub struct LayerWeights {
+    pub wq: Tensor,          // (n_heads_local * head_dim, dim)
+    pub wk: Tensor,          // (n_kv_heads_local * head_dim, dim)
+    pub wv: Tensor,          // (n_kv_heads_local * head_dim, dim)
+    pub wo: Tensor,          // (dim, n_heads_local * head_dim)
+    pub w1: Tensor,          // (hidden_local, dim), gate
+    pub w2: Tensor,          // (dim, hidden_local), down
+    pub w3: Tensor,          // (hidden_local, dim), up
+    pub attn_norm: Vec<f32>, // (dim)
+    pub ffn_norm: Vec<f32>,  // (dim)
+}
+
+pub struct Weights {
+    /// (vocab_size, dim) F32; only the root embeds tokens.
+    pub embedding: Option<Tensor>,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Vec<f32>, // (dim)
+    pub wcls: Tensor,   // (vocab_local, dim)
+}
+
+impl Weights {
+    /// Bytes of weight matrices this node reads per token (for bandwidth figures; packed
+    /// Q40 has the same size).
+    pub fn matmul_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3]
+                    .iter()
+                    .map(|t| t.nbytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.wcls.nbytes()
+    }
+}
+
+/// Which part of a `.m` tensor a node holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    Rows(Range<usize>),
+    Cols(Range<usize>),
+}
+
+impl Part {
+    /// This part of `whole`: rows share its bytes, columns are copied.
+    pub fn take(&self, whole: Tensor) -> Result<Tensor> {
+        match self {
+            Part::Whole => Ok(whole),
+            Part::Rows(r) => Ok(whole.rows(r.clone())),
+            Part::Cols(c) => whole.columns(c.clone()),
+        }
+    }
+    /// (rows, cols) of this part of a (rows, cols) tensor.
+    pub fn shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        match self {
+            Part::Whole => (rows, cols),
+            Part::Rows(r) => (r.len(), cols),
+            Part::Cols(c) => (rows, c.len()),
+        }
+    }
+}
+
+/// The part of tensor `name` that `slice`'s node holds, and the whole tensor's type and
+/// (rows, cols) as the header implies them (norms are 1 x dim).
+pub fn tensor_part(
+    cfg: &ModelConfig,
+    slice: &NodeSlice,
+    name: &str,
+) -> Result<(Part, FloatType, usize, usize)> {
+    let (wt, f32) = (cfg.weights_float_type, FloatType::F32);
+    let (dim, hid, q_dim, kv_dim) = (cfg.dim, cfg.hidden_dim, cfg.q_dim(), cfg.kv_dim());
+    let part = match name {
+        "embedding" => (Part::Whole, f32, cfg.vocab_size, dim),
+        "norm" => (Part::Whole, f32, 1, dim),
+        "wcls" => (Part::Rows(slice.vocab.clone()), wt, cfg.vocab_size, dim),
+        _ => {
+            let layer = name
+                .strip_prefix("layers.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(i, t)| {
+                    i.parse::<usize>()
+                        .ok()
+                        .filter(|&i| i < cfg.n_layers)
+                        .map(|_| t)
+                });
+            match layer {
+                Some("q") => (Part::Rows(slice.q_rows.clone()), wt, q_dim, dim),
+                Some("k" | "v") => (Part::Rows(slice.kv_rows.clone()), wt, kv_dim, dim),
+                Some("wo") => (Part::Cols(slice.q_rows.clone()), wt, dim, q_dim),
+                Some("w1" | "w3") => (Part::Rows(slice.hidden.clone()), wt, hid, dim),
+                Some("w2") => (Part::Cols(slice.hidden.clone()), wt, dim, hid),
+                Some("attn_norm" | "ffn_norm") => (Part::Whole, f32, 1, dim),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "no tensor named {name:?} in this model"
+                    )))
+                }
+            }
+        }
+    };
+    // a node with the whole model takes every tensor whole
+    if slice.n_nodes == 1 {
+        return Ok((Part::Whole, part.1, part.2, part.3));
+    }
+    Ok(part)
+}
+
+/// Check a tensor against the type and shape the header implies.
+fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> Result<Tensor> {
+    if t.dtype != dtype || t.rows != rows || t.cols != cols {
+        return Err(Error::format(format!(
+            "tensor {name} is {} {}x{}, expected {} {rows}x{cols}",
+            t.dtype.name(),
+            t.rows,
+            t.cols,
+            dtype.name()
+        )));
+    }
+    Ok(t)
+}
+
+impl Weights {
+    /// Take this node's slice of every tensor. `get(name)` returns the whole tensor of the
+    /// file by its `.m` name (norms as 1 x dim), memory-mapped: row slices stay mapped,
+    /// column slices (wo, w2 when `n_nodes > 1`) are copied. With `pack`, Q40 matrices are
+    /// repacked for the x86_64 kernels, tensor by tensor, releasing the mapped pages of each.
+    pub fn load(
+        cfg: &ModelConfig,
+        slice: &NodeSlice,
+        with_embedding: bool,
+        pack: bool,
+        get: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Weights> {
+        Self::build(cfg, with_embedding, pack, &|name| {
+            let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
+            part.take(expect(get(name)?, name, ft, rows, cols)?)
+        })
+    }
+
+    /// The same from tensors already cut to this node's parts (e.g. shipped by the root):
+    /// `get_part(name)` returns `tensor_part(..).0` of tensor `name`, checked for shape.
+    pub fn from_parts(
+        cfg: &ModelConfig,
+        slice: &NodeSlice,
+        with_embedding: bool,
+        pack: bool,
+        get_part: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Weights> {
+        Self::build(cfg, with_embedding, pack, &|name| {
+            let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
+            let (r, c) = part.shape(rows, cols);
+            expect(get_part(name)?, name, ft, r, c)
+        })
+    }
+
+    /// Every tensor of this node by name through `part(name)`.
+    fn build(
+        cfg: &ModelConfig,
+        with_embedding: bool,
+        pack: bool,
+        part: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Weights> {
+        let m = |name: &str| -> Result<Tensor> {
+            let t = part(name)?;
+            if pack {
+                t.packed_q40()
+            } else {
+                Ok(t)
+            }
+        };
+        // norms are tiny: copied into vectors
+        let v = |name: &str| -> Result<Vec<f32>> { Ok(part(name)?.as_f32().to_vec()) };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |t: &str| format!("layers.{i}.{t}");
+            layers.push(LayerWeights {
+                wq: m(&n("q"))?,
+                wk: m(&n("k"))?,
+                wv: m(&n("v"))?,
+                wo: m(&n("wo"))?,
+                w1: m(&n("w1"))?,
+                w2: m(&n("w2"))?,
+                w3: m(&n("w3"))?,
+                attn_norm: v(&n("attn_norm"))?,
+                ffn_norm: v(&n("ffn_norm"))?,
+            });
+        }
+        Ok(Weights {
+            embedding: if with_embedding {
+                Some(part("embedding")?)
+            } else {
+                None
+            },
+            layers,
+            norm: v("norm")?,
+            wcls: m("wcls")?,
+        })
+    }
+}

@@ -1,0 +1,52 @@
+//! Softmax and the gated activations of the FFN.
+
+use crate::{Error, Result};
+
+/// In place: x = exp(x - max) / sum. An empty slice is left as is.
+pub fn softmax(x: &mut [f32]) {
+    if x.is_empty() {
+        return;
+    }
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+fn check(gate: &[f32], up: &[f32], what: &str) -> Result<()> {
+    if gate.len() != up.len() {
+        return Err(Error::invalid(format!(
+            "{what}: gate has {} values, up {}",
+            gate.len(),
+            up.len()
+        )));
+    }
+    Ok(())
+}
+
+/// SwiGLU: gate = silu(gate) * up, silu(v) = v / (1 + exp(-v)).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
+    check(gate, up, "silu_mul")?;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    Ok(())
+}
+
+/// GeGLU with the tanh approximation of GELU (distributed-llama's `gelu`):
+/// gate = 0.5 v (1 + tanh(sqrt(2/π) (v + 0.044715 v³))) * up.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
+    check(gate, up, "gelu_mul")?;
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let v = *g;
+        *g = 0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh()) * u;
+    }
+    Ok(())
+}

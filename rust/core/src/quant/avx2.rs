@@ -1,0 +1,277 @@
+//! x86_64 kernels: AVX2 + FMA + F16C for Q80 × Q80, F32, F16, Q80 quantization and the
+//! attention helpers. The Q40 × Q80 kernels are in `avx2_q40`.
+//!
+//! All loads are unaligned (blocks are 34 bytes, weights live in the memory-mapped file).
+//! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
+//! its `target_feature` attribute (`dispatch` checks them once).
+
+#![allow(clippy::needless_range_loop)] // lanes and unrolled accumulators read best indexed
+
+use std::arch::x86_64::*;
+
+use super::block::{f16_to_f32, BlockQ80, QK};
+
+// ---------------------------------------------------------------------------------------
+// helpers
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+    let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    let x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    _mm_cvtss_f32(x)
+}
+
+/// The block scale broadcast to 8 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn scale8(d: u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(d as i16))
+}
+
+// ---------------------------------------------------------------------------------------
+// Q80 × Q80
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let bpr = x.len() / n_tokens;
+    assert!(n_rows * n_tokens == out.len() && bpr * n_tokens == x.len() && w.len() == n_rows * bpr);
+    let ones = _mm256_set1_epi16(1);
+    for r in 0..n_rows {
+        let wr = &w[r * bpr..(r + 1) * bpr];
+        for t in 0..n_tokens {
+            let xt = &x[t * bpr..(t + 1) * bpr];
+            let mut acc = _mm256_setzero_ps();
+            for (a, b) in wr.iter().zip(xt) {
+                let av = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                let bv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+                // |a| * (b with a's sign): unsigned × signed bytes for vpmaddubsw
+                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(av, av), _mm256_sign_epi8(bv, av));
+                let p = _mm256_madd_epi16(p, ones);
+                let s = _mm256_mul_ps(scale8(a.d), scale8(b.d));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc);
+            }
+            out[t * n_rows + r] = hsum(acc);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// F32 and F16 weights × F32 input
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for k in 0..4 {
+            a[k] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 8 * k)),
+                _mm256_loadu_ps(xp.add(i + 8 * k)),
+                a[k],
+            );
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
+    while i < n {
+        s += w[i] * x[i];
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for k in 0..4 {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i + 8 * k) as *const __m128i));
+            a[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i + 8 * k)), a[k]);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i) as *const __m128i));
+        a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), a[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
+    while i < n {
+        s += f16_to_f32(w[i]) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// y += a * x.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(
+            yp.add(i),
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))),
+        );
+        i += 8;
+    }
+    while i < n {
+        y[i] += a * x[i];
+        i += 1;
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
+    for r in 0..n_rows {
+        let wr = &w[r * cols..(r + 1) * cols];
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_f32(wr, &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
+    for r in 0..n_rows {
+        let wr = &w[r * cols..(r + 1) * cols];
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_f16(wr, &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Q80 quantization, bit-identical to the scalar `quantize_q80`
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "quantize_q80: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
+    let sign = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        yb.d = _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT), 0) as u16;
+        let idv = _mm256_set1_ps(id);
+        let mut q = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            // round half away from zero, as f32::round: t = trunc(v), +-1 when |v - t| >= 0.5
+            let s = _mm256_mul_ps(v[k], idv);
+            let t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(s, t));
+            let step = _mm256_or_ps(_mm256_and_ps(s, sign), one);
+            let r = _mm256_add_ps(
+                t,
+                _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), step),
+            );
+            q[k] = _mm256_cvtps_epi32(r);
+        }
+        let i01 = _mm256_packs_epi32(q[0], q[1]);
+        let i23 = _mm256_packs_epi32(q[2], q[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i01, i23), perm);
+        _mm256_storeu_si256(yb.qs.as_mut_ptr() as *mut __m256i, bytes);
+    }
+}
+
+/// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    if let Some(last) = scores.len().checked_sub(1) {
+        assert!(last * stride + hd <= k.len(), "attn_scores: keys too short");
+    }
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32(q, k.get_unchecked(p * stride..p * stride + hd)) * scale;
+    }
+}
+
+/// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    if let Some(last) = att.len().checked_sub(1) {
+        assert!(
+            last * stride + hd <= v.len(),
+            "attn_values: values too short"
+        );
+    }
+    for (p, &a) in att.iter().enumerate() {
+        axpy(a, v.get_unchecked(p * stride..p * stride + hd), out);
+    }
+}

@@ -1,0 +1,446 @@
+//! x86_64 Q40 × Q80 kernels: AVX2 + FMA + F16C, and the same kernels with the AVX-VNNI /
+//! AVX-512 VNNI int8 dot product (`vpdpbusd`) in place of `vpmaddubsw` + `vpmaddwd`; for the
+//! plain Q40 layout and for the packed one (`packed.rs`).
+//!
+//! Trick: a Q40 weight is (n - 8) with n in 0..16 unsigned, so per block
+//! sum (n - 8) * x = sum n * x - 8 * sum x. `n * x` is an unsigned × signed byte product
+//! (exactly what `vpmaddubsw` / `vpdpbusd` take, no sign juggling), and `8 * sum x` depends
+//! on the input only: it is computed once per matmul per input block (`XPrep`) and subtracted
+//! in the integer domain.
+//!
+//! All loads are unaligned: Q40 blocks are 18 bytes and live in the memory-mapped file.
+//! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
+//! its `target_feature` attribute (`dispatch` checks them once).
+
+#![allow(clippy::needless_range_loop)] // lanes and unrolled accumulators read best indexed
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use super::avx2::{hsum, scale8};
+use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+use super::packed::{CELL, GROUP};
+
+/// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
+/// 16..32 in the high lane (high nibbles), matching the Q80 value order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q40_nibbles(b: *const BlockQ40) -> __m256i {
+    let q = _mm_loadu_si128((*b).qs.as_ptr() as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Per input block: its scale and 8 * (sums of 4 consecutive values), in the lanes of
+/// `vpmaddwd(vpmaddubsw(n, x), 1)` / `vpdpbusd(n, x)`.
+pub(crate) struct XPrep {
+    pub(crate) dx: Vec<f32>,
+    corr: Vec<__m256i>,
+    /// -8 * sum x of each block (for the packed kernels, whose lanes are rows).
+    pub(crate) ncorr: Vec<i32>,
+}
+
+pub(crate) type PreparedX = XPrep;
+
+/// Run `f` with the per-block scales and corrections of `x` (a per-thread buffer).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn with_prepared_x<R>(x: &[BlockQ80], f: impl FnOnce(&XPrep) -> R) -> R {
+    XPREP.with(|p| {
+        let mut p = p.borrow_mut();
+        prepare_x(x, &mut p);
+        f(&p)
+    })
+}
+
+thread_local! {
+    static XPREP: RefCell<XPrep> = const { RefCell::new(XPrep { dx: Vec::new(), corr: Vec::new(), ncorr: Vec::new() }) };
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
+    p.dx.clear();
+    p.corr.clear();
+    p.ncorr.clear();
+    let eight = _mm256_set1_epi8(8);
+    let ones = _mm256_set1_epi16(1);
+    for b in x {
+        p.dx.push(f16_to_f32(b.d));
+        p.ncorr
+            .push(-8 * b.qs.iter().map(|&q| q as i32).sum::<i32>());
+        let xv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+        p.corr
+            .push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Q40 × Q80, generated for each int8 dot instruction
+
+macro_rules! q40_q80_kernels {
+    ($features:literal, $dot:ident, $dot8:ident) => {
+        /// 8 rows (one packed group) × T tokens: each cell is expanded once for the T tokens;
+        /// lane j of `acc[t]` is row j's output for token t.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn packed_tile<const T: usize>(
+            gc: *const u8,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+            nc: *const i32,
+        ) -> [__m256; T] {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..bpr {
+                let c = gc.add(b * CELL);
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for q in 0..4 {
+                    let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
+                    lo[q] = _mm256_and_si256(v, m4);
+                    hi[q] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
+                for t in 0..T {
+                    let i = t * bpr + b;
+                    let p = $dot8(&lo, &hi, (*x.add(i)).qs.as_ptr() as *const i32, *nc.add(i));
+                    let s = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dx.add(i)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[t]);
+                }
+            }
+            acc
+        }
+
+        /// out (n_tokens, n_rows) = packed w (n_rows, bpr) × x (n_tokens, bpr); `cells` are
+        /// the groups of these rows (`PackedQ40::groups`), the last one possibly partial.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let n_rows = out.len() / n_tokens;
+            let n_groups = n_rows.div_ceil(GROUP);
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && cells.len() == n_groups * bpr * CELL
+            );
+            XPREP.with(|p| {
+                let mut p = p.borrow_mut();
+                prepare_x(x, &mut p);
+                let mut lanes = [0.0f32; GROUP];
+                let mut store = |t: usize, g: usize, v: __m256| {
+                    let row0 = t * n_rows + g * GROUP;
+                    let rows = GROUP.min(n_rows - g * GROUP);
+                    if rows == GROUP {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(row0), v);
+                    } else {
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        out[row0..row0 + rows].copy_from_slice(&lanes[..rows]);
+                    }
+                };
+                for g in 0..n_groups {
+                    // the group's cells (bpr · 144 bytes) stay in L2 while the tokens go by,
+                    // so the weights are read from memory once per batch
+                    let gc = cells.as_ptr().add(g * bpr * CELL);
+                    let mut t = 0;
+                    while t + 4 <= n_tokens {
+                        let o = t * bpr;
+                        let v = packed_tile::<4>(
+                            gc,
+                            bpr,
+                            x.as_ptr().add(o),
+                            p.dx.as_ptr().add(o),
+                            p.ncorr.as_ptr().add(o),
+                        );
+                        for (k, &vk) in v.iter().enumerate() {
+                            store(t + k, g, vk);
+                        }
+                        t += 4;
+                    }
+                    while t < n_tokens {
+                        let o = t * bpr;
+                        let v = packed_tile::<1>(
+                            gc,
+                            bpr,
+                            x.as_ptr().add(o),
+                            p.dx.as_ptr().add(o),
+                            p.ncorr.as_ptr().add(o),
+                        );
+                        store(t, g, v[0]);
+                        t += 1;
+                    }
+                }
+            });
+        }
+
+        /// R rows × T tokens of Q40 × Q80, blocks innermost; `out[r][t]`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile<const R: usize, const T: usize>(
+            w: *const BlockQ40,
+            x: *const BlockQ80,
+            dx: *const f32,
+            corr: *const __m256i,
+            bpr: usize,
+        ) -> [[f32; T]; R] {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            for b in 0..bpr {
+                let mut xv = [_mm256_setzero_si256(); T];
+                let mut xd = [_mm256_setzero_ps(); T];
+                let mut xc = [_mm256_setzero_si256(); T];
+                for t in 0..T {
+                    let i = t * bpr + b;
+                    xv[t] = _mm256_loadu_si256((*x.add(i)).qs.as_ptr() as *const __m256i);
+                    xd[t] = _mm256_broadcast_ss(&*dx.add(i));
+                    xc[t] = _mm256_load_si256(corr.add(i));
+                }
+                for r in 0..R {
+                    let wb = w.add(r * bpr + b);
+                    let nib = q40_nibbles(wb);
+                    let dw = scale8((*wb).d);
+                    for t in 0..T {
+                        let p = $dot(nib, xv[t], xc[t]);
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_mul_ps(dw, xd[t]),
+                            acc[r][t],
+                        );
+                    }
+                }
+            }
+            let mut res = [[0.0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    res[r][t] = hsum(acc[r][t]);
+                }
+            }
+            res
+        }
+
+        /// out (n_tokens, n_rows) = w (n_rows, bpr) × x (n_tokens, bpr).
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40_q80(
+            w: &[BlockQ40],
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let n_rows = out.len() / n_tokens;
+            let bpr = x.len() / n_tokens;
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && w.len() == n_rows * bpr
+            );
+            XPREP.with(|p| {
+                let mut p = p.borrow_mut();
+                prepare_x(x, &mut p);
+                let (dx, corr) = (p.dx.as_ptr(), p.corr.as_ptr());
+                let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                if n_tokens == 1 {
+                    // generation: 4 rows share each input load
+                    let mut r = 0;
+                    while r + 4 <= n_rows {
+                        let v = tile::<4, 1>(wp.add(r * bpr), xp, dx, corr, bpr);
+                        for i in 0..4 {
+                            out[r + i] = v[i][0];
+                        }
+                        r += 4;
+                    }
+                    while r < n_rows {
+                        out[r] = tile::<1, 1>(wp.add(r * bpr), xp, dx, corr, bpr)[0][0];
+                        r += 1;
+                    }
+                } else {
+                    // prefill: each weight row is expanded once per 4 tokens and stays in L1
+                    // while all tokens go by, so it is read from memory once per batch
+                    for r in 0..n_rows {
+                        let wr = wp.add(r * bpr);
+                        let mut t = 0;
+                        while t + 4 <= n_tokens {
+                            let o = t * bpr;
+                            let v = tile::<1, 4>(wr, xp.add(o), dx.add(o), corr.add(o), bpr);
+                            for i in 0..4 {
+                                out[(t + i) * n_rows + r] = v[0][i];
+                            }
+                            t += 4;
+                        }
+                        while t < n_tokens {
+                            let o = t * bpr;
+                            out[t * n_rows + r] =
+                                tile::<1, 1>(wr, xp.add(o), dx.add(o), corr.add(o), bpr)[0][0];
+                            t += 1;
+                        }
+                    }
+                }
+            });
+        }
+    };
+}
+
+/// The 8 rows' integer dot products of one packed cell (expanded: `lo[q]`, `hi[q]`) with
+/// one input block `xq` (32 bytes as 8 i32): lane j = sum n_j * x - 8 sum x. With
+/// `vpmaddubsw`: 8 products of at most 2 · 15 · 128 summed in i16 stay below 32768.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot8_maddubs(
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    xq: *const i32,
+    ncorr: i32,
+) -> __m256i {
+    let mut s = [_mm256_setzero_si256(); 2];
+    for q in 0..4 {
+        let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
+        let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
+        s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo[q], xl));
+        s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi[q], xh));
+    }
+    let p = _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1));
+    _mm256_add_epi32(p, _mm256_set1_epi32(ncorr))
+}
+
+macro_rules! dot8_vnni {
+    ($name:ident, $features:literal, $dpbusd:ident) => {
+        /// As `dot8_maddubs`, with `vpdpbusd` (two independent chains of 4).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $name(
+            lo: &[__m256i; 4],
+            hi: &[__m256i; 4],
+            xq: *const i32,
+            ncorr: i32,
+        ) -> __m256i {
+            let mut s = [_mm256_set1_epi32(ncorr), _mm256_setzero_si256()];
+            for q in 0..4 {
+                s[0] = $dpbusd(
+                    s[0],
+                    lo[q],
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q))),
+                );
+                s[1] = $dpbusd(
+                    s[1],
+                    hi[q],
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q))),
+                );
+            }
+            _mm256_add_epi32(s[0], s[1])
+        }
+    };
+}
+
+dot8_vnni!(
+    dot8_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32
+);
+dot8_vnni!(
+    dot8_avx512vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32
+);
+
+/// sum n * x - corr, with AVX2 `vpmaddubsw` (n <= 15 so no i16 saturation) + `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_maddubs(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), _mm256_set1_epi16(1));
+    _mm256_sub_epi32(p, corr)
+}
+
+pub mod maddubs {
+    use super::*;
+    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs, dot8_maddubs);
+}
+
+/// sum n * x - corr with AVX-VNNI `vpdpbusd` (VEX encoding: Alder Lake+, Zen 5).
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+unsafe fn dot_avxvnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), corr), nib, xv)
+}
+
+pub mod avxvnni {
+    use super::*;
+    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni, dot8_avxvnni);
+}
+
+/// sum n * x - corr with AVX-512 VNNI `vpdpbusd` on 256-bit registers (Ice Lake+, Zen 4+).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn dot_avx512vnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), corr), nib, xv)
+}
+
+pub mod avx512vnni {
+    use super::*;
+    q40_q80_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        dot_avx512vnni,
+        dot8_avx512vnni
+    );
+}
+
+pub use maddubs::matmul_q40_q80;
+
+// ---------------------------------------------------------------------------------------
+// Q40 × F32 (the f32-buffer mode)
+
+/// Dot product of one Q40 row with f32 values: each block's 32 values are widened to f32
+/// and multiplied exactly as the scalar `dot_q40_f32` (sum in f32, times the block scale).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
+    let eight = _mm256_set1_epi8(8);
+    let mut acc = _mm256_setzero_ps();
+    for (b, blk) in w.iter().enumerate() {
+        let v = _mm256_sub_epi8(q40_nibbles(blk), eight); // 32 signed values in value order
+        let xp = x.as_ptr().add(b * QK);
+        let lo = _mm256_castsi256_si128(v);
+        let hi = _mm256_extracti128_si256(v, 1);
+        let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+        let mut s = _mm256_setzero_ps();
+        for (k, &p) in parts.iter().enumerate() {
+            let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(p));
+            s = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(8 * k)), s);
+        }
+        acc = _mm256_fmadd_ps(s, scale8(blk.d), acc);
+    }
+    hsum(acc)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, cols) F32.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    let bpr = cols / QK;
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
+    for r in 0..n_rows {
+        let wr = &w[r * bpr..(r + 1) * bpr];
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_q40_f32(wr, &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Which kernel version runs: chosen once from the CPU's features, kept in a `OnceLock`.
+//!
+//! `DLLAMA_KERNELS=scalar` forces the portable versions; `avx2` forces plain AVX2 on a CPU
+//! that also has VNNI (for tests and measurements); `neon` forces NEON without `dotprod`.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use super::block::{BlockQ40, BlockQ80};
+use super::scalar;
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// Portable Rust, the reference.
+    Scalar,
+    /// x86_64 AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 kernels with the Q40 × Q80 dot product on AVX-VNNI `vpdpbusd`.
+    AvxVnni,
+    /// AVX2 kernels with the Q40 × Q80 dot product on AVX-512 VNNI `vpdpbusd` (512-bit for
+    /// packed Q40, 256-bit otherwise).
+    Avx512Vnni,
+    /// aarch64 NEON (Pi 4: Cortex-A72).
+    Neon,
+    /// aarch64 NEON with the `sdot` dot-product instructions (Pi 5: Cortex-A76).
+    NeonDotprod,
+}
+
+impl KernelPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::AvxVnni => "avx2+avxvnni",
+            KernelPath::Avx512Vnni => "avx2+avx512vnni",
+            KernelPath::Neon => "neon",
+            KernelPath::NeonDotprod => "neon+dotprod",
+        }
+    }
+
+    /// Every path, best first (AVX-512 VNNI before AVX-VNNI: its 512-bit packed kernel runs
+    /// prefill about 2x faster; generation is at the memory bandwidth with either).
+    pub const ALL: [KernelPath; 6] = [
+        KernelPath::Avx512Vnni,
+        KernelPath::AvxVnni,
+        KernelPath::Avx2,
+        KernelPath::NeonDotprod,
+        KernelPath::Neon,
+        KernelPath::Scalar,
+    ];
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            KernelPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::AvxVnni => {
+                KernelPath::Avx2.supported() && is_x86_feature_detected!("avxvnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => {
+                KernelPath::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Kernel entry points of one path. Shapes as in `scalar`: w (n_rows, bpr or cols),
+/// x (n_tokens, ...), out (n_tokens, n_rows); the last argument is n_tokens.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub path: KernelPath,
+    quantize_q80: unsafe fn(&[f32], &mut [BlockQ80]),
+    matmul_q40_q80: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize),
+    matmul_q80_q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize),
+    matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
+    matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
+    matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
+    matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
+    dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    axpy: unsafe fn(f32, &[f32], &mut [f32]),
+    attn_scores: unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]),
+    attn_values: unsafe fn(&[f32], &[f32], usize, &mut [f32]),
+}
+
+// Each table is built only by `Kernels::for_path`, which checks the CPU supports it, so the
+// target-feature functions it points to are safe to call through it.
+impl Kernels {
+    /// The kernels of `path`, or `None` when this CPU (or build target) cannot run them.
+    pub fn for_path(path: KernelPath) -> Option<Kernels> {
+        if !path.supported() {
+            return None;
+        }
+        match path {
+            KernelPath::Scalar => Some(Kernels::scalar()),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512Vnni => {
+                use super::avx2;
+                let q40: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::AvxVnni => super::avx2_q40::avxvnni::matmul_q40_q80,
+                    // the VEX vpdpbusd measured faster than the EVEX one on Zen 5
+                    KernelPath::Avx512Vnni if KernelPath::AvxVnni.supported() => {
+                        super::avx2_q40::avxvnni::matmul_q40_q80
+                    }
+                    KernelPath::Avx512Vnni => super::avx2_q40::avx512vnni::matmul_q40_q80,
+                    _ => super::avx2_q40::maddubs::matmul_q40_q80,
+                };
+                let q40x8: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::AvxVnni => super::avx2_q40::avxvnni::matmul_q40x8_q80,
+                    KernelPath::Avx512Vnni => super::avx512::matmul_q40x8_q80,
+                    _ => super::avx2_q40::maddubs::matmul_q40x8_q80,
+                };
+                Some(Kernels {
+                    path,
+                    quantize_q80: avx2::quantize_q80,
+                    matmul_q40_q80: q40,
+                    matmul_q80_q80: avx2::matmul_q80_q80,
+                    matmul_q40x8_q80: q40x8,
+                    matmul_q40_f32: super::avx2_q40::matmul_q40_f32,
+                    matmul_f32: avx2::matmul_f32,
+                    matmul_f16: avx2::matmul_f16,
+                    dot_f32: avx2::dot_f32,
+                    axpy: avx2::axpy,
+                    attn_scores: avx2::attn_scores,
+                    attn_values: avx2::attn_values,
+                })
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon | KernelPath::NeonDotprod => {
+                use super::neon;
+                let q40: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::NeonDotprod => neon::dotprod::matmul_q40_q80,
+                    _ => neon::plain::matmul_q40_q80,
+                };
+                let q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::NeonDotprod => neon::dotprod::matmul_q80_q80,
+                    _ => neon::plain::matmul_q80_q80,
+                };
+                Some(Kernels {
+                    path,
+                    quantize_q80: neon::quantize_q80,
+                    matmul_q40_q80: q40,
+                    matmul_q80_q80: q80,
+                    matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+                    matmul_q40_f32: scalar::matmul_q40_f32,
+                    matmul_f32: neon::matmul_f32,
+                    matmul_f16: neon::matmul_f16,
+                    dot_f32: neon::dot_f32,
+                    axpy: neon::axpy,
+                    attn_scores: neon::attn_scores,
+                    attn_values: neon::attn_values,
+                })
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The kernels for a `DLLAMA_KERNELS` value: `None` or "auto" is the best path of this
+    /// CPU; "scalar", "avx2" and "neon" force that path (falling back to scalar where the CPU
+    /// lacks it). Any other value is an error naming the accepted ones.
+    pub fn choose(forced: Option<&str>) -> Result<Kernels> {
+        let wanted: &[KernelPath] = match forced.map(str::trim) {
+            None | Some("") | Some("auto") => &KernelPath::ALL,
+            Some("scalar") => &[KernelPath::Scalar],
+            Some("avx2") => &[KernelPath::Avx2, KernelPath::Scalar],
+            Some("neon") => &[KernelPath::Neon, KernelPath::Scalar],
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "DLLAMA_KERNELS={other:?} is not one of auto, scalar, avx2, neon"
+                )))
+            }
+        };
+        Ok(wanted
+            .iter()
+            .find_map(|&p| Kernels::for_path(p))
+            .unwrap_or_else(Kernels::scalar))
+    }
+
+    fn scalar() -> Kernels {
+        Kernels {
+            path: KernelPath::Scalar,
+            quantize_q80: scalar::quantize_q80,
+            matmul_q40_q80: scalar::matmul_q40_q80,
+            matmul_q80_q80: scalar::matmul_q80_q80,
+            matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+            matmul_q40_f32: scalar::matmul_q40_f32,
+            matmul_f32: scalar::matmul_f32,
+            matmul_f16: scalar::matmul_f16,
+            dot_f32: scalar::dot_f32,
+            axpy: scalar::axpy,
+            attn_scores: scalar::attn_scores,
+            attn_values: scalar::attn_values,
+        }
+    }
+
+    /// The kernels chosen for this process (decided on first use).
+    pub fn get() -> &'static Kernels {
+        static CHOSEN: OnceLock<Kernels> = OnceLock::new();
+        CHOSEN.get_or_init(|| {
+            let forced = std::env::var("DLLAMA_KERNELS").ok();
+            Kernels::choose(forced.as_deref()).unwrap_or_else(|e| {
+                // read once, deep inside the first matmul: warn and run the best path
+                eprintln!("dllama: {e}; using the best kernels of this CPU");
+                Kernels::choose(None).unwrap_or_else(|_| Kernels::scalar())
+            })
+        })
+    }
+
+    // Checked shapes are the caller's (`quant::matmul`) business; the kernels assert them too.
+
+    pub fn quantize_q80(&self, x: &[f32], out: &mut [BlockQ80]) {
+        // SAFETY: see the impl comment.
+        unsafe { (self.quantize_q80)(x, out) }
+    }
+    pub fn matmul_q40_q80(&self, w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_q40_q80)(w, x, out, n_tokens) }
+    }
+    /// Packed Q40 (`PackedQ40::groups` of these rows, `bpr` blocks per row) × Q80.
+    pub fn matmul_q40x8_q80(
+        &self,
+        cells: &[u8],
+        bpr: usize,
+        x: &[BlockQ80],
+        out: &mut [f32],
+        n_tokens: usize,
+    ) {
+        unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
+    }
+    /// Q40 weights × f32 input (the f32-buffer mode).
+    pub fn matmul_q40_f32(&self, w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_q40_f32)(w, x, out, n_tokens) }
+    }
+    pub fn matmul_q80_q80(&self, w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_q80_q80)(w, x, out, n_tokens) }
+    }
+    pub fn matmul_f32(&self, w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_f32)(w, x, out, n_tokens) }
+    }
+    pub fn matmul_f16(&self, w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_f16)(w, x, out, n_tokens) }
+    }
+    /// sum a[i] * b[i] over the shorter length.
+    pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        unsafe { (self.dot_f32)(a, b) }
+    }
+    /// y += a * x over the shorter length.
+    pub fn axpy(&self, a: f32, x: &[f32], y: &mut [f32]) {
+        unsafe { (self.axpy)(a, x, y) }
+    }
+    /// scores[p] = (q · k[p·stride ..][..q.len()]) · scale for every p (panics when k is short).
+    pub fn attn_scores(&self, q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+        unsafe { (self.attn_scores)(q, k, stride, scale, scores) }
+    }
+    /// out += sum_p att[p] · v[p·stride ..][..out.len()] (panics when v is short).
+    pub fn attn_values(&self, att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        unsafe { (self.attn_values)(att, v, stride, out) }
+    }
+}
+
+/// The name of the active kernel path (the engine prints it).
+pub fn active_path() -> KernelPath {
+    Kernels::get().path
+}

@@ -1,0 +1,380 @@
+//! aarch64 kernels: NEON (every ARMv8-A, e.g. the Pi 4's Cortex-A72) and NEON with the
+//! ARMv8.2 dot-product instruction `sdot` (Pi 5's Cortex-A76). `sdot` is emitted with
+//! `asm!` so the crate builds with compilers where its intrinsic is not yet stable.
+//!
+//! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
+//! its `target_feature` attribute (`dispatch` checks them once).
+
+#![allow(clippy::needless_range_loop)] // lanes and unrolled accumulators read best indexed
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
+
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn q40_signed(b: *const BlockQ40) -> (int8x16_t, int8x16_t) {
+    let q = vld1q_u8((*b).qs.as_ptr());
+    let eight = vdupq_n_s8(8);
+    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), eight);
+    let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), eight);
+    (lo, hi)
+}
+
+/// f16 bits to f32 with the hardware conversion (`fcvtl`), not a software routine.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn h2f(bits: u16) -> f32 {
+    let h = vdup_n_u16(bits);
+    let out: float32x4_t;
+    asm!("fcvtl {0:v}.4s, {1:v}.4h", out(vreg) out, in(vreg) h, options(pure, nomem, nostack));
+    vgetq_lane_f32::<0>(out)
+}
+
+/// acc + the products of a and b summed in groups of 4 lanes, without `sdot`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn dot4_plain(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let pl = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    let ph = vmull_high_s8(a, b);
+    vaddq_s32(acc, vaddq_s32(vpaddlq_s16(pl), vpaddlq_s16(ph)))
+}
+
+/// acc + the products of a and b summed in groups of 4 lanes, with `sdot`.
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn dot4_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) a, in(vreg) b, options(pure, nomem, nostack));
+    acc
+}
+
+macro_rules! int8_kernels {
+    ($features:literal, $dot4:ident) => {
+        /// R rows of Q40 × one Q80 token; the input block loads and scales are shared.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile<const R: usize>(
+            w: *const BlockQ40,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+        ) -> [f32; R] {
+            let mut acc = [vdupq_n_f32(0.0); R];
+            for b in 0..bpr {
+                let xb = x.add(b);
+                let x0 = vld1q_s8((*xb).qs.as_ptr());
+                let x1 = vld1q_s8((*xb).qs.as_ptr().add(16));
+                let d = *dx.add(b);
+                for r in 0..R {
+                    let wb = w.add(r * bpr + b);
+                    let (lo, hi) = q40_signed(wb);
+                    let p = $dot4($dot4(vdupq_n_s32(0), lo, x0), hi, x1);
+                    acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(p), h2f((*wb).d) * d);
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = vaddvq_f32(acc[r]);
+            }
+            out
+        }
+
+        /// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, bpr) Q80.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40_q80(
+            w: &[BlockQ40],
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let n_rows = out.len() / n_tokens;
+            let bpr = x.len() / n_tokens;
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && w.len() == n_rows * bpr
+            );
+            let dx: Vec<f32> = x.iter().map(|b| h2f(b.d)).collect();
+            // row-outer: a weight row is read from memory once, then stays in L1 for all tokens
+            let mut r = 0;
+            while r < n_rows {
+                let rows = if r + 4 <= n_rows { 4 } else { 1 };
+                for t in 0..n_tokens {
+                    let (wp, xp, dp) = (
+                        w.as_ptr().add(r * bpr),
+                        x.as_ptr().add(t * bpr),
+                        dx.as_ptr().add(t * bpr),
+                    );
+                    if rows == 4 {
+                        let v = tile::<4>(wp, bpr, xp, dp);
+                        for i in 0..4 {
+                            out[t * n_rows + r + i] = v[i];
+                        }
+                    } else {
+                        out[t * n_rows + r] = tile::<1>(wp, bpr, xp, dp)[0];
+                    }
+                }
+                r += rows;
+            }
+        }
+
+        /// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, bpr) Q80.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q80_q80(
+            w: &[BlockQ80],
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let n_rows = out.len() / n_tokens;
+            let bpr = x.len() / n_tokens;
+            assert!(
+                n_rows * n_tokens == out.len()
+                    && bpr * n_tokens == x.len()
+                    && w.len() == n_rows * bpr
+            );
+            for r in 0..n_rows {
+                for t in 0..n_tokens {
+                    let mut acc = vdupq_n_f32(0.0);
+                    for (a, b) in w[r * bpr..(r + 1) * bpr]
+                        .iter()
+                        .zip(&x[t * bpr..(t + 1) * bpr])
+                    {
+                        let p = $dot4(
+                            vdupq_n_s32(0),
+                            vld1q_s8(a.qs.as_ptr()),
+                            vld1q_s8(b.qs.as_ptr()),
+                        );
+                        let p = $dot4(
+                            p,
+                            vld1q_s8(a.qs.as_ptr().add(16)),
+                            vld1q_s8(b.qs.as_ptr().add(16)),
+                        );
+                        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(a.d) * h2f(b.d));
+                    }
+                    out[t * n_rows + r] = vaddvq_f32(acc);
+                }
+            }
+        }
+    };
+}
+
+pub mod plain {
+    use super::*;
+    int8_kernels!("neon", dot4_plain);
+}
+
+pub mod dotprod {
+    use super::*;
+    int8_kernels!("neon,dotprod", dot4_sdot);
+}
+
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+#[inline]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        for k in 0..4 {
+            acc[k] = vfmaq_f32(
+                acc[k],
+                vld1q_f32(ap.add(i + 4 * k)),
+                vld1q_f32(bp.add(i + 4 * k)),
+            );
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        acc[0] = vfmaq_f32(acc[0], vld1q_f32(ap.add(i)), vld1q_f32(bp.add(i)));
+        i += 4;
+    }
+    let mut s = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+/// Four f16 values (bits) to f32 with `fcvtl` (the f16 vector types are not stable Rust).
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn f16x4_to_f32(p: *const u16) -> float32x4_t {
+    let h = vld1_u16(p);
+    let out: float32x4_t;
+    asm!("fcvtl {0:v}.4s, {1:v}.4h", out(vreg) out, in(vreg) h, options(pure, nomem, nostack));
+    out
+}
+
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        for k in 0..4 {
+            acc[k] = vfmaq_f32(
+                acc[k],
+                f16x4_to_f32(wp.add(i + 4 * k)),
+                vld1q_f32(xp.add(i + 4 * k)),
+            );
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        acc[0] = vfmaq_f32(acc[0], f16x4_to_f32(wp.add(i)), vld1q_f32(xp.add(i)));
+        i += 4;
+    }
+    let mut s = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += f16_to_f32(w[i]) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// y += a * x.
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+#[inline]
+pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    let mut i = 0;
+    while i + 4 <= n {
+        vst1q_f32(
+            yp.add(i),
+            vfmaq_n_f32(vld1q_f32(yp.add(i)), vld1q_f32(xp.add(i)), a),
+        );
+        i += 4;
+    }
+    while i < n {
+        y[i] += a * x[i];
+        i += 1;
+    }
+}
+
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
+    for r in 0..n_rows {
+        for t in 0..n_tokens {
+            out[t * n_rows + r] =
+                dot_f32(&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    assert!(
+        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
+    );
+    for r in 0..n_rows {
+        for t in 0..n_tokens {
+            out[t * n_rows + r] =
+                dot_f16(&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
+/// Q80 quantization, bit-identical to the scalar one: `fcvtas` rounds half away from zero
+/// exactly as `f32::round`.
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "quantize_q80: {} values for {} blocks",
+        x.len(),
+        out.len()
+    );
+    for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let mut v = [vdupq_n_f32(0.0); 8];
+        let mut m = vdupq_n_f32(0.0);
+        for k in 0..8 {
+            v[k] = vld1q_f32(p.add(4 * k));
+            m = vmaxq_f32(m, vabsq_f32(v[k]));
+        }
+        let amax = vmaxvq_f32(m);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        yb.d = f32_to_f16(d);
+        for k in 0..4 {
+            let a = vcvtaq_s32_f32(vmulq_n_f32(v[2 * k], id));
+            let b = vcvtaq_s32_f32(vmulq_n_f32(v[2 * k + 1], id));
+            let h = vcombine_s16(vqmovn_s32(a), vqmovn_s32(b));
+            vst1_s8(yb.qs.as_mut_ptr().add(8 * k), vqmovn_s16(h));
+        }
+    }
+}
+
+/// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    if let Some(last) = scores.len().checked_sub(1) {
+        assert!(last * stride + hd <= k.len(), "attn_scores: keys too short");
+    }
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32(q, k.get_unchecked(p * stride..p * stride + hd)) * scale;
+    }
+}
+
+/// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    if let Some(last) = att.len().checked_sub(1) {
+        assert!(
+            last * stride + hd <= v.len(),
+            "attn_values: values too short"
+        );
+    }
+    for (p, &a) in att.iter().enumerate() {
+        axpy(a, v.get_unchecked(p * stride..p * stride + hd), out);
+    }
+}

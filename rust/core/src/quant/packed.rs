@@ -1,0 +1,152 @@
+//! Q40 weights repacked at load time for the x86_64 SIMD kernels (the "interleaved repack"
+//! of issue 5, as llama.cpp's q4_0 8x8): groups of 8 rows, block column by block column.
+//!
+//! Per (group g, block column b), 144 bytes at ((g · bpr) + b) · 144:
+//! - bytes 0..16: the 8 rows' f16 scales, row j at 2j (one `vcvtph2ps` gives all 8);
+//! - bytes 16..144: four 32-byte vectors V_q (q = 0..4): lane j (bytes 4j..4j+4) of V_q is
+//!   bytes 4q..4q+4 of row j's Q40 `qs`, i.e. values 4q..4q+4 in the low nibbles and
+//!   16+4q..16+4q+4 in the high nibbles.
+//!
+//! So one 32-byte load feeds 8 rows at once, each lane's 4-byte dot product lands in that row's
+//! i32 lane (`vpdpbusd` / `vpmaddubsw` against the 4 input bytes broadcast), the 8 results
+//! come out as one vector with no horizontal sum, and the size stays 18 bytes per 32 weights.
+//! Rows past the last multiple of 8 are padded with zero blocks (scale 0).
+
+use super::block::{BlockQ40, QK};
+use crate::pool::{split_range, ThreadPool};
+use crate::{Error, Result};
+
+/// Rows per interleaved group.
+pub const GROUP: usize = 8;
+/// Bytes per (group, block column).
+pub const CELL: usize = 16 + GROUP * 16;
+
+pub struct PackedQ40 {
+    n_rows: usize,
+    bpr: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackedQ40 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedQ40({} x {})", self.n_rows, self.cols())
+    }
+}
+
+impl PackedQ40 {
+    /// Repack `w` (n_rows, cols) Q40 rows on the calling thread.
+    pub fn pack(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<PackedQ40> {
+        let (bpr, mut data) = Self::alloc(w, n_rows, cols)?;
+        pack_groups(w, n_rows, bpr, 0, &mut data);
+        Ok(PackedQ40 { n_rows, bpr, data })
+    }
+
+    /// Repack with every thread of `pool` (each thread packs a run of groups).
+    pub fn pack_with(
+        pool: &mut ThreadPool,
+        w: &[BlockQ40],
+        n_rows: usize,
+        cols: usize,
+    ) -> Result<PackedQ40> {
+        let (bpr, mut data) = Self::alloc(w, n_rows, cols)?;
+        let n_groups = n_rows.div_ceil(GROUP);
+        let group_bytes = bpr * CELL;
+        let base = SharedBytes(data.as_mut_ptr());
+        pool.run(|i, n| {
+            let r = split_range(n_groups, i, n, 1);
+            if r.is_empty() {
+                return;
+            }
+            // SAFETY: threads get disjoint group ranges of `data`, which outlives the run
+            let mine = unsafe {
+                std::slice::from_raw_parts_mut(
+                    base.at(r.start * group_bytes),
+                    r.len() * group_bytes,
+                )
+            };
+            pack_groups(w, n_rows, bpr, r.start, mine);
+        });
+        Ok(PackedQ40 { n_rows, bpr, data })
+    }
+
+    fn alloc(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<(usize, Vec<u8>)> {
+        if !cols.is_multiple_of(QK) || w.len() != n_rows * (cols / QK) {
+            return Err(Error::invalid(format!(
+                "pack_q40: {} blocks are not ({n_rows}, {cols}) Q40 weights",
+                w.len()
+            )));
+        }
+        let bpr = cols / QK;
+        Ok((bpr, vec![0u8; n_rows.div_ceil(GROUP) * bpr * CELL]))
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    pub fn cols(&self) -> usize {
+        self.bpr * QK
+    }
+    /// Blocks per row.
+    pub fn bpr(&self) -> usize {
+        self.bpr
+    }
+    pub fn n_groups(&self) -> usize {
+        self.n_rows.div_ceil(GROUP)
+    }
+    /// The cells of groups `g0..g1`.
+    pub fn groups(&self, g0: usize, g1: usize) -> &[u8] {
+        &self.data[g0 * self.bpr * CELL..g1 * self.bpr * CELL]
+    }
+
+    /// Row `r` back as Q40 blocks (tests, and the portable kernel).
+    pub fn unpack_row(&self, r: usize, out: &mut [BlockQ40]) {
+        let (g, j) = (r / GROUP, r % GROUP);
+        for (b, blk) in out.iter_mut().enumerate().take(self.bpr) {
+            let cell = &self.data[(g * self.bpr + b) * CELL..];
+            blk.d = u16::from_le_bytes([cell[2 * j], cell[2 * j + 1]]);
+            for q in 0..4 {
+                let o = 16 + 32 * q + 4 * j;
+                blk.qs[4 * q..4 * q + 4].copy_from_slice(&cell[o..o + 4]);
+            }
+        }
+    }
+}
+
+/// A raw pointer that may cross to the pool's threads (disjoint ranges only).
+#[derive(Clone, Copy)]
+struct SharedBytes(*mut u8);
+unsafe impl Send for SharedBytes {}
+unsafe impl Sync for SharedBytes {}
+impl SharedBytes {
+    fn at(self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Pack the groups g0.. of `w` into `out` (whole groups of `bpr` cells).
+fn pack_groups(w: &[BlockQ40], n_rows: usize, bpr: usize, g0: usize, out: &mut [u8]) {
+    let pad = BlockQ40 {
+        d: 0,
+        qs: [0x88; 16],
+    };
+    for (gi, group) in out.chunks_exact_mut(bpr * CELL).enumerate() {
+        let g = g0 + gi;
+        // rows past n_rows (the last group's padding) are zero blocks
+        let rows: [Option<&[BlockQ40]>; GROUP] = std::array::from_fn(|j| {
+            let r = g * GROUP + j;
+            (r < n_rows).then(|| &w[r * bpr..(r + 1) * bpr])
+        });
+        for (b, cell) in group.chunks_exact_mut(CELL).enumerate() {
+            let mut c = [0u8; CELL];
+            for (j, row) in rows.iter().enumerate() {
+                let blk = row.map_or(&pad, |row| &row[b]);
+                c[2 * j..2 * j + 2].copy_from_slice(&blk.d.to_le_bytes());
+                for q in 0..4 {
+                    let o = 16 + 32 * q + 4 * j;
+                    c[o..o + 4].copy_from_slice(&blk.qs[4 * q..4 * q + 4]);
+                }
+            }
+            cell.copy_from_slice(&c);
+        }
+    }
+}

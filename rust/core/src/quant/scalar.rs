@@ -1,0 +1,220 @@
+//! Portable kernels: the reference every SIMD version is tested against (ggml's `_generic`).
+//!
+//! Shapes: a matmul multiplies weights `w` (n_rows, cols) by inputs `x` (n_tokens, cols) into
+//! `out` (n_tokens, n_rows): out[t, r] = sum_c w[r, c] * x[t, c]. Quantized rows are blocks of
+//! 32 values along the row, so w is (n_rows, cols / 32) blocks and x (n_tokens, cols / 32).
+
+use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+
+pub use super::block::quantize_q80;
+
+/// Dot product of one Q40 row with one Q80 row (same number of blocks).
+#[inline]
+pub fn dot_q40_q80(w: &[BlockQ40], x: &[BlockQ80]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = (a.qs[j] & 0x0F) as i32 - 8;
+            let hi = (a.qs[j] >> 4) as i32 - 8;
+            sumi += lo * b.qs[j] as i32 + hi * b.qs[j + QK / 2] as i32;
+        }
+        acc += sumi as f32 * (f16_to_f32(a.d) * f16_to_f32(b.d));
+    }
+    acc
+}
+
+/// Dot product of two Q80 rows.
+#[inline]
+pub fn dot_q80_q80(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, b) in w.iter().zip(x) {
+        let sumi: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
+        acc += sumi as f32 * (f16_to_f32(a.d) * f16_to_f32(b.d));
+    }
+    acc
+}
+
+#[inline]
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a * b).sum()
+}
+
+/// y += a * x.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (v, &u) in y.iter_mut().zip(x) {
+        *v += a * u;
+    }
+}
+
+#[inline]
+pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(&a, b)| f16_to_f32(a) * b).sum()
+}
+
+/// Generic (n_tokens, n_rows) loop over a row dot product; row-outer so each weight row is
+/// read from memory once per batch.
+#[inline(always)]
+fn matmul_rows<W, X>(
+    w: &[W],
+    x: &[X],
+    out: &mut [f32],
+    n_tokens: usize,
+    dot: impl Fn(&[W], &[X]) -> f32,
+) {
+    let n_rows = out.len() / n_tokens;
+    let width = x.len() / n_tokens;
+    assert!(
+        n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width
+    );
+    if width == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (r, wr) in w.chunks_exact(width).enumerate() {
+        for (t, xt) in x.chunks_exact(width).enumerate() {
+            out[t * n_rows + r] = dot(wr, xt);
+        }
+    }
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, bpr) Q80.
+pub fn matmul_q40_q80(w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_q40_q80)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, bpr) Q80.
+pub fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_q80_q80)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, cols) F32 × x (n_tokens, cols) F32.
+pub fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_f32)
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, cols) F16 bits × x (n_tokens, cols) F32.
+pub fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, dot_f16)
+}
+
+/// Dot product of one Q40 row with an F32 vector (the f32-buffer path).
+#[inline]
+pub fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, xb) in w.iter().zip(x.chunks_exact(QK)) {
+        let mut s = 0.0f32;
+        for j in 0..QK / 2 {
+            s += ((a.qs[j] & 0x0F) as i32 - 8) as f32 * xb[j]
+                + ((a.qs[j] >> 4) as i32 - 8) as f32 * xb[j + QK / 2];
+        }
+        acc += s * f16_to_f32(a.d);
+    }
+    acc
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, cols) F32. Portable on every
+/// path: the f32-buffer mode trades speed for exactness and is not the one that is tuned.
+pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    let bpr = cols / QK;
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
+    if bpr == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (r, wr) in w.chunks_exact(bpr).enumerate() {
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            out[t * n_rows + r] = dot_q40_f32(wr, xt);
+        }
+    }
+}
+
+/// out (n_tokens, n_rows) = packed w × x (n_tokens, bpr) Q80: each row unpacked, then
+/// `dot_q40_q80` (the reference for the packed SIMD kernels).
+pub fn matmul_q40x8_q80(
+    cells: &[u8],
+    bpr: usize,
+    x: &[BlockQ80],
+    out: &mut [f32],
+    n_tokens: usize,
+) {
+    use super::packed::{CELL, GROUP};
+    let n_rows = out.len() / n_tokens;
+    let n_groups = n_rows.div_ceil(GROUP);
+    assert!(
+        n_rows * n_tokens == out.len()
+            && bpr * n_tokens == x.len()
+            && cells.len() == n_groups * bpr * CELL
+    );
+    let mut row = vec![BlockQ40::default(); bpr];
+    for r in 0..n_rows {
+        let (g, j) = (r / GROUP, r % GROUP);
+        for (b, blk) in row.iter_mut().enumerate() {
+            let cell = &cells[(g * bpr + b) * CELL..];
+            blk.d = u16::from_le_bytes([cell[2 * j], cell[2 * j + 1]]);
+            for q in 0..4 {
+                let o = 16 + 32 * q + 4 * j;
+                blk.qs[4 * q..4 * q + 4].copy_from_slice(&cell[o..o + 4]);
+            }
+        }
+        for t in 0..n_tokens {
+            out[t * n_rows + r] = dot_q40_q80(&row, &x[t * bpr..(t + 1) * bpr]);
+        }
+    }
+}
+
+/// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+pub fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32(q, &k[p * stride..p * stride + hd]) * scale;
+    }
+}
+
+/// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    for (p, &a) in att.iter().enumerate() {
+        axpy(a, &v[p * stride..p * stride + hd], out);
+    }
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, cols) F32 (the f32-buffer path
+/// for Q80 weights; portable on every path, like `matmul_q40_f32`).
+pub fn matmul_q80_f32(w: &[BlockQ80], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    let n_rows = out.len() / n_tokens;
+    let cols = x.len() / n_tokens;
+    let bpr = cols / QK;
+    assert!(
+        n_rows * n_tokens == out.len()
+            && cols * n_tokens == x.len()
+            && bpr * QK == cols
+            && w.len() == n_rows * bpr
+    );
+    if bpr == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (r, wr) in w.chunks_exact(bpr).enumerate() {
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            let mut acc = 0.0f32;
+            for (a, xb) in wr.iter().zip(xt.chunks_exact(QK)) {
+                let s: f32 = a.qs.iter().zip(xb).map(|(&q, &v)| q as f32 * v).sum();
+                acc += s * f16_to_f32(a.d);
+            }
+            out[t * n_rows + r] = acc;
+        }
+    }
+}

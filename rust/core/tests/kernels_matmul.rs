@@ -1,0 +1,700 @@
+//! Every matmul / quantize kernel of every path this CPU runs: SIMD equal to scalar within
+//! tight named limits, scalar equal to an f64 reference within a named per-format limit.
+
+#[path = "kernels_common/mod.rs"]
+mod common;
+
+use common::*;
+use dllama_core::pool::ThreadPool;
+use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
+use dllama_core::quant::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Weights, QK};
+
+/// Scalar kernels against the f64 product of the same (already quantized) values, relative
+/// to sum |w x|: the integer block sums are exact, only the f32 scale products and the f32
+/// accumulation round.
+const SCALAR_REL_Q40_Q80: f64 = 1e-5;
+const SCALAR_REL_Q80_Q80: f64 = 1e-5;
+const SCALAR_REL_F32: f64 = 1e-5;
+const SCALAR_REL_F16: f64 = 1e-5;
+/// SIMD against scalar, relative to sum |w x|: same integer sums, another f32 summation order.
+const SIMD_REL: f64 = 2e-6;
+/// Absolute floor for outputs whose sum |w x| is zero (all-zero rows).
+const ABS_FLOOR: f64 = 1e-30;
+
+fn scalar() -> Kernels {
+    Kernels::for_path(KernelPath::Scalar).unwrap()
+}
+
+#[test]
+fn paths_available() {
+    let names: Vec<&str> = all_kernels().iter().map(|k| k.path.name()).collect();
+    eprintln!(
+        "kernel paths tested on this CPU: {names:?}; active: {}",
+        quant::active_path()
+    );
+    assert!(names.contains(&"scalar"));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert!(names.contains(&"avx2"));
+    }
+    #[cfg(target_arch = "aarch64")]
+    assert!(names.contains(&"neon"));
+}
+
+#[test]
+fn q40_q80_every_path() {
+    let mut rng = rng(1);
+    for &(n_rows, bpr, n_tokens) in &SHAPES {
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let (want, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        assert_close(
+            "scalar q40×q80 vs f64",
+            &base,
+            &want,
+            &mag,
+            SCALAR_REL_Q40_Q80,
+            ABS_FLOOR,
+        );
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40_q80(&w, &x, &mut got, n_tokens);
+            let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+            assert_close(
+                &format!("{} q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn q40_q80_batch_equals_one_token_at_a_time() {
+    let mut rng = rng(2);
+    let (n_rows, bpr, n_tokens) = (13, 9, 7);
+    let w = random_q40(&mut rng, n_rows * bpr);
+    let x = random_q80(&mut rng, n_tokens * bpr);
+    for k in all_kernels() {
+        let mut batch = vec![0.0f32; n_tokens * n_rows];
+        k.matmul_q40_q80(&w, &x, &mut batch, n_tokens);
+        for t in 0..n_tokens {
+            let mut one = vec![0.0f32; n_rows];
+            k.matmul_q40_q80(&w, &x[t * bpr..(t + 1) * bpr], &mut one, 1);
+            assert_eq!(
+                &batch[t * n_rows..(t + 1) * n_rows],
+                &one[..],
+                "{} token {t}",
+                k.path
+            );
+        }
+    }
+}
+
+#[test]
+fn q80_q80_every_path() {
+    let mut rng = rng(3);
+    for &(n_rows, bpr, n_tokens) in &SHAPES {
+        let w = random_q80(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let (want, mag) = reference(&q80_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q80_q80(&w, &x, &mut base, n_tokens);
+        assert_close(
+            "scalar q80×q80 vs f64",
+            &base,
+            &want,
+            &mag,
+            SCALAR_REL_Q80_Q80,
+            ABS_FLOOR,
+        );
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q80_q80(&w, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} q80×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn f32_and_f16_every_path() {
+    let mut rng = rng(4);
+    // column counts that are not multiples of the 8 / 32 unroll
+    for &(n_rows, cols, n_tokens) in &[
+        (1, 1, 1),
+        (3, 7, 1),
+        (5, 33, 2),
+        (9, 100, 3),
+        (4, 4096, 1),
+        (17, 257, 5),
+    ] {
+        let w = random_values(&mut rng, n_rows * cols, 1.0);
+        let x = random_values(&mut rng, n_tokens * cols, 1.0);
+        let w16: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
+        let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let w16_64: Vec<f64> = w16.iter().map(|&v| f16_to_f32(v) as f64).collect();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (want, mag) = reference(&w64, &x64, n_rows, cols, n_tokens);
+        let (want16, mag16) = reference(&w16_64, &x64, n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        let mut base16 = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_f32(&w, &x, &mut base, n_tokens);
+        scalar().matmul_f16(&w16, &x, &mut base16, n_tokens);
+        assert_close(
+            "scalar f32 vs f64",
+            &base,
+            &want,
+            &mag,
+            SCALAR_REL_F32,
+            ABS_FLOOR,
+        );
+        assert_close(
+            "scalar f16 vs f64",
+            &base16,
+            &want16,
+            &mag16,
+            SCALAR_REL_F16,
+            ABS_FLOOR,
+        );
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_f32(&w, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} f32 {n_rows}x{cols}x{n_tokens}", k.path),
+                &got,
+                &want,
+                &mag,
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+            k.matmul_f16(&w16, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} f16 {n_rows}x{cols}x{n_tokens}", k.path),
+                &got,
+                &want16,
+                &mag16,
+                SCALAR_REL_F16,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_and_axpy_every_path() {
+    let mut rng = rng(5);
+    for n in [0, 1, 7, 8, 9, 31, 32, 33, 64, 100, 128] {
+        let a = random_values(&mut rng, n, 1.0);
+        let b = random_values(&mut rng, n, 1.0);
+        let want: f64 = a.iter().zip(&b).map(|(&p, &q)| p as f64 * q as f64).sum();
+        let mag: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(&p, &q)| (p as f64 * q as f64).abs())
+            .sum();
+        for k in all_kernels() {
+            let got = k.dot_f32(&a, &b);
+            assert_close(
+                &format!("{} dot {n}", k.path),
+                &[got],
+                &[want],
+                &[mag],
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+            let mut y = b.clone();
+            k.axpy(0.75, &a, &mut y);
+            for i in 0..n {
+                let w = b[i] as f64 + 0.75 * a[i] as f64;
+                assert!(
+                    (y[i] as f64 - w).abs() <= 1e-6 * (b[i].abs() as f64 + a[i].abs() as f64),
+                    "{} axpy {n} at {i}",
+                    k.path
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_q80_every_path_bit_exact() {
+    let mut rng = rng(6);
+    let mut x = Vec::new();
+    for scale in [1e-6f32, 0.01, 1.0, 300.0] {
+        x.extend(random_values(&mut rng, 32 * 37, scale));
+    }
+    // a zero block, and a block of exact ties: amax 127 gives d = 1, so k + 0.5 rounds away
+    x.extend([0.0f32; 32]);
+    let mut ties: Vec<f32> = (0..31).map(|i| (i as f32 - 15.0) + 0.5).collect();
+    ties.push(127.0);
+    x.extend(ties);
+    let n = x.len() / QK;
+    let mut want = vec![BlockQ80::default(); n];
+    scalar().quantize_q80(&x, &mut want);
+    // scalar = ggml's reference quantizer (block.rs), checked against the definition
+    for (b, xb) in want.iter().zip(x.chunks_exact(QK)) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_eq!(b.d, f32_to_f16(amax / 127.0));
+    }
+    assert_eq!(want[n - 1].qs[0], -15, "-14.5 rounds away from zero");
+    assert_eq!(want[n - 1].qs[15], 1, "0.5 rounds away from zero");
+    for k in all_kernels() {
+        let mut got = vec![BlockQ80::default(); n];
+        k.quantize_q80(&x, &mut got);
+        for i in 0..n {
+            assert_eq!(got[i], want[i], "{} block {i}", k.path);
+        }
+    }
+}
+
+#[test]
+fn quantized_matmul_close_to_float_product() {
+    // end to end: quantize f32 weights to Q40 and inputs to Q80, multiply, compare with the
+    // f64 product of the original values. Each Q40 value is within one step d_w of the
+    // original (half a step, or a full one for the clamped +8 case), each Q80 value within d_x / 2.
+    let mut rng = rng(7);
+    let (n_rows, cols) = (24, 32 * 20);
+    let w = random_values(&mut rng, n_rows * cols, 1.0);
+    let x = random_values(&mut rng, cols, 1.0);
+    let mut wq = vec![quant::BlockQ40::default(); n_rows * cols / QK];
+    quant::quantize_q40(&w, &mut wq);
+    let mut xq = vec![BlockQ80::default(); cols / QK];
+    quant::quantize_q80(&x, &mut xq).unwrap();
+    let mut got = vec![0.0f32; n_rows];
+    let mut pool = ThreadPool::new(1).unwrap();
+    matmul(
+        &mut pool,
+        Weights::Q40(&wq),
+        Input::Q80(&xq),
+        &mut got,
+        n_rows,
+        cols,
+        1,
+    )
+    .unwrap();
+    for r in 0..n_rows {
+        let (mut exact, mut bound) = (0.0f64, 0.0f64);
+        for c in 0..cols {
+            let dw = f16_to_f32(wq[(r * cols + c) / QK].d).abs() as f64;
+            let dx = f16_to_f32(xq[c / QK].d) as f64 / 2.0;
+            let (a, b) = (w[r * cols + c] as f64, x[c] as f64);
+            exact += a * b;
+            bound += dw * b.abs() + a.abs() * dx + dw * dx;
+        }
+        assert!(
+            (got[r] as f64 - exact).abs() <= bound * 1.001,
+            "row {r}: {} vs {exact} (bound {bound})",
+            got[r]
+        );
+    }
+}
+
+#[test]
+fn threaded_matmul_equals_single_thread() {
+    let mut rng = rng(8);
+    let k = Kernels::get();
+    for &(n_rows, bpr, n_tokens) in &[
+        (1, 3, 1),
+        (15, 4, 1),
+        (16, 4, 1),
+        (17, 4, 1),
+        (100, 5, 1),
+        (37, 6, 3),
+        (64, 2, 5),
+    ] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let xf = random_values(&mut rng, n_tokens * cols, 1.0);
+        let wf = random_values(&mut rng, n_rows * cols, 1.0);
+        let mut want = vec![0.0f32; n_tokens * n_rows];
+        k.matmul_q40_q80(&w, &x, &mut want, n_tokens);
+        let mut want_f = vec![0.0f32; n_tokens * n_rows];
+        k.matmul_f32(&wf, &xf, &mut want_f, n_tokens);
+        for threads in [1, 2, 3, 4] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            matmul(
+                &mut pool,
+                Weights::Q40(&w),
+                Input::Q80(&x),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_eq!(
+                got, want,
+                "q40 {n_rows}x{bpr}x{n_tokens} on {threads} threads"
+            );
+            matmul(
+                &mut pool,
+                Weights::F32(&wf),
+                Input::F32(&xf),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_eq!(
+                got, want_f,
+                "f32 {n_rows}x{cols}x{n_tokens} on {threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
+fn q40_and_q80_by_f32_input_match_reference() {
+    let mut rng = rng(9);
+    let (n_rows, bpr, n_tokens) = (7, 5, 3);
+    let cols = bpr * QK;
+    let w = random_q40(&mut rng, n_rows * bpr);
+    let x = random_values(&mut rng, n_tokens * cols, 1.0);
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let (want, mag) = reference(&q40_values(&w), &x64, n_rows, cols, n_tokens);
+    let mut pool = ThreadPool::new(2).unwrap();
+    let mut got = vec![0.0f32; n_tokens * n_rows];
+    matmul(
+        &mut pool,
+        Weights::Q40(&w),
+        Input::F32(&x),
+        &mut got,
+        n_rows,
+        cols,
+        n_tokens,
+    )
+    .unwrap();
+    assert_close(
+        "q40 × f32",
+        &got,
+        &want,
+        &mag,
+        SCALAR_REL_Q40_Q80,
+        ABS_FLOOR,
+    );
+    let w8 = random_q80(&mut rng, n_rows * bpr);
+    let (want8, mag8) = reference(&q80_values(&w8), &x64, n_rows, cols, n_tokens);
+    matmul(
+        &mut pool,
+        Weights::Q80(&w8),
+        Input::F32(&x),
+        &mut got,
+        n_rows,
+        cols,
+        n_tokens,
+    )
+    .unwrap();
+    assert_close(
+        "q80 × f32",
+        &got,
+        &want8,
+        &mag8,
+        SCALAR_REL_Q80_Q80,
+        ABS_FLOOR,
+    );
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let mut pool = ThreadPool::new(2).unwrap();
+    let w = vec![quant::BlockQ40::default(); 4];
+    let x = vec![BlockQ80::default(); 2];
+    let xf = vec![0.0f32; 64];
+    let mut out = [0.0f32; 2];
+    let cases: Vec<(Weights, Input, usize, usize, usize, usize)> = vec![
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 2), // ok
+        (Weights::Q40(&w), Input::Q80(&x), 3, 64, 1, 2), // weights too short
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 2, 2), // input too short
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 0, 2), // no tokens
+        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 1), // output too short
+        (Weights::Q40(&w), Input::Q80(&x), 4, 33, 1, 2), // cols not a block multiple
+        (Weights::F32(&xf), Input::Q80(&x), 1, 64, 1, 1), // unsupported pair
+    ];
+    for (i, (wt, inp, rows, cols, toks, out_len)) in cases.into_iter().enumerate() {
+        let r = matmul(&mut pool, wt, inp, &mut out[..out_len], rows, cols, toks);
+        if i == 0 {
+            assert!(r.is_ok());
+        } else {
+            let msg = r.expect_err("bad shape accepted").to_string();
+            assert!(msg.starts_with("matmul:"), "case {i}: {msg}");
+        }
+    }
+    let mut q = vec![BlockQ80::default(); 1];
+    assert!(quant::quantize_q80(&[0.0; 33], &mut q).is_err());
+}
+
+#[test]
+fn forced_path_env_values() {
+    // DLLAMA_KERNELS is read once per process (Kernels::get); its parsing is Kernels::choose
+    let best = Kernels::choose(None).unwrap().path;
+    assert_eq!(Kernels::choose(Some("auto")).unwrap().path, best);
+    assert_eq!(
+        best,
+        KernelPath::ALL.into_iter().find(|p| p.supported()).unwrap()
+    );
+    assert_eq!(
+        Kernels::choose(Some("scalar")).unwrap().path,
+        KernelPath::Scalar
+    );
+    let avx2 = if KernelPath::Avx2.supported() {
+        KernelPath::Avx2
+    } else {
+        KernelPath::Scalar
+    };
+    assert_eq!(Kernels::choose(Some("avx2")).unwrap().path, avx2);
+    let neon = if KernelPath::Neon.supported() {
+        KernelPath::Neon
+    } else {
+        KernelPath::Scalar
+    };
+    assert_eq!(Kernels::choose(Some(" neon ")).unwrap().path, neon);
+    let err = Kernels::choose(Some("fast"))
+        .map(|k| k.path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("DLLAMA_KERNELS") && err.contains("scalar"),
+        "{err}"
+    );
+    if let Ok(v) = std::env::var("DLLAMA_KERNELS") {
+        assert_eq!(
+            quant::active_path(),
+            Kernels::choose(Some(&v)).unwrap().path
+        );
+    }
+}
+
+#[test]
+fn packed_q40_every_path() {
+    let mut rng = rng(10);
+    // row counts around the group of 8 and the row split of 16
+    for &(n_rows, bpr, n_tokens) in &[
+        (1, 1, 1),
+        (7, 3, 1),
+        (9, 5, 4),
+        (17, 3, 9),
+        (8, 33, 5),
+        (8, 2, 1),
+        (9, 5, 2),
+        (16, 1, 3),
+        (23, 7, 1),
+        (40, 129, 2),
+        (64, 344, 1),
+    ] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        for threads in [2, 3] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let again = quant::PackedQ40::pack_with(&mut pool, &w, n_rows, cols).unwrap();
+            assert!(
+                again.groups(0, again.n_groups()) == packed.groups(0, packed.n_groups()),
+                "pack_with on {threads} threads"
+            );
+        }
+        let mut row = vec![quant::BlockQ40::default(); bpr];
+        for r in 0..n_rows {
+            packed.unpack_row(r, &mut row);
+            assert_eq!(&row[..], &w[r * bpr..(r + 1) * bpr], "unpack row {r}");
+        }
+        let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let all = packed.groups(0, packed.n_groups());
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40x8_q80(all, bpr, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} packed q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+        for threads in [1, 2, 3] {
+            let mut pool = ThreadPool::new(threads).unwrap();
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            matmul(
+                &mut pool,
+                Weights::Q40Packed(&packed),
+                Input::Q80(&x),
+                &mut got,
+                n_rows,
+                cols,
+                n_tokens,
+            )
+            .unwrap();
+            assert_close(
+                &format!("matmul packed {n_rows}x{bpr}x{n_tokens} on {threads}"),
+                &got,
+                &base64,
+                &mag,
+                SIMD_REL,
+                ABS_FLOOR,
+            );
+        }
+    }
+    let w = random_q40(&mut rng, 6);
+    assert!(quant::PackedQ40::pack(&w, 2, 100).is_err());
+    let packed = quant::PackedQ40::pack(&w, 2, 96).unwrap();
+    let mut pool = ThreadPool::new(1).unwrap();
+    let x = random_q80(&mut rng, 3);
+    let mut out = [0.0f32; 3];
+    assert!(matmul(
+        &mut pool,
+        Weights::Q40Packed(&packed),
+        Input::Q80(&x),
+        &mut out,
+        3,
+        96,
+        1
+    )
+    .is_err());
+    let xf = vec![0.0f32; 96];
+    assert!(matmul(
+        &mut pool,
+        Weights::Q40Packed(&packed),
+        Input::F32(&xf),
+        &mut out[..2],
+        2,
+        96,
+        1
+    )
+    .is_err());
+}
+
+/// Kernels the dispatcher does not pick on every CPU with their path (the EVEX-encoded
+/// 256-bit VNNI ones run only where AVX-VNNI is missing): called directly when the CPU can.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn evex_vnni_kernels_match_scalar() {
+    use dllama_core::quant::{avx2_q40, avx512};
+    if !KernelPath::Avx512Vnni.supported() {
+        eprintln!("no AVX-512 VNNI on this CPU: skipped");
+        return;
+    }
+    let mut rng = rng(11);
+    for &(n_rows, bpr, n_tokens) in &[(1, 1, 1), (5, 3, 1), (17, 11, 2), (33, 129, 1), (24, 7, 5)] {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_q80(&mut rng, n_tokens * bpr);
+        let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
+        let mut base = vec![0.0f32; n_tokens * n_rows];
+        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
+        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        let cells = packed.groups(0, packed.n_groups());
+        let mut got = vec![f32::NAN; n_tokens * n_rows];
+        // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (checked above), hence AVX2/FMA/F16C
+        unsafe { avx2_q40::avx512vnni::matmul_q40_q80(&w, &x, &mut got, n_tokens) };
+        assert_close("evex q40", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
+        got.fill(f32::NAN);
+        unsafe { avx2_q40::avx512vnni::matmul_q40x8_q80(cells, bpr, &x, &mut got, n_tokens) };
+        assert_close("evex packed", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
+        got.fill(f32::NAN);
+        unsafe { avx512::matmul_q40x8_q80_zmm(cells, bpr, &x, &mut got, n_tokens) };
+        assert_close("zmm packed", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
+    }
+}
+
+#[test]
+fn attention_kernels_every_path() {
+    let mut rng = rng(12);
+    for &(hd, stride, n_pos) in &[
+        (1, 1, 1),
+        (7, 9, 3),
+        (64, 192, 17),
+        (128, 128, 33),
+        (12, 36, 1),
+    ] {
+        let q = random_values(&mut rng, hd, 1.0);
+        let k = random_values(&mut rng, (n_pos - 1) * stride + hd, 1.0);
+        let att = random_values(&mut rng, n_pos, 1.0);
+        let scale = 0.125f32;
+        let (mut want_s, mut mag_s) = (vec![0.0f64; n_pos], vec![0.0f64; n_pos]);
+        for p in 0..n_pos {
+            for i in 0..hd {
+                let v = q[i] as f64 * k[p * stride + i] as f64 * scale as f64;
+                want_s[p] += v;
+                mag_s[p] += v.abs();
+            }
+        }
+        let (mut want_v, mut mag_v) = (vec![0.5f64; hd], vec![0.5f64; hd]);
+        for p in 0..n_pos {
+            for i in 0..hd {
+                let v = att[p] as f64 * k[p * stride + i] as f64;
+                want_v[i] += v;
+                mag_v[i] += v.abs();
+            }
+        }
+        for kern in all_kernels() {
+            let mut scores = vec![f32::NAN; n_pos];
+            kern.attn_scores(&q, &k, stride, scale, &mut scores);
+            assert_close(
+                &format!("{} attn_scores {hd}/{stride}/{n_pos}", kern.path),
+                &scores,
+                &want_s,
+                &mag_s,
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+            let mut out = vec![0.5f32; hd];
+            kern.attn_values(&att, &k, stride, &mut out);
+            assert_close(
+                &format!("{} attn_values {hd}/{stride}/{n_pos}", kern.path),
+                &out,
+                &want_v,
+                &mag_v,
+                SCALAR_REL_F32,
+                ABS_FLOOR,
+            );
+        }
+    }
+}
+
+#[test]
+fn q40_f32_every_path() {
+    let mut rng = rng(13);
+    for &(n_rows, bpr, n_tokens) in &SHAPES {
+        let cols = bpr * QK;
+        let w = random_q40(&mut rng, n_rows * bpr);
+        let x = random_values(&mut rng, n_tokens * cols, 1.0);
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (want, mag) = reference(&q40_values(&w), &x64, n_rows, cols, n_tokens);
+        for k in all_kernels() {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            k.matmul_q40_f32(&w, &x, &mut got, n_tokens);
+            assert_close(
+                &format!("{} q40×f32 {n_rows}x{bpr}x{n_tokens}", k.path),
+                &got,
+                &want,
+                &mag,
+                SCALAR_REL_Q40_Q80,
+                ABS_FLOOR,
+            );
+        }
+    }
+}

