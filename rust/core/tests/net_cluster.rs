@@ -15,6 +15,7 @@ fn workers(n: usize) -> Vec<TestWorker> {
                 FakeFactory {
                     local: Some(identity(1)),
                     die_at_step: None,
+                    hang: None,
                     expect_shipped: vec![],
                 },
                 None,
@@ -118,6 +119,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
         FakeFactory {
             local: None,
             die_at_step: None,
+            hang: None,
             expect_shipped: expect.clone(),
         },
         None,
@@ -172,21 +174,20 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
     w.wait_log("received 2 tensors");
     drop(root);
 
-    // a root shipping more than its model file holds is refused, with the reason
+    // a root shipping more than the worker's slice takes is refused, with the reason
     let w2 = TestWorker::start(
         FakeFactory {
             local: None,
             die_at_step: None,
-            expect_shipped: expect,
+            hang: None,
+            expect_shipped: expect[..1].to_vec(),
         },
         None,
     );
-    let mut small = identity(1);
-    small.file_size = 2_000_000;
     let mut root = RootCollective::connect(
         std::slice::from_ref(&w2.addr),
         DIM,
-        &small,
+        &identity(1),
         &root_opts(BufferType::Q80, None),
     )
     .unwrap();
@@ -209,6 +210,7 @@ fn a_worker_serves_the_next_root_after_stop() {
         FakeFactory {
             local: Some(identity(1)),
             die_at_step: None,
+            hang: None,
             expect_shipped: vec![],
         },
         None,

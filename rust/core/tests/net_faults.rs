@@ -17,6 +17,7 @@ fn plain(local: u8) -> FakeFactory {
     FakeFactory {
         local: Some(identity(local)),
         die_at_step: None,
+        hang: None,
         expect_shipped: vec![],
     }
 }
@@ -137,6 +138,7 @@ fn a_worker_dying_mid_generation_stops_the_root_with_one_clear_error() {
         FakeFactory {
             local: Some(identity(1)),
             die_at_step: Some(2),
+            hang: None,
             expect_shipped: vec![],
         },
         None,
@@ -235,6 +237,43 @@ fn a_port_in_use_is_named() {
     let err = listen("127.0.0.1", port).err().unwrap().to_string();
     assert!(
         err.contains(&format!("port {port}")) && err.contains("already in use"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_frozen_worker_times_out_naming_it() {
+    let w = TestWorker::start(
+        FakeFactory {
+            local: Some(identity(1)),
+            die_at_step: Some(1),
+            hang: Some(Duration::from_secs(8)),
+            expect_shipped: vec![],
+        },
+        None,
+    );
+    let addrs = vec![w.addr.clone()];
+    let mut opts = root_opts(BufferType::Q80, None);
+    opts.timeouts.step = Duration::from_secs(1);
+    let mut root = RootCollective::connect(&addrs, DIM, &identity(1), &opts).unwrap();
+    root.wait_ready().unwrap();
+    root.set_vocab_ranges(vec![vocab_range(0, 2), vocab_range(1, 2)])
+        .unwrap();
+    run_root(&mut root, &[(vec![1], 0)]).unwrap();
+    let start = Instant::now();
+    let err = run_root(&mut root, &[(vec![2], 1)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("worker 1")
+            && err.contains("did not answer within 1 s")
+            && err.contains("partial sums"),
         "{err}"
     );
 }

@@ -14,25 +14,17 @@ use sha2::{Digest, Sha256};
 
 use super::protocol::ModelIdentity;
 use crate::error::IoContext;
-use crate::{Error, Result};
+use crate::Result;
 
 const SAMPLES: u64 = 256;
 const SAMPLE: u64 = 4096;
 
 impl ModelIdentity {
-    /// Identity of the model file at `path`, whose header is its first `header_len` bytes.
-    pub fn of_file(path: &Path, header_len: usize) -> Result<ModelIdentity> {
+    /// Identity of the model file at `path` with its (canonical) `header` bytes.
+    pub fn of_file(path: &Path, header: Vec<u8>) -> Result<ModelIdentity> {
         let ctx = || format!("cannot read model file {}", path.display());
         let mut f = File::open(path).context(ctx)?;
         let size = f.metadata().context(ctx)?.len();
-        if (header_len as u64) > size {
-            return Err(Error::format(format!(
-                "model file {} is shorter ({size} bytes) than its header ({header_len} bytes)",
-                path.display()
-            )));
-        }
-        let mut header = vec![0u8; header_len];
-        f.read_exact(&mut header).context(ctx)?;
         let mut h = Sha256::new();
         h.update(size.to_le_bytes());
         h.update(&header);

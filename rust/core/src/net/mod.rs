@@ -10,6 +10,7 @@
 //! - [`worker`]: the serve loop and the worker's `Collective`.
 
 pub mod auth;
+pub mod cluster;
 pub mod codec;
 pub mod identity;
 pub mod protocol;

@@ -324,31 +324,24 @@ impl RootHello {
     }
 }
 
-/// How the nodes exchange the per-layer buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BufferType {
-    F32 = 0,
-    Q80 = 3,
+/// How the nodes exchange the per-layer buffers (the engine's type; codes on the wire are the
+/// float type codes of the `.m` header: 0 f32, 3 q80).
+pub use crate::model::BufferType;
+
+pub fn buffer_code(b: BufferType) -> u8 {
+    match b {
+        BufferType::F32 => 0,
+        BufferType::Q80 => 3,
+    }
 }
 
-impl BufferType {
-    pub fn from_u8(b: u8) -> Result<BufferType> {
-        match b {
-            0 => Ok(BufferType::F32),
-            3 => Ok(BufferType::Q80),
-            _ => Err(Error::Protocol(format!(
-                "unknown buffer float type code {b}"
-            ))),
-        }
-    }
-    pub fn parse(s: &str) -> Result<BufferType> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" => Ok(BufferType::F32),
-            "q80" => Ok(BufferType::Q80),
-            _ => Err(Error::invalid(format!(
-                "unknown buffer float type {s:?}: expected q80 or f32"
-            ))),
-        }
+pub fn buffer_from_code(c: u8) -> Result<BufferType> {
+    match c {
+        0 => Ok(BufferType::F32),
+        3 => Ok(BufferType::Q80),
+        _ => Err(Error::Protocol(format!(
+            "unknown buffer float type code {c}"
+        ))),
     }
 }
 
@@ -377,7 +370,7 @@ impl Setup {
         let mut w = Writer::default();
         w.u32(self.node_index)
             .u32(self.n_nodes)
-            .u8(self.buffer_type as u8)
+            .u8(buffer_code(self.buffer_type))
             .u32(self.max_seq_len)
             .u64(self.model.file_size)
             .bytes(&self.model.fingerprint)
@@ -388,7 +381,7 @@ impl Setup {
         let mut r = Reader::new(p, "Setup");
         let node_index = r.u32()?;
         let n_nodes = r.u32()?;
-        let buffer_type = BufferType::from_u8(r.u8()?)?;
+        let buffer_type = buffer_from_code(r.u8()?)?;
         let max_seq_len = r.u32()?;
         let file_size = r.u64()?;
         let fingerprint = r.array()?;

@@ -27,7 +27,7 @@ impl ShipTensor {
     }
 }
 
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileExt;
@@ -174,7 +174,7 @@ pub fn receive_tensors(conn: &mut Conn, budget: u64) -> Result<Vec<ShippedTensor
                 used = used.saturating_add(n);
                 if used > budget {
                     return Err(Error::Protocol(format!(
-                        "{} ships more weight bytes ({used}) than the model file holds ({budget})",
+                        "{} ships more weight bytes ({used}) than this worker's slice takes ({budget})",
                         conn.peer
                     )));
                 }

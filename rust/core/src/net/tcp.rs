@@ -195,9 +195,7 @@ pub fn connect(addr: &str, peer: &str, timeout: Duration) -> Result<TcpStream> {
         ),
         _ => e.to_string(),
     };
-    Err(Error::Connection(format!(
-        "cannot reach {peer} at {addr}: {why}"
-    )))
+    Err(Error::Connection(format!("cannot reach {peer}: {why}")))
 }
 
 /// Listen on `host:port`, with a clear error when the port is taken.

@@ -30,6 +30,8 @@ pub trait WorkerModel: Send {
         -> Result<()>;
     /// The model's `dim` (values per token of the residual).
     fn dim(&self) -> usize;
+    /// Positions of its KV cache: no step may go beyond.
+    fn max_seq_len(&self) -> usize;
 }
 
 /// Where a worker's weights come from.
@@ -44,8 +46,10 @@ pub enum Weights {
 pub trait ModelFactory: Sync {
     /// Identity of the worker's own model file (started with `--model`), if any.
     fn local_identity(&self) -> Option<&ModelIdentity>;
-    /// Check the setup before any weight moves (e.g. the slice exists for this node count).
-    fn check(&self, setup: &Setup) -> Result<()>;
+    /// Check the setup before any weight moves (e.g. the slice exists for this node count);
+    /// returns how many bytes of weights the root must ship for it (the receiving worker
+    /// accepts no more).
+    fn check(&self, setup: &Setup) -> Result<u64>;
     /// Build the slice.
     fn build(&self, setup: &Setup, weights: Weights) -> Result<Box<dyn WorkerModel>>;
 }
@@ -294,9 +298,10 @@ fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
         send_refusal(conn, &e.to_string());
         Error::Protocol(format!("refused {peer}: {e}"))
     };
-    if let Err(e) = shared.factory.check(&setup) {
-        return Err(refuse(&mut conn, e));
-    }
+    let ship_budget = match shared.factory.check(&setup) {
+        Ok(b) => b,
+        Err(e) => return Err(refuse(&mut conn, e)),
+    };
     let local = match shared.factory.local_identity() {
         Some(id) => match id.mismatch(&setup.model) {
             Some(why) => {
@@ -329,7 +334,7 @@ fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
         Weights::Local
     } else {
         conn.set_timeout(t.step)?;
-        let w = match receive_tensors(&mut conn, setup.model.file_size) {
+        let w = match receive_tensors(&mut conn, ship_budget) {
             Ok(w) => w,
             Err(Error::Protocol(m)) => return Err(refuse(&mut conn, Error::Protocol(m))),
             Err(e) => return Err(e),
@@ -381,7 +386,7 @@ fn run_steps(
 ) -> Result<()> {
     let dim = model.dim();
     let vectors = Wire::for_vectors(setup.buffer_type);
-    let max_tokens = setup.max_seq_len.max(1) as usize;
+    let max_tokens = (setup.max_seq_len as usize).clamp(1, model.max_seq_len().max(1));
     let mut x: Vec<f32> = Vec::new();
     loop {
         conn.set_timeout(t.idle)?;

@@ -53,6 +53,8 @@ pub struct Fake {
     /// Fail (as if the process died) at this step.
     pub die_at_step: Option<usize>,
     pub steps: usize,
+    /// Hang (as a frozen machine) for this long at step `die_at_step` instead of failing.
+    pub hang: Option<Duration>,
 }
 
 impl Fake {
@@ -64,7 +66,11 @@ impl Fake {
         logits: &mut [f32],
     ) -> Result<()> {
         if Some(self.steps) == self.die_at_step {
-            return Err(Error::Invalid("fake worker dies".into()));
+            if let Some(d) = self.hang {
+                std::thread::sleep(d);
+            } else {
+                return Err(Error::Invalid("fake worker dies".into()));
+            }
         }
         self.steps += 1;
         for l in 0..LAYERS {
@@ -89,6 +95,9 @@ impl WorkerModel for Fake {
     }
     fn dim(&self) -> usize {
         DIM
+    }
+    fn max_seq_len(&self) -> usize {
+        64
     }
 }
 
@@ -133,6 +142,7 @@ pub fn identity(tag: u8) -> ModelIdentity {
 pub struct FakeFactory {
     pub local: Option<ModelIdentity>,
     pub die_at_step: Option<usize>,
+    pub hang: Option<Duration>,
     /// Tensors a shipping root must send (name, bytes); checked byte for byte.
     pub expect_shipped: Vec<(String, Vec<u8>)>,
 }
@@ -141,14 +151,20 @@ impl ModelFactory for FakeFactory {
     fn local_identity(&self) -> Option<&ModelIdentity> {
         self.local.as_ref()
     }
-    fn check(&self, setup: &Setup) -> Result<()> {
+    fn check(&self, setup: &Setup) -> Result<u64> {
         if setup.n_nodes > 4 {
             return Err(Error::Invalid(format!(
                 "{} nodes do not fit this model; valid: 1, 2, 3, 4",
                 setup.n_nodes
             )));
         }
-        Ok(())
+        // what a shipping root must send: the expected tensors, or at most the file
+        let expected: u64 = self.expect_shipped.iter().map(|t| t.1.len() as u64).sum();
+        Ok(if expected > 0 {
+            expected
+        } else {
+            setup.model.file_size
+        })
     }
     fn build(&self, setup: &Setup, weights: Weights) -> Result<Box<dyn WorkerModel>> {
         if let Weights::Shipped(t) = weights {
@@ -168,6 +184,7 @@ impl ModelFactory for FakeFactory {
             n: setup.n_nodes as usize,
             die_at_step: self.die_at_step,
             steps: 0,
+            hang: self.hang,
         }))
     }
 }
@@ -270,6 +287,7 @@ pub fn run_root(root: &mut RootCollective, steps: &[(Vec<usize>, usize)]) -> Res
         n,
         die_at_step: None,
         steps: 0,
+        hang: None,
     };
     let mut out = Vec::new();
     for (tokens, pos) in steps {
