@@ -100,4 +100,3 @@ def serve_worker(
     step_timeout: float = 60.0,
     idle_timeout: float = 3600.0,
 ) -> None: ...
-

@@ -14,13 +14,24 @@ use crate::errors::IntoPy;
 
 /// `[dllama worker 12:34:56] message` on stderr.
 pub fn log_line(who: &str, msg: &str) {
-    let s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) % 86400;
-    eprintln!("[dllama {who} {:02}:{:02}:{:02}] {msg}", s / 3600, s / 60 % 60, s % 60);
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86400;
+    eprintln!(
+        "[dllama {who} {:02}:{:02}:{:02}] {msg}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    );
 }
 
 fn secs(v: f64, what: &str) -> PyResult<Duration> {
     if !(v > 0.0 && v.is_finite()) {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!("{what} must be a positive number of seconds, got {v}")));
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{what} must be a positive number of seconds, got {v}"
+        )));
     }
     Ok(Duration::from_secs_f64(v))
 }
@@ -44,9 +55,15 @@ fn serve_worker(
     idle_timeout: f64,
 ) -> PyResult<()> {
     if nthreads == 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err("nthreads must be at least 1"));
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "nthreads must be at least 1",
+        ));
     }
-    let timeouts = Timeouts { step: secs(step_timeout, "step_timeout")?, idle: secs(idle_timeout, "idle_timeout")?, ..Timeouts::default() };
+    let timeouts = Timeouts {
+        step: secs(step_timeout, "step_timeout")?,
+        idle: secs(idle_timeout, "idle_timeout")?,
+        ..Timeouts::default()
+    };
     let secret = secret.filter(|s| !s.is_empty()).map(|s| s.into_bytes());
     let opts = WorkerOptions { secret, timeouts };
     let factory = py
@@ -65,7 +82,11 @@ fn serve_worker(
         &format!(
             "listening on {host}:{port} ({what}, {nthreads} thread{}{})",
             if nthreads == 1 { "" } else { "s" },
-            if opts.secret.is_some() { ", shared secret required" } else { "" }
+            if opts.secret.is_some() {
+                ", shared secret required"
+            } else {
+                ""
+            }
         ),
     );
     let interrupt: Mutex<Option<PyErr>> = Mutex::new(None);
@@ -143,7 +164,16 @@ pub fn load_root(
             let _ = e.flush();
         }
     };
-    let root = dllama_core::net::cluster::start_root(&file, &cfg, workers, &root_opts, &mut progress)?;
-    let model = dllama_core::net::cluster::build_node(&file, &cfg, 0, workers.len() + 1, opts.buffer_type, seq, opts.nthreads)?;
+    let root =
+        dllama_core::net::cluster::start_root(&file, &cfg, workers, &root_opts, &mut progress)?;
+    let model = dllama_core::net::cluster::build_node(
+        &file,
+        &cfg,
+        0,
+        workers.len() + 1,
+        opts.buffer_type,
+        seq,
+        opts.nthreads,
+    )?;
     Ok((model, root))
 }

@@ -65,7 +65,10 @@ impl PyNode {
         // the root of a cluster: connect the workers (shipping their slices), then load
         let workers = workers.unwrap_or_default();
         let (model, root) = if workers.is_empty() {
-            (py.detach(|| load::load_model(&model_path, &opts)).py()?, None)
+            (
+                py.detach(|| load::load_model(&model_path, &opts)).py()?,
+                None,
+            )
         } else {
             let (m, r) = py
                 .detach(|| crate::net::load_root(&model_path, &opts, &workers, secret))

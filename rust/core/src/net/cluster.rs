@@ -34,13 +34,12 @@ fn pack(cfg: &ModelConfig, buffer_type: BufferType) -> bool {
 // ---------------------------------------------------------------------------------------------
 // what a worker is shipped
 
+/// A tensor of a node's slice: name, the part taken, its type and the part's rows and cols.
+type PlanEntry = (String, Part, FloatType, usize, usize);
+
 /// The tensors a worker holds (every tensor of the file but the embedding), in file order,
 /// with the part of each that node `slice` takes and the part's shape.
-fn slice_plan(
-    file: &ModelFile,
-    cfg: &ModelConfig,
-    slice: &NodeSlice,
-) -> Result<Vec<(String, Part, FloatType, usize, usize)>> {
+fn slice_plan(file: &ModelFile, cfg: &ModelConfig, slice: &NodeSlice) -> Result<Vec<PlanEntry>> {
     let mut out = Vec::new();
     for spec in file.tensors.iter().filter(|t| t.name != "embedding") {
         let (part, ft, rows, cols) = tensor_part(cfg, slice, &spec.name)?;
