@@ -20,6 +20,22 @@ pub struct Conn {
     /// Time spent inside socket reads and writes.
     pub io_time: Duration,
     timeout: Duration,
+    /// How long a read polls the socket without sleeping before it blocks (see `spin_time`).
+    spin: Duration,
+}
+
+/// How long a read keeps polling before it blocks: `$DLLAMA_NET_SPIN_US` microseconds,
+/// default 200. Waking a thread blocked in `read` costs tens to hundreds of microseconds on a
+/// busy machine, paid twice per layer; polling for a short while first catches most replies,
+/// which come within a layer's compute time. 0 disables it.
+pub fn spin_time() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("DLLAMA_NET_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+        Duration::from_micros(us.unwrap_or(200))
+    })
 }
 
 impl Conn {
@@ -45,6 +61,7 @@ impl Conn {
             received: 0,
             io_time: Duration::ZERO,
             timeout,
+            spin: spin_time(),
         };
         conn.set_timeout(timeout)?;
         Ok(conn)
@@ -65,10 +82,62 @@ impl Conn {
         self.timeout
     }
 
+    /// Read without blocking: `Ok(0)` at end of stream, `WouldBlock` when nothing is there.
+    #[cfg(unix)]
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the fd is our open socket.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Poll for up to `self.spin` before blocking; returns the bytes read into `buf`.
+    #[cfg(unix)]
+    fn spin_read(&mut self, buf: &mut [u8], start: Instant, what: &str) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() && start.elapsed() < self.spin {
+            match self.try_recv(&mut buf[done..]) {
+                Ok(0) => {
+                    return Err(Error::Connection(format!(
+                        "{} closed the connection while we waited for {what}",
+                        self.peer
+                    )))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.map_err(e, &format!("while we waited for {what}"))),
+            }
+        }
+        Ok(done)
+    }
+
+    #[cfg(not(unix))]
+    fn spin_read(&mut self, _buf: &mut [u8], _start: Instant, _what: &str) -> Result<usize> {
+        Ok(0)
+    }
+
     /// Read exactly `buf.len()` bytes; `what` says what we were waiting for.
     pub fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
         let start = Instant::now();
-        let mut done = 0;
+        let mut done = match self.spin_read(buf, start, what) {
+            Ok(n) => n,
+            Err(e) => {
+                self.io_time += start.elapsed();
+                return Err(e);
+            }
+        };
         while done < buf.len() {
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) => {
