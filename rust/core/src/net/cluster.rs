@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
+use memmap2::Mmap;
+
 use super::protocol::{ModelIdentity, Setup};
 use super::root::{RootCollective, RootOptions};
 use super::ship::{read_at, AlignedBytes, ShipTensor, ShippedTensor};
@@ -104,6 +106,55 @@ pub fn ship_plan(
     Ok(out)
 }
 
+/// Shipped bytes by tensor name: where they live and their byte range there.
+type ShippedParts = HashMap<String, (Arc<dyn ByteSource>, std::ops::Range<usize>)>;
+
+/// Move shipped tensors into an unlinked temporary file and map it. Used where the weights are
+/// repacked at load (x86_64): the repacking then releases the mapped pages (they can come
+/// back from the file), so the worker does not keep the shipped bytes beside the packed copy.
+fn spill_to_file(shipped: Vec<ShippedTensor>) -> Result<ShippedParts> {
+    use std::io::Write;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("dllama-shipped-{}-{seq}.bin", std::process::id()));
+    let ctx = || format!("cannot spill shipped weights to {}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .context(ctx)?;
+    // unlinked now: the file lives as long as it is open or mapped
+    let _ = std::fs::remove_file(&path);
+    let mut ranges = Vec::with_capacity(shipped.len());
+    let mut off = 0usize;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+    for t in shipped {
+        let pad = off.next_multiple_of(64) - off;
+        w.write_all(&[0u8; 64][..pad]).context(ctx)?;
+        off += pad;
+        w.write_all(t.data.as_ref()).context(ctx)?;
+        ranges.push((t.name, off..off + t.data.len()));
+        off += t.data.len();
+        // t.data is freed here, tensor by tensor
+    }
+    w.flush().context(ctx)?;
+    drop(w);
+    // SAFETY: a private unlinked file nobody else can open or truncate.
+    let map = Arc::new(unsafe { Mmap::map(&f) }.context(ctx)?);
+    let mut parts = ShippedParts::new();
+    for (name, r) in ranges {
+        let src: Arc<dyn ByteSource> = map.clone();
+        if parts.insert(name.clone(), (src, r)).is_some() {
+            return Err(Error::Protocol(format!(
+                "the root shipped tensor {name} twice"
+            )));
+        }
+    }
+    Ok(parts)
+}
+
 /// A worker's weights from the tensors the root shipped (names and shapes checked).
 pub fn weights_from_shipped(
     cfg: &ModelConfig,
@@ -111,31 +162,39 @@ pub fn weights_from_shipped(
     buffer_type: BufferType,
     shipped: Vec<ShippedTensor>,
 ) -> Result<Weights> {
-    let mut parts: HashMap<String, Arc<AlignedBytes>> = HashMap::new();
-    for t in shipped {
-        if parts.insert(t.name.clone(), Arc::new(t.data)).is_some() {
-            return Err(Error::Protocol(format!(
-                "the root shipped tensor {} twice",
-                t.name
-            )));
+    let pack = pack(cfg, buffer_type);
+    let parts = if pack {
+        spill_to_file(shipped)?
+    } else {
+        let mut parts = ShippedParts::new();
+        for t in shipped {
+            let len = t.data.len();
+            let src: Arc<dyn ByteSource> = Arc::new(t.data);
+            if parts.insert(t.name.clone(), (src, 0..len)).is_some() {
+                return Err(Error::Protocol(format!(
+                    "the root shipped tensor {} twice",
+                    t.name
+                )));
+            }
         }
-    }
+        parts
+    };
     let get_part = |name: &str| -> Result<Tensor> {
-        let data = parts
+        let (src, range) = parts
             .get(name)
             .ok_or_else(|| Error::Protocol(format!("the root did not ship tensor {name}")))?;
         let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
         let (r, c) = part.shape(rows, cols);
-        let src: Arc<dyn ByteSource> = data.clone();
-        Tensor::new(ft, r, c, src, 0..data.len())
+        Tensor::new(ft, r, c, src.clone(), range.clone())
             .map_err(|e| Error::Protocol(format!("shipped tensor {name}: {e}")))
     };
-    Weights::from_parts(cfg, slice, false, pack(cfg, buffer_type), &get_part)
+    Weights::from_parts(cfg, slice, false, pack, &get_part)
 }
 
 /// This node's weights from its own copy of the model file: rows memory-mapped (no copy);
-/// column slices (wo, w2 with several nodes) read with positioned reads into owned memory,
-/// so the other nodes' columns never become resident here.
+/// column slices (wo, w2 with several nodes) read with positioned reads, so the other nodes'
+/// columns never become resident here (into owned memory, or into a temporary file where
+/// the weights are repacked at load, so the repacking can release them).
 pub fn load_weights(
     file: &ModelFile,
     cfg: &ModelConfig,
@@ -145,6 +204,7 @@ pub fn load_weights(
 ) -> Result<Weights> {
     let f = File::open(&file.path)
         .context(|| format!("cannot open model file {}", file.path.display()))?;
+    let packing = pack(cfg, buffer_type);
     let get_part = |name: &str| -> Result<Tensor> {
         let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
         let s = file.tensor(name)?;
@@ -169,18 +229,22 @@ pub fn load_weights(
                     read_at(&f, dst, s.offset + r as u64 * row + b0)
                         .context(|| format!("cannot read {name} from {}", file.path.display()))?;
                 }
-                let len = buf.len();
-                Tensor::new(ft, rows, c.len(), Arc::new(buf), 0..len)
+                if packing {
+                    // repacked at load: keep the copy in a file the repacking can release
+                    let one = vec![ShippedTensor {
+                        name: name.to_string(),
+                        data: buf,
+                    }];
+                    let (src, range) = spill_to_file(one)?.remove(name).expect("just spilled");
+                    Tensor::new(ft, rows, c.len(), src, range)
+                } else {
+                    let len = buf.len();
+                    Tensor::new(ft, rows, c.len(), Arc::new(buf), 0..len)
+                }
             }
         }
     };
-    Weights::from_parts(
-        cfg,
-        slice,
-        with_embedding,
-        pack(cfg, buffer_type),
-        &get_part,
-    )
+    Weights::from_parts(cfg, slice, with_embedding, packing, &get_part)
 }
 
 /// Node `node_index` of `n_nodes`, built from its own copy of the file (`load_weights`).
