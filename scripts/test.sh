@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== cargo test (rust core, $(uname -m))"
-cargo test -p dllama-core --release
+cargo test -p dllama-core
 
 if [ "${DLLAMA_SKIP_AARCH64:-0}" != "1" ] && [ -x scripts/test-aarch64.sh ]; then
   echo "== cargo test (rust core, aarch64 under qemu)"

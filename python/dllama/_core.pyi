@@ -42,6 +42,8 @@ class Node:
         buffer_float_type: str = "q80",
         max_seq_len: int = 0,
         weights_float_type: str | None = None,
+        workers: list[str] | None = None,
+        secret: str | None = None,
     ) -> Node: ...
     def forward(self, tokens: list[int], pos: int) -> npt.NDArray[np.float32]: ...
     @property
@@ -82,3 +84,19 @@ class Node:
     def weight_bytes_per_token(self) -> int: ...
     @property
     def kernels(self) -> str: ...
+    @property
+    def n_nodes(self) -> int: ...
+
+# cluster (rust/python/src/net.rs)
+PROTOCOL_VERSION: int
+
+def serve_worker(
+    host: str,
+    port: int,
+    *,
+    nthreads: int = 1,
+    model: str | None = None,
+    secret: str | None = None,
+    step_timeout: float = 60.0,
+    idle_timeout: float = 3600.0,
+) -> None: ...

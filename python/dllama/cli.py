@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -50,6 +51,9 @@ _register_commands()
 
 
 def main() -> None:
+    from dllama.cli_worker import expand_workers_argv
+
+    sys.argv[1:] = expand_workers_argv(sys.argv[1:])
     app()
 
 

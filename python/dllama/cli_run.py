@@ -85,6 +85,21 @@ def run(
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object per token, then a summary object.")
     ] = False,
+    workers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workers",
+            help="Run as the root of a cluster with these workers (host:port ...), each "
+            "started with `dllama serve-worker`.",
+            show_default=False,
+        ),
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared secret of the cluster (default: $DLLAMA_SECRET).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Generate text from PROMPT, printing it as it comes."""
     if model is None:
@@ -108,6 +123,8 @@ def run(
             buffer_float_type=buffer_float_type.value,
             max_seq_len=max_seq_len,
             weights_float_type=weights_float_type.value if weights_float_type else None,
+            workers=workers or None,
+            secret=secret,
         )
     except (ValueError, OSError) as e:
         _err(str(e))

@@ -1,9 +1,88 @@
-"""CLI: worker commands (in progress)."""
+"""CLI: `dllama serve-worker`, a node of a cluster that serves one root at a time."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from dllama import _core
+
+
+def serve_worker(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 9998,
+    nthreads: Annotated[int, typer.Option(help="Threads for this worker's slice.")] = 1,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="This worker's own copy of the .m model: its slices are mapped from it and "
+            "nothing is shipped (checked against the root's by size, header and checksum)."
+        ),
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared secret of the cluster (default: $DLLAMA_SECRET); roots must prove it.",
+            show_default=False,
+        ),
+    ] = None,
+    step_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the root inside a step.")
+    ] = 60.0,
+    idle_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the root's next step.")
+    ] = 3600.0,
+) -> None:
+    """Serve as a worker of a dllama cluster: one root at a time; when it goes away, wait for the next."""
+    if secret is None:
+        secret = os.environ.get("DLLAMA_SECRET") or None
+    if not 0 < port < 65536:
+        typer.echo(f"error: --port {port} is not a TCP port (1-65535)", err=True)
+        raise typer.Exit(2)
+    try:
+        _core.serve_worker(
+            host,
+            port,
+            nthreads=nthreads,
+            model=str(model) if model is not None else None,
+            secret=secret,
+            step_timeout=step_timeout,
+            idle_timeout=idle_timeout,
+        )
+    except KeyboardInterrupt:
+        typer.echo("dllama worker: interrupted, stopping", err=True)
+        raise typer.Exit(130) from None
+    except (OSError, ValueError) as e:  # ConnectionError is an OSError
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def expand_workers_argv(argv: list[str]) -> list[str]:
+    """Accept `--workers A B C` (the C++ project's syntax) as well as `--workers A --workers B`:
+    every argument after `--workers` up to the next option is one worker."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a == "--workers":
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("-"):
+                out += ["--workers", argv[j]]
+                j += 1
+            if j == i + 1:
+                out.append(a)
+            i = j
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("serve-worker")(serve_worker)

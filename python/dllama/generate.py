@@ -103,6 +103,8 @@ class LLM:
         max_seq_len: int = 0,
         weights_float_type: str | None = None,
         node: _core.Node | None = None,
+        workers: list[str] | None = None,
+        secret: str | None = None,
     ) -> None:
         self.tokenizer = Tokenizer(str(tokenizer))
         self.node = node or _core.Node(
@@ -111,6 +113,8 @@ class LLM:
             buffer_float_type=buffer_float_type,
             max_seq_len=max_seq_len,
             weights_float_type=weights_float_type,
+            workers=workers,
+            secret=secret,
         )
         if self.tokenizer.vocab_size > self.node.vocab_size:
             raise ValueError(

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use dllama_core::format::FloatType;
 use dllama_core::model::{load, BufferType, Collective, Local, Model};
+use dllama_core::net::RootCollective;
 use numpy::PyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -21,6 +22,8 @@ pub struct PyNode {
     /// `Local` on one machine; the cluster's TCP collective on a root with workers. (A
     /// Mutex only to make the class `Sync`: `forward` holds `&mut self` and never locks.)
     collective: Mutex<Box<dyn Collective>>,
+    /// The root of a cluster: its TCP collective (then `collective` is unused).
+    root: Option<RootCollective>,
     nthreads: usize,
     buffer_float_type: &'static str,
     last_inference_ms: f64,
@@ -32,7 +35,8 @@ pub struct PyNode {
 #[pymethods]
 impl PyNode {
     #[new]
-    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None))]
+    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None, workers=None, secret=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model_path: PathBuf,
@@ -40,6 +44,8 @@ impl PyNode {
         buffer_float_type: &str,
         max_seq_len: usize,
         weights_float_type: Option<&str>,
+        workers: Option<Vec<String>>,
+        secret: Option<String>,
     ) -> PyResult<PyNode> {
         if nthreads == 0 {
             return Err(PyValueError::new_err("nthreads must be at least 1"));
@@ -56,10 +62,23 @@ impl PyNode {
             nthreads,
             ..Default::default()
         };
-        let model = py.detach(|| load::load_model(&model_path, &opts)).py()?;
+        // the root of a cluster: connect the workers (shipping their slices), then load
+        let workers = workers.unwrap_or_default();
+        let (model, root) = if workers.is_empty() {
+            (
+                py.detach(|| load::load_model(&model_path, &opts)).py()?,
+                None,
+            )
+        } else {
+            let (m, r) = py
+                .detach(|| crate::net::load_root(&model_path, &opts, &workers, secret))
+                .py()?;
+            (m, Some(r))
+        };
         Ok(PyNode {
             model,
             collective: Mutex::new(Box::new(Local)),
+            root,
             nthreads,
             buffer_float_type: if buffer_type == BufferType::Q80 {
                 "q80"
@@ -94,16 +113,29 @@ impl PyNode {
         self.model.check_positions(tokens.len(), pos).py()?;
         let model = &mut self.model;
         let collective = self.collective.get_mut().unwrap_or_else(|e| e.into_inner());
+        let root = &mut self.root;
         let ms = py
             .detach(|| {
                 let t0 = Instant::now();
                 let mut x = vec![0.0f32; tokens.len() * model.cfg.dim];
                 model.embed(&tokens, &mut x)?;
-                model.forward(&mut x, pos, collective.as_mut())?;
+                match root {
+                    Some(r) => {
+                        r.begin_step(&mut x, pos)?;
+                        model.forward(&mut x, pos, r)?;
+                    }
+                    None => model.forward(&mut x, pos, collective.as_mut())?,
+                }
                 Ok(t0.elapsed().as_secs_f64() * 1000.0)
             })
             .py()?;
         self.last_inference_ms = ms;
+        if let Some(r) = &self.root {
+            let s = r.step_stats();
+            self.last_transfer_ms = s.transfer.as_secs_f64() * 1000.0;
+            self.last_sent_bytes = s.sent;
+            self.last_recv_bytes = s.received;
+        }
         Ok(PyArray1::from_slice(py, &self.model.logits))
     }
 
@@ -184,6 +216,11 @@ impl PyNode {
     #[getter]
     fn weight_bytes_per_token(&self) -> usize {
         self.model.weights.matmul_bytes()
+    }
+    /// Nodes computing the model: 1, or 1 + the workers of a cluster root.
+    #[getter]
+    fn n_nodes(&self) -> usize {
+        self.root.as_ref().map_or(1, |r| r.n_nodes())
     }
     /// The active kernel path (e.g. "avx2", "scalar").
     #[getter]

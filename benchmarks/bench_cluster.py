@@ -1,0 +1,288 @@
+"""Cluster benchmark (issue 4, section 7): the Llama 2 7B shape in Q40 with random weights,
+root + 1 worker with 1 thread each, on loopback and across two network namespaces joined by a
+veth pair limited to 1 Gbit/s (tc tbf); beside one node with 1 and 2 threads.
+
+Reports the median ms/token over the generated tokens (the first, which carries the prefill,
+excluded), the root's transfer time T, kB sent / received per token, and the peak RSS of
+each process. Needs root for the namespaces (skipped otherwise, or with --no-netns).
+
+    python benchmarks/bench_cluster.py [--steps 40] [--model PATH] [--no-netns]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from dllama import _core
+
+SHAPE_7B: dict[str, int | float] = {
+    "version": 0,
+    "arch_type": 0xABCD00,
+    "dim": 4096,
+    "hidden_dim": 11008,
+    "n_layers": 32,
+    "n_heads": 32,
+    "n_kv_heads": 32,
+    "vocab_size": 32000,
+    "max_seq_len": 2048,
+    "hidden_act": 1,
+    "rope_theta": 10000,
+    "weights_float_type": 2,  # q40
+    "rope_type": 0,
+    "head_dim": 128,
+    "norm_epsilon": 1e-5,
+}
+
+
+def write_7b_shape(path: Path) -> None:
+    """Random Q40 blocks (scale 2^-9, random nibbles), F32 norms 1 and embedding ~ N(0, 0.02)."""
+    fields = SHAPE_7B
+    tensors = _core.model_tensors(fields)
+    total = tensors[-1][4] + tensors[-1][5]
+    if path.exists() and path.stat().st_size == total:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    scale = np.frombuffer(np.float16(2.0**-9).tobytes(), dtype=np.uint8)
+    tmp = path.with_suffix(".tmp")
+    t0 = time.time()
+    with open(tmp, "wb") as f:
+        f.write(_core.encode_model_header(fields))
+        for name, rows, cols, ft, offset, nbytes in tensors:
+            assert f.tell() == offset
+            if ft == "f32":
+                if rows == 1:
+                    x = np.ones(cols, dtype=np.float32)
+                else:
+                    x = rng.normal(0, 0.02, rows * cols).astype(np.float32)
+                f.write(x.tobytes())
+            else:
+                assert ft == "q40"
+                step = 4096 * 18 * 64  # write in pieces of whole blocks
+                left = nbytes
+                while left:
+                    n = min(step, left)
+                    b = rng.integers(0, 256, n, dtype=np.uint8).reshape(-1, 18)
+                    b[:, 0:2] = scale
+                    f.write(b.tobytes())
+                    left -= n
+    os.replace(tmp, path)
+    print(f"wrote {path} ({total / 1e9:.2f} GB) in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+def tokenizer() -> Path:
+    spec = importlib.util.find_spec("mistral_common")
+    assert spec is not None and spec.submodule_search_locations, "pip install mistral-common"
+    return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+
+
+def cmd(*args: str, netns: str | None = None) -> list[str]:
+    base = [sys.executable, "-m", "dllama.cli", *args]
+    return ["ip", "netns", "exec", netns, *base] if netns else base
+
+
+class PeakRss:
+    """Polls VmHWM of a process until it exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.kb = 0
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+
+    def _poll(self) -> None:
+        while True:
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.kb = max(self.kb, int(line.split()[1]))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                return
+            time.sleep(0.2)
+
+    def mib(self) -> float:
+        self._t.join(1)
+        return self.kb / 1024
+
+
+@dataclass
+class Result:
+    name: str
+    ms: float
+    t_ms: float
+    s_kb: float
+    r_kb: float
+    rss_root: float
+    rss_worker: float | None
+
+
+def run_root(
+    model: Path, steps: int, nthreads: int, workers: list[str], netns: str | None = None
+) -> tuple[list[dict[str, float]], float, str]:
+    args = ["run", "--model", str(model), "--tokenizer", str(tokenizer())]
+    args += ["--prompt", "The history of", "--steps", str(steps), "--temperature", "0"]
+    args += ["--nthreads", str(nthreads), "--json", "--max-seq-len", "256"]
+    if workers:
+        args += ["--workers", *workers]
+    p = subprocess.Popen(
+        cmd(*args, netns=netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    rss = PeakRss(p.pid) if netns is None else None
+    out, err = p.communicate(timeout=1800)
+    if p.returncode != 0:
+        raise SystemExit(f"root failed ({p.returncode}):\n{err}")
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    tokens = [x for x in lines if "token" in x and x["token"] >= 0]
+    peak = rss.mib() if rss else 0.0
+    return tokens, peak, err
+
+
+def summarize(
+    name: str, tokens: list[dict[str, float]], rss_root: float, rss_worker: float | None
+) -> Result:
+    gen = tokens[1:]  # the first token carries the prefill
+    med = lambda k: statistics.median(float(x[k]) for x in gen)
+    return Result(
+        name,
+        med("total_ms"),
+        med("transfer_ms"),
+        med("sent_kb"),
+        med("recv_kb"),
+        rss_root,
+        rss_worker,
+    )
+
+
+def start_worker(
+    model: Path | None, host: str, port: int, netns: str | None = None
+) -> subprocess.Popen[str]:
+    """A worker with 1 thread; with `model` it maps its own copy, else the root ships."""
+    args = ["serve-worker", "--host", host, "--port", str(port), "--nthreads", "1"]
+    if model is not None:
+        args += ["--model", str(model)]
+    w = subprocess.Popen(cmd(*args, netns=netns), stderr=subprocess.PIPE, text=True)
+    assert w.stderr is not None
+    line = w.stderr.readline()
+    if "listening on" not in line:
+        raise SystemExit(f"worker did not start: {line}")
+    return w
+
+
+def worker_pid(w: subprocess.Popen[str], netns: str | None) -> int:
+    if netns is None:
+        return w.pid
+    # `ip netns exec` execs the command: same pid
+    return w.pid
+
+
+def stop(w: subprocess.Popen[str]) -> None:
+    w.terminate()
+    try:
+        w.wait(10)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        w.wait()
+
+
+def sh(*args: str) -> None:
+    subprocess.run(list(args), check=True)
+
+
+def setup_netns() -> None:
+    teardown_netns()
+    sh("ip", "netns", "add", "dlr")
+    sh("ip", "netns", "add", "dlw")
+    sh("ip", "link", "add", "veth-dlr", "type", "veth", "peer", "name", "veth-dlw")
+    sh("ip", "link", "set", "veth-dlr", "netns", "dlr")
+    sh("ip", "link", "set", "veth-dlw", "netns", "dlw")
+    for ns, dev, ip in (("dlr", "veth-dlr", "10.99.0.1/24"), ("dlw", "veth-dlw", "10.99.0.2/24")):
+        sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # 1 Gbit/s each way, like a Raspberry Pi cluster's switch
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+           "rate", "1gbit", "burst", "256kb", "latency", "50ms")  # fmt: skip
+
+
+def teardown_netns() -> None:
+    for ns in ("dlr", "dlw"):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", type=Path, default=Path("/tmp/dllama-bench/llama2-7b-shape-q40.m"))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--no-netns", action="store_true")
+    ap.add_argument("--no-single", action="store_true")
+    a = ap.parse_args()
+    write_7b_shape(a.model)
+    results: list[Result] = []
+
+    if not a.no_single:
+        for nt in (1, 2):
+            toks, rss, _ = run_root(a.model, a.steps, nt, [])
+            results.append(summarize(f"1 node, {nt} threads", toks, rss, None))
+            print(results[-1], file=sys.stderr)
+
+    port = 29998
+    for own_copy in (True, False):
+        w = start_worker(a.model if own_copy else None, "127.0.0.1", port)
+        wrss = PeakRss(w.pid)
+        try:
+            toks, rss, err = run_root(a.model, a.steps, 1, [f"127.0.0.1:{port}"])
+        finally:
+            stop(w)
+        how = "worker maps its own copy" if own_copy else "weights shipped"
+        for line in err.splitlines():
+            if "shipping weights" in line:
+                how += ": " + line.split(": ", 1)[1].strip()
+        name = f"root + 1 worker, loopback, 1 thread each ({how})"
+        results.append(summarize(name, toks, rss, wrss.mib()))
+        print(results[-1], file=sys.stderr)
+
+    if not a.no_netns and os.geteuid() == 0:
+        setup_netns()
+        try:
+            w = start_worker(a.model, "10.99.0.2", port, netns="dlw")
+            try:
+                toks, _, _ = run_root(a.model, a.steps, 1, [f"10.99.0.2:{port}"], netns="dlr")
+            finally:
+                stop(w)
+            results.append(
+                summarize("root + 1 worker, veth 1 Gbit/s (tbf), 1 thread each", toks, 0, None)
+            )
+            print(results[-1], file=sys.stderr)
+        finally:
+            teardown_netns()
+
+    print(
+        "\n| setup (Llama 2 7B shape, Q40, q80 buffers) | ms/token | T ms | S kB | R kB | peak RSS root / worker |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        rss = f"{r.rss_root:.0f} MiB" if r.rss_root else "-"
+        if r.rss_worker is not None:
+            rss += f" / {r.rss_worker:.0f} MiB"
+        print(f"| {r.name} | {r.ms:.0f} | {r.t_ms:.1f} | {r.s_kb:.1f} | {r.r_kb:.1f} | {rss} |")
+    print(
+        "\n(kB = 1000 bytes; medians over the generated tokens after the first; "
+        "C++ distributed-llama on this machine type: 182 ms/token, S 288 kB, R 334 kB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+//! Wire format: the preamble, the frames and the handshake messages.
+//!
+//! Everything is little-endian. The root opens with an 8-byte preamble (`MAGIC`, protocol
+//! version) so a worker can turn away garbage and old versions before it parses anything;
+//! after that every message is a frame `[kind: u8][len: u32][payload: len bytes]`, except the
+//! per-layer collective buffers, whose sizes are implied by the model (see docs/PROTOCOL.md).
+
+use super::tcp::Conn;
+use crate::{Error, Result};
+
+/// First bytes a root sends: "DLMA".
+pub const MAGIC: [u8; 4] = *b"DLMA";
+/// Bumped at every incompatible change of the wire format.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest control frame (handshake, setup, refusal): the model header fits easily.
+pub const MAX_CONTROL_FRAME: usize = 1 << 20;
+/// Largest chunk of shipped weights per frame.
+pub const SHIP_CHUNK: usize = 1 << 20;
+/// Size of a frame header: kind (1) + length (4).
+pub const FRAME_HEADER: usize = 5;
+/// Size of the nonces of the challenge-response.
+pub const NONCE_LEN: usize = 32;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// worker → root: version, whether a secret is required, nonce.
+    Hello = 1,
+    /// root → worker: whether a secret is used, nonce, proof.
+    RootHello = 2,
+    /// worker → root: the worker's proof.
+    AuthOk = 3,
+    /// root → worker: node index, node count, buffer type, model identity and header.
+    Setup = 4,
+    /// worker → root: setup accepted; whether weights must be shipped.
+    Accept = 5,
+    /// either way: a refusal with a reason (UTF-8), then the connection closes.
+    Refuse = 6,
+    /// root → worker: one shipped tensor starts: name, byte count.
+    Tensor = 7,
+    /// root → worker: a chunk of the current tensor's bytes.
+    Data = 8,
+    /// root → worker: all tensors shipped.
+    ShipEnd = 9,
+    /// worker → root: the slice is built, ready for steps.
+    Ready = 10,
+    /// root → worker: one forward step: pos, n_tokens, embedded input.
+    Step = 11,
+    /// root → worker: the session is over (the worker goes back to listening).
+    Stop = 12,
+}
+
+impl Kind {
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => RootHello,
+            3 => AuthOk,
+            4 => Setup,
+            5 => Accept,
+            6 => Refuse,
+            7 => Tensor,
+            8 => Data,
+            9 => ShipEnd,
+            10 => Ready,
+            11 => Step,
+            12 => Stop,
+            _ => return None,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// frames
+
+/// Encode a frame into `out` (appending).
+pub fn encode_frame(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) {
+    out.push(kind as u8);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Send one frame in a single write.
+pub fn send_frame(conn: &mut Conn, kind: Kind, payload: &[u8], what: &str) -> Result<()> {
+    let mut buf = Vec::with_capacity(FRAME_HEADER + payload.len());
+    encode_frame(&mut buf, kind, payload);
+    conn.write_all(&buf, what)
+}
+
+/// Read a frame header; checks the kind is known and the length is at most `max_len`.
+pub fn read_frame_header(conn: &mut Conn, max_len: usize, what: &str) -> Result<(Kind, usize)> {
+    let mut h = [0u8; FRAME_HEADER];
+    conn.read_exact(&mut h, what)?;
+    let kind = Kind::from_u8(h[0]).ok_or_else(|| {
+        Error::Protocol(format!(
+            "{} sent an unknown message kind {} (expected {what})",
+            conn.peer, h[0]
+        ))
+    })?;
+    let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    if len > max_len {
+        return Err(Error::Protocol(format!(
+            "{} sent a {kind:?} message of {len} bytes, more than the {max_len} allowed (expected {what})",
+            conn.peer
+        )));
+    }
+    Ok((kind, len))
+}
+
+/// Read a whole frame of at most `max_len` payload bytes.
+pub fn read_frame(conn: &mut Conn, max_len: usize, what: &str) -> Result<(Kind, Vec<u8>)> {
+    let (kind, len) = read_frame_header(conn, max_len, what)?;
+    let mut payload = vec![0u8; len];
+    conn.read_exact(&mut payload, what)?;
+    Ok((kind, payload))
+}
+
+/// Read a frame that must be of kind `want`; a `Refuse` becomes an error carrying its reason.
+pub fn expect_frame(conn: &mut Conn, want: Kind, max_len: usize, what: &str) -> Result<Vec<u8>> {
+    let (kind, payload) = read_frame(conn, max_len.max(MAX_CONTROL_FRAME), what)?;
+    if kind == want {
+        if payload.len() > max_len {
+            return Err(Error::Protocol(format!(
+                "{} sent a {kind:?} message of {} bytes, more than the {max_len} allowed",
+                conn.peer,
+                payload.len()
+            )));
+        }
+        return Ok(payload);
+    }
+    if kind == Kind::Refuse {
+        return Err(refusal(&conn.peer, &payload));
+    }
+    Err(Error::Protocol(format!(
+        "{} sent {kind:?} where we expected {what}",
+        conn.peer
+    )))
+}
+
+/// The error for a refusal frame: auth problems map to `Auth`, the rest to `Protocol`.
+pub fn refusal(peer: &str, payload: &[u8]) -> Error {
+    let reason = String::from_utf8_lossy(payload);
+    let msg = format!("{peer} refused: {reason}");
+    if reason.contains("secret") {
+        Error::Auth(msg)
+    } else {
+        Error::Protocol(msg)
+    }
+}
+
+/// Send a refusal with its reason (best effort: the peer may be gone or speak garbage), then
+/// close our side and drain what the peer still sends for up to a second, so the refusal is
+/// not lost to a reset.
+pub fn send_refusal(conn: &mut Conn, reason: &str) {
+    if send_frame(conn, Kind::Refuse, reason.as_bytes(), "a refusal").is_ok() {
+        conn.drain(std::time::Duration::from_secs(1));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// payload reader / writer
+
+/// Cursor over a payload with bounded, checked reads.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Reader { buf, pos: 0, what }
+    }
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() - self.pos < n {
+            return Err(Error::Protocol(format!(
+                "{} message too short: needs {} more bytes at offset {}, has {}",
+                self.what,
+                n,
+                self.pos,
+                self.buf.len() - self.pos
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(
+            self.bytes(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    pub fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.bytes(N)?.try_into().expect("N bytes"))
+    }
+    /// A u32-length-prefixed byte string of at most `max` bytes.
+    pub fn blob(&mut self, max: usize) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(Error::Protocol(format!(
+                "{} message: field of {n} bytes, more than the {max} allowed",
+                self.what
+            )));
+        }
+        self.bytes(n)
+    }
+    pub fn remaining(&self) -> &'a [u8] {
+        &self.buf[self.pos..]
+    }
+    /// Error if bytes are left over (a message longer than its fields).
+    pub fn finish(&self) -> Result<()> {
+        if self.pos != self.buf.len() {
+            return Err(Error::Protocol(format!(
+                "{} message has {} unexpected trailing bytes",
+                self.what,
+                self.buf.len() - self.pos
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Appends little-endian fields.
+#[derive(Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+    pub fn blob(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32).bytes(v)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// handshake messages
+
+/// worker → root, after the preamble.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub secret_required: bool,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(PROTOCOL_VERSION)
+            .u8(self.secret_required as u8)
+            .bytes(&self.nonce);
+        w.0
+    }
+    pub fn decode(p: &[u8]) -> Result<Hello> {
+        let mut r = Reader::new(p, "Hello");
+        let v = r.u32()?;
+        if v != PROTOCOL_VERSION {
+            return Err(Error::Protocol(format!(
+                "worker speaks protocol version {v}, this root speaks {PROTOCOL_VERSION}"
+            )));
+        }
+        let secret_required = r.u8()? != 0;
+        let nonce = r.array()?;
+        r.finish()?;
+        Ok(Hello {
+            secret_required,
+            nonce,
+        })
+    }
+}
+
+/// root → worker: the root's nonce and, when a secret is used, its proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootHello {
+    pub nonce: [u8; NONCE_LEN],
+    /// Empty without a secret, else HMAC-SHA256 (32 bytes).
+    pub proof: Vec<u8>,
+}
+
+impl RootHello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.bytes(&self.nonce).blob(&self.proof);
+        w.0
+    }
+    pub fn decode(p: &[u8]) -> Result<RootHello> {
+        let mut r = Reader::new(p, "RootHello");
+        let nonce = r.array()?;
+        let proof = r.blob(64)?.to_vec();
+        r.finish()?;
+        Ok(RootHello { nonce, proof })
+    }
+}
+
+/// How the nodes exchange the per-layer buffers (the engine's type; codes on the wire are the
+/// float type codes of the `.m` header: 0 f32, 3 q80).
+pub use crate::model::BufferType;
+
+pub fn buffer_code(b: BufferType) -> u8 {
+    match b {
+        BufferType::F32 => 0,
+        BufferType::Q80 => 3,
+    }
+}
+
+pub fn buffer_from_code(c: u8) -> Result<BufferType> {
+    match c {
+        0 => Ok(BufferType::F32),
+        3 => Ok(BufferType::Q80),
+        _ => Err(Error::Protocol(format!(
+            "unknown buffer float type code {c}"
+        ))),
+    }
+}
+
+/// What identifies a model file: its size, its header bytes and a fingerprint of its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelIdentity {
+    pub file_size: u64,
+    /// The `.m` header, verbatim (carries the model shape).
+    pub header: Vec<u8>,
+    /// SHA-256 over sampled content (see `fingerprint`).
+    pub fingerprint: [u8; 32],
+}
+
+/// root → worker: who the worker is in this cluster and which model it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    pub node_index: u32,
+    pub n_nodes: u32,
+    pub buffer_type: BufferType,
+    pub max_seq_len: u32,
+    pub model: ModelIdentity,
+}
+
+impl Setup {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(self.node_index)
+            .u32(self.n_nodes)
+            .u8(buffer_code(self.buffer_type))
+            .u32(self.max_seq_len)
+            .u64(self.model.file_size)
+            .bytes(&self.model.fingerprint)
+            .blob(&self.model.header);
+        w.0
+    }
+    pub fn decode(p: &[u8]) -> Result<Setup> {
+        let mut r = Reader::new(p, "Setup");
+        let node_index = r.u32()?;
+        let n_nodes = r.u32()?;
+        let buffer_type = buffer_from_code(r.u8()?)?;
+        let max_seq_len = r.u32()?;
+        let file_size = r.u64()?;
+        let fingerprint = r.array()?;
+        let header = r.blob(MAX_CONTROL_FRAME)?.to_vec();
+        r.finish()?;
+        if n_nodes < 2 || node_index == 0 || node_index >= n_nodes {
+            return Err(Error::Protocol(format!(
+                "Setup names node {node_index} of {n_nodes}: a worker must be node 1..n-1 of n >= 2"
+            )));
+        }
+        Ok(Setup {
+            node_index,
+            n_nodes,
+            buffer_type,
+            max_seq_len,
+            model: ModelIdentity {
+                file_size,
+                header,
+                fingerprint,
+            },
+        })
+    }
+}

@@ -1,0 +1,238 @@
+//! Weight shipping: the root streams a worker the bytes of its slices, tensor by tensor, in
+//! chunks of at most `SHIP_CHUNK` bytes (`Tensor` frame: name + byte count, `Data` frames,
+//! then `ShipEnd`).
+
+use super::protocol::{
+    expect_frame, read_frame_header, send_frame, Kind, Reader, Writer, MAX_CONTROL_FRAME,
+    SHIP_CHUNK,
+};
+use std::fs::File;
+
+use super::tcp::Conn;
+use crate::{Error, Result};
+
+/// A tensor to ship: its name and where its bytes are in the model file, possibly in several
+/// non-contiguous parts (the column slice of a row-major matrix is one part per row).
+/// The root reads them with positioned reads, not through its memory map, so shipping does
+/// not leave the workers' slices resident in the root's memory.
+pub struct ShipTensor {
+    pub name: String,
+    /// (file offset, byte count) of each part, in order.
+    pub parts: Vec<(u64, usize)>,
+}
+
+impl ShipTensor {
+    pub fn nbytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.1 as u64).sum()
+    }
+}
+
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
+    }
+}
+
+/// Owned bytes with 8-byte alignment (quantized blocks are viewed in place).
+#[derive(Clone, Default)]
+pub struct AlignedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    pub fn with_len(len: usize) -> Result<AlignedBytes> {
+        let n = len.div_ceil(8);
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).map_err(|_| {
+            Error::invalid(format!("cannot allocate {len} bytes for shipped weights"))
+        })?;
+        words.resize(n, 0);
+        Ok(AlignedBytes { words, len })
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<AlignedBytes> {
+        let mut a = AlignedBytes::with_len(b.len())?;
+        a.as_mut().copy_from_slice(b);
+        Ok(a)
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl AsRef<[u8]> for AlignedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialized bytes; u8 has alignment 1.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+}
+
+impl AsMut<[u8]> for AlignedBytes {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+/// A tensor received by a worker.
+pub struct ShippedTensor {
+    pub name: String,
+    pub data: AlignedBytes,
+}
+
+/// Root side: send `tensors` (parts of `file`) to one worker. `progress(done, total)` after
+/// every chunk.
+pub fn send_tensors(
+    conn: &mut Conn,
+    file: &File,
+    tensors: &[ShipTensor],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
+    let total: u64 = tensors.iter().map(|t| t.nbytes()).sum();
+    let mut done = 0u64;
+    let mut chunk: Vec<u8> = Vec::with_capacity(SHIP_CHUNK);
+    for t in tensors {
+        let mut w = Writer::default();
+        w.blob(t.name.as_bytes()).u64(t.nbytes());
+        send_frame(conn, Kind::Tensor, &w.0, "a weight tensor header")?;
+        for &(offset, len) in &t.parts {
+            let (mut off, mut rest) = (offset, len);
+            while rest > 0 {
+                let take = rest.min(SHIP_CHUNK - chunk.len());
+                let at = chunk.len();
+                chunk.resize(at + take, 0);
+                read_at(file, &mut chunk[at..], off).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "cannot read {} bytes of {} at offset {off} of the model file",
+                            take, t.name
+                        ),
+                        e,
+                    )
+                })?;
+                off += take as u64;
+                rest -= take;
+                if chunk.len() == SHIP_CHUNK {
+                    send_frame(conn, Kind::Data, &chunk, "weights")?;
+                    done += chunk.len() as u64;
+                    chunk.clear();
+                    progress(done, total);
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            send_frame(conn, Kind::Data, &chunk, "weights")?;
+            done += chunk.len() as u64;
+            chunk.clear();
+            progress(done, total);
+        }
+    }
+    send_frame(conn, Kind::ShipEnd, &[], "the end of the weights")?;
+    Ok(total)
+}
+
+/// Worker side: receive tensors until `ShipEnd`; at most `budget` bytes in all.
+pub fn receive_tensors(conn: &mut Conn, budget: u64) -> Result<Vec<ShippedTensor>> {
+    let mut out: Vec<ShippedTensor> = Vec::new();
+    let mut filled = 0usize; // bytes of the last tensor received so far
+    let mut used = 0u64;
+    let incomplete = |out: &Vec<ShippedTensor>, filled: usize| -> Option<String> {
+        out.last().filter(|t| filled < t.data.len()).map(|t| {
+            format!(
+                "tensor {} incomplete: {} of {} bytes",
+                t.name,
+                filled,
+                t.data.len()
+            )
+        })
+    };
+    loop {
+        let (kind, len) = read_frame_header(conn, SHIP_CHUNK.max(MAX_CONTROL_FRAME), "weights")?;
+        match kind {
+            Kind::Tensor => {
+                if let Some(msg) = incomplete(&out, filled) {
+                    return Err(Error::Protocol(format!("{}: {msg}", conn.peer)));
+                }
+                let mut p = vec![0u8; len];
+                conn.read_exact(&mut p, "a weight tensor header")?;
+                let mut r = Reader::new(&p, "Tensor");
+                let name = String::from_utf8_lossy(r.blob(256)?).into_owned();
+                let n = r.u64()?;
+                r.finish()?;
+                used = used.saturating_add(n);
+                if used > budget {
+                    return Err(Error::Protocol(format!(
+                        "{} ships more weight bytes ({used}) than this worker's slice takes ({budget})",
+                        conn.peer
+                    )));
+                }
+                out.push(ShippedTensor {
+                    name,
+                    data: AlignedBytes::with_len(n as usize)?,
+                });
+                filled = 0;
+            }
+            Kind::Data => {
+                let Some(t) = out.last_mut() else {
+                    return Err(Error::Protocol(format!(
+                        "{} sent weight data before a tensor header",
+                        conn.peer
+                    )));
+                };
+                if filled + len > t.data.len() {
+                    return Err(Error::Protocol(format!(
+                        "{} sent more bytes for tensor {} than announced ({})",
+                        conn.peer,
+                        t.name,
+                        t.data.len()
+                    )));
+                }
+                conn.read_exact(&mut t.data.as_mut()[filled..filled + len], "weights")?;
+                filled += len;
+            }
+            Kind::ShipEnd => {
+                if let Some(msg) = incomplete(&out, filled) {
+                    return Err(Error::Protocol(format!("{}: {msg}", conn.peer)));
+                }
+                if len != 0 {
+                    return Err(Error::Protocol(format!(
+                        "{}: ShipEnd with a payload",
+                        conn.peer
+                    )));
+                }
+                return Ok(out);
+            }
+            Kind::Refuse | Kind::Stop => {
+                let mut p = vec![0u8; len];
+                conn.read_exact(&mut p, "a refusal")?;
+                return Err(Error::Connection(format!(
+                    "{} gave up while shipping weights",
+                    conn.peer
+                )));
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "{} sent {other:?} while shipping weights",
+                    conn.peer
+                )))
+            }
+        }
+    }
+}
+
+/// Wait for the worker's `Ready` (its slice is built).
+pub fn expect_ready(conn: &mut Conn) -> Result<()> {
+    expect_frame(conn, Kind::Ready, 0, "the worker's Ready (its slice built)").map(|_| ())
+}

@@ -1,0 +1,294 @@
+//! TCP sockets: connect / listen with clear errors, TCP_NODELAY and keepalive on, and reads
+//! and writes that never block forever and count the bytes they move.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, TcpKeepalive};
+
+use crate::{Error, Result};
+
+/// One end of a connection to a peer, named for error messages ("worker 1 (10.0.0.2:9998)").
+pub struct Conn {
+    stream: TcpStream,
+    /// Human name of the peer, used in every error message.
+    pub peer: String,
+    /// Bytes written to / read from this socket since it was opened.
+    pub sent: u64,
+    pub received: u64,
+    /// Time spent inside socket reads and writes.
+    pub io_time: Duration,
+    timeout: Duration,
+    /// How long a read polls the socket without sleeping before it blocks (see `spin_time`).
+    spin: Duration,
+}
+
+/// How long a read keeps polling before it blocks: `$DLLAMA_NET_SPIN_US` microseconds,
+/// default 200. Waking a thread blocked in `read` costs tens to hundreds of microseconds on a
+/// busy machine, paid twice per layer; polling for a short while first catches most replies,
+/// which come within a layer's compute time. 0 disables it.
+pub fn spin_time() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("DLLAMA_NET_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+        Duration::from_micros(us.unwrap_or(200))
+    })
+}
+
+impl Conn {
+    /// Wrap a connected stream: TCP_NODELAY, keepalive probes so that a peer that vanished
+    /// without closing (power cut) is noticed, and `timeout` on every read and write.
+    pub fn new(stream: TcpStream, peer: String, timeout: Duration) -> Result<Conn> {
+        let ctx = |what: &str| format!("{peer}: cannot {what}");
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::io(ctx("set TCP_NODELAY"), e))?;
+        let ka = TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5));
+        #[cfg(any(target_os = "linux", target_os = "macos", target_os = "android"))]
+        let ka = ka.with_retries(3);
+        SockRef::from(&stream)
+            .set_tcp_keepalive(&ka)
+            .map_err(|e| Error::io(ctx("enable TCP keepalive"), e))?;
+        let mut conn = Conn {
+            stream,
+            peer,
+            sent: 0,
+            received: 0,
+            io_time: Duration::ZERO,
+            timeout,
+            spin: spin_time(),
+        };
+        conn.set_timeout(timeout)?;
+        Ok(conn)
+    }
+
+    /// Timeout of every following read and write (at least 1 ms: zero would mean "forever").
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        let t = timeout.max(Duration::from_millis(1));
+        self.stream
+            .set_read_timeout(Some(t))
+            .and_then(|_| self.stream.set_write_timeout(Some(t)))
+            .map_err(|e| Error::io(format!("{}: cannot set socket timeout", self.peer), e))?;
+        self.timeout = t;
+        Ok(())
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Read without blocking: `Ok(0)` at end of stream, `WouldBlock` when nothing is there.
+    #[cfg(unix)]
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the fd is our open socket.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Poll for up to `self.spin` before blocking; returns the bytes read into `buf`.
+    #[cfg(unix)]
+    fn spin_read(&mut self, buf: &mut [u8], start: Instant, what: &str) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() && start.elapsed() < self.spin {
+            match self.try_recv(&mut buf[done..]) {
+                Ok(0) => {
+                    return Err(Error::Connection(format!(
+                        "{} closed the connection while we waited for {what}",
+                        self.peer
+                    )))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.map_err(e, &format!("while we waited for {what}"))),
+            }
+        }
+        Ok(done)
+    }
+
+    #[cfg(not(unix))]
+    fn spin_read(&mut self, _buf: &mut [u8], _start: Instant, _what: &str) -> Result<usize> {
+        Ok(0)
+    }
+
+    /// Read exactly `buf.len()` bytes; `what` says what we were waiting for.
+    pub fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        let start = Instant::now();
+        let mut done = match self.spin_read(buf, start, what) {
+            Ok(n) => n,
+            Err(e) => {
+                self.io_time += start.elapsed();
+                return Err(e);
+            }
+        };
+        while done < buf.len() {
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => {
+                    self.io_time += start.elapsed();
+                    return Err(Error::Connection(format!(
+                        "{} closed the connection while we waited for {what}",
+                        self.peer
+                    )));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.io_time += start.elapsed();
+                    return Err(self.map_err(e, &format!("while we waited for {what}")));
+                }
+            }
+        }
+        self.received += buf.len() as u64;
+        self.io_time += start.elapsed();
+        Ok(())
+    }
+
+    /// Write all of `buf`; `what` says what we were sending.
+    pub fn write_all(&mut self, buf: &[u8], what: &str) -> Result<()> {
+        let start = Instant::now();
+        let r = self.stream.write_all(buf);
+        self.io_time += start.elapsed();
+        match r {
+            Ok(()) => {
+                self.sent += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => Err(self.map_err(e, &format!("while we sent {what}"))),
+        }
+    }
+
+    fn map_err(&self, e: std::io::Error, when: &str) -> Error {
+        let peer = &self.peer;
+        match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => Error::Connection(format!(
+                "{peer} did not answer within {:.0} s {when} (timed out)",
+                self.timeout.as_secs_f64()
+            )),
+            ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::NotConnected => {
+                Error::Connection(format!("{peer} dropped the connection {when} ({e})"))
+            }
+            _ => Error::io(format!("{peer}: socket error {when}"), e),
+        }
+    }
+
+    /// Close our sending side, then read and drop whatever the peer still sends, until it
+    /// closes or `limit` passes (so that closing does not reset the connection under data the
+    /// peer has not read yet).
+    pub fn drain(&mut self, limit: Duration) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let end = Instant::now() + limit;
+        let mut sink = [0u8; 16384];
+        while Instant::now() < end {
+            let left = end
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            if self.stream.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            match self.stream.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Close both directions now (best effort: the peer may already be gone).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Address of the peer, if the socket still knows it.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+}
+
+/// Resolve `addr` ("host:port") to socket addresses, with a clear error.
+pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| {
+            Error::invalid(format!(
+                "cannot resolve worker address {addr:?} ({e}); expected host:port"
+            ))
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Error::invalid(format!(
+            "worker address {addr:?} resolves to nothing"
+        )));
+    }
+    Ok(addrs)
+}
+
+/// Connect to `addr` within `timeout`, naming the peer `peer` in errors.
+pub fn connect(addr: &str, peer: &str, timeout: Duration) -> Result<TcpStream> {
+    let mut last: Option<std::io::Error> = None;
+    for sa in resolve(addr)? {
+        match TcpStream::connect_timeout(&sa, timeout.max(Duration::from_millis(1))) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.expect("resolve returned at least one address");
+    let why = match e.kind() {
+        ErrorKind::ConnectionRefused => {
+            "connection refused: is `dllama serve-worker` running there, on that port?".to_string()
+        }
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => format!(
+            "no answer within {:.0} s: is the host up and the port open?",
+            timeout.as_secs_f64()
+        ),
+        _ => e.to_string(),
+    };
+    Err(Error::Connection(format!("cannot reach {peer}: {why}")))
+}
+
+/// Listen on `host:port`, with a clear error when the port is taken.
+pub fn listen(host: &str, port: u16) -> Result<TcpListener> {
+    let addr = format!("{host}:{port}");
+    let sas = resolve(&addr)?;
+    let mut last: Option<std::io::Error> = None;
+    for sa in sas {
+        match TcpListener::bind(sa) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.expect("resolve returned at least one address");
+    match e.kind() {
+        ErrorKind::AddrInUse => Err(Error::Connection(format!(
+            "cannot listen on {addr}: port {port} is already in use (another worker? pick another --port)"
+        ))),
+        ErrorKind::AddrNotAvailable => Err(Error::Connection(format!(
+            "cannot listen on {addr}: {host} is not an address of this machine"
+        ))),
+        ErrorKind::PermissionDenied => Err(Error::Connection(format!(
+            "cannot listen on {addr}: permission denied (ports below 1024 need root)"
+        ))),
+        _ => Err(Error::io(format!("cannot listen on {addr}"), e)),
+    }
+}

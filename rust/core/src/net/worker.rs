@@ -1,0 +1,422 @@
+//! The worker: listen, serve one root at a time, and the worker's [`Collective`].
+//!
+//! A session: preamble check, hello, shared-secret challenge (both ways), setup (which node,
+//! which model), weights (mapped from the worker's own copy or shipped by the root), `Ready`,
+//! then steps until the root sends `Stop` or goes away; then the worker listens again.
+
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::auth;
+use super::codec::Wire;
+use super::protocol::{
+    expect_frame, read_frame_header, send_frame, send_refusal, Hello, Kind, ModelIdentity, Reader,
+    RootHello, Setup, Writer, MAGIC, PROTOCOL_VERSION,
+};
+use super::ship::{receive_tensors, ShippedTensor};
+use super::tcp::Conn;
+use super::Timeouts;
+use crate::model::Collective;
+use crate::{Error, Result};
+
+/// A worker's slice of the model, able to run one forward step.
+pub trait WorkerModel: Send {
+    /// Run the step on `x` (n_tokens, dim) at `pos`, calling the collective as the root does.
+    fn forward(&mut self, x: &mut [f32], pos: usize, collective: &mut dyn Collective)
+        -> Result<()>;
+    /// The model's `dim` (values per token of the residual).
+    fn dim(&self) -> usize;
+    /// Positions of its KV cache: no step may go beyond.
+    fn max_seq_len(&self) -> usize;
+}
+
+/// Where a worker's weights come from.
+pub enum Weights {
+    /// The worker's own copy of the model file (identity checked in the handshake).
+    Local,
+    /// Shipped by the root.
+    Shipped(Vec<ShippedTensor>),
+}
+
+/// Builds the worker's slice for a root's setup.
+pub trait ModelFactory: Sync {
+    /// Identity of the worker's own model file (started with `--model`), if any.
+    fn local_identity(&self) -> Option<&ModelIdentity>;
+    /// Check the setup before any weight moves (e.g. the slice exists for this node count);
+    /// returns how many bytes of weights the root must ship for it (the receiving worker
+    /// accepts no more).
+    fn check(&self, setup: &Setup) -> Result<u64>;
+    /// Build the slice.
+    fn build(&self, setup: &Setup, weights: Weights) -> Result<Box<dyn WorkerModel>>;
+}
+
+/// Options of `dllama serve-worker`.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    pub secret: Option<Vec<u8>>,
+    pub timeouts: Timeouts,
+}
+
+// ---------------------------------------------------------------------------------------------
+// the worker's collective
+
+/// The worker's side of the star: send partials to the root, receive the sums.
+pub struct WorkerCollective<'a> {
+    conn: &'a mut Conn,
+    node_index: usize,
+    n_nodes: usize,
+    buffers: Wire,
+    vectors: Wire,
+    out: Vec<u8>,
+    recv: Vec<u8>,
+}
+
+impl<'a> WorkerCollective<'a> {
+    pub fn new(conn: &'a mut Conn, setup: &Setup) -> Self {
+        WorkerCollective {
+            conn,
+            node_index: setup.node_index as usize,
+            n_nodes: setup.n_nodes as usize,
+            buffers: Wire::for_buffers(setup.buffer_type),
+            vectors: Wire::for_vectors(setup.buffer_type),
+            out: Vec::new(),
+            recv: Vec::new(),
+        }
+    }
+}
+
+impl Collective for WorkerCollective<'_> {
+    fn node_index(&self) -> usize {
+        self.node_index
+    }
+    fn n_nodes(&self) -> usize {
+        self.n_nodes
+    }
+    fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()> {
+        self.out.clear();
+        self.buffers.encode(x, &mut self.out)?;
+        self.conn.write_all(&self.out, "our partial sums")?;
+        self.recv.resize(self.out.len(), 0);
+        self.conn.read_exact(&mut self.recv, "the summed buffer")?;
+        self.buffers.decode(&self.recv, x)
+    }
+    fn gather_logits(&mut self, local: &[f32], _out: &mut [f32]) -> Result<()> {
+        self.out.clear();
+        self.vectors.encode(local, &mut self.out)?;
+        self.conn.write_all(&self.out, "our logits")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// serving
+
+struct Shared<'a> {
+    opts: &'a WorkerOptions,
+    factory: &'a dyn ModelFactory,
+    log: &'a (dyn Fn(&str) + Sync),
+    /// The root being served, if any.
+    busy: Mutex<Option<String>>,
+    /// Open connections, to shut them down when the worker stops.
+    open: Mutex<Vec<(u64, TcpStream)>>,
+    next_id: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// Serve roots on `listener`, one at a time, until `stop()` returns true (polled every
+/// 100 ms) or an error of the listener itself.
+pub fn serve(
+    listener: TcpListener,
+    opts: &WorkerOptions,
+    factory: &dyn ModelFactory,
+    log: &(dyn Fn(&str) + Sync),
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("cannot make the listening socket non-blocking", e))?;
+    let shared = Shared {
+        opts,
+        factory,
+        log,
+        busy: Mutex::new(None),
+        open: Mutex::new(Vec::new()),
+        next_id: AtomicU64::new(0),
+        stopping: AtomicBool::new(false),
+    };
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let r = loop {
+            if stop() {
+                break Ok(());
+            }
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(clone) = stream.try_clone() {
+                        shared
+                            .open
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((id, clone));
+                    }
+                    let shared = &shared;
+                    scope.spawn(move || {
+                        let peer = format!("root {addr}");
+                        let r = catch_unwind(AssertUnwindSafe(|| handle(shared, stream, &peer)));
+                        match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                if !shared.stopping.load(Ordering::Relaxed) {
+                                    (shared.log)(&format!("{e}"))
+                                }
+                            }
+                            Err(_) => (shared.log)(&format!(
+                                "internal error while serving {peer}; session dropped"
+                            )),
+                        }
+                        shared
+                            .open
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|(i, _)| *i != id);
+                    });
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => break Err(Error::io("accept failed on the listening socket", e)),
+            }
+        };
+        shared.stopping.store(true, Ordering::Relaxed);
+        for (_, s) in shared.open.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    });
+    result
+}
+
+/// Clears the busy flag when the session ends, however it ends.
+struct BusyGuard<'a>(&'a Mutex<Option<String>>);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
+    let t = shared.opts.timeouts;
+    let mut conn = Conn::new(stream, peer.to_string(), t.handshake)?;
+    let log = shared.log;
+
+    // preamble: magic and version, before anything is parsed
+    let mut pre = [0u8; 8];
+    conn.read_exact(&mut pre, "the protocol preamble")
+        .map_err(|e| Error::Protocol(format!("refused {peer}: {e}")))?;
+    if pre[..4] != MAGIC {
+        send_refusal(&mut conn, "not a dllama root (bad magic)");
+        return Err(Error::Protocol(format!(
+            "refused {peer}: not a dllama root (bad magic {:02x?})",
+            &pre[..4]
+        )));
+    }
+    let version = u32::from_le_bytes([pre[4], pre[5], pre[6], pre[7]]);
+    if version != PROTOCOL_VERSION {
+        let why = format!("protocol version {version} is not supported; this worker speaks version {PROTOCOL_VERSION}");
+        send_refusal(&mut conn, &why);
+        return Err(Error::Protocol(format!("refused {peer}: {why}")));
+    }
+
+    // hello and shared secret
+    let nonce = auth::nonce()?;
+    let hello = Hello {
+        secret_required: shared.opts.secret.is_some(),
+        nonce,
+    };
+    send_frame(&mut conn, Kind::Hello, &hello.encode(), "our hello")?;
+    let rh = expect_frame(&mut conn, Kind::RootHello, 128, "the root's hello")
+        .and_then(|p| RootHello::decode(&p))
+        .map_err(|e| Error::Protocol(format!("refused {peer}: {e}")))?;
+    let mut ok = Writer::default();
+    if let Some(secret) = &shared.opts.secret {
+        if rh.proof.is_empty() {
+            send_refusal(
+                &mut conn,
+                "this worker requires a shared secret (--secret or DLLAMA_SECRET)",
+            );
+            return Err(Error::Auth(format!(
+                "refused {peer}: no shared secret given"
+            )));
+        }
+        if !auth::verify(secret, auth::ROOT_ROLE, &nonce, &rh.nonce, &rh.proof) {
+            send_refusal(&mut conn, "wrong shared secret");
+            return Err(Error::Auth(format!("refused {peer}: wrong shared secret")));
+        }
+        ok.blob(&auth::proof(secret, auth::WORKER_ROLE, &rh.nonce, &nonce));
+    } else {
+        // no secret here (a root with one refuses us when it reads our hello)
+        ok.blob(&[]);
+    }
+
+    // one root at a time
+    let _busy = {
+        let mut b = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = b.as_ref() {
+            let why = format!("busy serving {other}");
+            send_refusal(&mut conn, &why);
+            return Err(Error::Connection(format!("refused {peer}: {why}")));
+        }
+        *b = Some(peer.to_string());
+        BusyGuard(&shared.busy)
+    };
+    send_frame(&mut conn, Kind::AuthOk, &ok.0, "our authentication")?;
+
+    // setup
+    let setup = match expect_frame(
+        &mut conn,
+        Kind::Setup,
+        super::protocol::MAX_CONTROL_FRAME,
+        "the setup",
+    )
+    .and_then(|p| Setup::decode(&p))
+    {
+        Ok(s) => s,
+        Err(Error::Connection(m)) => return Err(Error::Connection(m)),
+        Err(e) => {
+            send_refusal(&mut conn, &e.to_string());
+            return Err(Error::Protocol(format!("refused {peer}: {e}")));
+        }
+    };
+    let refuse = |conn: &mut Conn, e: Error| -> Error {
+        send_refusal(conn, &e.to_string());
+        Error::Protocol(format!("refused {peer}: {e}"))
+    };
+    let ship_budget = match shared.factory.check(&setup) {
+        Ok(b) => b,
+        Err(e) => return Err(refuse(&mut conn, e)),
+    };
+    let local = match shared.factory.local_identity() {
+        Some(id) => match id.mismatch(&setup.model) {
+            Some(why) => {
+                return Err(refuse(
+                    &mut conn,
+                    Error::Protocol(format!("wrong model: {why}")),
+                ))
+            }
+            None => true,
+        },
+        None => false,
+    };
+    let mut acc = Writer::default();
+    acc.u8(!local as u8);
+    send_frame(&mut conn, Kind::Accept, &acc.0, "our acceptance")?;
+    log(&format!(
+        "{peer} connected: node {} of {}, {:?} buffers, weights {}",
+        setup.node_index,
+        setup.n_nodes,
+        setup.buffer_type,
+        if local {
+            "mapped from the local model file"
+        } else {
+            "shipped by the root"
+        }
+    ));
+
+    // weights
+    let weights = if local {
+        Weights::Local
+    } else {
+        conn.set_timeout(t.step)?;
+        let w = match receive_tensors(&mut conn, ship_budget) {
+            Ok(w) => w,
+            Err(Error::Protocol(m)) => return Err(refuse(&mut conn, Error::Protocol(m))),
+            Err(e) => return Err(e),
+        };
+        let n: u64 = w.iter().map(|t| t.data.len() as u64).sum();
+        log(&format!(
+            "received {} tensors, {:.1} MB of weights",
+            w.len(),
+            n as f64 / 1e6
+        ));
+        Weights::Shipped(w)
+    };
+    let mut model = match shared.factory.build(&setup, weights) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(&mut conn, e)),
+    };
+    send_frame(&mut conn, Kind::Ready, &[], "Ready")?;
+    log(&format!("ready for {peer}"));
+
+    // steps, until Stop or the root goes away
+    let mut steps = 0u64;
+    match run_steps(&mut conn, &setup, model.as_mut(), &t, &mut steps) {
+        Ok(()) => {
+            log(&format!(
+                "{peer} finished after {steps} steps; listening again"
+            ));
+            Ok(())
+        }
+        Err(Error::Connection(m)) => Err(Error::Connection(format!(
+            "{m}: the root went away after {steps} steps; listening again"
+        ))),
+        Err(Error::Protocol(m)) => Err(refuse(
+            &mut conn,
+            Error::Protocol(format!("{m}; listening again")),
+        )),
+        Err(e) => Err(Error::Connection(format!(
+            "session with {peer} ended after {steps} steps: {e}; listening again"
+        ))),
+    }
+}
+
+/// Serve steps until the root sends `Stop`.
+fn run_steps(
+    conn: &mut Conn,
+    setup: &Setup,
+    model: &mut dyn WorkerModel,
+    t: &Timeouts,
+    steps: &mut u64,
+) -> Result<()> {
+    let dim = model.dim();
+    let vectors = Wire::for_vectors(setup.buffer_type);
+    let max_tokens = (setup.max_seq_len as usize).clamp(1, model.max_seq_len().max(1));
+    let mut x: Vec<f32> = Vec::new();
+    loop {
+        conn.set_timeout(t.idle)?;
+        let (kind, len) =
+            read_frame_header(conn, 8 + vectors.bytes(max_tokens * dim), "the next step")?;
+        conn.set_timeout(t.step)?;
+        match kind {
+            Kind::Stop => return Ok(()),
+            Kind::Step => {
+                let mut p = vec![0u8; len];
+                conn.read_exact(&mut p, "the step input")?;
+                let mut r = Reader::new(&p, "Step");
+                let pos = r.u32()? as usize;
+                let n_tokens = r.u32()? as usize;
+                if n_tokens == 0 || pos + n_tokens > max_tokens {
+                    return Err(Error::Protocol(format!(
+                        "step of {n_tokens} tokens at position {pos} exceeds max_seq_len {max_tokens}"
+                    )));
+                }
+                x.resize(n_tokens * dim, 0.0);
+                vectors.decode(r.remaining(), &mut x)?;
+                let mut coll = WorkerCollective::new(conn, setup);
+                model.forward(&mut x, pos, &mut coll)?;
+                *steps += 1;
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} between steps"
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Faults: garbage, old versions, wrong secrets, wrong models, dead and silent peers. Each is
+//! refused or reported with a clear message naming the peer, and the worker keeps serving.
+
+mod net_common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use dllama_core::net::protocol::{Kind, MAGIC, PROTOCOL_VERSION};
+use dllama_core::net::tcp::listen;
+use dllama_core::net::{BufferType, RootCollective};
+use dllama_core::Error;
+use net_common::*;
+
+fn plain(local: u8) -> FakeFactory {
+    FakeFactory {
+        local: Some(identity(local)),
+        die_at_step: None,
+        hang: None,
+        expect_shipped: vec![],
+    }
+}
+
+/// Read one frame from a raw socket: (kind, payload).
+fn raw_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut h = [0u8; 5];
+    s.read_exact(&mut h).unwrap();
+    let n = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    let mut p = vec![0u8; n];
+    s.read_exact(&mut p).unwrap();
+    (h[0], p)
+}
+
+fn still_serves(w: &TestWorker) {
+    let mut root = connect_root(&[w], BufferType::F32, None).unwrap();
+    run_root(&mut root, &[(vec![1], 0)]).unwrap();
+}
+
+#[test]
+fn garbage_is_refused_and_the_worker_keeps_serving() {
+    let w = TestWorker::start(plain(1), None);
+    let mut s = TcpStream::connect(&w.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (kind, reason) = raw_frame(&mut s);
+    assert_eq!(kind, Kind::Refuse as u8);
+    assert_eq!(
+        String::from_utf8(reason).unwrap(),
+        "not a dllama root (bad magic)"
+    );
+    w.wait_log("bad magic");
+    still_serves(&w);
+}
+
+#[test]
+fn an_old_protocol_version_is_refused_with_both_versions_named() {
+    let w = TestWorker::start(plain(1), None);
+    let mut s = TcpStream::connect(&w.addr).unwrap();
+    s.write_all(&MAGIC).unwrap();
+    s.write_all(&0u32.to_le_bytes()).unwrap();
+    let (kind, reason) = raw_frame(&mut s);
+    assert_eq!(kind, Kind::Refuse as u8);
+    let reason = String::from_utf8(reason).unwrap();
+    assert!(
+        reason.contains("version 0") && reason.contains(&format!("version {PROTOCOL_VERSION}")),
+        "{reason}"
+    );
+    w.wait_log("protocol version 0 is not supported");
+    still_serves(&w);
+}
+
+#[test]
+fn an_absurd_frame_length_is_refused_without_allocating() {
+    let w = TestWorker::start(plain(1), None);
+    let mut s = TcpStream::connect(&w.addr).unwrap();
+    s.write_all(&MAGIC).unwrap();
+    s.write_all(&PROTOCOL_VERSION.to_le_bytes()).unwrap();
+    let (kind, _) = raw_frame(&mut s);
+    assert_eq!(kind, Kind::Hello as u8);
+    s.write_all(&[Kind::RootHello as u8, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    w.wait_log("4294967295 bytes, more than the");
+    still_serves(&w);
+}
+
+#[test]
+fn a_wrong_secret_is_refused_both_ways() {
+    let w = TestWorker::start(plain(1), Some("right"));
+    let err = connect_root(&[&w], BufferType::Q80, Some("wrong"))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Auth(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("worker 1") && err.to_string().contains("wrong shared secret"),
+        "{err}"
+    );
+    w.wait_log("wrong shared secret");
+
+    let err = connect_root(&[&w], BufferType::Q80, None).err().unwrap();
+    assert!(
+        matches!(err, Error::Auth(_)) && err.to_string().contains("requires a shared secret"),
+        "{err}"
+    );
+
+    // a root with a secret will not use a worker without one
+    let open = TestWorker::start(plain(1), None);
+    let err = connect_root(&[&open], BufferType::Q80, Some("right"))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, Error::Auth(_)) && err.to_string().contains("has no shared secret"),
+        "{err}"
+    );
+
+    // the right secret works, on the same worker, right after
+    let mut root = connect_root(&[&w], BufferType::Q80, Some("right")).unwrap();
+    run_root(&mut root, &[(vec![3], 0)]).unwrap();
+}
+
+#[test]
+fn a_worker_with_another_model_refuses_and_says_why() {
+    let w = TestWorker::start(plain(2), None);
+    let err = connect_root(&[&w], BufferType::Q80, None).err().unwrap();
+    assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("worker 1") && msg.contains("wrong model"),
+        "{msg}"
+    );
+    w.wait_log("wrong model");
+}
+
+#[test]
+fn a_worker_dying_mid_generation_stops_the_root_with_one_clear_error() {
+    let w1 = TestWorker::start(plain(1), None);
+    let w2 = TestWorker::start(
+        FakeFactory {
+            local: Some(identity(1)),
+            die_at_step: Some(2),
+            hang: None,
+            expect_shipped: vec![],
+        },
+        None,
+    );
+    let mut root = connect_root(&[&w1, &w2], BufferType::Q80, None).unwrap();
+    let start = Instant::now();
+    let err = run_root(&mut root, &[(vec![1, 2], 0), (vec![3], 2), (vec![4], 3)])
+        .err()
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(4));
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Connection(_)), "{err:?}");
+    assert!(
+        msg.contains("worker 2 (") && msg.contains("closed the connection"),
+        "{msg}"
+    );
+    // later calls fail at once, naming the cause
+    let again = run_root(&mut root, &[(vec![5], 4)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        again.contains("the cluster is down") && again.contains("worker 2"),
+        "{again}"
+    );
+    drop(root);
+    // the healthy worker saw the root go and serves again
+    w1.wait_log("listening again");
+    still_serves(&w1);
+}
+
+#[test]
+fn a_busy_worker_refuses_a_second_root() {
+    let w = TestWorker::start(plain(1), None);
+    let mut first = connect_root(&[&w], BufferType::Q80, None).unwrap();
+    let err = connect_root(&[&w], BufferType::Q80, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("busy serving root"), "{err}");
+    run_root(&mut first, &[(vec![1], 0)]).unwrap();
+}
+
+#[test]
+fn unreachable_and_silent_workers_give_clear_errors_in_bounded_time() {
+    // nothing listens on this port any more
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let err = RootCollective::connect(
+        std::slice::from_ref(&addr),
+        DIM,
+        &identity(1),
+        &root_opts(BufferType::Q80, None),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains(&format!("cannot reach worker 1 ({addr})")) && err.contains("refused"),
+        "{err}"
+    );
+
+    // a listener that accepts and never speaks
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = mute.local_addr().unwrap().to_string();
+    let start = Instant::now();
+    let err = RootCollective::connect(
+        &[addr],
+        DIM,
+        &identity(1),
+        &root_opts(BufferType::Q80, None),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("worker 1") && err.contains("did not answer within 2 s"),
+        "{err}"
+    );
+    drop(mute);
+}
+
+#[test]
+fn a_port_in_use_is_named() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let err = listen("127.0.0.1", port).err().unwrap().to_string();
+    assert!(
+        err.contains(&format!("port {port}")) && err.contains("already in use"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_frozen_worker_times_out_naming_it() {
+    let w = TestWorker::start(
+        FakeFactory {
+            local: Some(identity(1)),
+            die_at_step: Some(1),
+            hang: Some(Duration::from_secs(8)),
+            expect_shipped: vec![],
+        },
+        None,
+    );
+    let addrs = vec![w.addr.clone()];
+    let mut opts = root_opts(BufferType::Q80, None);
+    opts.timeouts.step = Duration::from_secs(1);
+    let mut root = RootCollective::connect(&addrs, DIM, &identity(1), &opts).unwrap();
+    root.wait_ready().unwrap();
+    root.set_vocab_ranges(vec![vocab_range(0, 2), vocab_range(1, 2)])
+        .unwrap();
+    run_root(&mut root, &[(vec![1], 0)]).unwrap();
+    let start = Instant::now();
+    let err = run_root(&mut root, &[(vec![2], 1)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("worker 1")
+            && err.contains("did not answer within 1 s")
+            && err.contains("partial sums"),
+        "{err}"
+    );
+}
