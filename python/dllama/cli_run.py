@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Annotated
 import typer
 
 from dllama.generate import LLM, Piece, Summary
+
+_CORES = os.cpu_count() or 1
 
 
 class BufferType(str, Enum):
@@ -67,7 +70,9 @@ def run(
     seed: Annotated[
         int | None, typer.Option(help="Random seed: the same seed gives the same text.")
     ] = None,
-    nthreads: Annotated[int, typer.Option(help="Threads for the matmuls.")] = 1,
+    nthreads: Annotated[
+        int, typer.Option(help="Threads for the matmuls (default: this machine's cores).")
+    ] = _CORES,
     buffer_float_type: Annotated[
         BufferType,
         typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),

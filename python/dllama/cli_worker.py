@@ -10,11 +10,15 @@ import typer
 
 from dllama import _core
 
+_CORES = os.cpu_count() or 1
+
 
 def serve_worker(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 9998,
-    nthreads: Annotated[int, typer.Option(help="Threads for this worker's slice.")] = 1,
+    nthreads: Annotated[
+        int, typer.Option(help="Threads for this worker's slice (default: this machine's cores).")
+    ] = _CORES,
     model: Annotated[
         Path | None,
         typer.Option(
