@@ -25,6 +25,64 @@ fn scalar() -> Kernels {
     Kernels::for_path(KernelPath::Scalar).unwrap()
 }
 
+/// f32 outputs widened to f64, to serve as the `want` of a later comparison.
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&v| v as f64).collect()
+}
+
+/// Runs `run` with the scalar kernels into a zeroed output of `n_out` values, checks it against
+/// the f64 reference `want` within `rel` (named `what`), and returns it widened: the baseline
+/// the SIMD paths are then held to.
+fn scalar_checked(
+    what: &str,
+    n_out: usize,
+    want: &[f64],
+    mag: &[f64],
+    rel: f64,
+    run: impl Fn(&Kernels, &mut [f32]),
+) -> Vec<f64> {
+    let mut base = vec![0.0f32; n_out];
+    run(&scalar(), &mut base);
+    assert_close(what, &base, want, mag, rel, ABS_FLOOR);
+    widen(&base)
+}
+
+/// The scalar q40×q80 product widened to f64 (checked against f64 in `q40_q80_every_path`).
+fn scalar_q40_q80(
+    w: &[quant::BlockQ40],
+    x: &[BlockQ80],
+    n_rows: usize,
+    n_tokens: usize,
+) -> Vec<f64> {
+    let mut base = vec![0.0f32; n_tokens * n_rows];
+    scalar().matmul_q40_q80(w, x, &mut base, n_tokens);
+    widen(&base)
+}
+
+/// Runs `run` on every kernel path this CPU has, each into a fresh output of `n_out` NaNs,
+/// and checks the result against `want` within `rel`; failures name the path, then `what`.
+fn check_every_path(
+    what: &str,
+    n_out: usize,
+    want: &[f64],
+    mag: &[f64],
+    rel: f64,
+    run: impl Fn(&Kernels, &mut [f32]),
+) {
+    for k in all_kernels() {
+        let mut got = vec![f32::NAN; n_out];
+        run(&k, &mut got);
+        assert_close(
+            &format!("{} {what}", k.path),
+            &got,
+            want,
+            mag,
+            rel,
+            ABS_FLOOR,
+        );
+    }
+}
+
 #[test]
 fn paths_available() {
     let names: Vec<&str> = all_kernels().iter().map(|k| k.path.name()).collect();
@@ -51,29 +109,18 @@ fn q40_q80_every_path() {
         let w = random_q40(&mut rng, n_rows * bpr);
         let x = random_q80(&mut rng, n_tokens * bpr);
         let (want, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
-        let mut base = vec![0.0f32; n_tokens * n_rows];
-        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
-        assert_close(
+        let run = |k: &Kernels, out: &mut [f32]| k.matmul_q40_q80(&w, &x, out, n_tokens);
+        let n_out = n_tokens * n_rows;
+        let base = scalar_checked(
             "scalar q40×q80 vs f64",
-            &base,
+            n_out,
             &want,
             &mag,
             SCALAR_REL_Q40_Q80,
-            ABS_FLOOR,
+            run,
         );
-        for k in all_kernels() {
-            let mut got = vec![f32::NAN; n_tokens * n_rows];
-            k.matmul_q40_q80(&w, &x, &mut got, n_tokens);
-            let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
-            assert_close(
-                &format!("{} q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
-                &got,
-                &base64,
-                &mag,
-                SIMD_REL,
-                ABS_FLOOR,
-            );
-        }
+        let what = format!("q40×q80 {n_rows}x{bpr}x{n_tokens}");
+        check_every_path(&what, n_out, &base, &mag, SIMD_REL, run);
     }
 }
 
@@ -106,29 +153,18 @@ fn q80_q80_every_path() {
         let w = random_q80(&mut rng, n_rows * bpr);
         let x = random_q80(&mut rng, n_tokens * bpr);
         let (want, mag) = reference(&q80_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
-        let mut base = vec![0.0f32; n_tokens * n_rows];
-        scalar().matmul_q80_q80(&w, &x, &mut base, n_tokens);
-        assert_close(
+        let run = |k: &Kernels, out: &mut [f32]| k.matmul_q80_q80(&w, &x, out, n_tokens);
+        let n_out = n_tokens * n_rows;
+        let base = scalar_checked(
             "scalar q80×q80 vs f64",
-            &base,
+            n_out,
             &want,
             &mag,
             SCALAR_REL_Q80_Q80,
-            ABS_FLOOR,
+            run,
         );
-        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
-        for k in all_kernels() {
-            let mut got = vec![f32::NAN; n_tokens * n_rows];
-            k.matmul_q80_q80(&w, &x, &mut got, n_tokens);
-            assert_close(
-                &format!("{} q80×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
-                &got,
-                &base64,
-                &mag,
-                SIMD_REL,
-                ABS_FLOOR,
-            );
-        }
+        let what = format!("q80×q80 {n_rows}x{bpr}x{n_tokens}");
+        check_every_path(&what, n_out, &base, &mag, SIMD_REL, run);
     }
 }
 
@@ -147,52 +183,34 @@ fn f32_and_f16_every_path() {
         let w = random_values(&mut rng, n_rows * cols, 1.0);
         let x = random_values(&mut rng, n_tokens * cols, 1.0);
         let w16: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
-        let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         let w16_64: Vec<f64> = w16.iter().map(|&v| f16_to_f32(v) as f64).collect();
-        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let (want, mag) = reference(&w64, &x64, n_rows, cols, n_tokens);
+        let x64 = widen(&x);
+        let (want, mag) = reference(&widen(&w), &x64, n_rows, cols, n_tokens);
         let (want16, mag16) = reference(&w16_64, &x64, n_rows, cols, n_tokens);
-        let mut base = vec![0.0f32; n_tokens * n_rows];
-        let mut base16 = vec![0.0f32; n_tokens * n_rows];
-        scalar().matmul_f32(&w, &x, &mut base, n_tokens);
-        scalar().matmul_f16(&w16, &x, &mut base16, n_tokens);
-        assert_close(
+        let n_out = n_tokens * n_rows;
+        let run32 = |k: &Kernels, out: &mut [f32]| k.matmul_f32(&w, &x, out, n_tokens);
+        let run16 = |k: &Kernels, out: &mut [f32]| k.matmul_f16(&w16, &x, out, n_tokens);
+        scalar_checked(
             "scalar f32 vs f64",
-            &base,
+            n_out,
             &want,
             &mag,
             SCALAR_REL_F32,
-            ABS_FLOOR,
+            run32,
         );
-        assert_close(
+        scalar_checked(
             "scalar f16 vs f64",
-            &base16,
+            n_out,
             &want16,
             &mag16,
             SCALAR_REL_F16,
-            ABS_FLOOR,
+            run16,
         );
-        for k in all_kernels() {
-            let mut got = vec![f32::NAN; n_tokens * n_rows];
-            k.matmul_f32(&w, &x, &mut got, n_tokens);
-            assert_close(
-                &format!("{} f32 {n_rows}x{cols}x{n_tokens}", k.path),
-                &got,
-                &want,
-                &mag,
-                SCALAR_REL_F32,
-                ABS_FLOOR,
-            );
-            k.matmul_f16(&w16, &x, &mut got, n_tokens);
-            assert_close(
-                &format!("{} f16 {n_rows}x{cols}x{n_tokens}", k.path),
-                &got,
-                &want16,
-                &mag16,
-                SCALAR_REL_F16,
-                ABS_FLOOR,
-            );
-        }
+        // every path against the f64 reference directly, within the scalar limit
+        let what = format!("f32 {n_rows}x{cols}x{n_tokens}");
+        check_every_path(&what, n_out, &want, &mag, SCALAR_REL_F32, run32);
+        let what = format!("f16 {n_rows}x{cols}x{n_tokens}");
+        check_every_path(&what, n_out, &want16, &mag16, SCALAR_REL_F16, run16);
     }
 }
 
@@ -369,7 +387,7 @@ fn q40_and_q80_by_f32_input_match_reference() {
     let cols = bpr * QK;
     let w = random_q40(&mut rng, n_rows * bpr);
     let x = random_values(&mut rng, n_tokens * cols, 1.0);
-    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let x64 = widen(&x);
     let (want, mag) = reference(&q40_values(&w), &x64, n_rows, cols, n_tokens);
     let mut pool = ThreadPool::new(2).unwrap();
     let mut got = vec![0.0f32; n_tokens * n_rows];
@@ -518,22 +536,16 @@ fn packed_q40_every_path() {
             assert_eq!(&row[..], &w[r * bpr..(r + 1) * bpr], "unpack row {r}");
         }
         let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
-        let mut base = vec![0.0f32; n_tokens * n_rows];
-        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
-        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let base64 = scalar_q40_q80(&w, &x, n_rows, n_tokens);
         let all = packed.groups(0, packed.n_groups());
-        for k in all_kernels() {
-            let mut got = vec![f32::NAN; n_tokens * n_rows];
-            k.matmul_q40x8_q80(all, bpr, &x, &mut got, n_tokens);
-            assert_close(
-                &format!("{} packed q40×q80 {n_rows}x{bpr}x{n_tokens}", k.path),
-                &got,
-                &base64,
-                &mag,
-                SIMD_REL,
-                ABS_FLOOR,
-            );
-        }
+        check_every_path(
+            &format!("packed q40×q80 {n_rows}x{bpr}x{n_tokens}"),
+            n_tokens * n_rows,
+            &base64,
+            &mag,
+            SIMD_REL,
+            |k, out| k.matmul_q40x8_q80(all, bpr, &x, out, n_tokens),
+        );
         for threads in [1, 2, 3] {
             let mut pool = ThreadPool::new(threads).unwrap();
             let mut got = vec![f32::NAN; n_tokens * n_rows];
@@ -602,9 +614,7 @@ fn evex_vnni_kernels_match_scalar() {
         let w = random_q40(&mut rng, n_rows * bpr);
         let x = random_q80(&mut rng, n_tokens * bpr);
         let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
-        let mut base = vec![0.0f32; n_tokens * n_rows];
-        scalar().matmul_q40_q80(&w, &x, &mut base, n_tokens);
-        let base64: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+        let base64 = scalar_q40_q80(&w, &x, n_rows, n_tokens);
         let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
         let cells = packed.groups(0, packed.n_groups());
         let mut got = vec![f32::NAN; n_tokens * n_rows];
@@ -682,19 +692,14 @@ fn q40_f32_every_path() {
         let cols = bpr * QK;
         let w = random_q40(&mut rng, n_rows * bpr);
         let x = random_values(&mut rng, n_tokens * cols, 1.0);
-        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let (want, mag) = reference(&q40_values(&w), &x64, n_rows, cols, n_tokens);
-        for k in all_kernels() {
-            let mut got = vec![f32::NAN; n_tokens * n_rows];
-            k.matmul_q40_f32(&w, &x, &mut got, n_tokens);
-            assert_close(
-                &format!("{} q40×f32 {n_rows}x{bpr}x{n_tokens}", k.path),
-                &got,
-                &want,
-                &mag,
-                SCALAR_REL_Q40_Q80,
-                ABS_FLOOR,
-            );
-        }
+        let (want, mag) = reference(&q40_values(&w), &widen(&x), n_rows, cols, n_tokens);
+        check_every_path(
+            &format!("q40×f32 {n_rows}x{bpr}x{n_tokens}"),
+            n_tokens * n_rows,
+            &want,
+            &mag,
+            SCALAR_REL_Q40_Q80,
+            |k, out| k.matmul_q40_f32(&w, &x, out, n_tokens),
+        );
     }
 }
