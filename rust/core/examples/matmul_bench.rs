@@ -16,12 +16,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 4]
 }
 
+/// Times `run(it)` for `it` in `0..n` and returns the `median` of the wall times, in seconds.
+fn timed(n: usize, mut run: impl FnMut(usize)) -> f64 {
+    let times = (0..n)
+        .map(|it| {
+            let t0 = Instant::now();
+            run(it);
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(times)
+}
+
 /// Read bandwidth (GB/s) of `threads` threads summing a buffer much larger than the caches.
 fn read_bandwidth(pool: &mut ThreadPool, buf: &[u64]) -> f64 {
-    let mut times = Vec::new();
     let sink = std::sync::atomic::AtomicU64::new(0);
-    for _ in 0..7 {
-        let t0 = Instant::now();
+    let t = timed(7, |_| {
         pool.split_rows(buf.len(), |_, r| {
             let mut acc = [0u64; 8];
             for c in buf[r].chunks_exact(8) {
@@ -34,10 +44,9 @@ fn read_bandwidth(pool: &mut ThreadPool, buf: &[u64]) -> f64 {
                 std::sync::atomic::Ordering::Relaxed,
             );
         });
-        times.push(t0.elapsed().as_secs_f64());
-    }
+    });
     std::hint::black_box(sink.into_inner());
-    (buf.len() * 8) as f64 / median(times) / 1e9
+    (buf.len() * 8) as f64 / t / 1e9
 }
 
 fn main() {
@@ -133,19 +142,15 @@ fn main() {
             let Some(k) = Kernels::for_path(path) else {
                 continue;
             };
-            let mut times = Vec::new();
-            for it in 0..(3 * n_mats) {
+            let t = timed(3 * n_mats, |it| {
                 let w = &mats[it % n_mats];
-                let t0 = Instant::now();
                 let shared = dllama_core::pool::SharedOut::new(&mut out);
                 pool.split_rows(rows, |_, r| {
                     // SAFETY: disjoint rows per thread
                     let o = unsafe { shared.rows_mut(r.start, r.len()) };
                     k.matmul_q40_q80(&w[r.start * bpr..r.end * bpr], &xq, o, 1);
                 });
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            let t = median(times);
+            });
             let gbs = mat_bytes as f64 / t / 1e9;
             println!(
                 "threads {threads}: q40×q80 {rows}x{cols} {:<16} {:7.3} ms  {gbs:5.1} GB/s  ({:.0}% of read bandwidth)",
@@ -156,10 +161,8 @@ fn main() {
             if path == KernelPath::Scalar {
                 continue;
             }
-            let mut times = Vec::new();
-            for it in 0..(3 * n_mats) {
+            let t = timed(3 * n_mats, |it| {
                 let p = &packed[it % n_mats];
-                let t0 = Instant::now();
                 let shared = dllama_core::pool::SharedOut::new(&mut out);
                 pool.split_rows(rows, |_, r| {
                     // SAFETY: disjoint rows per thread
@@ -167,9 +170,7 @@ fn main() {
                     let cells = p.groups(r.start / 8, r.end.div_ceil(8));
                     k.matmul_q40x8_q80(cells, bpr, &xq, o, 1);
                 });
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            let t = median(times);
+            });
             let gbs = mat_bytes as f64 / t / 1e9;
             println!(
                 "threads {threads}: packed  {rows}x{cols} {:<16} {:7.3} ms  {gbs:5.1} GB/s  ({:.0}% of read bandwidth)",
@@ -181,10 +182,8 @@ fn main() {
             let nt = 32;
             let xb: Vec<BlockQ80> = (0..nt).flat_map(|_| xq.iter().copied()).collect();
             let mut ob = vec![0.0f32; nt * rows];
-            let mut times = Vec::new();
-            for it in 0..n_mats {
+            let t = timed(n_mats, |it| {
                 let p = &packed[it % n_mats];
-                let t0 = Instant::now();
                 let shared = dllama_core::pool::SharedOut::new(&mut ob);
                 let n_rows_all = rows;
                 pool.split_rows(rows, |_, r| {
@@ -198,9 +197,7 @@ fn main() {
                         }
                     }
                 });
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            let t = median(times);
+            });
             println!(
                 "threads {threads}: packed prefill {nt} tokens {:<16} {:7.3} ms = {:.3} ms/token",
                 path.name(),
@@ -209,9 +206,7 @@ fn main() {
             );
         }
         // the checked entry point the engine uses, on the active path
-        let mut times = Vec::new();
-        for it in 0..(3 * n_mats) {
-            let t0 = Instant::now();
+        let t = timed(3 * n_mats, |it| {
             matmul(
                 &mut pool,
                 Weights::Q40(&mats[it % n_mats]),
@@ -222,17 +217,13 @@ fn main() {
                 1,
             )
             .unwrap();
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        let t = median(times);
+        });
         println!(
             "threads {threads}: quant::matmul (active path) {:7.3} ms  {:5.1} GB/s",
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );
-        let mut times = Vec::new();
-        for it in 0..(3 * n_mats) {
-            let t0 = Instant::now();
+        let t = timed(3 * n_mats, |it| {
             matmul(
                 &mut pool,
                 Weights::Q40Packed(&packed[it % n_mats]),
@@ -243,9 +234,7 @@ fn main() {
                 1,
             )
             .unwrap();
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        let t = median(times);
+        });
         println!(
             "threads {threads}: quant::matmul packed (active path) {:7.3} ms  {:5.1} GB/s",
             t * 1e3,
@@ -256,19 +245,15 @@ fn main() {
             Kernels::get(),
             &Kernels::for_path(KernelPath::Scalar).unwrap(),
         ] {
-            let mut times = Vec::new();
-            for it in 0..n_mats {
+            let t = timed(n_mats, |it| {
                 let w = &mats[it % n_mats];
-                let t0 = Instant::now();
                 let shared = dllama_core::pool::SharedOut::new(&mut out);
                 pool.split_rows(rows, |_, r| {
                     // SAFETY: disjoint rows per thread
                     let o = unsafe { shared.rows_mut(r.start, r.len()) };
                     k.matmul_q40_f32(&w[r.start * bpr..r.end * bpr], &x, o, 1);
                 });
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            let t = median(times);
+            });
             println!(
                 "threads {threads}: q40×f32 {:<16} {:7.3} ms  {:5.1} GB/s",
                 k.path.name(),
@@ -280,9 +265,7 @@ fn main() {
         let nt = 32;
         let xb: Vec<BlockQ80> = (0..nt).flat_map(|_| xq.iter().copied()).collect();
         let mut ob = vec![0.0f32; nt * rows];
-        let mut times = Vec::new();
-        for it in 0..n_mats {
-            let t0 = Instant::now();
+        let t = timed(n_mats, |it| {
             matmul(
                 &mut pool,
                 Weights::Q40(&mats[it % n_mats]),
@@ -293,17 +276,13 @@ fn main() {
                 nt,
             )
             .unwrap();
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        let t = median(times);
+        });
         println!(
             "threads {threads}: prefill {nt} tokens {:7.3} ms = {:.3} ms/token",
             t * 1e3,
             t * 1e3 / nt as f64
         );
-        let mut times = Vec::new();
-        for it in 0..n_mats {
-            let t0 = Instant::now();
+        let t = timed(n_mats, |it| {
             matmul(
                 &mut pool,
                 Weights::Q40Packed(&packed[it % n_mats]),
@@ -314,9 +293,7 @@ fn main() {
                 nt,
             )
             .unwrap();
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        let t = median(times);
+        });
         println!(
             "threads {threads}: packed prefill {nt} tokens {:7.3} ms = {:.3} ms/token",
             t * 1e3,
