@@ -30,6 +30,13 @@ def dllama(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
+def dllama_model(
+    command: str, model: Path, tok: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`dllama COMMAND -m MODEL -t TOK ARGS...`"""
+    return dllama(command, "-m", str(model), "-t", str(tok), *args)
+
+
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if smollm2_gguf() is None:
@@ -47,12 +54,10 @@ def json_lines(out: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def test_json_greedy_matches_library_api(smol: tuple[Path, Path]) -> None:
     model, tok = smol
     prompt = "The capital of France is"
-    r = dllama(
+    r = dllama_model(
         "run",
-        "-m",
-        str(model),
-        "-t",
-        str(tok),
+        model,
+        tok,
         "-p",
         prompt,
         "--steps",
@@ -102,11 +107,6 @@ def test_seed_makes_sampling_reproducible(smol: tuple[Path, Path]) -> None:
     assert a == b
     assert a != c
     args = [
-        "run",
-        "-m",
-        str(model),
-        "-t",
-        str(tok),
         "-p",
         "Tell me a story",
         "--steps",
@@ -116,19 +116,17 @@ def test_seed_makes_sampling_reproducible(smol: tuple[Path, Path]) -> None:
         "--seed",
         "5",
     ]
-    r1, r2 = dllama(*args), dllama(*args)
+    r1, r2 = dllama_model("run", model, tok, *args), dllama_model("run", model, tok, *args)
     assert r1.returncode == 0 and r1.stdout == r2.stdout and r1.stdout.strip()
 
 
 @needs_smollm2
 def test_stats_lines_and_summary(smol: tuple[Path, Path]) -> None:
     model, tok = smol
-    r = dllama(
+    r = dllama_model(
         "inference",
-        "-m",
-        str(model),
-        "-t",
-        str(tok),
+        model,
+        tok,
         "-p",
         "Hello",
         "--steps",
@@ -159,12 +157,10 @@ def test_stats_lines_and_summary(smol: tuple[Path, Path]) -> None:
 @needs_smollm2
 def test_plain_output_streams_the_text(smol: tuple[Path, Path]) -> None:
     model, tok = smol
-    r = dllama(
+    r = dllama_model(
         "run",
-        "-m",
-        str(model),
-        "-t",
-        str(tok),
+        model,
+        tok,
         "-p",
         "def fibonacci(n):",
         "--steps",
@@ -180,12 +176,10 @@ def test_plain_output_streams_the_text(smol: tuple[Path, Path]) -> None:
 @needs_smollm2
 def test_prompt_too_long_for_max_seq_len(smol: tuple[Path, Path]) -> None:
     model, tok = smol
-    r = dllama(
+    r = dllama_model(
         "run",
-        "-m",
-        str(model),
-        "-t",
-        str(tok),
+        model,
+        tok,
         "-p",
         "one two three four five six",
         "--max-seq-len",
@@ -208,7 +202,7 @@ def test_generation_stops_at_max_seq_len(smol: tuple[Path, Path]) -> None:
 
 
 def test_bad_model_paths_give_clear_errors(tmp_path: Path) -> None:
-    r = dllama("run", "-m", str(tmp_path / "missing.m"), "-t", str(tmp_path / "x.t"), "-p", "hi")
+    r = dllama_model("run", tmp_path / "missing.m", tmp_path / "x.t", "-p", "hi")
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = dllama("run", "-m", str(tmp_path / "missing.m"), "-p", "hi")
     assert r.returncode == 2 and "--tokenizer is required" in r.stderr
@@ -310,12 +304,10 @@ def test_sentencepiece_model_tokenizer(tmp_path: Path) -> None:
     tok = _mistral_tokenizer()
     assert tok is not None
     write_m(random_llama(seed=8, vocab=32000), tmp_path / "m.m", "q40", 0)
-    r = dllama(
+    r = dllama_model(
         "run",
-        "-m",
-        str(tmp_path / "m.m"),
-        "-t",
-        str(tok),
+        tmp_path / "m.m",
+        tok,
         "-p",
         "Hello world",
         "--steps",
@@ -331,5 +323,5 @@ def test_sentencepiece_model_tokenizer(tmp_path: Path) -> None:
     assert all(0 <= p["token"] < 32000 for p in pieces)
     # a model whose vocabulary is smaller than the tokenizer's is refused
     write_m(random_llama(seed=8, vocab=128), tmp_path / "small.m", "f32", 0)
-    r = dllama("run", "-m", str(tmp_path / "small.m"), "-t", str(tok), "-p", "Hi")
+    r = dllama_model("run", tmp_path / "small.m", tok, "-p", "Hi")
     assert r.returncode == 1 and "do not belong together" in r.stderr
