@@ -117,3 +117,35 @@ def meta_params() -> dict[str, Any]:
         "rope_theta": TINY["rope_theta"],
         "max_seq_len": TINY["max_position_embeddings"],
     }
+
+
+def make_checkpoints(root: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """The tiny model as `root/hf` (safetensors) and `root/meta` (2 shards): (hf dir, meta dir,
+    the tensors by Meta name)."""
+    sd = make_hf(root / "hf")
+    meta = hf_to_meta_names(sd, TINY["num_hidden_layers"])
+    write_meta(root / "meta", meta, 2, meta_params())
+    return root / "hf", root / "meta", meta
+
+
+def meta_key(name: str) -> str:
+    """The Meta checkpoint key of a `.m` tensor name (`embedding`, `layers.0.q`, ...)."""
+    if name == "embedding":
+        return "tok_embeddings.weight"
+    if name == "norm":
+        return "norm.weight"
+    if name == "wcls":
+        return "output.weight"
+    _, i, short = name.split(".")
+    key = {
+        "q": "attention.wq",
+        "k": "attention.wk",
+        "v": "attention.wv",
+        "wo": "attention.wo",
+        "w1": "feed_forward.w1",
+        "w2": "feed_forward.w2",
+        "w3": "feed_forward.w3",
+        "attn_norm": "attention_norm",
+        "ffn_norm": "ffn_norm",
+    }[short]
+    return f"layers.{i}.{key}.weight"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest_assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
-from convert_fixtures import TINY, hf_to_meta_names, make_hf, meta_params, write_meta
+from convert_fixtures import TINY, make_checkpoints, make_hf, meta_key
 from dllama import _core
 from dllama.cli import app
 from dllama.convert import ConvertError, convert_gguf, convert_model, convert_tokenizer
@@ -26,32 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("ckpt")
-    sd = make_hf(root / "hf")
-    meta = hf_to_meta_names(sd, N_LAYERS)
-    write_meta(root / "meta", meta, 2, meta_params())
-    return {"root": root, "hf": root / "hf", "meta": root / "meta", "tensors": meta}
-
-
-def _by_m_name(meta: dict[str, np.ndarray], name: str) -> np.ndarray:
-    if name == "embedding":
-        return meta["tok_embeddings.weight"]
-    if name == "norm":
-        return meta["norm.weight"]
-    if name == "wcls":
-        return meta["output.weight"]
-    _, i, short = name.split(".")
-    key = {
-        "q": "attention.wq",
-        "k": "attention.wk",
-        "v": "attention.wv",
-        "wo": "attention.wo",
-        "w1": "feed_forward.w1",
-        "w2": "feed_forward.w2",
-        "w3": "feed_forward.w3",
-        "attn_norm": "attention_norm",
-        "ffn_norm": "ffn_norm",
-    }[short]
-    return meta[f"layers.{i}.{key}.weight"]
+    hf, meta_dir, meta = make_checkpoints(root)
+    return {"root": root, "hf": hf, "meta": meta_dir, "tensors": meta}
 
 
 def _q40_bound(x: np.ndarray) -> np.ndarray:
@@ -85,7 +61,7 @@ def test_hf_and_meta_give_identical_files(ckpt: dict[str, Any], float_type: str)
     assert h["file_size"] == a.stat().st_size
     assert rb.fields == ra.fields
     for name in tensor_names(N_LAYERS):
-        want = _by_m_name(ckpt["tensors"], name)
+        want = ckpt["tensors"][meta_key(name)]
         got = _core.read_model_tensor(str(a), name)
         assert got.shape == want.shape, name
         f32_tensor = name == "embedding" or name == "norm" or name.endswith("_norm")
@@ -144,7 +120,7 @@ def _write_gguf(
         "ffn_norm": "ffn_norm",
     }
     for name in tensor_names(N_LAYERS):
-        t = _by_m_name(meta, name)
+        t = meta[meta_key(name)]
         if name in names:
             gname = names[name] + ".weight"
         else:

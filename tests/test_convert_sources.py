@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest_assets import smollm2_gguf
-from convert_fixtures import TINY, hf_to_meta_names, make_hf, meta_params, write_meta
+from convert_fixtures import (
+    TINY,
+    make_checkpoints,
+    make_hf,
+    meta_key,
+    meta_params,
+    write_meta,
+)
 from dllama.convert.gguf_file import GGUFError, GGUFFile
 from dllama.convert.gguf_source import GGUFSource
 from dllama.convert.hf import HFSource
@@ -23,33 +30,7 @@ N_LAYERS = TINY["num_hidden_layers"]
 def checkpoints(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    root = tmp_path_factory.mktemp("ckpt")
-    sd = make_hf(root / "hf")
-    meta = hf_to_meta_names(sd, N_LAYERS)
-    write_meta(root / "meta", meta, 2, meta_params())
-    return root / "hf", root / "meta", meta
-
-
-def _meta_key(name: str) -> str:
-    if name == "embedding":
-        return "tok_embeddings.weight"
-    if name == "norm":
-        return "norm.weight"
-    if name == "wcls":
-        return "output.weight"
-    _, i, short = name.split(".")
-    key = {
-        "q": "attention.wq",
-        "k": "attention.wk",
-        "v": "attention.wv",
-        "wo": "attention.wo",
-        "w1": "feed_forward.w1",
-        "w2": "feed_forward.w2",
-        "w3": "feed_forward.w3",
-        "attn_norm": "attention_norm",
-        "ffn_norm": "ffn_norm",
-    }[short]
-    return f"layers.{i}.{key}.weight"
+    return make_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.mark.parametrize("n_shards", [1, 8])
@@ -95,7 +76,7 @@ def test_hf_and_two_shard_meta_give_the_same_tensors(checkpoints: Any) -> None:
         for name in names:
             a, b = hf.checked(name), m.checked(name)
             np.testing.assert_array_equal(a, b, err_msg=name)
-            np.testing.assert_array_equal(a, meta[_meta_key(name)], err_msg=name)
+            np.testing.assert_array_equal(a, meta[meta_key(name)], err_msg=name)
 
 
 def _rope_hf(x: np.ndarray, pos: int, theta: float) -> np.ndarray:
