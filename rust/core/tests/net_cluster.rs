@@ -10,17 +10,7 @@ use net_common::*;
 
 fn workers(n: usize) -> Vec<TestWorker> {
     (1..n)
-        .map(|_| {
-            TestWorker::start(
-                FakeFactory {
-                    local: Some(identity(1)),
-                    die_at_step: None,
-                    hang: None,
-                    expect_shipped: vec![],
-                },
-                None,
-            )
-        })
+        .map(|_| TestWorker::start(FakeFactory::plain(1), None))
         .collect()
 }
 
@@ -115,15 +105,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
         ("layers.0.q".to_string(), a.clone()),
         ("layers.0.wo".to_string(), rows.concat()),
     ];
-    let w = TestWorker::start(
-        FakeFactory {
-            local: None,
-            die_at_step: None,
-            hang: None,
-            expect_shipped: expect.clone(),
-        },
-        None,
-    );
+    let w = TestWorker::start(FakeFactory::shipped(expect.clone()), None);
     let mut root = RootCollective::connect(
         std::slice::from_ref(&w.addr),
         DIM,
@@ -175,15 +157,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
     drop(root);
 
     // a root shipping more than the worker's slice takes is refused, with the reason
-    let w2 = TestWorker::start(
-        FakeFactory {
-            local: None,
-            die_at_step: None,
-            hang: None,
-            expect_shipped: expect[..1].to_vec(),
-        },
-        None,
-    );
+    let w2 = TestWorker::start(FakeFactory::shipped(expect[..1].to_vec()), None);
     let mut root = RootCollective::connect(
         std::slice::from_ref(&w2.addr),
         DIM,
@@ -206,15 +180,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
 
 #[test]
 fn a_worker_serves_the_next_root_after_stop() {
-    let w = TestWorker::start(
-        FakeFactory {
-            local: Some(identity(1)),
-            die_at_step: None,
-            hang: None,
-            expect_shipped: vec![],
-        },
-        None,
-    );
+    let w = TestWorker::start(FakeFactory::plain(1), None);
     for _ in 0..3 {
         let mut root = connect_root(&[&w], BufferType::F32, None).unwrap();
         assert_eq!(run_root(&mut root, &script()).unwrap(), reference_logits(2));

@@ -13,13 +13,12 @@ use dllama_core::net::{BufferType, RootCollective};
 use dllama_core::Error;
 use net_common::*;
 
-fn plain(local: u8) -> FakeFactory {
-    FakeFactory {
-        local: Some(identity(local)),
-        die_at_step: None,
-        hang: None,
-        expect_shipped: vec![],
-    }
+/// A raw socket to `w` that has sent the magic and protocol `version`, nothing else.
+fn raw_hello(w: &TestWorker, version: u32) -> TcpStream {
+    let mut s = TcpStream::connect(&w.addr).unwrap();
+    s.write_all(&MAGIC).unwrap();
+    s.write_all(&version.to_le_bytes()).unwrap();
+    s
 }
 
 /// Read one frame from a raw socket: (kind, payload).
@@ -40,7 +39,7 @@ fn still_serves(w: &TestWorker) {
 
 #[test]
 fn garbage_is_refused_and_the_worker_keeps_serving() {
-    let w = TestWorker::start(plain(1), None);
+    let w = TestWorker::start(FakeFactory::plain(1), None);
     let mut s = TcpStream::connect(&w.addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let (kind, reason) = raw_frame(&mut s);
@@ -55,10 +54,8 @@ fn garbage_is_refused_and_the_worker_keeps_serving() {
 
 #[test]
 fn an_old_protocol_version_is_refused_with_both_versions_named() {
-    let w = TestWorker::start(plain(1), None);
-    let mut s = TcpStream::connect(&w.addr).unwrap();
-    s.write_all(&MAGIC).unwrap();
-    s.write_all(&0u32.to_le_bytes()).unwrap();
+    let w = TestWorker::start(FakeFactory::plain(1), None);
+    let mut s = raw_hello(&w, 0);
     let (kind, reason) = raw_frame(&mut s);
     assert_eq!(kind, Kind::Refuse as u8);
     let reason = String::from_utf8(reason).unwrap();
@@ -72,10 +69,8 @@ fn an_old_protocol_version_is_refused_with_both_versions_named() {
 
 #[test]
 fn an_absurd_frame_length_is_refused_without_allocating() {
-    let w = TestWorker::start(plain(1), None);
-    let mut s = TcpStream::connect(&w.addr).unwrap();
-    s.write_all(&MAGIC).unwrap();
-    s.write_all(&PROTOCOL_VERSION.to_le_bytes()).unwrap();
+    let w = TestWorker::start(FakeFactory::plain(1), None);
+    let mut s = raw_hello(&w, PROTOCOL_VERSION);
     let (kind, _) = raw_frame(&mut s);
     assert_eq!(kind, Kind::Hello as u8);
     s.write_all(&[Kind::RootHello as u8, 0xff, 0xff, 0xff, 0xff])
@@ -86,7 +81,7 @@ fn an_absurd_frame_length_is_refused_without_allocating() {
 
 #[test]
 fn a_wrong_secret_is_refused_both_ways() {
-    let w = TestWorker::start(plain(1), Some("right"));
+    let w = TestWorker::start(FakeFactory::plain(1), Some("right"));
     let err = connect_root(&[&w], BufferType::Q80, Some("wrong"))
         .err()
         .unwrap();
@@ -104,7 +99,7 @@ fn a_wrong_secret_is_refused_both_ways() {
     );
 
     // a root with a secret will not use a worker without one
-    let open = TestWorker::start(plain(1), None);
+    let open = TestWorker::start(FakeFactory::plain(1), None);
     let err = connect_root(&[&open], BufferType::Q80, Some("right"))
         .err()
         .unwrap();
@@ -120,7 +115,7 @@ fn a_wrong_secret_is_refused_both_ways() {
 
 #[test]
 fn a_worker_with_another_model_refuses_and_says_why() {
-    let w = TestWorker::start(plain(2), None);
+    let w = TestWorker::start(FakeFactory::plain(2), None);
     let err = connect_root(&[&w], BufferType::Q80, None).err().unwrap();
     assert!(matches!(err, Error::Protocol(_)), "{err:?}");
     let msg = err.to_string();
@@ -133,13 +128,11 @@ fn a_worker_with_another_model_refuses_and_says_why() {
 
 #[test]
 fn a_worker_dying_mid_generation_stops_the_root_with_one_clear_error() {
-    let w1 = TestWorker::start(plain(1), None);
+    let w1 = TestWorker::start(FakeFactory::plain(1), None);
     let w2 = TestWorker::start(
         FakeFactory {
-            local: Some(identity(1)),
             die_at_step: Some(2),
-            hang: None,
-            expect_shipped: vec![],
+            ..FakeFactory::plain(1)
         },
         None,
     );
@@ -172,7 +165,7 @@ fn a_worker_dying_mid_generation_stops_the_root_with_one_clear_error() {
 
 #[test]
 fn a_busy_worker_refuses_a_second_root() {
-    let w = TestWorker::start(plain(1), None);
+    let w = TestWorker::start(FakeFactory::plain(1), None);
     let mut first = connect_root(&[&w], BufferType::Q80, None).unwrap();
     let err = connect_root(&[&w], BufferType::Q80, None)
         .err()
@@ -245,10 +238,9 @@ fn a_port_in_use_is_named() {
 fn a_frozen_worker_times_out_naming_it() {
     let w = TestWorker::start(
         FakeFactory {
-            local: Some(identity(1)),
             die_at_step: Some(1),
             hang: Some(Duration::from_secs(8)),
-            expect_shipped: vec![],
+            ..FakeFactory::plain(1)
         },
         None,
     );

@@ -147,6 +147,27 @@ pub struct FakeFactory {
     pub expect_shipped: Vec<(String, Vec<u8>)>,
 }
 
+impl FakeFactory {
+    /// A worker started with `--model` of identity `local`, healthy, expecting no shipping.
+    pub fn plain(local: u8) -> FakeFactory {
+        FakeFactory {
+            local: Some(identity(local)),
+            die_at_step: None,
+            hang: None,
+            expect_shipped: vec![],
+        }
+    }
+
+    /// A worker without a model, expecting exactly `expect` to be shipped to it.
+    pub fn shipped(expect: Vec<(String, Vec<u8>)>) -> FakeFactory {
+        FakeFactory {
+            local: None,
+            expect_shipped: expect,
+            ..FakeFactory::plain(1)
+        }
+    }
+}
+
 impl ModelFactory for FakeFactory {
     fn local_identity(&self) -> Option<&ModelIdentity> {
         self.local.as_ref()
