@@ -250,27 +250,41 @@ fn writer_rejects_bad_tokenizers() {
         Err(Error::Invalid(m)) => m,
         other => panic!("expected Invalid, got {other:?}"),
     };
-    assert!(bad(Tokenizer::default()).contains("has 0"));
-    assert!(bad(Tokenizer {
-        scores: vec![0.0],
-        ..sample()
-    })
-    .contains("7 tokens but 1 scores"));
-    assert!(bad(Tokenizer {
-        max_token_length: 3,
-        ..sample()
-    })
-    .contains("less than the longest"));
-    assert!(bad(Tokenizer {
-        eos_ids: vec![70],
-        ..sample()
-    })
-    .contains("eos id 70"));
-    assert!(bad(Tokenizer {
-        version: 2,
-        ..sample()
-    })
-    .contains("version 2"));
+    let cases = [
+        (Tokenizer::default(), "has 0"),
+        (
+            Tokenizer {
+                scores: vec![0.0],
+                ..sample()
+            },
+            "7 tokens but 1 scores",
+        ),
+        (
+            Tokenizer {
+                max_token_length: 3,
+                ..sample()
+            },
+            "less than the longest",
+        ),
+        (
+            Tokenizer {
+                eos_ids: vec![70],
+                ..sample()
+            },
+            "eos id 70",
+        ),
+        (
+            Tokenizer {
+                version: 2,
+                ..sample()
+            },
+            "version 2",
+        ),
+    ];
+    for (t, want) in cases {
+        let msg = bad(t);
+        assert!(msg.contains(want), "expected {want:?} in {msg:?}");
+    }
     // a chat_eos_id not in eos_ids is kept as an eos id
     let t = Tokenizer {
         chat_eos_id: 5,
