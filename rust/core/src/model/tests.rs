@@ -459,12 +459,7 @@ fn bad_calls_are_errors() {
         assert!(weights::tensor_part(&cfg, &slice, name).is_err(), "{name}");
     }
     let half = NodeSlice::new(&cfg, 1, 2).unwrap();
-    let whole = |name: &str| {
-        bad.get(name)
-            .cloned()
-            .ok_or_else(|| crate::Error::format(name.to_string()))
-    };
-    let err = Weights::from_parts(&cfg, &half, false, false, &whole)
+    let err = Weights::from_parts(&cfg, &half, false, false, &get)
         .err()
         .unwrap()
         .to_string();
