@@ -8,6 +8,7 @@ use common::*;
 use dllama_core::pool::ThreadPool;
 use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
 use dllama_core::quant::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Weights, QK};
+use rand::rngs::StdRng;
 
 /// Scalar kernels against the f64 product of the same (already quantized) values, relative
 /// to sum |w x|: the integer block sums are exact, only the f32 scale products and the f32
@@ -102,26 +103,40 @@ fn paths_available() {
     assert!(names.contains(&"neon"));
 }
 
-#[test]
-fn q40_q80_every_path() {
-    let mut rng = rng(1);
+/// A quantized weight format × Q80 input over `SHAPES`: the scalar kernel against the f64
+/// product of the same values within `scalar_rel`, every path against scalar within `SIMD_REL`.
+fn check_quant_x_q80<B>(
+    seed: u64,
+    name: &str,
+    scalar_rel: f64,
+    random: fn(&mut StdRng, usize) -> Vec<B>,
+    values: fn(&[B]) -> Vec<f64>,
+    kernel: fn(&Kernels, &[B], &[BlockQ80], &mut [f32], usize),
+) {
+    let mut rng = rng(seed);
     for &(n_rows, bpr, n_tokens) in &SHAPES {
-        let w = random_q40(&mut rng, n_rows * bpr);
+        let w = random(&mut rng, n_rows * bpr);
         let x = random_q80(&mut rng, n_tokens * bpr);
-        let (want, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
-        let run = |k: &Kernels, out: &mut [f32]| k.matmul_q40_q80(&w, &x, out, n_tokens);
+        let (want, mag) = reference(&values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
+        let run = |k: &Kernels, out: &mut [f32]| kernel(k, &w, &x, out, n_tokens);
         let n_out = n_tokens * n_rows;
-        let base = scalar_checked(
-            "scalar q40×q80 vs f64",
-            n_out,
-            &want,
-            &mag,
-            SCALAR_REL_Q40_Q80,
-            run,
-        );
-        let what = format!("q40×q80 {n_rows}x{bpr}x{n_tokens}");
+        let what = format!("scalar {name} vs f64");
+        let base = scalar_checked(&what, n_out, &want, &mag, scalar_rel, run);
+        let what = format!("{name} {n_rows}x{bpr}x{n_tokens}");
         check_every_path(&what, n_out, &base, &mag, SIMD_REL, run);
     }
+}
+
+#[test]
+fn q40_q80_every_path() {
+    check_quant_x_q80(
+        1,
+        "q40×q80",
+        SCALAR_REL_Q40_Q80,
+        random_q40,
+        q40_values,
+        Kernels::matmul_q40_q80,
+    );
 }
 
 #[test]
@@ -148,24 +163,14 @@ fn q40_q80_batch_equals_one_token_at_a_time() {
 
 #[test]
 fn q80_q80_every_path() {
-    let mut rng = rng(3);
-    for &(n_rows, bpr, n_tokens) in &SHAPES {
-        let w = random_q80(&mut rng, n_rows * bpr);
-        let x = random_q80(&mut rng, n_tokens * bpr);
-        let (want, mag) = reference(&q80_values(&w), &q80_values(&x), n_rows, bpr * QK, n_tokens);
-        let run = |k: &Kernels, out: &mut [f32]| k.matmul_q80_q80(&w, &x, out, n_tokens);
-        let n_out = n_tokens * n_rows;
-        let base = scalar_checked(
-            "scalar q80×q80 vs f64",
-            n_out,
-            &want,
-            &mag,
-            SCALAR_REL_Q80_Q80,
-            run,
-        );
-        let what = format!("q80×q80 {n_rows}x{bpr}x{n_tokens}");
-        check_every_path(&what, n_out, &base, &mag, SIMD_REL, run);
-    }
+    check_quant_x_q80(
+        3,
+        "q80×q80",
+        SCALAR_REL_Q80_Q80,
+        random_q80,
+        q80_values,
+        Kernels::matmul_q80_q80,
+    );
 }
 
 #[test]
