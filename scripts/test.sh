@@ -12,5 +12,10 @@ if [ "${DLLAMA_SKIP_AARCH64:-0}" != "1" ] && [ -x scripts/test-aarch64.sh ]; the
   scripts/test-aarch64.sh
 fi
 
+echo "== lint: ruff, mypy --strict, the _core stub against the built module"
+python -m ruff check python tests benchmarks converter
+python -m mypy
+python -m mypy.stubtest dllama._core
+
 echo "== pytest"
 python -m pytest -ra tests

@@ -6,6 +6,24 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AuthenticationError",
+    "ModelFormatError",
+    "Node",
+    "ProtocolError",
+    "__version__",
+    "dequantize",
+    "encode_model_header",
+    "model_tensors",
+    "quantize",
+    "read_model_header",
+    "read_model_tensor",
+    "read_tokenizer",
+    "serve_worker",
+    "write_tokenizer",
+]
+
 __version__: str
 
 class ModelFormatError(ValueError): ...
