@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod format;
+pub mod mem;
 pub mod model;
 pub mod net;
 pub mod ops;

@@ -65,10 +65,12 @@ pub fn build_model(file: &ModelFile, opts: &LoadOptions) -> Result<Model> {
     let slice = NodeSlice::new(&cfg, opts.node_index, opts.n_nodes)?;
     let get = |name: &str| file_tensor(file, name);
     // pack Q40 rows for the x86_64 kernels when they will get Q80 inputs
+    // (on the node's threads)
     let pack = prefers_packed_q40()
         && opts.buffer_type == BufferType::Q80
         && cfg.weights_float_type == FloatType::Q40;
-    let weights = Weights::load(&cfg, &slice, opts.node_index == 0, pack, &get)?;
+    let pack_threads = if pack { opts.nthreads.max(1) } else { 0 };
+    let weights = Weights::load(&cfg, &slice, opts.node_index == 0, pack_threads, &get)?;
     Model::new(
         cfg,
         slice,

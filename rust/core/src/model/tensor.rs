@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::config::{bytes_for, is_quantized};
 use crate::format::FloatType;
+use crate::pool::ThreadPool;
 use crate::quant::block::{as_q40, as_q80};
 use crate::quant::{BlockQ40, BlockQ80, PackedQ40};
 use crate::{Error, Result};
@@ -233,13 +234,18 @@ impl Tensor {
     /// This Q40 tensor with its rows also repacked for the x86_64 kernels (an owned copy the
     /// matmuls read instead of the mapped rows, whose pages are then released). Other types
     /// are returned as they are.
-    pub fn packed_q40(mut self) -> Result<Tensor> {
+    pub fn packed_q40(self) -> Result<Tensor> {
+        self.packed_q40_with(None)
+    }
+
+    /// The same, repacked on the threads of `pool` when given.
+    pub fn packed_q40_with(mut self, pool: Option<&mut ThreadPool>) -> Result<Tensor> {
         if self.dtype == FloatType::Q40 && self.packed.is_none() {
-            self.packed = Some(Arc::new(PackedQ40::pack(
-                self.as_q40(),
-                self.rows,
-                self.cols,
-            )?));
+            let packed = match pool {
+                Some(pool) => PackedQ40::pack_with(pool, self.as_q40(), self.rows, self.cols)?,
+                None => PackedQ40::pack(self.as_q40(), self.rows, self.cols)?,
+            };
+            self.packed = Some(Arc::new(packed));
             self.source.release(self.range.clone());
         }
         Ok(self)

@@ -130,8 +130,10 @@ fn build_packed(
             .cloned()
             .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))
     };
+    // packed on 1 or 2 threads (both paths of the repacking)
+    let pack_threads = if pack { 1 + i % 2 } else { 0 };
     let w = if i.is_multiple_of(2) {
-        Weights::load(cfg, &slice, i == 0, pack, &get).unwrap()
+        Weights::load(cfg, &slice, i == 0, pack_threads, &get).unwrap()
     } else {
         // odd nodes get their parts as owned bytes, as if shipped by the root
         let get_part = |name: &str| {
@@ -139,7 +141,7 @@ fn build_packed(
             let t = part.take(get(name)?)?;
             Tensor::owned(t.dtype, t.rows, t.cols, t.bytes())
         };
-        Weights::from_parts(cfg, &slice, i == 0, pack, &get_part).unwrap()
+        Weights::from_parts(cfg, &slice, i == 0, pack_threads, &get_part).unwrap()
     };
     Model::new(cfg.clone(), slice, w, bt, 0, 1 + i % 2).unwrap()
 }
@@ -446,7 +448,7 @@ fn bad_calls_are_errors() {
             .cloned()
             .ok_or_else(|| crate::Error::format(name.to_string()))
     };
-    let err = Weights::load(&cfg, &slice, true, false, &get)
+    let err = Weights::load(&cfg, &slice, true, 0, &get)
         .err()
         .unwrap()
         .to_string();
@@ -459,7 +461,7 @@ fn bad_calls_are_errors() {
         assert!(weights::tensor_part(&cfg, &slice, name).is_err(), "{name}");
     }
     let half = NodeSlice::new(&cfg, 1, 2).unwrap();
-    let err = Weights::from_parts(&cfg, &half, false, false, &get)
+    let err = Weights::from_parts(&cfg, &half, false, 0, &get)
         .err()
         .unwrap()
         .to_string();

@@ -1,6 +1,7 @@
 //! This node's weights: its slice of every layer, the final norm and its rows of the
 //! classifier (plus the embedding on the root).
 
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use super::config::ModelConfig;
 use super::split::NodeSlice;
 use super::tensor::Tensor;
 use crate::format::FloatType;
+use crate::pool::ThreadPool;
 use crate::quant::{BlockQ40, PackedQ40};
 use crate::{Error, Result};
 
@@ -30,9 +32,9 @@ pub struct LayerWeights {
     pub w13_packed: Option<Arc<PackedQ40>>,
 }
 
-/// The rows of Q40 `parts` (same columns) repacked as one matrix; the parts' mapped pages are
-/// released afterwards.
-fn pack_rows(parts: &[&Tensor]) -> Result<Arc<PackedQ40>> {
+/// The rows of Q40 `parts` (same columns) repacked as one matrix (on `pool`'s threads when
+/// given); the parts' mapped pages are released afterwards.
+fn pack_rows(parts: &[&Tensor], pool: Option<&mut ThreadPool>) -> Result<Arc<PackedQ40>> {
     let cols = parts[0].cols;
     let rows: usize = parts.iter().map(|t| t.rows).sum();
     let mut blocks: Vec<BlockQ40> = Vec::with_capacity(rows * cols / 32);
@@ -44,7 +46,10 @@ fn pack_rows(parts: &[&Tensor]) -> Result<Arc<PackedQ40>> {
         }
         blocks.extend_from_slice(t.as_q40());
     }
-    let packed = PackedQ40::pack(&blocks, rows, cols)?;
+    let packed = match pool {
+        Some(pool) => PackedQ40::pack_with(pool, &blocks, rows, cols)?,
+        None => PackedQ40::pack(&blocks, rows, cols)?,
+    };
     for t in parts {
         t.release();
     }
@@ -166,16 +171,17 @@ fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> 
 impl Weights {
     /// Take this node's slice of every tensor. `get(name)` returns the whole tensor of the
     /// file by its `.m` name (norms as 1 x dim), memory-mapped: row slices stay mapped,
-    /// column slices (wo, w2 when `n_nodes > 1`) are copied. With `pack`, Q40 matrices are
-    /// repacked for the x86_64 kernels, tensor by tensor, releasing the mapped pages of each.
+    /// column slices (wo, w2 when `n_nodes > 1`) are copied. With `pack_threads > 0`, Q40
+    /// matrices are repacked for the x86_64 kernels on that many threads (0: not repacked),
+    /// tensor by tensor, releasing the mapped pages of each.
     pub fn load(
         cfg: &ModelConfig,
         slice: &NodeSlice,
         with_embedding: bool,
-        pack: bool,
+        pack_threads: usize,
         get: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<Weights> {
-        Self::build(cfg, with_embedding, pack, &|name| {
+        Self::build(cfg, with_embedding, pack_threads, &|name| {
             let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
             part.take(expect(get(name)?, name, ft, rows, cols)?)
         })
@@ -187,10 +193,10 @@ impl Weights {
         cfg: &ModelConfig,
         slice: &NodeSlice,
         with_embedding: bool,
-        pack: bool,
+        pack_threads: usize,
         get_part: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<Weights> {
-        Self::build(cfg, with_embedding, pack, &|name| {
+        Self::build(cfg, with_embedding, pack_threads, &|name| {
             let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
             let (r, c) = part.shape(rows, cols);
             expect(get_part(name)?, name, ft, r, c)
@@ -201,17 +207,27 @@ impl Weights {
     fn build(
         cfg: &ModelConfig,
         with_embedding: bool,
-        pack: bool,
+        pack_threads: usize,
         part: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<Weights> {
-        let pack = pack && cfg.weights_float_type == FloatType::Q40;
+        let pack = pack_threads > 0 && cfg.weights_float_type == FloatType::Q40;
+        // a temporary pool for the repacking (the model's own is created after the weights)
+        let pool = if pack && pack_threads > 1 {
+            Some(RefCell::new(ThreadPool::new(pack_threads)?))
+        } else {
+            None
+        };
         let m = |name: &str| -> Result<Tensor> {
             let t = part(name)?;
-            if pack {
-                t.packed_q40()
-            } else {
-                Ok(t)
+            match (pack, &pool) {
+                (false, _) => Ok(t),
+                (true, Some(p)) => t.packed_q40_with(Some(&mut p.borrow_mut())),
+                (true, None) => t.packed_q40_with(None),
             }
+        };
+        let pack_rows = |parts: &[&Tensor]| match &pool {
+            Some(p) => pack_rows(parts, Some(&mut p.borrow_mut())),
+            None => pack_rows(parts, None),
         };
         // norms are tiny: copied into vectors
         let v = |name: &str| -> Result<Vec<f32>> { Ok(part(name)?.as_f32().to_vec()) };

@@ -33,6 +33,15 @@ fn pack(cfg: &ModelConfig, buffer_type: BufferType) -> bool {
         && cfg.weights_float_type == FloatType::Q40
 }
 
+/// Threads for `Weights::from_parts` to repack with: the node's, or 0 when not repacking.
+fn pack_threads(cfg: &ModelConfig, buffer_type: BufferType, nthreads: usize) -> usize {
+    if pack(cfg, buffer_type) {
+        nthreads.max(1)
+    } else {
+        0
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // what a worker is shipped
 
@@ -161,6 +170,7 @@ pub fn weights_from_shipped(
     slice: &NodeSlice,
     buffer_type: BufferType,
     shipped: Vec<ShippedTensor>,
+    nthreads: usize,
 ) -> Result<Weights> {
     let pack = pack(cfg, buffer_type);
     let parts = if pack {
@@ -188,7 +198,13 @@ pub fn weights_from_shipped(
         Tensor::new(ft, r, c, src.clone(), range.clone())
             .map_err(|e| Error::Protocol(format!("shipped tensor {name}: {e}")))
     };
-    Weights::from_parts(cfg, slice, false, pack, &get_part)
+    Weights::from_parts(
+        cfg,
+        slice,
+        false,
+        pack_threads(cfg, buffer_type, nthreads),
+        &get_part,
+    )
 }
 
 /// This node's weights from its own copy of the model file: rows memory-mapped (no copy);
@@ -201,6 +217,7 @@ pub fn load_weights(
     slice: &NodeSlice,
     with_embedding: bool,
     buffer_type: BufferType,
+    nthreads: usize,
 ) -> Result<Weights> {
     let f = File::open(&file.path)
         .context(|| format!("cannot open model file {}", file.path.display()))?;
@@ -244,7 +261,13 @@ pub fn load_weights(
             }
         }
     };
-    Weights::from_parts(cfg, slice, with_embedding, packing, &get_part)
+    Weights::from_parts(
+        cfg,
+        slice,
+        with_embedding,
+        pack_threads(cfg, buffer_type, nthreads),
+        &get_part,
+    )
 }
 
 /// Node `node_index` of `n_nodes`, built from its own copy of the file (`load_weights`).
@@ -258,7 +281,7 @@ pub fn build_node(
     nthreads: usize,
 ) -> Result<Model> {
     let slice = NodeSlice::new(cfg, node_index, n_nodes)?;
-    let w = load_weights(file, cfg, &slice, node_index == 0, buffer_type)?;
+    let w = load_weights(file, cfg, &slice, node_index == 0, buffer_type, nthreads)?;
     Model::new(cfg.clone(), slice, w, buffer_type, max_seq_len, nthreads)
 }
 
@@ -330,9 +353,9 @@ impl ModelFactory for EngineFactory {
                     .local
                     .as_ref()
                     .ok_or_else(|| Error::invalid("no local model file"))?;
-                load_weights(file, &cfg, &slice, false, bt)?
+                load_weights(file, &cfg, &slice, false, bt, self.nthreads)?
             }
-            WorkerWeights::Shipped(t) => weights_from_shipped(&cfg, &slice, bt, t)?,
+            WorkerWeights::Shipped(t) => weights_from_shipped(&cfg, &slice, bt, t, self.nthreads)?,
         };
         let model = Model::new(cfg, slice, w, bt, setup.max_seq_len as usize, self.nthreads)?;
         Ok(Box::new(EngineWorker { model }))
