@@ -10,7 +10,6 @@
 
 pub mod error;
 pub mod format;
-pub mod mem;
 pub mod model;
 pub mod net;
 pub mod ops;

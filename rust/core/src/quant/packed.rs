@@ -13,7 +13,6 @@
 //! Rows past the last multiple of 8 are padded with zero blocks (scale 0).
 
 use super::block::{BlockQ40, QK};
-use crate::mem::ZeroedBuf;
 use crate::pool::{split_range, ThreadPool};
 use crate::{Error, Result};
 
@@ -25,8 +24,7 @@ pub const CELL: usize = 16 + GROUP * 16;
 pub struct PackedQ40 {
     n_rows: usize,
     bpr: usize,
-    /// on huge pages where possible: millions fewer first-touch page faults at load
-    data: ZeroedBuf,
+    data: Vec<u8>,
 }
 
 impl std::fmt::Debug for PackedQ40 {
@@ -71,7 +69,7 @@ impl PackedQ40 {
         Ok(PackedQ40 { n_rows, bpr, data })
     }
 
-    fn alloc(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<(usize, ZeroedBuf)> {
+    fn alloc(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<(usize, Vec<u8>)> {
         if !cols.is_multiple_of(QK) || w.len() != n_rows * (cols / QK) {
             return Err(Error::invalid(format!(
                 "pack_q40: {} blocks are not ({n_rows}, {cols}) Q40 weights",
@@ -79,7 +77,7 @@ impl PackedQ40 {
             )));
         }
         let bpr = cols / QK;
-        Ok((bpr, ZeroedBuf::new(n_rows.div_ceil(GROUP) * bpr * CELL)))
+        Ok((bpr, vec![0u8; n_rows.div_ceil(GROUP) * bpr * CELL]))
     }
 
     pub fn n_rows(&self) -> usize {
