@@ -11,6 +11,12 @@ TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
 5. times llama.cpp on the GGUF through the `xllamacpp` wheel (its own timing of the generated
    tokens: mean ms/token over the same number of tokens), at each thread count,
    (4 and 5 alternate --repeat times; each engine's best run is kept),
+6. with --prefill N (default 128; 0 skips it): times the prefill of an N-token prompt in
+   dllama (one `Node.forward` of the N tokens from position 0) and in llama.cpp (its own
+   prompt eval time for the same N token ids, prompt cache off), alternating --repeat times,
+   best kept; printed as tokens/s beside our one-token-at-a-time rate (1000 / the generation
+   ms/token of step 4), with the two targets of issue 5: >= 0.5x llama.cpp and >= 3x one at a
+   time,
 
 and prints a table with the bandwidth floor (weight bytes read per token / bandwidth) and the
 ratios. Run: `python benchmarks/bench_single.py` (about 10 minutes; --shapes tinyllama for a
@@ -208,7 +214,7 @@ def read_bandwidth(nprocs: int, nbytes: int = 1 << 30, rounds: int = 5) -> float
     for p in procs:
         p.join()
     slowest = [max(r[i] for r in results) for i in range(rounds)]
-    return (nbytes // nprocs * nprocs) / min(slowest)
+    return float((nbytes // nprocs * nprocs) / min(slowest))
 
 
 def time_dllama(path: Path, nthreads: int, tokens: int) -> tuple[float, float, str, int]:
@@ -228,6 +234,58 @@ def time_dllama(path: Path, nthreads: int, tokens: int) -> tuple[float, float, s
     del node
     gc.collect()
     return statistics.median(times[2:]), prefill, info[0], info[1]
+
+
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    """n ordinary token ids (past the 3 specials and the 256 byte tokens of the GGUF vocab)."""
+    return [259 + (i * 7919) % (vocab - 259) for i in range(n)]
+
+
+def time_dllama_prefill(path: Path, nthreads: int, n: int) -> float:
+    """Tokens/s of one `Node.forward` of an n-token prompt from position 0 (after one
+    warm-up prefill of the same prompt, which the timed one overwrites in the KV cache)."""
+    node = _core.Node(str(path), nthreads=nthreads, max_seq_len=max(256, n))
+    prompt = prompt_ids(n, node.vocab_size)
+    node.forward(prompt, 0)
+    t0 = time.perf_counter()
+    node.forward(prompt, 0)
+    dt = time.perf_counter() - t0
+    del node
+    gc.collect()
+    return n / dt
+
+
+def time_llamacpp_prefill(path: Path, nthreads: int, n: int, vocab: int) -> float | None:
+    """llama.cpp's own prompt eval tokens/s for the same n token ids, or None without
+    xllamacpp. The prompt cache is off so every run evaluates the whole prompt; the batch
+    size is at least n, so the prompt is one batch as in dllama."""
+    try:
+        import xllamacpp as x
+    except ImportError:
+        return None
+    p = x.CommonParams()
+    p.model.path = str(path)
+    p.n_ctx = max(256, 2 * n)
+    p.n_batch = max(512, n)
+    p.n_ubatch = max(512, n)
+    p.n_parallel = 1
+    p.cpuparams.n_threads = nthreads
+    p.cpuparams_batch.n_threads = nthreads
+    p.warmup = True
+    server = x.Server(p)
+    req = {
+        "prompt": prompt_ids(n, vocab),
+        "n_predict": 1,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
+    server.handle_completions(req)  # warm up
+    res = server.handle_completions(req)
+    del server
+    gc.collect()
+    timings = res["timings"]
+    assert timings["prompt_n"] == n, timings
+    return float(timings["prompt_per_second"])
 
 
 def time_llamacpp(path: Path, nthreads: int, tokens: int) -> float | None:
@@ -264,6 +322,9 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dllama-bench"))
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="runs per engine; the best is kept")
+    ap.add_argument(
+        "--prefill", type=int, default=128, help="prompt tokens for the prefill timing; 0: skip"
+    )
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
 
@@ -272,6 +333,7 @@ def main() -> None:
         print(f"memory read bandwidth, {n} reader(s): {b / 1e9:.1f} GB/s", flush=True)
 
     rows = []
+    pre_rows = []
     for key in args.shapes:
         s = SHAPES[key]
         m_path = args.dir / f"{s.name}-q40.m"
@@ -298,6 +360,23 @@ def main() -> None:
                 f"floor {floor:.1f} ms",
                 flush=True,
             )
+            if args.prefill > 0:
+                pre, pre_refs = [], []
+                for _ in range(args.repeat):
+                    pre.append(time_dllama_prefill(m_path, n, args.prefill))
+                    if not args.no_llamacpp:
+                        pre_refs.append(time_llamacpp_prefill(g_path, n, args.prefill, s.vocab))
+                tps = max(pre)
+                valid_pre = [r for r in pre_refs if r is not None]
+                ref_tps = max(valid_pre) if valid_pre else None
+                pre_rows.append((s.name, n, tps, ref_tps, 1000 / ms))
+                print(
+                    f"{s.name} {n} thread(s): prefill of {args.prefill} tokens: dllama "
+                    f"{tps:.1f} tokens/s, llama.cpp "
+                    f"{ref_tps if ref_tps is None else f'{ref_tps:.1f}'} tokens/s, "
+                    f"one token at a time {1000 / ms:.1f} tokens/s",
+                    flush=True,
+                )
 
     print()
     print(
@@ -307,11 +386,27 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, n, ms, prefill, ref, floor, kernels in rows:
         ratio = "-" if ref is None else f"{ms / ref:.2f}"
-        refs = "-" if ref is None else f"{ref:.1f}"
+        ref_s = "-" if ref is None else f"{ref:.1f}"
         print(
-            f"| {name} | {n} | {ms:.1f} | {refs} | {ratio} | {floor:.1f} | {ms / floor:.2f} "
+            f"| {name} | {n} | {ms:.1f} | {ref_s} | {ratio} | {floor:.1f} | {ms / floor:.2f} "
             f"| {prefill:.1f} | {kernels} |"
         )
+
+    if pre_rows:
+        print()
+        print(
+            f"| shape | threads | dllama prefill tokens/s ({args.prefill}-token prompt) "
+            "| llama.cpp prefill tokens/s | dllama / llama.cpp (target >= 0.5) "
+            "| dllama one-at-a-time tokens/s | prefill / one-at-a-time (target >= 3) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name, n, tps, ref_tps, single in pre_rows:
+            ref_s = "-" if ref_tps is None else f"{ref_tps:.1f}"
+            ratio = "-" if ref_tps is None else f"{tps / ref_tps:.2f}"
+            print(
+                f"| {name} | {n} | {tps:.1f} | {ref_s} | {ratio} | {single:.1f} "
+                f"| {tps / single:.2f} |"
+            )
 
 
 if __name__ == "__main__":
