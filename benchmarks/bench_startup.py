@@ -10,7 +10,11 @@ The file is read once first, so it is in the page cache as the target says. On a
 anonymous memory the weights are repacked into may come fresh from the host, which makes
 back-to-back runs faster than runs a few seconds apart: --gap keeps the runs apart.
 
-Run: `python benchmarks/bench_startup.py` (about a minute). Not a test.
+With --cluster it instead times a root and one worker (`dllama serve-worker` on loopback, 1
+thread each), the worker once with its own copy of the file and once with the weights shipped
+by the root (a fresh worker per run).
+
+Run: `python benchmarks/bench_startup.py [--cluster]` (about a minute). Not a test.
 """
 
 from __future__ import annotations
@@ -49,6 +53,21 @@ def first_token_s(cmd: list[str]) -> float:
     return elapsed
 
 
+def start_worker(port: int, model: Path | None) -> subprocess.Popen[str]:
+    """A 1-thread worker on loopback; with `model` it maps its own copy, else the root ships."""
+    args = [sys.executable, "-m", "dllama.cli", "serve-worker", "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--nthreads", "1"]
+    if model is not None:
+        args += ["--model", str(model)]
+    w = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    assert w.stderr is not None
+    line = w.stderr.readline()
+    if "listening on" not in line:
+        w.kill()
+        raise SystemExit(f"worker did not start: {line}")
+    return w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,6 +77,8 @@ def main() -> None:
     ap.add_argument("--nthreads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--gap", type=float, default=5.0, help="seconds between runs")
+    ap.add_argument("--cluster", action="store_true", help="root + 1 worker, 1 thread each")
+    ap.add_argument("--port", type=int, default=29871)
     args = ap.parse_args()
     if not args.model.exists():
         raise SystemExit(f"{args.model} not found: run benchmarks/bench_single.py first")
@@ -86,15 +107,35 @@ def main() -> None:
         "256",
         "--json",
     ]
+    if not args.cluster:
+        report(f"{args.nthreads} threads", cmd, args)
+        return
+    cmd[cmd.index("--nthreads") + 1] = "1"
+    cmd += ["--workers", f"127.0.0.1:{args.port}"]
+    for what, model in (("local", args.model), ("shipped", None)):
+        report(f"root + worker, {what} weights, 1 thread each", cmd, args, (model,))
+
+
+def report(
+    label: str, cmd: list[str], args: argparse.Namespace, worker: tuple[Path | None] | None = None
+) -> None:
+    """Time --runs launches of `cmd`; with `worker` = (model or None,), a fresh worker each."""
     times = []
     for i in range(args.runs):
         if i:
             time.sleep(args.gap)
-        times.append(first_token_s(cmd))
-        print(f"run {i + 1}: {times[-1]:.2f} s to the first token", flush=True)
+        w = start_worker(args.port, worker[0]) if worker is not None else None
+        try:
+            times.append(first_token_s(cmd))
+        finally:
+            if w is not None:
+                w.terminate()
+                w.wait(30)
+        print(f"{label}, run {i + 1}: {times[-1]:.2f} s to the first token", flush=True)
     print(
-        f"start-up, {args.model.name}, {args.nthreads} threads: median {statistics.median(times):.2f} s"
-        f" (min {min(times):.2f}, max {max(times):.2f}) over {len(times)} runs"
+        f"start-up, {args.model.name}, {label}: median {statistics.median(times):.2f} s"
+        f" (min {min(times):.2f}, max {max(times):.2f}) over {len(times)} runs",
+        flush=True,
     )
 
 
