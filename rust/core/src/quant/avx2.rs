@@ -37,9 +37,7 @@ pub(crate) unsafe fn scale8(d: u16) -> __m256 {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let bpr = x.len() / n_tokens;
-    assert!(n_rows * n_tokens == out.len() && bpr * n_tokens == x.len() && w.len() == n_rows * bpr);
+    let (n_rows, bpr, _) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
     let ones = _mm256_set1_epi16(1);
     for r in 0..n_rows {
         let wr = &w[r * bpr..(r + 1) * bpr];

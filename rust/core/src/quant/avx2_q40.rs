@@ -238,13 +238,8 @@ macro_rules! q40_q80_kernels {
             out: &mut [f32],
             n_tokens: usize,
         ) {
-            let n_rows = out.len() / n_tokens;
-            let bpr = x.len() / n_tokens;
-            assert!(
-                n_rows * n_tokens == out.len()
-                    && bpr * n_tokens == x.len()
-                    && w.len() == n_rows * bpr
-            );
+            let (n_rows, bpr, _) =
+                crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -428,15 +423,7 @@ unsafe fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    let bpr = cols / QK;
-    assert!(
-        n_rows * n_tokens == out.len()
-            && cols * n_tokens == x.len()
-            && bpr * QK == cols
-            && w.len() == n_rows * bpr
-    );
+    let (n_rows, cols, bpr) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, QK);
     for r in 0..n_rows {
         let wr = &w[r * bpr..(r + 1) * bpr];
         for t in 0..n_tokens {

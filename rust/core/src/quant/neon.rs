@@ -92,13 +92,8 @@ macro_rules! int8_kernels {
             out: &mut [f32],
             n_tokens: usize,
         ) {
-            let n_rows = out.len() / n_tokens;
-            let bpr = x.len() / n_tokens;
-            assert!(
-                n_rows * n_tokens == out.len()
-                    && bpr * n_tokens == x.len()
-                    && w.len() == n_rows * bpr
-            );
+            let (n_rows, bpr, _) =
+                crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
             let dx: Vec<f32> = x.iter().map(|b| h2f(b.d)).collect();
             // row-outer: a weight row is read from memory once, then stays in L1 for all tokens
             let mut r = 0;
@@ -134,13 +129,8 @@ macro_rules! int8_kernels {
             out: &mut [f32],
             n_tokens: usize,
         ) {
-            let n_rows = out.len() / n_tokens;
-            let bpr = x.len() / n_tokens;
-            assert!(
-                n_rows * n_tokens == out.len()
-                    && bpr * n_tokens == x.len()
-                    && w.len() == n_rows * bpr
-            );
+            let (n_rows, bpr, _) =
+                crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
             for r in 0..n_rows {
                 for t in 0..n_tokens {
                     let mut acc = vdupq_n_f32(0.0);

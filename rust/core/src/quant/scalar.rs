@@ -67,11 +67,7 @@ fn matmul_rows<W, X>(
     n_tokens: usize,
     dot: impl Fn(&[W], &[X]) -> f32,
 ) {
-    let n_rows = out.len() / n_tokens;
-    let width = x.len() / n_tokens;
-    assert!(
-        n_rows * n_tokens == out.len() && width * n_tokens == x.len() && w.len() == n_rows * width
-    );
+    let (n_rows, width, _) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
     if width == 0 {
         out.fill(0.0);
         return;
@@ -121,15 +117,7 @@ pub fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
 /// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, cols) F32. Portable on every
 /// path: the f32-buffer mode trades speed for exactness and is not the one that is tuned.
 pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    let bpr = cols / QK;
-    assert!(
-        n_rows * n_tokens == out.len()
-            && cols * n_tokens == x.len()
-            && bpr * QK == cols
-            && w.len() == n_rows * bpr
-    );
+    let (n_rows, cols, bpr) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, QK);
     if bpr == 0 {
         out.fill(0.0);
         return;
@@ -194,15 +182,7 @@ pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
 /// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, cols) F32 (the f32-buffer path
 /// for Q80 weights; portable on every path, like `matmul_q40_f32`).
 pub fn matmul_q80_f32(w: &[BlockQ80], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    let bpr = cols / QK;
-    assert!(
-        n_rows * n_tokens == out.len()
-            && cols * n_tokens == x.len()
-            && bpr * QK == cols
-            && w.len() == n_rows * bpr
-    );
+    let (n_rows, cols, bpr) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, QK);
     if bpr == 0 {
         out.fill(0.0);
         return;
