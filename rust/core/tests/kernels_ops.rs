@@ -190,17 +190,19 @@ fn llama31_frequencies_match_transformers() {
     assert!(RopeType::from_code(3).is_err());
 }
 
-/// f64 attention of one token over positions 0..=pos.
+/// f64 attention of one token over positions 0..=pos; k, v: (n_kv_heads, max_seq, head_dim).
 fn attention_ref(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], pos: usize) -> Vec<f64> {
-    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    let hd = shape.head_dim;
+    let max_seq = k.len() / shape.kv_dim();
     let group = shape.n_heads / shape.n_kv_heads;
     let mut out = vec![0.0; shape.q_dim()];
     for h in 0..shape.n_heads {
-        let off = (h / group) * hd;
+        // position p of KV head h / group is at (h / group · max_seq + p) · hd
+        let at = |p: usize, i: usize| ((h / group) * max_seq + p) * hd + i;
         let scores: Vec<f64> = (0..=pos)
             .map(|p| {
                 (0..hd)
-                    .map(|i| q[h * hd + i] as f64 * k[p * kv_dim + off + i] as f64)
+                    .map(|i| q[h * hd + i] as f64 * k[at(p, i)] as f64)
                     .sum::<f64>()
                     / (hd as f64).sqrt()
             })
@@ -210,7 +212,7 @@ fn attention_ref(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], pos: u
         let sum: f64 = e.iter().sum();
         for p in 0..=pos {
             for i in 0..hd {
-                out[h * hd + i] += e[p] / sum * v[p * kv_dim + off + i] as f64;
+                out[h * hd + i] += e[p] / sum * v[at(p, i)] as f64;
             }
         }
     }

@@ -117,7 +117,7 @@ impl Model {
         };
         let q80_inputs = buffer_type == BufferType::Q80 && is_quantized(cfg.weights_float_type);
         Ok(Model {
-            cache: KvCache::new(cfg.n_layers, seq, kv_local),
+            cache: KvCache::new(cfg.n_layers, seq, slice.n_kv_heads(), cfg.head_dim),
             logits: vec![0.0; cfg.vocab_size],
             cfg,
             slice,

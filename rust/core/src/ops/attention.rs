@@ -1,8 +1,9 @@
 //! Grouped-query attention of new tokens over the KV cache.
 //!
-//! Query head h reads KV head h / (n_heads / n_kv_heads). The caches hold one row per
-//! position: k_cache, v_cache (max_seq_len, n_kv_heads · head_dim). Token t of a batch that
-//! starts at position pos0 attends positions 0..=pos0 + t (causal).
+//! Query head h reads KV head h / (n_heads / n_kv_heads). The caches are head-major:
+//! k_cache, v_cache (n_kv_heads, max_seq_len, head_dim), so one head's past keys are one
+//! contiguous run. Token t of a batch that starts at position pos0 attends positions
+//! 0..=pos0 + t (causal).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -41,13 +42,15 @@ impl AttentionShape {
 }
 
 /// Heads `heads` of one token at position `pos`: q (n_heads, head_dim) → out (heads.len(),
-/// head_dim). `att` is scratch of at least pos + 1 values.
+/// head_dim), over caches of `max_seq_len` positions. `att` is scratch of at least pos + 1
+/// values.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_heads(
+fn attention_heads(
     shape: &AttentionShape,
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
+    max_seq_len: usize,
     pos: usize,
     heads: Range<usize>,
     att: &mut [f32],
@@ -55,20 +58,20 @@ pub fn attention_heads(
 ) {
     let k = Kernels::get();
     let hd = shape.head_dim;
-    let kv_dim = shape.kv_dim();
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let att = &mut att[..pos + 1];
     for (i, h) in heads.enumerate() {
         let qh = &q[h * hd..(h + 1) * hd];
-        let kv_off = (h / group) * hd;
+        // KV head h / group: positions 0..=pos, head_dim values each, back to back
+        let kv = (h / group) * max_seq_len * hd..((h / group) * max_seq_len + pos + 1) * hd;
         // scores of every past position
-        k.attn_scores(qh, &k_cache[kv_off..], kv_dim, scale, att);
+        k.attn_scores(qh, &k_cache[kv.clone()], hd, scale, att);
         softmax(att);
         // weighted sum of the values
         let oh = &mut out[i * hd..(i + 1) * hd];
         oh.fill(0.0);
-        k.attn_values(att, &v_cache[kv_off..], kv_dim, oh);
+        k.attn_values(att, &v_cache[kv], hd, oh);
     }
 }
 
@@ -77,8 +80,9 @@ thread_local! {
 }
 
 /// All heads of q (n_tokens, n_heads · head_dim) at positions pos0.. into out (same shape),
-/// the (token, head) pairs split across the pool. The caches must already hold the keys and
-/// values of positions 0..pos0 + n_tokens.
+/// the (token, head) pairs split across the pool. k_cache, v_cache: (n_kv_heads,
+/// max_seq_len, head_dim), with max_seq_len taken from their length; they must already hold
+/// the keys and values of positions 0..pos0 + n_tokens.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     pool: &mut ThreadPool,
@@ -100,9 +104,12 @@ pub fn attention(
             out.len()
         )));
     }
-    if k_cache.len() < end * kv_dim || v_cache.len() < end * kv_dim {
+    let max_seq_len = k_cache.len() / kv_dim;
+    if k_cache.len() != max_seq_len * kv_dim || v_cache.len() != k_cache.len() || max_seq_len < end
+    {
         return Err(Error::invalid(format!(
-            "attention: caches of {} / {} values cannot hold positions up to {end} of {kv_dim}",
+            "attention: caches of {} / {} values are not (n_kv_heads, max_seq_len, head_dim) \
+             of {kv_dim} values per position, holding positions up to {end}",
             k_cache.len(),
             v_cache.len()
         )));
@@ -128,7 +135,17 @@ pub fn attention(
                 // SAFETY: the pairs r of this thread are disjoint from other threads'.
                 let o = unsafe { shared.rows_mut(t * q_dim + h0 * hd, (h1 - h0) * hd) };
                 let qt = &q[t * q_dim..(t + 1) * q_dim];
-                attention_heads(shape, qt, k_cache, v_cache, pos0 + t, h0..h1, &mut att, o);
+                attention_heads(
+                    shape,
+                    qt,
+                    k_cache,
+                    v_cache,
+                    max_seq_len,
+                    pos0 + t,
+                    h0..h1,
+                    &mut att,
+                    o,
+                );
                 j += h1 - h0;
             }
         });

@@ -10,6 +10,6 @@ pub mod norm;
 pub mod rope;
 
 pub use activation::{gelu_mul, silu_mul, softmax};
-pub use attention::{attention, attention_heads, AttentionShape};
+pub use attention::{attention, AttentionShape};
 pub use norm::{rmsnorm, rmsnorm_rows};
 pub use rope::{RopeConfig, RopeScaling, RopeTable, RopeType};
