@@ -66,6 +66,26 @@ fn q80_buffers_stay_within_the_quantization_bound() {
 }
 
 #[test]
+fn every_node_holds_the_same_residual_with_q80_buffers() {
+    // the reference rounds exactly as the protocol does; a worker whose residual drifted from
+    // the root's (say, by adding the two partials in another order) would send other logits
+    for n in 1..=4 {
+        let ws = workers(n);
+        let refs: Vec<&TestWorker> = ws.iter().collect();
+        let mut root = connect_root(&refs, BufferType::Q80, None).unwrap();
+        let got = run_root(&mut root, &script()).unwrap();
+        let want: Vec<Vec<f32>> = script()
+            .into_iter()
+            .map(|(tokens, pos)| {
+                let mut x: Vec<f32> = tokens.iter().flat_map(|t| embed(*t)).collect();
+                reference_on_the_wire(n, &mut x, pos, BufferType::Q80)
+            })
+            .collect();
+        assert_eq!(got, want, "n = {n}");
+    }
+}
+
+#[test]
 fn bytes_per_step_equal_the_formula() {
     for (buffer, n) in [
         (BufferType::Q80, 2),

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 /// First bytes a root sends: "DLMA".
 pub const MAGIC: [u8; 4] = *b"DLMA";
 /// Bumped at every incompatible change of the wire format.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control frame (handshake, setup, refusal): the model header fits easily.
 pub const MAX_CONTROL_FRAME: usize = 1 << 20;
 /// Largest chunk of shipped weights per frame.

@@ -314,7 +314,20 @@ impl RootCollective {
         let wire = Wire::for_buffers(self.buffer_type);
         let n = wire.bytes(x.len());
         self.recv.resize(n, 0);
-        // sum the workers' partials into ours
+        if let [w] = &mut self.workers[..] {
+            // two nodes: both send their partial at the same moment and each adds the two
+            // decoded partials (x_root + x_worker: the same bits on both, addition commutes),
+            // so neither waits for a reply to its own message
+            self.wire.clear();
+            wire.encode(x, &mut self.wire)?;
+            w.conn
+                .exchange(&self.wire, &mut self.recv, "partial sums")?;
+            if wire != Wire::F32 {
+                wire.decode(&self.wire, x)?;
+            }
+            return wire.decode_add(&self.recv, x, &mut self.tmp);
+        }
+        // more nodes: sum the workers' partials into ours
         for w in self.workers.iter_mut() {
             w.conn.read_exact(&mut self.recv, "its partial sums")?;
             wire.decode_add(&self.recv, x, &mut self.tmp)?;

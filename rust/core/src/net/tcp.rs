@@ -102,6 +102,129 @@ impl Conn {
         }
     }
 
+    /// Write without blocking: the bytes the socket took, or `WouldBlock` when its buffer is
+    /// full. MSG_NOSIGNAL: a peer that went away gives EPIPE, not SIGPIPE.
+    #[cfg(unix)]
+    fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes; the fd is our open socket.
+        let n = unsafe {
+            libc::send(
+                self.stream.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Send all of `send` while receiving exactly `recv.len()` bytes, both directions at once:
+    /// for two peers that each send the other a buffer at the same moment, neither waits for
+    /// the other's message before sending its own (and neither can block the other by filling
+    /// the socket buffers, whatever the sizes). Polls for up to `self.spin`, then sleeps in
+    /// `poll` until the socket is ready; fails after `self.timeout` without progress.
+    #[cfg(unix)]
+    pub fn exchange(&mut self, send: &[u8], recv: &mut [u8], what: &str) -> Result<()> {
+        let start = Instant::now();
+        let r = self.exchange_inner(send, recv, what, start);
+        self.io_time += start.elapsed();
+        if r.is_ok() {
+            self.sent += send.len() as u64;
+            self.received += recv.len() as u64;
+        }
+        r
+    }
+
+    #[cfg(unix)]
+    fn exchange_inner(
+        &mut self,
+        send: &[u8],
+        recv: &mut [u8],
+        what: &str,
+        start: Instant,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (mut sent, mut got) = (0, 0);
+        let mut last_progress = start;
+        while sent < send.len() || got < recv.len() {
+            let mut progress = false;
+            if sent < send.len() {
+                match self.try_send(&send[sent..]) {
+                    Ok(n) => {
+                        sent += n;
+                        progress |= n > 0;
+                    }
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) => return Err(self.map_err(e, &format!("while we sent {what}"))),
+                }
+            }
+            if got < recv.len() {
+                match self.try_recv(&mut recv[got..]) {
+                    Ok(0) => {
+                        return Err(Error::Connection(format!(
+                            "{} closed the connection while we waited for {what}",
+                            self.peer
+                        )))
+                    }
+                    Ok(n) => {
+                        got += n;
+                        progress = true;
+                    }
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) => return Err(self.map_err(e, &format!("while we waited for {what}"))),
+                }
+            }
+            let now = Instant::now();
+            if progress {
+                last_progress = now;
+                continue;
+            }
+            if now - start < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let left = self.timeout.saturating_sub(now - last_progress);
+            if left.is_zero() {
+                return Err(self.map_err(
+                    std::io::Error::from(ErrorKind::TimedOut),
+                    &format!("while we exchanged {what}"),
+                ));
+            }
+            let mut events = 0;
+            if sent < send.len() {
+                events |= libc::POLLOUT;
+            }
+            if got < recv.len() {
+                events |= libc::POLLIN;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd; the result is only a hint to try again (readiness,
+            // errors and hang-ups show up in the next send / recv).
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+        Ok(())
+    }
+
+    /// Without non-blocking sockets: send, then receive (fine for buffers that fit the
+    /// socket buffers, as one token's do).
+    #[cfg(not(unix))]
+    pub fn exchange(&mut self, send: &[u8], recv: &mut [u8], what: &str) -> Result<()> {
+        self.write_all(send, what)?;
+        self.read_exact(recv, what)
+    }
+
     /// Poll for up to `self.spin` before blocking; returns the bytes read into `buf`.
     #[cfg(unix)]
     fn spin_read(&mut self, buf: &mut [u8], start: Instant, what: &str) -> Result<usize> {
@@ -290,5 +413,67 @@ pub fn listen(host: &str, port: u16) -> Result<TcpListener> {
             "cannot listen on {addr}: permission denied (ports below 1024 need root)"
         ))),
         _ => Err(Error::io(format!("cannot listen on {addr}"), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two connected `Conn`s over loopback, a and b, each named for its peer ("b", "a").
+    fn pair(timeout: Duration) -> (Conn, Conn) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (
+            Conn::new(a, "b".into(), timeout).unwrap(),
+            Conn::new(b, "a".into(), timeout).unwrap(),
+        )
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    #[test]
+    fn exchange_moves_buffers_larger_than_the_socket_buffers_both_ways_at_once() {
+        // 8 MiB each way: far beyond what the kernel buffers, so two peers that first wrote
+        // their whole message and then read would both block in write forever
+        let n = 8 << 20;
+        let (mut a, mut b) = pair(Duration::from_secs(10));
+        let t = std::thread::spawn(move || {
+            let mut got = vec![0u8; n];
+            b.exchange(&pattern(n, 2), &mut got, "test data").unwrap();
+            (got, b.sent, b.received)
+        });
+        let mut got = vec![0u8; n];
+        a.exchange(&pattern(n, 1), &mut got, "test data").unwrap();
+        let (b_got, b_sent, b_received) = t.join().unwrap();
+        assert!(got == pattern(n, 2) && b_got == pattern(n, 1));
+        assert_eq!((a.sent, a.received), (n as u64, n as u64));
+        assert_eq!((b_sent, b_received), (n as u64, n as u64));
+    }
+
+    #[test]
+    fn exchange_with_a_peer_that_closes_or_stays_silent_fails_naming_it() {
+        let (mut a, b) = pair(Duration::from_secs(10));
+        drop(b);
+        let e = a
+            .exchange(&[1; 64], &mut [0; 64], "partial sums")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b ") && e.contains("partial sums"), "{e}");
+
+        let (mut a, _b) = pair(Duration::from_millis(300));
+        let t0 = Instant::now();
+        let e = a
+            .exchange(&[1; 64], &mut [0; 64], "partial sums")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("did not answer") && e.contains("partial sums"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 }

@@ -73,6 +73,7 @@ pub struct WorkerCollective<'a> {
     vectors: Wire,
     out: Vec<u8>,
     recv: Vec<u8>,
+    scratch: Vec<f32>,
 }
 
 impl<'a> WorkerCollective<'a> {
@@ -85,6 +86,7 @@ impl<'a> WorkerCollective<'a> {
             vectors: Wire::for_vectors(setup.buffer_type),
             out: Vec::new(),
             recv: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 }
@@ -99,8 +101,17 @@ impl Collective for WorkerCollective<'_> {
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()> {
         self.out.clear();
         self.buffers.encode(x, &mut self.out)?;
-        self.conn.write_all(&self.out, "our partial sums")?;
         self.recv.resize(self.out.len(), 0);
+        if self.n_nodes == 2 {
+            // both nodes send their partial at once and add the two (see the root's side)
+            self.conn
+                .exchange(&self.out, &mut self.recv, "partial sums")?;
+            if self.buffers != Wire::F32 {
+                self.buffers.decode(&self.out, x)?;
+            }
+            return self.buffers.decode_add(&self.recv, x, &mut self.scratch);
+        }
+        self.conn.write_all(&self.out, "our partial sums")?;
         self.conn.read_exact(&mut self.recv, "the summed buffer")?;
         self.buffers.decode(&self.recv, x)
     }

@@ -123,6 +123,67 @@ pub fn reference(n: usize, x: &mut [f32], pos: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Single-process reference of what the cluster computes with `buffer_type` on the wire,
+/// bit for bit: the input rounded through the "vector" type; per layer, with two nodes the
+/// two partials each rounded through the "buffer" type and added (root first), with more
+/// nodes (or the root alone) the root's exact partial plus the workers' rounded ones, the
+/// sum rounded once; the
+/// workers' logits rounded through the "vector" type.
+pub fn reference_on_the_wire(
+    n: usize,
+    x: &mut [f32],
+    pos: usize,
+    buffer_type: BufferType,
+) -> Vec<f32> {
+    use dllama_core::net::codec::Wire;
+    let (buffers, vectors) = (
+        Wire::for_buffers(buffer_type),
+        Wire::for_vectors(buffer_type),
+    );
+    let mut scratch = Vec::new();
+    let mut rounded = |w: Wire, v: &mut Vec<f32>| w.round_trip(v, &mut scratch).unwrap();
+    let mut xv = x.to_vec();
+    rounded(vectors, &mut xv);
+    x.copy_from_slice(&xv);
+    for l in 0..LAYERS {
+        let mut parts: Vec<Vec<f32>> = (0..n)
+            .map(|node| {
+                x.chunks(DIM)
+                    .flat_map(|t| partial(node, l, pos, t))
+                    .collect()
+            })
+            .collect();
+        let sum: Vec<f32> = if n == 2 {
+            for p in parts.iter_mut() {
+                rounded(buffers, p);
+            }
+            parts[0].iter().zip(&parts[1]).map(|(a, b)| a + b).collect()
+        } else {
+            let mut s = parts[0].clone();
+            for p in parts.iter_mut().skip(1) {
+                rounded(buffers, p);
+                for (a, b) in s.iter_mut().zip(p.iter()) {
+                    *a += *b;
+                }
+            }
+            rounded(buffers, &mut s);
+            s
+        };
+        for (a, b) in x.iter_mut().zip(&sum) {
+            *a += *b;
+        }
+    }
+    (0..n)
+        .flat_map(|i| {
+            let mut l = local_logits(vocab_range(i, n), x);
+            if i > 0 {
+                rounded(vectors, &mut l);
+            }
+            l
+        })
+        .collect()
+}
+
 /// The embedded input of token `t`.
 pub fn embed(t: usize) -> Vec<f32> {
     (0..DIM)
