@@ -263,10 +263,13 @@ impl Model {
             rope.apply_rows(&mut bufs.q[..n * q_local], q_local, pos)?;
             rope.apply_rows(&mut bufs.k[..n * kv_local], kv_local, pos)?;
             // keys and values of these positions into the cache
-            for t in 0..n {
-                let r = t * kv_local..(t + 1) * kv_local;
-                cache.store(l, pos + t, &bufs.k[r.clone()], &bufs.v[r]);
-            }
+            cache.store(
+                pool,
+                l,
+                pos,
+                &bufs.k[..n * kv_local],
+                &bufs.v[..n * kv_local],
+            );
             // grouped-query attention, causal: token t sees positions 0..=pos + t
             let (kc, vc) = cache.layer(l);
             ops::attention(
