@@ -103,17 +103,22 @@ impl Conn {
     }
 
     /// Write without blocking: the bytes the socket took, or `WouldBlock` when its buffer is
-    /// full. MSG_NOSIGNAL: a peer that went away gives EPIPE, not SIGPIPE.
+    /// full.
     #[cfg(unix)]
     fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
         use std::os::fd::AsRawFd;
+        // a peer that went away gives EPIPE, not SIGPIPE (where the flag exists)
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        const FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        const FLAGS: libc::c_int = libc::MSG_DONTWAIT;
         // SAFETY: `buf` is valid for reads of `buf.len()` bytes; the fd is our open socket.
         let n = unsafe {
             libc::send(
                 self.stream.as_raw_fd(),
                 buf.as_ptr() as *const libc::c_void,
                 buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                FLAGS,
             )
         };
         if n < 0 {
@@ -121,6 +126,35 @@ impl Conn {
         } else {
             Ok(n as usize)
         }
+    }
+
+    /// The bytes that are there now (0 when none yet), or the error of a closed or broken
+    /// connection.
+    #[cfg(unix)]
+    fn recv_some(&self, buf: &mut [u8], what: &str) -> Result<usize> {
+        match self.try_recv(buf) {
+            Ok(0) => Err(self.closed(what)),
+            Ok(n) => Ok(n),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(0),
+            Err(e) => Err(self.map_err(e, &format!("while we waited for {what}"))),
+        }
+    }
+
+    /// The bytes the socket took now (0 when its buffer is full), or the error.
+    #[cfg(unix)]
+    fn send_some(&self, buf: &[u8], what: &str) -> Result<usize> {
+        match self.try_send(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(0),
+            Err(e) => Err(self.map_err(e, &format!("while we sent {what}"))),
+        }
+    }
+
+    fn closed(&self, what: &str) -> Error {
+        Error::Connection(format!(
+            "{} closed the connection while we waited for {what}",
+            self.peer
+        ))
     }
 
     /// Send all of `send` while receiving exactly `recv.len()` bytes, both directions at once:
@@ -154,32 +188,14 @@ impl Conn {
         while sent < send.len() || got < recv.len() {
             let mut progress = false;
             if sent < send.len() {
-                match self.try_send(&send[sent..]) {
-                    Ok(n) => {
-                        sent += n;
-                        progress |= n > 0;
-                    }
-                    Err(e)
-                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                    Err(e) => return Err(self.map_err(e, &format!("while we sent {what}"))),
-                }
+                let n = self.send_some(&send[sent..], what)?;
+                sent += n;
+                progress |= n > 0;
             }
             if got < recv.len() {
-                match self.try_recv(&mut recv[got..]) {
-                    Ok(0) => {
-                        return Err(Error::Connection(format!(
-                            "{} closed the connection while we waited for {what}",
-                            self.peer
-                        )))
-                    }
-                    Ok(n) => {
-                        got += n;
-                        progress = true;
-                    }
-                    Err(e)
-                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                    Err(e) => return Err(self.map_err(e, &format!("while we waited for {what}"))),
-                }
+                let n = self.recv_some(&mut recv[got..], what)?;
+                got += n;
+                progress |= n > 0;
             }
             let now = Instant::now();
             if progress {
@@ -217,8 +233,8 @@ impl Conn {
         Ok(())
     }
 
-    /// Without non-blocking sockets: send, then receive (fine for buffers that fit the
-    /// socket buffers, as one token's do).
+    /// Elsewhere: send, then receive (enough for buffers that fit the socket buffers, as
+    /// one token's do; only unix builds are tested).
     #[cfg(not(unix))]
     pub fn exchange(&mut self, send: &[u8], recv: &mut [u8], what: &str) -> Result<()> {
         self.write_all(send, what)?;
@@ -230,17 +246,9 @@ impl Conn {
     fn spin_read(&mut self, buf: &mut [u8], start: Instant, what: &str) -> Result<usize> {
         let mut done = 0;
         while done < buf.len() && start.elapsed() < self.spin {
-            match self.try_recv(&mut buf[done..]) {
-                Ok(0) => {
-                    return Err(Error::Connection(format!(
-                        "{} closed the connection while we waited for {what}",
-                        self.peer
-                    )))
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.map_err(e, &format!("while we waited for {what}"))),
+            match self.recv_some(&mut buf[done..], what)? {
+                0 => std::hint::spin_loop(),
+                n => done += n,
             }
         }
         Ok(done)
@@ -265,10 +273,7 @@ impl Conn {
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) => {
                     self.io_time += start.elapsed();
-                    return Err(Error::Connection(format!(
-                        "{} closed the connection while we waited for {what}",
-                        self.peer
-                    )));
+                    return Err(self.closed(what));
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
