@@ -644,6 +644,10 @@ fn attention_kernels_every_path() {
         (64, 192, 17),
         (128, 128, 33),
         (12, 36, 1),
+        // 8 positions at a time with a head_dim tail; 64 outputs at a time plus a tail
+        (12, 20, 9),
+        (100, 104, 16),
+        (192, 192, 10),
     ] {
         let q = random_values(&mut rng, hd, 1.0);
         let k = random_values(&mut rng, (n_pos - 1) * stride + hd, 1.0);
