@@ -695,6 +695,34 @@ fn attention_kernels_every_path() {
 }
 
 #[test]
+fn softmax_every_path() {
+    let mut rng = rng(14);
+    for n in [1, 3, 8, 9, 31, 64, 1000] {
+        // scores spread over ~100: the smallest weights underflow
+        let mut x = random_values(&mut rng, n, 50.0);
+        x[n / 2] = 30.0;
+        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        let want: Vec<f64> = e.iter().map(|v| v / sum).collect();
+        for kern in all_kernels() {
+            let mut got = x.clone();
+            kern.softmax(&mut got);
+            let what = format!("{} softmax of {n}", kern.path);
+            assert_close(&what, &got, &want, &want, SCALAR_REL_F32, ABS_FLOOR);
+            let mut nan = x.clone();
+            nan[0] = f32::NAN;
+            kern.softmax(&mut nan);
+            assert!(nan[0].is_nan(), "{what}: a NaN score must not vanish");
+        }
+        let mut empty: Vec<f32> = Vec::new();
+        for kern in all_kernels() {
+            kern.softmax(&mut empty);
+        }
+    }
+}
+
+#[test]
 fn q40_f32_every_path() {
     let mut rng = rng(13);
     for &(n_rows, bpr, n_tokens) in &SHAPES {

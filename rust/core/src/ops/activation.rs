@@ -1,22 +1,11 @@
 //! Softmax and the gated activations of the FFN.
 
+use crate::quant::Kernels;
 use crate::{Error, Result};
 
-/// In place: x = exp(x - max) / sum. An empty slice is left as is.
+/// In place: x = exp(x - max) / sum, on the active kernel path. An empty slice is left as is.
 pub fn softmax(x: &mut [f32]) {
-    if x.is_empty() {
-        return;
-    }
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
+    Kernels::get().softmax(x)
 }
 
 fn check(gate: &[f32], up: &[f32], what: &str) -> Result<()> {

@@ -241,6 +241,96 @@ pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
     }
 }
 
+/// exp of 8 values, Cephes' `expf` scheme: x = n·ln2 + r with |r| <= ln2/2, a degree-5
+/// polynomial for exp(r), 2^n by the exponent bits; within 2 ulp of `f32::exp` for inputs in
+/// [-87.3, 88.3] (other inputs are clamped to that range, so the result is never 0 or
+/// infinite; NaN stays NaN).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // max / min return their second operand when one is NaN: a NaN stays NaN
+    let x = _mm256_min_ps(
+        _mm256_set1_ps(88.3),
+        _mm256_max_ps(_mm256_set1_ps(-87.3), x),
+    );
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    // r = x - n·ln2, with ln2 split in two so that n·ln2_hi is exact
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    // exp(r) = 1 + r + r² · p
+    let e = _mm256_fmadd_ps(
+        p,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2n = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n))
+}
+
+/// x = exp(x - max x) / sum, in place, with `exp8`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let n = x.len();
+    if n == 0 {
+        return;
+    }
+    let xp = x.as_mut_ptr();
+    let full = n / 8 * 8;
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(8) {
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(xp.add(i)));
+    }
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+    let max = lanes
+        .iter()
+        .chain(&x[full..])
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mv = _mm256_set1_ps(max);
+    let mut sv = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(xp.add(i)), mv));
+        _mm256_storeu_ps(xp.add(i), e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    let mut sum = hsum(sv);
+    if full < n {
+        // the last n % 8 values through the same exp, padded with -inf (exp: tiny, dropped)
+        let mut tail = [f32::NEG_INFINITY; 8];
+        tail[..n - full].copy_from_slice(&x[full..]);
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv));
+        _mm256_storeu_ps(tail.as_mut_ptr(), e);
+        x[full..].copy_from_slice(&tail[..n - full]);
+        sum += tail[..n - full].iter().sum::<f32>();
+    }
+    let inv = _mm256_set1_ps(1.0 / sum);
+    for i in (0..full).step_by(8) {
+        _mm256_storeu_ps(xp.add(i), _mm256_mul_ps(_mm256_loadu_ps(xp.add(i)), inv));
+    }
+    for v in &mut x[full..] {
+        *v *= 1.0 / sum;
+    }
+}
+
 /// The 8 sums of the lanes of `a[0..8]`, in order, as one vector.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -330,7 +420,11 @@ pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]
     if c0 < hd {
         // the last hd % 64 outputs (head_dim 64 and 128 never get here)
         for (p, &a) in att.iter().enumerate() {
-            axpy(a, v.get_unchecked(p * stride + c0..p * stride + hd), &mut out[c0..]);
+            axpy(
+                a,
+                v.get_unchecked(p * stride + c0..p * stride + hd),
+                &mut out[c0..],
+            );
         }
     }
 }

@@ -107,6 +107,7 @@ pub struct Kernels {
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
     attn_scores: unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]),
     attn_values: unsafe fn(&[f32], &[f32], usize, &mut [f32]),
+    softmax: unsafe fn(&mut [f32]),
 }
 
 // Each table is built only by `Kernels::for_path`, which checks the CPU supports it, so the
@@ -149,6 +150,7 @@ impl Kernels {
                     axpy: avx2::axpy,
                     attn_scores: avx2::attn_scores,
                     attn_values: avx2::attn_values,
+                    softmax: avx2::softmax,
                 })
             }
             #[cfg(target_arch = "aarch64")]
@@ -175,6 +177,7 @@ impl Kernels {
                     axpy: neon::axpy,
                     attn_scores: neon::attn_scores,
                     attn_values: neon::attn_values,
+                    softmax: scalar::softmax,
                 })
             }
             #[allow(unreachable_patterns)]
@@ -217,6 +220,7 @@ impl Kernels {
             axpy: scalar::axpy,
             attn_scores: scalar::attn_scores,
             attn_values: scalar::attn_values,
+            softmax: scalar::softmax,
         }
     }
 
@@ -281,6 +285,10 @@ impl Kernels {
     /// out += sum_p att[p] · v[p·stride ..][..out.len()] (panics when v is short).
     pub fn attn_values(&self, att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
         unsafe { (self.attn_values)(att, v, stride, out) }
+    }
+    /// x = exp(x - max x) / sum, in place (empty: unchanged).
+    pub fn softmax(&self, x: &mut [f32]) {
+        unsafe { (self.softmax)(x) }
     }
 }
 

@@ -171,6 +171,23 @@ pub fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut
     }
 }
 
+/// x = exp(x - max x) / sum, in place (the reference: `f32::exp`).
+pub fn softmax(x: &mut [f32]) {
+    if x.is_empty() {
+        return;
+    }
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
 pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     let hd = out.len();
