@@ -10,6 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::block::{f16_to_f32, BlockQ80, QK};
+use super::packed::PREFETCH_AHEAD;
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -331,6 +332,17 @@ pub unsafe fn softmax(x: &mut [f32]) {
     }
 }
 
+/// Ask for the cache lines of the `len` bytes `PREFETCH_AHEAD` bytes after `row` (a hint:
+/// never faults, so it may point past the cache).
+#[inline(always)]
+fn prefetch_row(row: *const u8, len: usize) {
+    let ahead = row.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    for off in (0..len).step_by(64) {
+        // SAFETY: a prefetch has no architectural effect, for any address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off)) };
+    }
+}
+
 /// The 8 sums of the lanes of `a[0..8]`, in order, as one vector.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -366,6 +378,11 @@ pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, score
     let sv = _mm256_set1_ps(scale);
     let mut p = 0;
     while p + 8 <= n {
+        // the rows PREFETCH_AHEAD bytes further on: a head's keys are one stream (head-major
+        // cache) that the hardware prefetchers give up on at every 4 KiB page
+        for j in 0..8 {
+            prefetch_row(kp.add((p + j) * stride) as *const u8, hd * 4);
+        }
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in 0..chunks {
             let qc = _mm256_loadu_ps(qp.add(8 * c));
@@ -406,6 +423,10 @@ pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]
     while c0 + 64 <= hd {
         let mut acc: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(op.add(c0 + 8 * j)));
         for (p, &a) in att.iter().enumerate() {
+            if c0 == 0 {
+                // whole rows, ahead, as for the keys (later passes find them in the cache)
+                prefetch_row(vp.add(p * stride) as *const u8, hd * 4);
+            }
             let av = _mm256_set1_ps(a);
             let row = vp.add(p * stride + c0);
             for (j, acc) in acc.iter_mut().enumerate() {
