@@ -8,7 +8,10 @@ each process. Needs root for the namespaces (skipped otherwise, or with --no-net
 
 The two setups of issue 5's target 3 (one node with 2 threads; root + 1 worker on loopback
 with 1 thread each, the worker mapping its own copy) alternate --repeat times and each keeps
-its best run; the script prints their ratio (target <= 1.05).
+its best run; the script prints their ratio (target <= 1.05). The two-reader memory bandwidth
+of these VMs jumps between levels from one minute to the next, so each of those runs is
+preceded by a measurement of it, and the script also prints the level-matched ratio: the best
+ms/token x bandwidth of each setup (bytes a run would read at its own level).
 
     python benchmarks/bench_cluster.py [--steps 40] [--repeat 3] [--model PATH] [--no-netns]
 """
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_single import read_bandwidth
 from dllama import _core
 
 SHAPE_7B: dict[str, int | float] = {
@@ -270,11 +274,18 @@ def main() -> None:
         results.append(single(1))
     # target 3: the two setups alternate, each keeps its best run (other tenants of a shared
     # machine only ever make a run slower)
+    # the two-reader bandwidth of these VMs jumps between levels (about 44 and 68 GB/s) from
+    # one minute to the next: each run is preceded by a measurement of it, so that runs can
+    # also be compared as multiples of their own floor (weight bytes / that bandwidth)
     one_node: list[Result] = []
     two_nodes: list[Result] = []
+    bw_one: list[float] = []
+    bw_two: list[float] = []
     for _ in range(a.repeat):
         if not a.no_single:
+            bw_one.append(read_bandwidth(2))
             one_node.append(single(2))
+        bw_two.append(read_bandwidth(2))
         two_nodes.append(loopback(own_copy=True))
 
     def best(rs: list[Result]) -> Result:
@@ -321,6 +332,17 @@ def main() -> None:
             f"(target <= 1.05); all runs: one node "
             f"{', '.join(f'{r.ms:.1f}' for r in one_node)}, two nodes "
             f"{', '.join(f'{r.ms:.1f}' for r in two_nodes)}"
+        )
+        # ms/token x bandwidth = bytes read per token at that bandwidth: the same for both
+        # setups when neither loses anything, whatever the level of each run
+        eff_one = [r.ms * b for r, b in zip(one_node, bw_one)]
+        eff_two = [r.ms * b for r, b in zip(two_nodes, bw_two)]
+        print(
+            f"level-matched: (ms x the two-reader GB/s measured right before the run), best "
+            f"of each: two nodes / one node = {min(eff_two) / min(eff_one):.3f} "
+            f"(target <= 1.05); bandwidths before the runs: one node "
+            f"{', '.join(f'{b / 1e9:.1f}' for b in bw_one)}, two nodes "
+            f"{', '.join(f'{b / 1e9:.1f}' for b in bw_two)} GB/s"
         )
 
 
