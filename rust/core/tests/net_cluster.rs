@@ -68,7 +68,7 @@ fn q80_buffers_stay_within_the_quantization_bound() {
 #[test]
 fn every_node_holds_the_same_residual_with_q80_buffers() {
     // the reference rounds exactly as the protocol does; a worker whose residual drifted from
-    // the root's (say, by adding the two partials in another order) would send other logits
+    // the root's (say, by adding its own partial unrounded) would send other logits
     for n in 1..=4 {
         let ws = workers(n);
         let refs: Vec<&TestWorker> = ws.iter().collect();
