@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_single import SHAPES, prompt_ids
+from bench_single import SHAPES, llamacpp_completion, prompt_ids
 from dllama import _core
 
 
@@ -51,18 +51,6 @@ def time_llamacpp(
     path: Path, nthreads: int, pos: int, tokens: int, vocab: int
 ) -> tuple[float, float]:
     """llama.cpp's own (prompt eval tokens/s, ms per generated token) for the same prompt."""
-    import xllamacpp as x
-
-    p = x.CommonParams()
-    p.model.path = str(path)
-    p.n_ctx = pos + tokens + 8
-    p.n_batch = max(512, pos)
-    p.n_ubatch = 512
-    p.n_parallel = 1
-    p.cpuparams.n_threads = nthreads
-    p.cpuparams_batch.n_threads = nthreads
-    p.warmup = True
-    server = x.Server(p)
     req = {
         "prompt": prompt_ids(pos, vocab),
         "n_predict": tokens,
@@ -70,10 +58,9 @@ def time_llamacpp(
         "ignore_eos": True,
         "cache_prompt": False,
     }
-    res = server.handle_completions(req)
-    del server
-    gc.collect()
-    t = res["timings"]
+    t = llamacpp_completion(path, nthreads, pos + tokens + 8, req, warm_up=False)
+    if t is None:
+        raise SystemExit("pip install xllamacpp: this script compares against it")
     assert t["prompt_n"] == pos and t["predicted_n"] == tokens, t
     return float(t["prompt_per_second"]), float(t["predicted_per_token_ms"])
 

@@ -259,61 +259,61 @@ def time_dllama_prefill(path: Path, nthreads: int, n: int) -> float:
     return n / dt
 
 
+def llamacpp_completion(
+    path: Path,
+    nthreads: int,
+    n_ctx: int,
+    req: dict[str, Any],
+    n_batch: int = 0,
+    warm_up: bool = True,
+) -> dict[str, Any] | None:
+    """llama.cpp's `timings` for the completion `req` on a fresh server (`nthreads` threads,
+    `n_ctx` positions; with `n_batch`, prompts of up to that many tokens are one batch), after
+    one warm-up request when `warm_up`; None without xllamacpp."""
+    try:
+        import xllamacpp as x
+    except ImportError:
+        return None
+    p = x.CommonParams()
+    p.model.path = str(path)
+    p.n_ctx = n_ctx
+    if n_batch:
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+    p.n_parallel = 1
+    p.cpuparams.n_threads = nthreads
+    p.cpuparams_batch.n_threads = nthreads
+    p.warmup = True
+    server = x.Server(p)
+    if warm_up:
+        server.handle_completions({**req, "n_predict": min(4, int(req["n_predict"]))})
+    res = server.handle_completions(req)
+    del server
+    gc.collect()
+    timings: dict[str, Any] = res["timings"]
+    return timings
+
+
 def time_llamacpp_prefill(path: Path, nthreads: int, n: int, vocab: int) -> float | None:
     """llama.cpp's own prompt eval tokens/s for the same n token ids, or None without
     xllamacpp. The prompt cache is off so every run evaluates the whole prompt; the batch
     size is at least n, so the prompt is one batch as in dllama."""
-    try:
-        import xllamacpp as x
-    except ImportError:
+    req = {"prompt": prompt_ids(n, vocab), "n_predict": 1, "temperature": 0, "cache_prompt": False}
+    t = llamacpp_completion(path, nthreads, max(256, 2 * n), req, n_batch=max(512, n))
+    if t is None:
         return None
-    p = x.CommonParams()
-    p.model.path = str(path)
-    p.n_ctx = max(256, 2 * n)
-    p.n_batch = max(512, n)
-    p.n_ubatch = max(512, n)
-    p.n_parallel = 1
-    p.cpuparams.n_threads = nthreads
-    p.cpuparams_batch.n_threads = nthreads
-    p.warmup = True
-    server = x.Server(p)
-    req = {
-        "prompt": prompt_ids(n, vocab),
-        "n_predict": 1,
-        "temperature": 0,
-        "cache_prompt": False,
-    }
-    server.handle_completions(req)  # warm up
-    res = server.handle_completions(req)
-    del server
-    gc.collect()
-    timings = res["timings"]
-    assert timings["prompt_n"] == n, timings
-    return float(timings["prompt_per_second"])
+    assert t["prompt_n"] == n, t
+    return float(t["prompt_per_second"])
 
 
 def time_llamacpp(path: Path, nthreads: int, tokens: int) -> float | None:
     """llama.cpp's own mean ms per generated token, or None without xllamacpp."""
-    try:
-        import xllamacpp as x
-    except ImportError:
-        return None
-    p = x.CommonParams()
-    p.model.path = str(path)
-    p.n_ctx = 256
-    p.n_parallel = 1
-    p.cpuparams.n_threads = nthreads
-    p.cpuparams_batch.n_threads = nthreads
-    p.warmup = True
-    server = x.Server(p)
     req = {"prompt": "t1 t2 t3 t4", "n_predict": tokens, "temperature": 0, "ignore_eos": True}
-    server.handle_completions({**req, "n_predict": 4})  # warm up
-    res = server.handle_completions(req)
-    del server
-    gc.collect()
-    timings = res["timings"]
-    assert timings["predicted_n"] == tokens, timings
-    return float(timings["predicted_per_token_ms"])
+    t = llamacpp_completion(path, nthreads, 256, req)
+    if t is None:
+        return None
+    assert t["predicted_n"] == tokens, t
+    return float(t["predicted_per_token_ms"])
 
 
 def main() -> None:
