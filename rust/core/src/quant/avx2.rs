@@ -328,17 +328,20 @@ pub unsafe fn softmax(x: &mut [f32]) {
         _mm256_storeu_ps(xp.add(i), _mm256_mul_ps(_mm256_loadu_ps(xp.add(i)), inv));
     }
     for v in &mut x[full..] {
-        *v *= 1.0 / sum;
+        *v /= sum;
     }
 }
 
-/// Ask for the cache lines of the `len` bytes `PREFETCH_AHEAD` bytes after `row` (a hint:
-/// never faults, so it may point past the cache).
+/// Ask for the cache lines of the `len` bytes `PREFETCH_AHEAD` bytes after `p`: the packed
+/// Q40 cells and the KV rows are each read as one stream, which the hardware prefetchers give
+/// up on at every 4 KiB page. A prefetch is a hint that never faults, so the address may lie
+/// past the data.
 #[inline(always)]
-fn prefetch_row(row: *const u8, len: usize) {
-    let ahead = row.wrapping_add(PREFETCH_AHEAD) as *const i8;
+pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
     for off in (0..len).step_by(64) {
-        // SAFETY: a prefetch has no architectural effect, for any address.
+        // SAFETY: a prefetch has no architectural effect, for any address (SSE is part of
+        // x86_64).
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off)) };
     }
 }
@@ -378,10 +381,9 @@ pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, score
     let sv = _mm256_set1_ps(scale);
     let mut p = 0;
     while p + 8 <= n {
-        // the rows PREFETCH_AHEAD bytes further on: a head's keys are one stream (head-major
-        // cache) that the hardware prefetchers give up on at every 4 KiB page
+        // the rows PREFETCH_AHEAD bytes further on (a head's keys are one stream)
         for j in 0..8 {
-            prefetch_row(kp.add((p + j) * stride) as *const u8, hd * 4);
+            prefetch_ahead(kp.add((p + j) * stride) as *const u8, hd * 4);
         }
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in 0..chunks {
@@ -425,7 +427,7 @@ pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]
         for (p, &a) in att.iter().enumerate() {
             if c0 == 0 {
                 // whole rows, ahead, as for the keys (later passes find them in the cache)
-                prefetch_row(vp.add(p * stride) as *const u8, hd * 4);
+                prefetch_ahead(vp.add(p * stride) as *const u8, hd * 4);
             }
             let av = _mm256_set1_ps(a);
             let row = vp.add(p * stride + c0);

@@ -17,9 +17,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::avx2::{hsum, scale8};
+use super::avx2::{hsum, prefetch_ahead, scale8};
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
-use super::packed::{CELL, GROUP, PREFETCH_AHEAD};
+use super::packed::{CELL, GROUP};
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
 /// 16..32 in the high lane (high nibbles), matching the Q80 value order.
@@ -76,20 +76,6 @@ unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
     }
 }
 
-/// Ask for the cache lines of the `CELL` bytes at `p` (a line the next cell starts in is
-/// asked for by that cell). A prefetch never faults, so `p` may lie past the weights.
-#[inline(always)]
-pub(crate) fn prefetch_cell(p: *const u8) {
-    let p = p as *const i8;
-    // SAFETY: prefetch is a hint with no architectural effect, valid for any address (SSE is
-    // part of x86_64).
-    unsafe {
-        _mm_prefetch::<_MM_HINT_T0>(p);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Q40 × Q80, generated for each int8 dot instruction
 
@@ -110,7 +96,7 @@ macro_rules! q40_q80_kernels {
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..bpr {
                 let c = gc.add(b * CELL);
-                prefetch_cell(c.wrapping_add(PREFETCH_AHEAD));
+                prefetch_ahead(c, CELL);
                 let mut lo = [_mm256_setzero_si256(); 4];
                 let mut hi = [_mm256_setzero_si256(); 4];
                 for q in 0..4 {

@@ -10,9 +10,10 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2_q40::{prefetch_cell, with_prepared_x, PreparedX};
+use super::avx2::prefetch_ahead;
+use super::avx2_q40::{with_prepared_x, PreparedX};
 use super::block::BlockQ80;
-use super::packed::{CELL, GROUP, PREFETCH_AHEAD};
+use super::packed::{CELL, GROUP};
 
 /// Groups `ga` and `gb` (16 rows) × T tokens; lanes 0..8 of `acc[t]` are ga's rows, 8..16 gb's.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -30,8 +31,8 @@ unsafe fn tile2<const T: usize>(
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..bpr {
         let (ca, cb) = (ga.add(b * CELL), gb.add(b * CELL));
-        prefetch_cell(ca.wrapping_add(PREFETCH_AHEAD));
-        prefetch_cell(cb.wrapping_add(PREFETCH_AHEAD));
+        prefetch_ahead(ca, CELL);
+        prefetch_ahead(cb, CELL);
         let mut lo = [_mm512_setzero_si512(); 4];
         let mut hi = [_mm512_setzero_si512(); 4];
         for q in 0..4 {
