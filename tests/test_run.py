@@ -325,3 +325,69 @@ def test_sentencepiece_model_tokenizer(tmp_path: Path) -> None:
     write_m(random_llama(seed=8, vocab=128), tmp_path / "small.m", "f32", 0)
     r = dllama_model("run", tmp_path / "small.m", tok, "-p", "Hi")
     assert r.returncode == 1 and "do not belong together" in r.stderr
+
+
+@needs_smollm2
+def test_sampling_flags_stop_strings_and_logprobs(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    base = ["-p", "The capital of France is", "--temperature", "0", "--steps", "12"]
+    full = dllama_model("run", model, tok, *base, "--json")
+    pieces, _ = json_lines(full.stdout)
+    text = "".join(p["text"] for p in pieces)
+    # a stop string that spans tokens: the text stops right before it
+    cut = text.index("Paris") + 3
+    r = dllama_model("run", model, tok, *base, "--json", "--stop", text[cut - 2 : cut + 3])
+    got, summary = json_lines(r.stdout)
+    assert "".join(p["text"] for p in got) == text[: cut - 2]
+    assert summary["stop_reason"] == "stop"
+    # logprobs: the model's log-softmax, greedy picks the best alternative
+    r = dllama_model("run", model, tok, *base, "--json", "--logprobs", "3")
+    got, _ = json_lines(r.stdout)
+    llm = LLM(model, tok)
+    for p in got:
+        assert len(p["top_logprobs"]) == 3 and p["top_logprobs"][0][0] == p["token"]
+        assert abs(p["top_logprobs"][0][1] - p["logprob"]) < 1e-9 and p["logprob"] < 0
+    first = llm.node.forward(llm.encode("The capital of France is"), 0).astype(np.float64)
+    lse = np.log(np.exp(first - first.max()).sum()) + first.max()
+    assert abs(got[0]["logprob"] - (first[got[0]["token"]] - lse)) < 1e-6
+    # logit_bias forbids the greedy token: another one comes
+    r = dllama_model("run", model, tok, *base, "--json", "--logit-bias", f"{got[0]['token']}=-100")
+    assert json_lines(r.stdout)[0][0]["token"] != got[0]["token"]
+    # the other options reach the sampler
+    r = dllama_model(
+        "run", model, tok, *base, "--temperature", "0.7", "--top-k", "5", "--min-p", "0.05",
+        "--repetition-penalty", "1.2", "--presence-penalty", "0.5", "--frequency-penalty", "0.3",
+        "--seed", "3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+@needs_smollm2
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-k", "-2"], "top_k must be an integer >= 0"),
+        (["--min-p", "2"], "min_p must be >= 0.0 and <= 1.0"),
+        (["--presence-penalty", "3"], "presence_penalty must be >= -2.0 and <= 2.0"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be > 0.0"),
+        (["--logit-bias", "abc"], "expected TOKEN_ID=BIAS"),
+        (["--logit-bias", "99999999=1"], "outside the vocabulary"),
+        (["--logprobs", "21"], "--logprobs must be in 0..20"),
+    ],
+)
+def test_bad_sampling_flags(smol: tuple[Path, Path], args: list[str], message: str) -> None:
+    model, tok = smol
+    r = dllama_model("run", model, tok, "-p", "Hi", *args)
+    assert r.returncode in (1, 2) and message in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_smollm2
+def test_run_reads_special_tokens_in_the_prompt(smol: tuple[Path, Path]) -> None:
+    model, tok = smol
+    prompt = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    r = dllama_model("run", model, tok, "-p", prompt, "--temperature", "0", "--json")
+    pieces, summary = json_lines(r.stdout)
+    assert summary["prompt_tokens"] == 11 and summary["stop_reason"] == "eos"
+    assert "<|im_end|>" not in "".join(p["text"] for p in pieces)
+    r = dllama_model("run", model, tok, "-p", prompt, "--no-special", "--json", "--steps", "1")
+    assert json_lines(r.stdout)[1]["prompt_tokens"] > 20

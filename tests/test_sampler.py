@@ -28,7 +28,7 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     # probabilities 0.5, 0.3, 0.15, 0.05: top-p 0.7 keeps tokens 0 and 1 only
     p = np.array([0.5, 0.3, 0.15, 0.05])
     logits = np.log(p).astype(np.float32)
-    s = Sampler(temperature=1.0, topp=0.7, seed=1)
+    s = Sampler(temperature=1.0, top_p=0.7, seed=1)
     draws = [s.sample(logits) for _ in range(2000)]
     assert set(draws) == {0, 1}
     # within the nucleus the ratio follows the renormalised probabilities 0.625 / 0.375
@@ -38,7 +38,7 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 
 def test_full_distribution_when_topp_is_one() -> None:
     p = np.array([0.4, 0.3, 0.2, 0.1])
-    s = Sampler(temperature=1.0, topp=1.0, seed=3)
+    s = Sampler(temperature=1.0, top_p=1.0, seed=3)
     draws = np.array([s.sample(np.log(p).astype(np.float32)) for _ in range(4000)])
     freq = np.bincount(draws, minlength=4) / draws.size
     assert np.all(np.abs(freq - p) < 0.03), freq
@@ -54,7 +54,7 @@ def test_temperature_sharpens() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -1.0}, {"temperature": float("nan")}, {"topp": -0.5}],
+    [{"temperature": -1.0}, {"temperature": float("nan")}, {"top_p": -0.5}],
 )
 def test_bad_options(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -83,7 +83,169 @@ def test_top_p_candidates_filter_changes_nothing() -> None:
     for trial in range(200):
         logits = (rng.normal(size=500) * rng.uniform(0.5, 5)).astype(np.float32)
         topp = float(rng.uniform(0.05, 0.99))
-        s = Sampler(temperature=0.9, topp=topp, seed=trial)
+        s = Sampler(temperature=0.9, top_p=topp, seed=trial)
         u = float(np.random.default_rng(trial).random())  # the sampler's first draw
         want = full_sort_sample(s.probabilities(logits), topp, u)
         assert s.sample(logits) == want
+
+
+# --- every option against an independent numpy reference ------------------------------------
+
+
+def reference_sample(
+    logits: np.ndarray,
+    u: float,
+    prompt: list[int],
+    generated: list[int],
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+) -> int:
+    """Hugging Face's order of warpers, written out with a full sort and masks. The draw is
+    the inverse CDF at the sampler's uniform number ``u``: over the token ids when nothing is
+    truncated, over the kept tokens most likely first otherwise (the sampler's convention)."""
+    z = logits.astype(np.float64).copy()
+    for t, b in (logit_bias or {}).items():
+        z[t] += b
+    for t in set(prompt) | set(generated):
+        z[t] = z[t] / repetition_penalty if z[t] > 0 else z[t] * repetition_penalty
+    for t in set(generated):
+        z[t] -= presence_penalty + frequency_penalty * generated.count(t)
+    if temperature == 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if not (0 < top_k < p.size or 0 < top_p < 1 or min_p > 0):
+        return min(int(np.searchsorted(np.cumsum(p), u, side="right")), p.size - 1)
+    order = np.argsort(-p, kind="stable")
+    q = p[order]
+    keep = np.ones(q.size, dtype=bool)
+    if 0 < top_k < q.size:
+        keep[top_k:] = False
+    if 0 < top_p < 1:
+        r = np.where(keep, q, 0.0)
+        r /= r.sum()
+        before = np.cumsum(r) - r  # mass of the more likely tokens
+        keep &= before < top_p * (1 - 1e-12)
+    if min_p > 0:
+        keep &= q >= min_p * q[0]
+    keep[0] = True
+    kept = q[keep]
+    i = int(np.searchsorted(np.cumsum(kept), u * kept.sum(), side="right"))
+    return int(order[np.flatnonzero(keep)[min(i, kept.size - 1)]])
+
+
+OPTIONS: list[dict[str, object]] = [
+    {"temperature": 0.7},
+    {"temperature": 1.0, "top_k": 5},
+    {"temperature": 1.3, "top_k": 40, "top_p": 0.8},
+    {"temperature": 0.9, "top_p": 0.5},
+    {"temperature": 1.0, "min_p": 0.1},
+    {"temperature": 1.0, "min_p": 0.05, "top_p": 0.95, "top_k": 20},
+    {"temperature": 0.0, "repetition_penalty": 1.3},
+    {"temperature": 1.0, "repetition_penalty": 1.5},
+    {"temperature": 0.8, "repetition_penalty": 0.7},
+    {"temperature": 0.0, "presence_penalty": 1.5},
+    {"temperature": 1.0, "presence_penalty": -1.0, "frequency_penalty": 0.7},
+    {"temperature": 0.0, "frequency_penalty": 2.0},
+    {"temperature": 0.0, "logit_bias": {3: 100.0}},
+    {"temperature": 1.0, "logit_bias": {0: -100.0, 7: 5.0, 11: 2.5}},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=[str(o) for o in OPTIONS])
+def test_each_option_matches_the_numpy_reference(opts: dict[str, object]) -> None:
+    opts = {"top_p": 1.0, **opts}
+    rng = np.random.default_rng(11)
+    vocab = 64
+    for trial in range(30):
+        # few distinct tokens in the prompt and a peaked distribution, so that the
+        # penalties and the truncations change the draws
+        logits = (rng.normal(size=vocab) * rng.uniform(0.5, 4)).astype(np.float32)
+        prompt = [int(t) for t in rng.integers(0, vocab, size=6)]
+        s = Sampler(seed=trial, **opts)  # type: ignore[arg-type]
+        s.add_prompt(prompt)
+        draws = np.random.default_rng(trial)
+        generated: list[int] = []
+        for _ in range(12):
+            got = s.sample(logits)
+            u = float(draws.random()) if s.temperature > 0 else 0.0
+            want = reference_sample(logits, u, prompt, generated, **opts)  # type: ignore[arg-type]
+            assert got == want, (trial, generated)
+            s.accept(got)
+            generated.append(got)
+
+
+def test_top_k_and_min_p_distributions() -> None:
+    p = np.array([0.4, 0.3, 0.2, 0.06, 0.04])
+    logits = np.log(p).astype(np.float32)
+    s = Sampler(1.0, 1.0, seed=2, top_k=2)
+    d = np.bincount([s.sample(logits) for _ in range(3000)], minlength=5) / 3000
+    assert d[2:].sum() == 0 and abs(d[0] - 4 / 7) < 0.03
+    s = Sampler(1.0, 1.0, seed=2, min_p=0.2)  # keeps p >= 0.08: the first three
+    d = np.bincount([s.sample(logits) for _ in range(3000)], minlength=5) / 3000
+    assert d[3:].sum() == 0 and abs(d[0] - 0.4 / 0.9) < 0.03
+
+
+def test_penalties_stop_a_greedy_repetition() -> None:
+    logits = np.array([3.0, 2.9, 1.0], dtype=np.float32)
+    plain = Sampler(0.0)
+    assert [plain.sample(logits) for _ in range(3)] == [0, 0, 0]
+    s = Sampler(0.0, presence_penalty=0.5)
+    seq = []
+    for _ in range(3):
+        seq.append(s.sample(logits))
+        s.accept(seq[-1])
+    assert seq == [0, 1, 0]  # 2.5 vs 2.9, then both penalised once: 2.5 vs 2.4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"min_p": 1.5}, "min_p must be >= 0.0 and <= 1.0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0.0"),
+        ({"presence_penalty": 2.5}, "presence_penalty must be >= -2.0 and <= 2.0"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty must be"),
+        ({"logit_bias": {5: 101.0}}, r"logit_bias\[5\] must be >= -100.0 and <= 100.0"),
+        ({"logit_bias": {99: 1.0}, "vocab_size": 10}, "logit_bias token 99 is outside"),
+        ({"seed": -1}, "seed must be in"),
+    ],
+)
+def test_out_of_range_options_are_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Sampler(1.0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits() -> None:
+    from dllama.sampler import logprobs
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=300).astype(np.float32) * 3
+    ref = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    lp, top = logprobs(logits, 17, 5)
+    assert abs(lp - ref[17]) < 1e-9
+    want = np.argsort(-ref)[:5]
+    assert [t for t, _ in top] == list(want)
+    assert np.allclose([v for _, v in top], ref[want])
+    with pytest.raises(ValueError, match="top_logprobs must be in 0..20"):
+        logprobs(logits, 0, 21)
+
+
+def test_stop_strings_across_token_boundaries() -> None:
+    from dllama.generate import StopStrings
+
+    s = StopStrings(["END", "\n\nUser:"])
+    out = [s.feed(t) for t in ["Hello", " E", "N", "x", "\n", "\nUs", "er:", " more"]]
+    assert "".join(out) == "Hello ENx" and s.hit == "\n\nUser:"
+    s = StopStrings(["stop"])
+    assert s.feed("no st") == "no " and s.flush() == "st" and s.hit is None
+    s = StopStrings(["ab", "b"])  # the earliest match wins
+    assert s.feed("xab") == "x" and s.hit == "ab"

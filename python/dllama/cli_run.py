@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from dllama import cli_sampling as cs
 from dllama.generate import LLM, Piece, Summary
 
 _CORES = os.cpu_count() or 1
@@ -48,6 +49,58 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+def load_llm(
+    model: Path | None,
+    tokenizer: Path | None,
+    *,
+    nthreads: int,
+    buffer_float_type: BufferType,
+    max_seq_len: int,
+    weights_float_type: WeightsType | None,
+    workers: list[str] | None,
+    secret: str | None,
+    progress: bool = True,
+) -> LLM:
+    """The model of `run`, `chat` and `serve`: the default one when `model` is None; a
+    one-line error and exit on failure."""
+    if model is None:
+        from dllama import models
+
+        try:
+            model, default_tok = models.default_model(progress=progress)
+        except models.NoModelError as e:
+            _err(str(e))
+            raise typer.Exit(2) from None
+        if tokenizer is None:
+            tokenizer = default_tok
+    if tokenizer is None:
+        _err("--tokenizer is required with --model (a .t file or a SentencePiece .model)")
+        raise typer.Exit(2)
+    try:
+        return LLM(
+            model,
+            tokenizer,
+            nthreads=nthreads,
+            buffer_float_type=buffer_float_type.value,
+            max_seq_len=max_seq_len,
+            weights_float_type=weights_float_type.value if weights_float_type else None,
+            workers=workers or None,
+            secret=secret,
+        )
+    except (ValueError, OSError) as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+
+
+def model_line(llm: LLM) -> str:
+    node = llm.node
+    return (
+        f"💡 dim {node.dim}, {node.n_layers} layers, vocab {node.vocab_size}, "
+        f"weights {node.weights_float_type}, kernels {node.kernels}, {node.nthreads} threads; "
+        f"KV cache {node.max_seq_len} positions, {node.kv_cache_bytes / 2**20:.1f} MiB when full"
+    )
+
+
 def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     model: Annotated[
@@ -62,14 +115,34 @@ def run(
         Path | None,
         typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 256,
-    temperature: Annotated[
-        float, typer.Option(help="0 picks the most likely token; higher is more random.")
-    ] = 0.8,
-    topp: Annotated[float, typer.Option(help="Top-p (nucleus) sampling mass.")] = 0.9,
-    seed: Annotated[
-        int | None, typer.Option(help="Random seed: the same seed gives the same text.")
+    steps: Annotated[
+        int, typer.Option("--steps", "--max-tokens", help="Maximum number of tokens to generate.")
+    ] = 256,
+    temperature: cs.Temperature = 0.8,
+    topp: cs.TopP = 0.9,
+    top_k: cs.TopK = 0,
+    min_p: cs.MinP = 0.0,
+    repetition_penalty: cs.RepetitionPenalty = 1.0,
+    presence_penalty: cs.PresencePenalty = 0.0,
+    frequency_penalty: cs.FrequencyPenalty = 0.0,
+    seed: cs.Seed = None,
+    stop: cs.Stop = None,
+    logit_bias: cs.LogitBias = None,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(
+            "--logprobs",
+            help="With --json: each token's log-probability and its N best alternatives.",
+            show_default=False,
+        ),
     ] = None,
+    special: Annotated[
+        bool,
+        typer.Option(
+            "--special/--no-special",
+            help="Read the text of special tokens in the prompt (<|im_start|>) as those tokens.",
+        ),
+    ] = True,
     nthreads: Annotated[
         int, typer.Option(help="Threads for the matmuls (default: this machine's cores).")
     ] = _CORES,
@@ -107,43 +180,46 @@ def run(
     ] = None,
 ) -> None:
     """Generate text from PROMPT, printing it as it comes."""
-    if model is None:
-        from dllama import models
-
-        try:
-            model, default_tok = models.default_model(progress=not json_out)
-        except models.NoModelError as e:
-            _err(str(e))
-            raise typer.Exit(2) from None
-        if tokenizer is None:
-            tokenizer = default_tok
-    if tokenizer is None:
-        _err("--tokenizer is required with --model (a .t file or a SentencePiece .model)")
-        raise typer.Exit(2)
     try:
-        llm = LLM(
-            model,
-            tokenizer,
-            nthreads=nthreads,
-            buffer_float_type=buffer_float_type.value,
-            max_seq_len=max_seq_len,
-            weights_float_type=weights_float_type.value if weights_float_type else None,
-            workers=workers or None,
-            secret=secret,
+        params = cs.sampling_params(
+            temperature=temperature,
+            top_p=topp,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            seed=seed,
+            logit_bias=logit_bias,
         )
-    except (ValueError, OSError) as e:
+        cs.check_logprobs(logprobs)
+    except ValueError as e:
         _err(str(e))
-        raise typer.Exit(1) from None
-    node = llm.node
+        raise typer.Exit(2) from None
+    llm = load_llm(
+        model,
+        tokenizer,
+        nthreads=nthreads,
+        buffer_float_type=buffer_float_type,
+        max_seq_len=max_seq_len,
+        weights_float_type=weights_float_type,
+        workers=workers,
+        secret=secret,
+        progress=not json_out,
+    )
     if not json_out:
-        typer.echo(
-            f"💡 dim {node.dim}, {node.n_layers} layers, vocab {node.vocab_size}, "
-            f"weights {node.weights_float_type}, kernels {node.kernels}, {node.nthreads} threads; "
-            f"KV cache {node.max_seq_len} positions, {node.kv_cache_bytes / 2**20:.1f} MiB when full",
-            err=True,
-        )
+        typer.echo(model_line(llm), err=True)
     try:
-        for piece in llm.generate(prompt, steps, temperature, topp, seed):
+        params.check(llm.node.vocab_size)
+        pieces = llm.generate(
+            prompt,
+            steps,
+            sampling=params,
+            stop=stop or (),
+            top_logprobs=logprobs,
+            parse_special=special,
+        )
+        for piece in pieces:
             if json_out:
                 print(json.dumps(piece.to_dict(), ensure_ascii=False), flush=True)
             elif stats:

@@ -310,30 +310,11 @@ class Tokenizer:
     def render_chat(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """The prompt text of `messages` under the tokenizer's chat template (needs jinja2)."""
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template")
-        try:
-            import jinja2
-        except ImportError as e:
-            raise ValueError("rendering a chat template needs jinja2: pip install jinja2") from e
+        """The prompt text of `messages` under the tokenizer's chat template (else a built-in
+        one that fits the vocabulary): see `dllama.chat_template`."""
+        from dllama.chat_template import ChatTemplate
 
-        def raise_exception(message: str) -> None:
-            raise ValueError(message)
-
-        # the environment transformers renders chat templates with
-        env = jinja2.Environment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.globals["raise_exception"] = raise_exception
-        bos = self.vocab[self.bos_id].decode("utf-8", "replace").strip() if self.bos_id >= 0 else ""
-        eos = self.vocab[self.eos_ids[0]].decode("utf-8", "replace").strip() if self.eos_ids else ""
-        return env.from_string(self.chat_template).render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos,
-            eos_token=eos,
-        )
+        return ChatTemplate(self).render(messages, add_generation_prompt)
 
 
 class StreamDecoder:
