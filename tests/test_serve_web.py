@@ -1,0 +1,86 @@
+"""`dllama serve` against its own OpenAPI schema (schemathesis), and its chat page in a real
+headless Chromium (selenium with Debian's chromium-driver)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_utils import write_random_model
+from conftest_assets import mistral_sp_model
+from serve_utils import Server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    model = write_random_model(tmp_path_factory.mktemp("random") / "random.m", max_seq_len=512)
+    args = ["-m", str(model), "-t", str(mistral_sp_model()), "--nthreads", "1"]
+    with Server(*args, "--max-tokens-limit", "8", "--timeout", "60") as s:
+        yield s
+
+
+def test_schemathesis_finds_no_server_error(server: Server, tmp_path: Path) -> None:
+    pytest.importorskip("schemathesis")
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
+            "--checks", "not_a_server_error", "--max-examples", "30", "--seed", "1",
+            "--workers", "1", "--no-shrink", "--request-timeout", "60",
+            "--phases", "examples,coverage,fuzzing", "--report-dir", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failures" not in r.stdout.split("SUMMARY")[-1]
+    assert server.wait_idle()["status"] == "ok"
+
+
+def _chromedriver() -> str | None:
+    for name in ("chromedriver", "/usr/bin/chromedriver"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def test_chat_page_streams_an_answer_in_chromium(server: Server) -> None:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver_path = _chromedriver()
+    if driver_path is None:
+        pytest.skip("chromium-driver is not installed (scripts/test.sh installs it)")
+    opts = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(flag)
+    if os.path.exists("/usr/bin/chromium"):
+        opts.binary_location = "/usr/bin/chromium"
+    service = webdriver.ChromeService(executable_path=driver_path)
+    driver = webdriver.Chrome(options=opts, service=service)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "random")
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("Hello there", Keys.ENTER)
+        wait.until(lambda d: "tokens/s, first token after" in d.page_source)
+        answer = driver.find_elements(By.CSS_SELECTOR, ".assistant span")[0].text
+        stats = driver.find_elements(By.CSS_SELECTOR, ".stats span")[0].text
+        assert answer.strip(), driver.page_source
+        assert stats.startswith("8 tokens,") and "prompt" in stats
+        assert driver.find_elements(By.CSS_SELECTOR, ".user span")[0].text == "Hello there"
+        # a second turn: the conversation goes on, its prompt mostly from the KV cache
+        box.send_keys("And again", Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".stats span")) == 2)
+        wait.until(
+            lambda d: "from the cache" in d.find_elements(By.CSS_SELECTOR, ".stats span")[1].text
+        )
+    finally:
+        driver.quit()
