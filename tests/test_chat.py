@@ -230,3 +230,28 @@ def pexpect_eof() -> Any:
     import pexpect
 
     return pexpect.EOF
+
+
+def test_chat_with_a_worker(tmp_path: Path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    from cluster_utils import Workers, write_random_model
+    from conftest_assets import mistral_sp_model
+
+    model = write_random_model(tmp_path / "random.m", max_seq_len=256)
+    with Workers(1) as ws:
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "dllama.cli", "chat", "-m", str(model), "-t", str(mistral_sp_model()),
+             "--max-tokens", "6", "--temperature", "0", "--workers", *ws.addrs],
+            encoding="utf-8", timeout=120,
+        )  # fmt: skip
+        child.expect(r"chat template: (mistral|llama2)")
+        for question in ("Hello", "Again"):
+            child.expect("> ")
+            child.sendline(question)
+            child.expect(STATS)
+            assert int(child.match.group(1)) == 6
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
