@@ -1,36 +1,35 @@
 #!/usr/bin/env bash
 # Build the core crate for aarch64 and run its tests under qemu-user, once as a Pi 4
 # (Cortex-A72: NEON, no dot product) and once as a Pi 5 (Cortex-A76: NEON + dotprod), so
-# both NEON paths run for real. Uses Debian's rustc-web (its aarch64 std) and gcc cross linker.
+# both NEON paths run for real. Uses Debian's rustc-web with its aarch64 std
+# (scripts/aarch64-rust.sh), the gcc cross linker and qemu-user.
 #
 #   scripts/test-aarch64.sh            # install what is missing (needs root + apt), then test
 #   TEST_ARGS="kernels" scripts/...    # extra arguments for the test binaries (a filter)
+#
+# Installs with apt, only when missing: rustc-web, gcc-aarch64-linux-gnu, qemu-user (and
+# unpacks libstd-rust-web-dev:arm64 into a cache unless installed, see aarch64-rust.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/aarch64-rust.sh
 
-need=()
-command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
-command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
-[ -x /usr/bin/rustc ] || need+=(rustc-web)
-ls /usr/lib/rustlib/aarch64-unknown-linux-gnu/lib/libstd-*.rlib >/dev/null 2>&1 || need+=(libstd-rust-web-dev:arm64)
-if [ ${#need[@]} -gt 0 ]; then
-    echo "installing: ${need[*]}"
-    dpkg --add-architecture arm64
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu qemu-user
-fi
+apt_install gcc-aarch64-linux-gnu qemu-user
+aarch64_rust
+"$RUSTC" --version
 
-/usr/bin/rustc --version
-export RUSTC=/usr/bin/rustc
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/aarch64}"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-# dynamic binaries hang under this qemu-user: link statically
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="$AARCH64_RUSTFLAGS"
+# Dynamically linked test binaries run against the cross toolchain's own glibc: -L makes
+# qemu find its ld.so, and LD_LIBRARY_PATH makes that ld.so load the libc of the same build
+# (not an arm64 libc6 from the host's /lib/aarch64-linux-gnu, when one is installed: two
+# glibc builds mixed hang at the first thread).
+sysroot=/usr/aarch64-linux-gnu
 
 status=0
 for cpu in cortex-a72 cortex-a76; do
     echo "=== aarch64 tests on qemu -cpu $cpu ==="
-    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $cpu"
+    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $cpu -L $sysroot -E LD_LIBRARY_PATH=$sysroot/lib"
     log="$CARGO_TARGET_DIR/test-$cpu.log"
     mkdir -p "$CARGO_TARGET_DIR"
     # shellcheck disable=SC2086
