@@ -16,7 +16,7 @@ if [ "${DLLAMA_SKIP_AARCH64:-0}" != "1" ]; then
   scripts/test-aarch64.sh
 
   step "wheels: x86_64 and aarch64 (manylinux2014, abi3)"
-  wheels=target/wheels
+  wheels=target/ci-wheels
   rm -f "$wheels"/dllama-*.whl
   WHEEL_DIR=$wheels PYTHON=python scripts/build-wheels.sh x86_64 aarch64
   step "arm64 Debian root (cached in ${DLLAMA_CI_CACHE:-/var/cache/dllama-ci}), the aarch64 wheel installed in it"

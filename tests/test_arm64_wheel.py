@@ -9,11 +9,13 @@ weights), converted on the host, is bound read-only into the root.
 - `dllama run --temperature 0` on a Pi 4 (QEMU_CPU=cortex-a72) with DLLAMA_KERNELS=scalar:
   the greedy tokens equal the x86_64 scalar run's exactly (the same portable code).
 - The same on a Pi 4 with its NEON kernels and on a Pi 5 (cortex-a76, NEON + sdot), up to the
-  first near-tie. The margin rule: teacher-forced along the x86 scalar tokens, every logit
-  of the aarch64 run lies within B = LOGIT_BOUND of the x86 scalar one (checked). Then an
-  argmax can differ only at a step where the scalar top-1/top-2 gap is below 2·B; the greedy
-  tokens must be equal at every step before the first such near-tie, and where they first
-  differ (if they do) that step's gap must be below 2·(the measured maximum difference).
+  first near-tie. The margin rule, with l = the x86 scalar logits and l' the aarch64 ones,
+  both teacher-forced along the x86 scalar tokens t (same prefix at every step k):
+  |l' − l| ≤ LOGIT_BOUND at every token; no token gains more than NEAR_TIE on t_k,
+  max_v (l'_v − l'_t) − (l_v − l_t) ≤ NEAR_TIE; so a step whose scalar top-1/top-2 gap is at
+  least NEAR_TIE cannot change its choice, and there the aarch64 argmax must be t_k (checked
+  at every step); `dllama run`'s greedy tokens must equal t up to the first step whose gap is
+  below NEAR_TIE (the first near-tie), and may differ only from a near-tie on.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ REPO = Path(__file__).resolve().parent.parent
 ROOT_SH = REPO / "scripts" / "arm64-root.sh"
 PROMPT = "The Raspberry Pi is"
 STEPS = 16
-#: bound on |logit(aarch64 path) - logit(x86 scalar)| along the same tokens; the Q80 dots
-#: are exact integers on every path, so only f32 summation order and libm differ
-LOGIT_BOUND = 0.05
+#: bound on |logit(aarch64) − logit(x86 scalar)| at any token along the same tokens. The
+#: Q80 dots are exact integers on every path, but the f32 sums run in other orders, and the
+#: activations are re-quantized to 8 bits before each matmul, where a last-bit difference
+#: moves a value by a whole step (1/127 of its block's maximum). Measured over these 16
+#: steps: 0.95 (NEON on cortex-a72), 1.24 (NEON+sdot on cortex-a76), 1.14 (AVX2 against
+#: scalar on x86), on logits spanning 30-49.
+LOGIT_BOUND = 2.0
+#: bound on what any token gains on the scalar choice; measured up to 0.72 (NEON on
+#: cortex-a72), 1.03 (NEON+sdot on cortex-a76), 0.91 (AVX2 against scalar on x86)
+NEAR_TIE = 1.5
 
 pytestmark = [
     pytest.mark.slow,
@@ -190,15 +199,13 @@ def test_scalar_on_pi4_equals_x86_scalar(
     assert tokens == ref_tokens
     diff = float(np.abs(logits - ref_logits).max())
     print(f"aarch64 scalar vs x86 scalar: max |logit diff| {diff:.3g}")
-    assert diff <= LOGIT_BOUND
+    assert diff <= LOGIT_BOUND  # (measured: 0, the same f32 operations in the same order)
 
 
-def near_tie_prefix(ref_logits: npt.NDArray[np.float32], margin: float) -> int:
-    """Steps before the first one whose top-1/top-2 gap is below `margin` (all: none is)."""
-    top2 = np.sort(ref_logits, axis=1)[:, -2:]
-    gaps = top2[:, 1] - top2[:, 0]
-    close = np.nonzero(gaps < margin)[0]
-    return int(close[0]) if len(close) else len(gaps)
+def _gaps(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Top-1 minus top-2 logit of each step."""
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
 
 
 @pytest.mark.parametrize(
@@ -211,23 +218,31 @@ def test_neon_equals_scalar_up_to_first_near_tie(
     cpu: str,
     path: str,
 ) -> None:
-    ref_tokens, ref_logits = x86_scalar
-    tokens, logits, kernels = _arm_run(model, tmp_path, cpu, "auto", ref_tokens)
+    ref_tokens, ref = x86_scalar
+    tokens, arm, kernels = _arm_run(model, tmp_path, cpu, "auto", ref_tokens)
     assert kernels == path
-    diff = float(np.abs(logits - ref_logits).max())
-    n_sure = near_tie_prefix(ref_logits, 2 * LOGIT_BOUND)
+    steps = np.arange(len(ref_tokens))
+    t = np.array(ref_tokens)
+    assert (ref.argmax(axis=1) == t).all()  # the probe retraces the greedy run
+    diff = float(np.abs(arm - ref).max())
+    gain = ((arm - arm[steps, t][:, None]) - (ref - ref[steps, t][:, None])).max(axis=1)
+    sure = _gaps(ref) >= NEAR_TIE
+    first_tie = int(np.argmin(sure)) if not sure.all() else len(sure)
     first_diff = next(
-        (i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b),
+        (i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=False)) if a != b),
         min(len(tokens), len(ref_tokens)),
     )
     print(
-        f"{path} on {cpu}: max |logit diff| {diff:.3g}; tokens equal for {first_diff} of "
-        f"{len(ref_tokens)} steps; first near-tie (gap < {2 * LOGIT_BOUND}) at step {n_sure}"
+        f"{path} on {cpu}: max |logit diff| {diff:.3g}, max gain on the scalar choice "
+        f"{gain.max():.3g}; teacher-forced argmax equal at {int((arm.argmax(1) == t).sum())} "
+        f"of {len(t)} steps ({int(sure.sum())} not near-ties); greedy tokens equal for "
+        f"{first_diff} steps, first near-tie (gap < {NEAR_TIE}) at step {first_tie}"
     )
     assert diff <= LOGIT_BOUND
-    assert first_diff >= n_sure, (tokens, ref_tokens)
+    assert gain.max() <= NEAR_TIE
+    assert (arm.argmax(axis=1)[sure] == t[sure]).all()
+    assert first_diff >= first_tie, (tokens, ref_tokens)
     if first_diff < len(ref_tokens):
-        top2 = np.sort(ref_logits[first_diff])[-2:]
-        assert top2[1] - top2[0] < 2 * diff
+        assert not sure[first_diff]
     else:
         assert len(tokens) == len(ref_tokens)
