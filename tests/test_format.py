@@ -64,6 +64,7 @@ def test_header_fields_round_trip(tmp_path: Path) -> None:
         "moe_hidden_dim": 0,
         "n_experts": 0,
         "n_active_experts": 0,
+        "norm_topk_prob": 1,
     }
     path = tmp_path / "all.m"
     write_model(path, fields)

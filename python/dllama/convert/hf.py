@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: config.json + one or many *.safetensors (bf16, f16 or f32).
 
-Supports LlamaForCausalLM and MistralForCausalLM. The safetensors files are parsed here and
+Supports LlamaForCausalLM, MistralForCausalLM, Qwen3ForCausalLM and Qwen3MoeForCausalLM. The safetensors files are parsed here and
 memory-mapped (an 8-byte header length, a JSON header, then the raw tensors), so neither
 torch nor the `safetensors` package is needed and a tensor is only read when it is written.
 """
@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from dllama.convert.source import (
+    ARCH_QWEN3,
+    ARCH_QWEN3_MOE,
+    ROPE_FALCON,
     ConvertError,
     F32Array,
     Source,
@@ -25,7 +28,12 @@ from dllama.convert.source import (
     set_llama3_scaling,
 )
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 _DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
@@ -147,12 +155,38 @@ class HFSource(Source):
                 scaling["high_freq_factor"],
                 scaling["original_max_position_embeddings"],
             )
+        self.arch = next(a for a in archs if a in SUPPORTED_ARCHITECTURES)
+        if self.arch.startswith("Qwen3"):
+            self._qwen3_fields(cfg, config_path)
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self._files = [SafetensorsFile(p) for p in files]
         self._where = {name: f for f in self._files for name in f.entries}
         self._used: set[str] = set()
         if "lm_head.weight" not in self._where:
             self.tied = True
+
+    def _qwen3_fields(self, cfg: dict[str, Any], config_path: Path) -> None:
+        """Qwen3: per-head q/k norms, NeoX RoPE on unpermuted q/k; Qwen3-MoE: the experts."""
+        if cfg.get("attention_bias"):
+            raise ConvertError(f"{config_path}: attention_bias is not supported")
+        self.fields["rope_type"] = ROPE_FALCON
+        self.fields["arch_type"] = ARCH_QWEN3
+        if self.arch != "Qwen3MoeForCausalLM":
+            return
+        self.fields["arch_type"] = ARCH_QWEN3_MOE
+        # transformers >= 5 writes num_local_experts, the Qwen checkpoints num_experts
+        n_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        sparse_step = int(cfg.get("decoder_sparse_step", 1))
+        if cfg.get("mlp_only_layers") or sparse_step != 1:
+            raise ConvertError(
+                f"{config_path}: dense layers inside a Qwen3-MoE (mlp_only_layers "
+                f"{cfg.get('mlp_only_layers')}, decoder_sparse_step {sparse_step}) are not "
+                "supported: every layer must be a mixture of experts"
+            )
+        self.fields["n_experts"] = n_experts
+        self.fields["n_active_experts"] = int(cfg["num_experts_per_tok"])
+        self.fields["moe_hidden_dim"] = int(cfg["moe_intermediate_size"])
+        self.fields["norm_topk_prob"] = int(bool(cfg.get("norm_topk_prob", False)))
 
     def _get(self, key: str) -> F32Array:
         if key not in self._where:
@@ -174,13 +208,23 @@ class HFSource(Source):
             return self._get("model.norm.weight")
         if name == "wcls":
             return self._get("model.embed_tokens.weight" if self.tied else "lm_head.weight")
-        _, i, short = name.split(".")
+        _, i, short = name.split(".", 2)
         p = f"model.layers.{i}."
+        qwen3 = self.arch.startswith("Qwen3")  # q and k stay in HF's halves (falcon RoPE)
         if short == "q":
-            return permute_hf_to_meta(self._get(p + "self_attn.q_proj.weight"), self.n_heads)
+            w = self._get(p + "self_attn.q_proj.weight")
+            return w if qwen3 else permute_hf_to_meta(w, self.n_heads)
         if short == "k":
-            return permute_hf_to_meta(self._get(p + "self_attn.k_proj.weight"), self.n_kv_heads)
+            w = self._get(p + "self_attn.k_proj.weight")
+            return w if qwen3 else permute_hf_to_meta(w, self.n_kv_heads)
+        if short.startswith("experts."):
+            _, e, which = short.split(".")
+            proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[which]
+            return self._get(f"{p}mlp.experts.{e}.{proj}.weight")
         key = {
+            "q_norm": "self_attn.q_norm.weight",
+            "k_norm": "self_attn.k_norm.weight",
+            "moe_gate": "mlp.gate.weight",
             "v": "self_attn.v_proj.weight",
             "wo": "self_attn.o_proj.weight",
             "w1": "mlp.gate_proj.weight",

@@ -2,9 +2,11 @@
 
 A `Source` knows the `.m` header fields of its model (all but `weights_float_type`, which the
 writer sets) and hands out one float32 tensor at a time by its `.m` name (see DESIGN.md):
-`embedding`, `layers.{i}.{q,k,v,wo,w1,w2,w3,attn_norm,ffn_norm}`, `norm`, `wcls`. Matrices
-come as (rows, cols), norms as (dim,). Q and K rows are already in Meta's interleaved-pair
-RoPE order. Tensors are read from memory maps on demand, so only one is resident at a time.
+`embedding`, `layers.{i}.{q,k,v,wo,w1,w2,w3,attn_norm,ffn_norm}`, `norm`, `wcls`; Qwen3 adds
+`layers.{i}.{q_norm,k_norm}` and Qwen3-MoE has `layers.{i}.moe_gate` and
+`layers.{i}.experts.{e}.{w1,w2,w3}` in place of w1/w2/w3. Matrices come as (rows, cols), norms
+as (n,). Q and K rows are in the order the header's RoPE expects: Meta's interleaved pairs
+for llama, Hugging Face's halves for qwen3 (falcon RoPE). Tensors are read from memory maps on demand, so only one is resident at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dllama import _core
+
 F32Array = npt.NDArray[np.float32]
 HeaderFields = dict[str, int | float]
 
 ARCH_LLAMA = 0xABCD00
+ARCH_QWEN3 = 0xABCD01
+ARCH_QWEN3_MOE = 0xABCD02
 HIDDEN_ACT_SILU = 1
 ROPE_LLAMA = 0
+ROPE_FALCON = 1
 ROPE_LLAMA3_1 = 2
 
 
@@ -31,8 +38,10 @@ class ConvertError(ValueError):
     """A checkpoint or tokenizer that cannot be converted; the message names the problem."""
 
 
-def tensor_names(n_layers: int) -> list[str]:
-    """Every `.m` tensor name in file order."""
+def tensor_names(n_layers: int, fields: HeaderFields | None = None) -> list[str]:
+    """Every `.m` tensor name in file order (of a llama model, or of the model of `fields`)."""
+    if fields is not None:
+        return [spec[0] for spec in _core.model_tensors({**fields, "weights_float_type": 0})]
     names = ["embedding"]
     for i in range(n_layers):
         names += [
@@ -119,6 +128,12 @@ def expected_shape(fields: HeaderFields, name: str) -> tuple[int, ...]:
     if name == "norm":
         return (dim,)
     short = name.rsplit(".", 1)[-1]
+    if ".experts." in name:
+        hidden = int(fields["moe_hidden_dim"])
+    if short in ("q_norm", "k_norm"):
+        return (hd,)
+    if short == "moe_gate":
+        return (int(fields["n_experts"]), dim)
     return {
         "q": (q_rows, dim),
         "k": (kv_rows, dim),
@@ -207,7 +222,7 @@ class Source(abc.ABC):
 
     def iter_tensors(self) -> Iterator[tuple[str, F32Array]]:
         """Every tensor in `.m` file order, one at a time."""
-        for name in tensor_names(int(self.fields["n_layers"])):
+        for name in tensor_names(int(self.fields["n_layers"]), self.fields):
             yield name, self.tensor(name)
 
     def checked(self, name: str) -> F32Array:

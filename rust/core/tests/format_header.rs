@@ -29,6 +29,7 @@ fn all_fields(ft: FloatType) -> ModelHeader {
         head_dim: 32, // not dim / n_heads = 16: must be carried explicitly
         norm_epsilon: 1e-6,
         moe_hidden_dim: 64,
+        norm_topk_prob: true,
         file_header_size: None,
     }
 }
@@ -486,8 +487,8 @@ fn absurd_header_size() {
 
 #[test]
 fn unknown_and_duplicate_keys() {
-    let m = format_err(&with(&[(22, 1)]));
-    assert!(m.contains("unknown header key 22"), "{m}");
+    let m = format_err(&with(&[(23, 1)]));
+    assert!(m.contains("unknown header key 23"), "{m}");
     let m = format_err(&with(&[(-1, 0)]));
     assert!(m.contains("unknown header key -1"), "{m}");
     let mut pairs = BASE.to_vec();
@@ -555,10 +556,17 @@ fn quantized_weights_need_multiples_of_32() {
 
 #[test]
 fn unsupported_models() {
-    let m = format_err(&with(&[(1, 0xABCD01)]));
-    assert!(m.contains("qwen3") && m.contains("not supported"), "{m}");
+    // experts in a llama header (Mixtral) are refused; qwen3_moe needs them
     let m = format_err(&with(&[(7, 8), (8, 2)]));
     assert!(m.contains("mixture-of-experts"), "{m}");
+    let m = format_err(&with(&[(1, 0xABCD02)]));
+    assert!(m.contains("qwen3_moe needs"), "{m}");
+    let m = format_err(&with(&[(1, 0xABCD02), (7, 4), (8, 5), (21, 32)]));
+    assert!(m.contains("n_active_experts 5"), "{m}");
+    let m = format_err(&with(&[(1, 0xABCD02), (7, 4), (8, 2), (21, 40), (13, 2)]));
+    assert!(m.contains("hidden_dim = 40 is not a multiple of 32"), "{m}");
+    let m = format_err(&with(&[(1, 0xABCD02), (7, 4), (8, 2), (21, 32), (22, 2)]));
+    assert!(m.contains("norm_topk_prob = 2"), "{m}");
     let m = format_err(&with(&[(0, 1)]));
     assert!(m.contains("version 1"), "{m}");
     let m = format_err(&with(&[(18, 2), (14, 8), (15, 4), (16, 1), (17, 8192)]));
@@ -602,4 +610,131 @@ fn from_fields_errors_are_invalid_argument() {
     let mut f = ok.clone();
     f.push(("rope_theta".into(), FieldValue::Float(500000.0)));
     assert_eq!(ModelHeader::from_fields(&f).unwrap().rope_theta, 500000);
+}
+
+/// The tensor list of qwen3 / qwen3_moe headers follows distributed-llama's loadLlmNetWeight:
+/// q, k, v, wo, [router, then w1 w2 w3 of each expert | w1 w2 w3], q_norm, k_norm, the two
+/// block norms; the forced falcon RoPE; norm_topk_prob = false written as key 22.
+#[test]
+fn qwen3_layouts() {
+    let base = ModelHeader {
+        dim: 64,
+        hidden_dim: 96,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 32,
+        vocab_size: 100,
+        max_seq_len: 128,
+        weights_float_type: FloatType::Q40,
+        rope_theta: 1_000_000,
+        norm_epsilon: 1e-6,
+        ..ModelHeader::default()
+    };
+    let dense = ModelHeader {
+        arch_type: ArchType::Qwen3,
+        rope_type: RopeType::Falcon,
+        ..base.clone()
+    };
+    dense.validate().unwrap();
+    let names: Vec<String> = dense.tensors().into_iter().map(|t| t.name).collect();
+    let layer0: Vec<&str> = names[1..12].iter().map(|s| s.as_str()).collect();
+    assert_eq!(
+        layer0,
+        [
+            "layers.0.q",
+            "layers.0.k",
+            "layers.0.v",
+            "layers.0.wo",
+            "layers.0.w1",
+            "layers.0.w2",
+            "layers.0.w3",
+            "layers.0.q_norm",
+            "layers.0.k_norm",
+            "layers.0.attn_norm",
+            "layers.0.ffn_norm"
+        ]
+    );
+    // a qwen3 file written with rope_type 0 (distributed-llama's converter does not set it)
+    // reads as falcon, as the C++ does
+    let mut bytes = ModelHeader {
+        rope_type: RopeType::Falcon,
+        ..dense.clone()
+    }
+    .to_bytes();
+    let pos = bytes
+        .chunks(4)
+        .position(|w| w == 18i32.to_le_bytes())
+        .unwrap()
+        * 4;
+    bytes[pos + 4..pos + 8].copy_from_slice(&0i32.to_le_bytes());
+    assert_eq!(
+        ModelHeader::parse(&bytes).unwrap().rope_type,
+        RopeType::Falcon
+    );
+
+    let moe = ModelHeader {
+        arch_type: ArchType::Qwen3Moe,
+        rope_type: RopeType::Falcon,
+        n_experts: 3,
+        n_active_experts: 2,
+        moe_hidden_dim: 32,
+        ..base.clone()
+    };
+    moe.validate().unwrap();
+    let t = moe.tensors();
+    let layer0: Vec<(&str, usize, usize)> = t[1..19]
+        .iter()
+        .map(|s| (s.name.as_str(), s.rows, s.cols))
+        .collect();
+    assert_eq!(
+        layer0,
+        [
+            ("layers.0.q", 128, 64),
+            ("layers.0.k", 64, 64),
+            ("layers.0.v", 64, 64),
+            ("layers.0.wo", 64, 128),
+            ("layers.0.moe_gate", 3, 64),
+            ("layers.0.experts.0.w1", 32, 64),
+            ("layers.0.experts.0.w2", 64, 32),
+            ("layers.0.experts.0.w3", 32, 64),
+            ("layers.0.experts.1.w1", 32, 64),
+            ("layers.0.experts.1.w2", 64, 32),
+            ("layers.0.experts.1.w3", 32, 64),
+            ("layers.0.experts.2.w1", 32, 64),
+            ("layers.0.experts.2.w2", 64, 32),
+            ("layers.0.experts.2.w3", 32, 64),
+            ("layers.0.q_norm", 1, 32),
+            ("layers.0.k_norm", 1, 32),
+            ("layers.0.attn_norm", 1, 64),
+            ("layers.0.ffn_norm", 1, 64),
+        ]
+    );
+    assert_eq!(t[5].float_type, FloatType::F32); // the router
+    assert_eq!(t[6].float_type, FloatType::Q40);
+    // the file size from distributed-llama's sizes: embedding and norms f32, router f32
+    // (n_experts x dim), the rest in blocks of 32 values = 18 bytes
+    let q40 = |n: u64| n / 32 * 18;
+    let layer = q40(128 * 64)
+        + 2 * q40(64 * 64)
+        + q40(64 * 128)
+        + 3 * 64 * 4
+        + 3 * 3 * q40(32 * 64)
+        + 2 * 32 * 4
+        + 2 * 64 * 4;
+    let want = moe.header_size() as u64 + 100 * 64 * 4 + 2 * layer + 64 * 4 + q40(100 * 64);
+    assert_eq!(moe.file_size(), want);
+    // round trip, with and without norm_topk_prob (key 22 only when false)
+    for norm in [true, false] {
+        let h = ModelHeader {
+            norm_topk_prob: norm,
+            ..moe.clone()
+        };
+        let b = h.to_bytes();
+        let has22 = b[8..].chunks(8).any(|p| p[..4] == 22i32.to_le_bytes());
+        assert_eq!(has22, !norm);
+        let back = ModelHeader::parse(&b).unwrap();
+        assert_eq!(back.norm_topk_prob, norm);
+        assert_eq!(back.tensors(), h.tensors());
+    }
 }

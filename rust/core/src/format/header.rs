@@ -12,16 +12,18 @@ pub const MODEL_MAGIC: u32 = 0x0A00_ABCD;
 const OLD_MAGICS: [u32; 2] = [0x00AB_CD00, 0x00AB_CD01];
 /// Largest header accepted: far more than the 22 keys defined so far.
 pub const MAX_HEADER_SIZE: usize = 8 + 8 * 128;
+/// Most experts a MoE layer may have (Qwen3-30B-A3B has 128).
+const MAX_EXPERTS: usize = 4096;
 /// Largest file the header may describe (256 TiB): anything above is a corrupt header.
 const MAX_FILE_SIZE: u64 = 1 << 48;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArchType {
-    /// Llama, Mistral (`0xABCD00`): the only architecture dllama runs.
+    /// Llama, Mistral (`0xABCD00`).
     Llama,
-    /// Qwen3 (`0xABCD01`): per-head q/k norms; not supported.
+    /// Qwen3 (`0xABCD01`): Llama plus a per-head RMSNorm on q and k, NeoX (falcon) RoPE.
     Qwen3,
-    /// Qwen3 MoE (`0xABCD02`): not supported.
+    /// Qwen3 MoE (`0xABCD02`): Qwen3 attention, a routed mixture of SwiGLU experts as FFN.
     Qwen3Moe,
 }
 
@@ -47,6 +49,10 @@ impl ArchType {
             ArchType::Qwen3 => "qwen3",
             ArchType::Qwen3Moe => "qwen3_moe",
         }
+    }
+    /// Qwen3 and Qwen3-MoE normalise each head of q and k before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, ArchType::Qwen3 | ArchType::Qwen3Moe)
     }
 }
 
@@ -117,6 +123,10 @@ mod key {
     pub const HEAD_DIM: i32 = 19;
     pub const NORM_EPSILON: i32 = 20;
     pub const MOE_HIDDEN_DIM: i32 = 21;
+    /// dllama's extension (not in distributed-llama, which always renormalises): 0 when the
+    /// top-k router weights are used as the softmax gives them. Written only when 0, so a
+    /// file distributed-llama cannot compute correctly is one it refuses to read.
+    pub const NORM_TOPK_PROB: i32 = 22;
 }
 
 pub use super::header_fields::{FieldValue, FIELD_NAMES};
@@ -152,6 +162,9 @@ pub struct ModelHeader {
     /// 1e-5 or 1e-6 (stored as 5 or 6).
     pub norm_epsilon: f32,
     pub moe_hidden_dim: usize,
+    /// MoE: renormalise the top-k router probabilities to sum to 1 (distributed-llama always
+    /// does; key 22, absent = true).
+    pub norm_topk_prob: bool,
     /// Size of the header in the file this was parsed from (its key set may differ from the one
     /// [`ModelHeader::to_bytes`] writes); `None` for a header made in code.
     pub file_header_size: Option<usize>,
@@ -184,6 +197,7 @@ impl Default for ModelHeader {
             head_dim: 0,
             norm_epsilon: 1e-5,
             moe_hidden_dim: 0,
+            norm_topk_prob: true,
             file_header_size: None,
         }
     }
@@ -328,6 +342,13 @@ impl ModelHeader {
                     }
                 }
                 key::MOE_HIDDEN_DIM => h.moe_hidden_dim = count(v)?,
+                key::NORM_TOPK_PROB => {
+                    h.norm_topk_prob = match v {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(bad(format!("norm_topk_prob = {v} (expected 0 or 1)"))),
+                    }
+                }
                 _ => unreachable!("key range checked above"),
             }
         }
@@ -339,6 +360,10 @@ impl ModelHeader {
         if !head_dim_given {
             h.resolve_head_dim()
                 .map_err(|m| Error::format(format!("{what}: {m}")))?;
+        }
+        // as distributed-llama's loadLlmHeader: Qwen3 rotates halves whatever the key says
+        if h.arch_type.has_qk_norm() {
+            h.rope_type = RopeType::Falcon;
         }
         h.check()
             .map_err(|m| Error::format(format!("{what}: {m}")))?;
@@ -376,13 +401,6 @@ impl ModelHeader {
                 self.version
             ));
         }
-        if self.arch_type != ArchType::Llama {
-            return Err(format!(
-                "arch_type {} ({:#x}) is not supported: dllama runs llama / mistral models (0xabcd00)",
-                self.arch_type.name(),
-                self.arch_type.code()
-            ));
-        }
         for (name, v) in [
             ("dim", self.dim),
             ("hidden_dim", self.hidden_dim),
@@ -412,10 +430,32 @@ impl ModelHeader {
                 self.head_dim
             ));
         }
-        if self.n_experts > 0 || self.n_active_experts > 0 {
+        if self.arch_type == ArchType::Qwen3Moe {
+            let (e, k, h) = (self.n_experts, self.n_active_experts, self.moe_hidden_dim);
+            if e == 0 || k == 0 || k > e || h == 0 {
+                return Err(format!(
+                    "qwen3_moe needs 0 < n_active_experts <= n_experts and moe_hidden_dim > 0; \
+                     got n_experts {e}, n_active_experts {k}, moe_hidden_dim {h}"
+                ));
+            }
+            if e > MAX_EXPERTS || h > i32::MAX as usize {
+                return Err(format!(
+                    "n_experts {e} (at most {MAX_EXPERTS}) or moe_hidden_dim {h} is absurd"
+                ));
+            }
+        } else if self.n_experts > 0 || self.n_active_experts > 0 {
             return Err(format!(
-                "mixture-of-experts models (n_experts = {}, n_active_experts = {}) are not supported",
-                self.n_experts, self.n_active_experts
+                "arch_type {} has no experts, but n_experts = {}, n_active_experts = {} \
+                 (mixture-of-experts Llama models such as Mixtral are not supported)",
+                self.arch_type.name(),
+                self.n_experts,
+                self.n_active_experts
+            ));
+        }
+        if self.arch_type.has_qk_norm() && self.rope_type != RopeType::Falcon {
+            return Err(format!(
+                "arch_type {} rotates halves: rope_type must be 1 (falcon)",
+                self.arch_type.name()
             ));
         }
         if self.rope_theta == 0 {
@@ -446,7 +486,7 @@ impl ModelHeader {
             for (name, v) in [
                 ("dim", self.dim),
                 ("n_heads × head_dim", self.q_dim()),
-                ("hidden_dim", self.hidden_dim),
+                ("hidden_dim", self.ffn_hidden_dim()),
             ] {
                 if v % QK != 0 {
                     return Err(format!(
@@ -465,14 +505,15 @@ impl ModelHeader {
         let (d, v, hd) = (
             self.dim as u128,
             self.vocab_size as u128,
-            self.hidden_dim as u128,
+            self.ffn_hidden_dim() as u128 * (self.n_experts.max(1) as u128),
         );
         let (q, kv, l) = (
             self.q_dim() as u128,
             self.kv_dim() as u128,
             self.n_layers as u128,
         );
-        let weights = v * d * 2 + l * (2 * q * d + 2 * kv * d + 3 * hd * d);
+        let router = self.n_experts as u128 * d;
+        let weights = v * d * 2 + l * (2 * q * d + 2 * kv * d + 3 * hd * d + router);
         let bytes = weights * 4 + l * 2 * d * 4;
         if bytes > MAX_FILE_SIZE as u128 {
             return Err(format!(
@@ -496,6 +537,15 @@ impl ModelHeader {
         self.n_kv_heads.saturating_mul(self.head_dim)
     }
 
+    /// Hidden units of one FFN: `moe_hidden_dim` per expert for qwen3_moe, else `hidden_dim`.
+    pub fn ffn_hidden_dim(&self) -> usize {
+        if self.arch_type == ArchType::Qwen3Moe {
+            self.moe_hidden_dim
+        } else {
+            self.hidden_dim
+        }
+    }
+
     /// Bytes before the first tensor: the file's header size for a parsed header, else the size
     /// of [`to_bytes`](Self::to_bytes).
     pub fn header_size(&self) -> usize {
@@ -503,11 +553,14 @@ impl ModelHeader {
             .unwrap_or_else(|| 8 + 8 * self.pairs().len())
     }
 
-    /// Every tensor in file order, with offsets (see docs/DESIGN.md for names and shapes).
+    /// Every tensor in file order, with offsets (see docs/DESIGN.md for names and shapes), as
+    /// distributed-llama's `loadLlmNetWeight` reads them: qwen3_moe layers hold the router
+    /// (`moe_gate`, F32) then w1, w2, w3 of each expert in place of the FFN; qwen3 and
+    /// qwen3_moe add `q_norm` and `k_norm` (head_dim each, F32) before the block norms.
     pub fn tensors(&self) -> Vec<TensorSpec> {
         let (wt, f32) = (self.weights_float_type, FloatType::F32);
-        let (dim, hidden, vocab) = (self.dim, self.hidden_dim, self.vocab_size);
-        let (q_dim, kv_dim) = (self.q_dim(), self.kv_dim());
+        let (dim, hidden, vocab) = (self.dim, self.ffn_hidden_dim(), self.vocab_size);
+        let (q_dim, kv_dim, hd) = (self.q_dim(), self.kv_dim(), self.head_dim);
         let mut t = Layout::new(self.header_size() as u64);
         t.push("embedding".into(), vocab, dim, f32);
         for i in 0..self.n_layers {
@@ -515,9 +568,22 @@ impl ModelHeader {
             t.push(format!("layers.{i}.k"), kv_dim, dim, wt);
             t.push(format!("layers.{i}.v"), kv_dim, dim, wt);
             t.push(format!("layers.{i}.wo"), dim, q_dim, wt);
-            t.push(format!("layers.{i}.w1"), hidden, dim, wt);
-            t.push(format!("layers.{i}.w2"), dim, hidden, wt);
-            t.push(format!("layers.{i}.w3"), hidden, dim, wt);
+            if self.arch_type == ArchType::Qwen3Moe {
+                t.push(format!("layers.{i}.moe_gate"), self.n_experts, dim, f32);
+                for e in 0..self.n_experts {
+                    t.push(format!("layers.{i}.experts.{e}.w1"), hidden, dim, wt);
+                    t.push(format!("layers.{i}.experts.{e}.w2"), dim, hidden, wt);
+                    t.push(format!("layers.{i}.experts.{e}.w3"), hidden, dim, wt);
+                }
+            } else {
+                t.push(format!("layers.{i}.w1"), hidden, dim, wt);
+                t.push(format!("layers.{i}.w2"), dim, hidden, wt);
+                t.push(format!("layers.{i}.w3"), hidden, dim, wt);
+            }
+            if self.arch_type.has_qk_norm() {
+                t.push(format!("layers.{i}.q_norm"), 1, hd, f32);
+                t.push(format!("layers.{i}.k_norm"), 1, hd, f32);
+            }
             t.push(format!("layers.{i}.attn_norm"), 1, dim, f32);
             t.push(format!("layers.{i}.ffn_norm"), 1, dim, f32);
         }
@@ -592,6 +658,9 @@ impl ModelHeader {
         ));
         if self.moe_hidden_dim != 0 {
             p.push((key::MOE_HIDDEN_DIM, i(self.moe_hidden_dim)));
+        }
+        if !self.norm_topk_prob {
+            p.push((key::NORM_TOPK_PROB, 0));
         }
         p
     }

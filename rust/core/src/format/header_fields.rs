@@ -5,7 +5,7 @@ use super::FloatType;
 use crate::error::{Error, Result};
 
 /// Field names, indexed by header key (the Python dict keys).
-pub const FIELD_NAMES: [&str; 22] = [
+pub const FIELD_NAMES: [&str; 23] = [
     "version",
     "arch_type",
     "dim",
@@ -28,6 +28,7 @@ pub const FIELD_NAMES: [&str; 22] = [
     "head_dim",
     "norm_epsilon",
     "moe_hidden_dim",
+    "norm_topk_prob",
 ];
 
 /// A header field value as the binding sees it.
@@ -87,6 +88,7 @@ impl ModelHeader {
                 }),
             ),
             ("moe_hidden_dim", n(self.moe_hidden_dim)),
+            ("norm_topk_prob", Int(self.norm_topk_prob as i64)),
         ]
     }
 
@@ -162,6 +164,13 @@ impl ModelHeader {
                     }
                 }
                 "moe_hidden_dim" => h.moe_hidden_dim = count()?,
+                "norm_topk_prob" => {
+                    h.norm_topk_prob = match int()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(code_err("0 false, 1 true")),
+                    }
+                }
                 "header_size" => h.file_header_size = Some(count()?),
                 "file_size" => file_size = Some(int()?),
                 _ => {
@@ -174,6 +183,9 @@ impl ModelHeader {
         }
         if h.head_dim == 0 {
             h.resolve_head_dim().map_err(Error::invalid)?;
+        }
+        if h.arch_type.has_qk_norm() {
+            h.rope_type = RopeType::Falcon; // as a parsed header (and distributed-llama) has it
         }
         h.validate()?;
         if let Some(fs) = file_size {

@@ -1,5 +1,6 @@
 //! A model file, memory-mapped: the header, the tensor list and zero-copy access to the bytes.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +18,16 @@ pub struct ModelFile {
     pub tensors: Vec<TensorSpec>,
     pub path: PathBuf,
     map: Arc<Mmap>,
+    /// Position in `tensors` by name (a MoE model has tens of thousands of tensors).
+    index: HashMap<String, usize>,
+}
+
+fn index_of(tensors: &[TensorSpec]) -> HashMap<String, usize> {
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect()
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -77,6 +88,7 @@ impl ModelFile {
         check_size(path, map.len() as u64, expected)?;
         Ok(ModelFile {
             header,
+            index: index_of(&tensors),
             tensors,
             path: path.to_path_buf(),
             map: Arc::new(map),
@@ -91,6 +103,7 @@ impl ModelFile {
         check_size(path, map.len() as u64, expected)?;
         Ok(ModelFile {
             header,
+            index: index_of(&tensors),
             tensors,
             path: path.to_path_buf(),
             map: Arc::new(map),
@@ -99,9 +112,9 @@ impl ModelFile {
 
     /// The tensor called `name` (`embedding`, `layers.3.q`, `norm`, `wcls`, ...).
     pub fn tensor(&self, name: &str) -> Result<&TensorSpec> {
-        self.tensors.iter().find(|t| t.name == name).ok_or_else(|| {
+        self.index.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| {
             Error::invalid(format!(
-                "model file {} has no tensor {name:?} (tensors are embedding, layers.<i>.<q|k|v|wo|w1|w2|w3|attn_norm|ffn_norm>, norm, wcls; n_layers = {})",
+                "model file {} has no tensor {name:?} (tensors are embedding, layers.<i>.<q|k|v|wo|w1|w2|w3|q_norm|k_norm|moe_gate|experts.<e>.<w1|w2|w3>|attn_norm|ffn_norm>, norm, wcls; n_layers = {})",
                 self.path.display(),
                 self.header.n_layers
             ))

@@ -4,9 +4,21 @@ use crate::format::{ArchType, FloatType, HiddenAct, ModelHeader};
 use crate::ops::{RopeConfig, RopeScaling, RopeType};
 use crate::{Error, Result};
 
+/// The mixture-of-experts FFN of qwen3_moe: a router picks `n_active` of `n_experts` SwiGLU
+/// experts per token (each of `ModelConfig::hidden_dim` hidden units).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub n_experts: usize,
+    pub n_active: usize,
+    /// Renormalise the top-k router probabilities so they sum to 1.
+    pub norm_topk_prob: bool,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    pub arch: ArchType,
     pub dim: usize,
+    /// Hidden units of the FFN (of one expert for a MoE model).
     pub hidden_dim: usize,
     pub n_layers: usize,
     pub n_heads: usize,
@@ -18,8 +30,12 @@ pub struct ModelConfig {
     pub norm_epsilon: f32,
     pub hidden_act: HiddenAct,
     pub rope: RopeConfig,
-    /// Storage type of the matmul weights (embedding and norms are always F32).
+    /// Storage type of the matmul weights (embedding, norms and router are always F32).
     pub weights_float_type: FloatType,
+    /// Per-head RMSNorm of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Some for a mixture-of-experts FFN.
+    pub moe: Option<MoeConfig>,
 }
 
 /// Quantized types store values in blocks of 32.
@@ -35,22 +51,16 @@ pub fn bytes_for(ft: FloatType, n: usize) -> usize {
 impl ModelConfig {
     /// From a parsed `.m` header; refuses what this engine does not run.
     pub fn from_header(h: &ModelHeader) -> Result<ModelConfig> {
-        if h.arch_type != ArchType::Llama {
-            return Err(Error::format(format!(
-                "architecture {} is not supported (only llama: Llama 2/3, Mistral, SmolLM2)",
-                h.arch_type.name()
-            )));
-        }
-        if h.n_experts > 0 {
-            return Err(Error::format(format!(
-                "mixture-of-experts models ({} experts) are not supported",
-                h.n_experts
-            )));
-        }
+        let moe = (h.arch_type == ArchType::Qwen3Moe).then_some(MoeConfig {
+            n_experts: h.n_experts,
+            n_active: h.n_active_experts,
+            norm_topk_prob: h.norm_topk_prob,
+        });
         let rope_type = RopeType::from_code(h.rope_type.code())?;
         let cfg = ModelConfig {
+            arch: h.arch_type,
             dim: h.dim,
-            hidden_dim: h.hidden_dim,
+            hidden_dim: h.ffn_hidden_dim(),
             n_layers: h.n_layers,
             n_heads: h.n_heads,
             n_kv_heads: h.n_kv_heads,
@@ -71,6 +81,8 @@ impl ModelConfig {
                 }),
             },
             weights_float_type: h.weights_float_type,
+            qk_norm: h.arch_type.has_qk_norm(),
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -132,6 +144,14 @@ impl ModelConfig {
                 self.hidden_dim,
                 self.q_dim()
             ));
+        }
+        if let Some(m) = self.moe {
+            if m.n_active == 0 || m.n_active > m.n_experts {
+                return bad(format!(
+                    "{} active experts of {}: need 0 < n_active_experts <= n_experts",
+                    m.n_active, m.n_experts
+                ));
+            }
         }
         self.rope
             .frequencies()

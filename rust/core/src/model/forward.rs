@@ -1,4 +1,6 @@
-//! The Llama forward pass of one node, llama2.c style: it reads top to bottom like the paper.
+//! The Llama / Qwen3 / Qwen3-MoE forward pass of one node, llama2.c style: it reads top to
+//! bottom like the papers. Qwen3 adds an RMSNorm of each q and k head before RoPE; Qwen3-MoE
+//! replaces the FFN by a router and top-k SwiGLU experts (Switch / Mixtral style).
 //!
 //! Every node holds the full residual stream `x` (n_tokens, dim) and computes its slice of
 //! each layer (its heads, its hidden units); the collective sums the partial outputs of the
@@ -9,11 +11,11 @@ use super::compute::{self, input};
 use super::config::{is_quantized, ModelConfig};
 use super::kv_cache::KvCache;
 use super::split::NodeSlice;
-use super::weights::Weights;
+use super::weights::{Ffn, SwiGlu, Weights};
 use crate::format::HiddenAct;
 use crate::ops::{self, AttentionShape, RopeTable};
 use crate::pool::ThreadPool;
-use crate::quant::{BlockQ80, QK};
+use crate::quant::{self, BlockQ80, QK};
 use crate::{Error, Result};
 
 /// Prompt tokens go through the layers in batches of at most this many: each weight row is
@@ -55,6 +57,9 @@ struct Buffers {
     h3: Vec<f32>,           // (batch, hidden_local) up
     logits_local: Vec<f32>, // (vocab_local)
     fused: Vec<f32>,        // (batch, max(q_local + 2 kv_local, 2 hidden_local)) fused matmul out
+    router: Vec<f32>,       // (batch, n_experts) router logits, then probabilities (MoE)
+    xe: Vec<f32>,           // (batch, dim) the normed inputs of the tokens routed to one expert
+    proj_e: Vec<f32>,       // (batch, dim) one expert's output for those tokens
 }
 
 pub struct Model {
@@ -114,6 +119,9 @@ impl Model {
             h3: vec![0.0; b * hid],
             logits_local: vec![0.0; slice.vocab.len()],
             fused: vec![0.0; b * (q_local + 2 * kv_local).max(2 * hid)],
+            router: vec![0.0; cfg.moe.map_or(0, |m| b * m.n_experts)],
+            xe: vec![0.0; if cfg.moe.is_some() { b * cfg.dim } else { 0 }],
+            proj_e: vec![0.0; if cfg.moe.is_some() { b * cfg.dim } else { 0 }],
         };
         let q80_inputs = buffer_type == BufferType::Q80 && is_quantized(cfg.weights_float_type);
         Ok(Model {
@@ -259,6 +267,11 @@ impl Model {
                 compute::matmul(pool, &lw.wk, xin, n, &mut bufs.k[..n * kv_local])?;
                 compute::matmul(pool, &lw.wv, xin, n, &mut bufs.v[..n * kv_local])?;
             }
+            // Qwen3: RMSNorm of every head of q and k
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                ops::rmsnorm_heads(&mut bufs.q[..n * q_local], qn, cfg.norm_epsilon)?;
+                ops::rmsnorm_heads(&mut bufs.k[..n * kv_local], kn, cfg.norm_epsilon)?;
+            }
             // RoPE on q and k
             rope.apply_rows(&mut bufs.q[..n * q_local], q_local, pos)?;
             rope.apply_rows(&mut bufs.k[..n * kv_local], kv_local, pos)?;
@@ -289,31 +302,60 @@ impl Model {
             // residual connection
             add(x, &bufs.proj[..n * dim]);
 
-            // ---- feed-forward (SwiGLU) ----
+            // ---- feed-forward ----
             // ffn rmsnorm
             ops::rmsnorm_rows(x, &lw.ffn_norm, cfg.norm_epsilon, &mut bufs.xb[..n * dim])?;
-            // gate and up projections (this node's hidden units)
-            let xin = input(q80, lw.w1.dtype, &bufs.xb[..n * dim], &mut bufs.xq)?;
-            if let (Some(p), true) = (&lw.w13_packed, q80) {
-                let fused = &mut bufs.fused[..n * 2 * hid];
-                compute::matmul_packed(pool, p, xin, n, fused)?;
-                compute::split_columns(
-                    fused,
-                    n,
-                    &mut [(&mut bufs.h1[..], hid), (&mut bufs.h3[..], hid)],
-                );
-            } else {
-                compute::matmul(pool, &lw.w1, xin, n, &mut bufs.h1[..n * hid])?;
-                compute::matmul(pool, &lw.w3, xin, n, &mut bufs.h3[..n * hid])?;
+            let mut ff = SwiGluRun {
+                pool,
+                q80,
+                act: cfg.hidden_act,
+                hid,
+                xq: &mut bufs.xq,
+                h1: &mut bufs.h1,
+                h3: &mut bufs.h3,
+                fused: &mut bufs.fused,
+            };
+            match &lw.ffn {
+                // SwiGLU of this node's hidden units, partial sums of the down projection
+                Ffn::Dense(f) => ff.run(f, &bufs.xb[..n * dim], n, &mut bufs.proj[..n * dim])?,
+                // mixture of experts: each chosen expert runs once on the tokens routed to it
+                Ffn::Moe {
+                    router,
+                    experts,
+                    n_active,
+                } => {
+                    let n_experts = experts.len();
+                    // router logits (n, n_experts) in f32, softmax, top-k of each token
+                    let logits = &mut bufs.router[..n * n_experts];
+                    let xin = quant::Input::F32(&bufs.xb[..n * dim]);
+                    compute::matmul(ff.pool, router, xin, n, logits)?;
+                    let norm_topk = cfg.moe.is_some_and(|m| m.norm_topk_prob);
+                    let routes = ops::route_top_k(logits, n_experts, *n_active, norm_topk)?;
+                    let out = &mut bufs.proj[..n * dim];
+                    out.fill(0.0);
+                    for (expert, chosen) in experts.iter().zip(&routes) {
+                        if chosen.is_empty() {
+                            continue; // no token picked it: its weights are not read
+                        }
+                        // gather the rows of the tokens routed to this expert
+                        let m = chosen.len();
+                        for (j, &(t, _)) in chosen.iter().enumerate() {
+                            bufs.xe[j * dim..(j + 1) * dim]
+                                .copy_from_slice(&bufs.xb[t * dim..(t + 1) * dim]);
+                        }
+                        let ye = &mut bufs.proj_e[..m * dim];
+                        ff.run(expert, &bufs.xe[..m * dim], m, ye)?;
+                        // each token's output: the sum of its experts' outputs, weighted
+                        for (j, &(t, w)) in chosen.iter().enumerate() {
+                            let o = &mut out[t * dim..(t + 1) * dim];
+                            for (o, &y) in o.iter_mut().zip(&ye[j * dim..(j + 1) * dim]) {
+                                *o += w * y;
+                            }
+                        }
+                    }
+                }
             }
-            // act(gate) * up
-            match cfg.hidden_act {
-                HiddenAct::Silu => ops::silu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,
-                HiddenAct::Gelu => ops::gelu_mul(&mut bufs.h1[..n * hid], &bufs.h3[..n * hid])?,
-            }
-            // down projection (this node's columns of w2), summed over nodes
-            let hin = input(q80, lw.w2.dtype, &bufs.h1[..n * hid], &mut bufs.xq)?;
-            compute::matmul(pool, &lw.w2, hin, n, &mut bufs.proj[..n * dim])?;
+            // summed over nodes
             collective.all_reduce_sum(&mut bufs.proj[..n * dim])?;
             // residual connection
             add(x, &bufs.proj[..n * dim]);
@@ -343,6 +385,45 @@ impl Model {
         )?;
         compute::matmul(pool, &weights.wcls, xin, 1, &mut bufs.logits_local)?;
         collective.gather_logits(&bufs.logits_local, logits)
+    }
+}
+
+/// The pool and scratch buffers one SwiGLU runs with (borrowed from `Buffers`).
+struct SwiGluRun<'a> {
+    pool: &'a mut ThreadPool,
+    q80: bool,
+    act: HiddenAct,
+    hid: usize,             // this node's hidden units
+    xq: &'a mut [BlockQ80], // quantized matmul input
+    h1: &'a mut [f32],      // (batch, hid) gate, then act(gate) * up
+    h3: &'a mut [f32],      // (batch, hid) up
+    fused: &'a mut [f32],   // (batch, 2 hid) packed w1|w3 output
+}
+
+impl SwiGluRun<'_> {
+    /// out (n, dim) = w2 · (act(w1 · x) * (w3 · x)) for x (n, dim) over this node's hidden
+    /// units (a partial sum over nodes).
+    fn run(&mut self, f: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+        let hid = self.hid;
+        let (h1, h3) = (&mut self.h1[..n * hid], &mut self.h3[..n * hid]);
+        // gate and up projections (this node's hidden units)
+        let xin = input(self.q80, f.w1.dtype, x, self.xq)?;
+        if let (Some(p), true) = (&f.w13_packed, self.q80) {
+            let fused = &mut self.fused[..n * 2 * hid];
+            compute::matmul_packed(self.pool, p, xin, n, fused)?;
+            compute::split_columns(fused, n, &mut [(&mut *h1, hid), (&mut *h3, hid)]);
+        } else {
+            compute::matmul(self.pool, &f.w1, xin, n, h1)?;
+            compute::matmul(self.pool, &f.w3, xin, n, h3)?;
+        }
+        // act(gate) * up
+        match self.act {
+            HiddenAct::Silu => ops::silu_mul(h1, h3)?,
+            HiddenAct::Gelu => ops::gelu_mul(h1, h3)?,
+        }
+        // down projection (this node's columns of w2)
+        let hin = input(self.q80, f.w2.dtype, h1, self.xq)?;
+        compute::matmul(self.pool, &f.w2, hin, n, out)
     }
 }
 

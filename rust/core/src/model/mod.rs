@@ -11,12 +11,12 @@ pub mod tensor;
 pub mod weights;
 
 pub use collective::{Collective, Local};
-pub use config::ModelConfig;
+pub use config::{ModelConfig, MoeConfig};
 pub use forward::{BufferType, Model};
 pub use load::{load_model, LoadOptions};
 pub use split::NodeSlice;
 pub use tensor::Tensor;
-pub use weights::{LayerWeights, Weights};
+pub use weights::{Ffn, LayerWeights, SwiGlu, Weights};
 
 #[cfg(test)]
 mod tests;

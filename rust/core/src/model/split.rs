@@ -151,6 +151,7 @@ mod tests {
         vocab: usize,
     ) -> ModelConfig {
         ModelConfig {
+            arch: crate::format::ArchType::Llama,
             dim: n_heads * head_dim,
             hidden_dim: hidden,
             n_layers: 1,
@@ -168,6 +169,8 @@ mod tests {
                 scaling: None,
             },
             weights_float_type: FloatType::Q40,
+            qk_norm: false,
+            moe: None,
         }
     }
 

@@ -16,6 +16,7 @@ use crate::quant::BlockQ40;
 fn config(n_heads: usize, n_kv_heads: usize, rope_type: RopeType, dtype: FloatType) -> ModelConfig {
     let head_dim = 64 / n_heads * 2;
     ModelConfig {
+        arch: crate::format::ArchType::Llama,
         dim: 64,
         hidden_dim: 96,
         n_layers: 2,
@@ -38,6 +39,8 @@ fn config(n_heads: usize, n_kv_heads: usize, rope_type: RopeType, dtype: FloatTy
             }),
         },
         weights_float_type: dtype,
+        qk_norm: false,
+        moe: None,
     }
 }
 

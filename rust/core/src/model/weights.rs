@@ -15,21 +15,46 @@ use crate::{Error, Result};
 
 /// One transformer block, this node's slice of it.
 pub struct LayerWeights {
-    pub wq: Tensor,          // (n_heads_local * head_dim, dim)
-    pub wk: Tensor,          // (n_kv_heads_local * head_dim, dim)
-    pub wv: Tensor,          // (n_kv_heads_local * head_dim, dim)
-    pub wo: Tensor,          // (dim, n_heads_local * head_dim)
-    pub w1: Tensor,          // (hidden_local, dim), gate
-    pub w2: Tensor,          // (dim, hidden_local), down
-    pub w3: Tensor,          // (hidden_local, dim), up
+    pub wq: Tensor,               // (n_heads_local * head_dim, dim)
+    pub wk: Tensor,               // (n_kv_heads_local * head_dim, dim)
+    pub wv: Tensor,               // (n_kv_heads_local * head_dim, dim)
+    pub wo: Tensor,               // (dim, n_heads_local * head_dim)
+    pub q_norm: Option<Vec<f32>>, // (head_dim) Qwen3's per-head norm of q, shared by the heads
+    pub k_norm: Option<Vec<f32>>, // (head_dim) and of k
+    pub ffn: Ffn,
     pub attn_norm: Vec<f32>, // (dim)
     pub ffn_norm: Vec<f32>,  // (dim)
     /// When packing (x86_64, Q40 weights, Q80 buffers): the rows of wq, wk, wv repacked as one
-    /// (q_local + 2 kv_local, dim) matrix, and of w1, w3 as one (2 hidden_local, dim) matrix,
-    /// so each group is one matmul (one dispatch to the pool instead of three, or two). The
-    /// plain tensors above then stay mapped but unread (their pages released).
+    /// (q_local + 2 kv_local, dim) matrix, so they are one matmul (one dispatch to the pool
+    /// instead of three). The plain tensors then stay mapped but unread (pages released).
     pub qkv_packed: Option<Arc<PackedQ40>>,
+}
+
+/// One SwiGLU feed-forward network (the dense FFN, or one expert), this node's hidden units.
+pub struct SwiGlu {
+    pub w1: Tensor, // (hidden_local, dim), gate
+    pub w2: Tensor, // (dim, hidden_local), down
+    pub w3: Tensor, // (hidden_local, dim), up
+    /// When packing: the rows of w1, w3 as one (2 hidden_local, dim) matrix.
     pub w13_packed: Option<Arc<PackedQ40>>,
+}
+
+impl SwiGlu {
+    fn nbytes(&self) -> usize {
+        self.w1.nbytes() + self.w2.nbytes() + self.w3.nbytes()
+    }
+}
+
+/// The feed-forward part of a block.
+pub enum Ffn {
+    Dense(SwiGlu),
+    /// A router picks `n_active` experts per token; every node holds its hidden units of
+    /// every expert (tensor parallelism inside the experts).
+    Moe {
+        router: Tensor,       // (n_experts, dim) F32
+        experts: Vec<SwiGlu>, // n_experts
+        n_active: usize,
+    },
 }
 
 /// The rows of Q40 `parts` (same columns) repacked as one matrix (on `pool`'s threads when
@@ -66,16 +91,24 @@ pub struct Weights {
 
 impl Weights {
     /// Bytes of weight matrices this node reads per token (for bandwidth figures; packed
-    /// Q40 has the same size).
+    /// Q40 has the same size): for a MoE layer the router and `n_active` experts.
     pub fn matmul_bytes(&self) -> usize {
         let layers: usize = self
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3]
+                let att: usize = [&l.wq, &l.wk, &l.wv, &l.wo]
                     .iter()
                     .map(|t| t.nbytes())
-                    .sum::<usize>()
+                    .sum();
+                att + match &l.ffn {
+                    Ffn::Dense(f) => f.nbytes(),
+                    Ffn::Moe {
+                        router,
+                        experts,
+                        n_active,
+                    } => router.nbytes() + n_active * experts[0].nbytes(),
+                }
             })
             .sum();
         layers + self.wcls.nbytes()
@@ -118,6 +151,13 @@ pub fn tensor_part(
 ) -> Result<(Part, FloatType, usize, usize)> {
     let (wt, f32) = (cfg.weights_float_type, FloatType::F32);
     let (dim, hid, q_dim, kv_dim) = (cfg.dim, cfg.hidden_dim, cfg.q_dim(), cfg.kv_dim());
+    let n_experts = cfg.moe.map_or(0, |m| m.n_experts);
+    // "experts.<e>.<w>" of a MoE model, with e < n_experts
+    fn expert(t: &str, n_experts: usize) -> Option<&str> {
+        let (e, w) = t.strip_prefix("experts.")?.split_once('.')?;
+        e.parse::<usize>().ok().filter(|&e| e < n_experts)?;
+        Some(w)
+    }
     let part = match name {
         "embedding" => (Part::Whole, f32, cfg.vocab_size, dim),
         "norm" => (Part::Whole, f32, 1, dim),
@@ -132,13 +172,23 @@ pub fn tensor_part(
                         .filter(|&i| i < cfg.n_layers)
                         .map(|_| t)
                 });
-            match layer {
-                Some("q") => (Part::Rows(slice.q_rows.clone()), wt, q_dim, dim),
-                Some("k" | "v") => (Part::Rows(slice.kv_rows.clone()), wt, kv_dim, dim),
-                Some("wo") => (Part::Cols(slice.q_rows.clone()), wt, dim, q_dim),
-                Some("w1" | "w3") => (Part::Rows(slice.hidden.clone()), wt, hid, dim),
-                Some("w2") => (Part::Cols(slice.hidden.clone()), wt, dim, hid),
-                Some("attn_norm" | "ffn_norm") => (Part::Whole, f32, 1, dim),
+            let moe = cfg.moe.is_some();
+            let ffn = match layer {
+                Some(t) if moe => expert(t, n_experts),
+                Some(t) if !moe => Some(t),
+                _ => None,
+            };
+            match (layer, ffn) {
+                (Some("q"), _) => (Part::Rows(slice.q_rows.clone()), wt, q_dim, dim),
+                (Some("k" | "v"), _) => (Part::Rows(slice.kv_rows.clone()), wt, kv_dim, dim),
+                (Some("wo"), _) => (Part::Cols(slice.q_rows.clone()), wt, dim, q_dim),
+                (_, Some("w1" | "w3")) => (Part::Rows(slice.hidden.clone()), wt, hid, dim),
+                (_, Some("w2")) => (Part::Cols(slice.hidden.clone()), wt, dim, hid),
+                (Some("q_norm" | "k_norm"), _) if cfg.qk_norm => {
+                    (Part::Whole, f32, 1, cfg.head_dim)
+                }
+                (Some("moe_gate"), _) if moe => (Part::Whole, f32, n_experts, dim),
+                (Some("attn_norm" | "ffn_norm"), _) => (Part::Whole, f32, 1, dim),
                 _ => {
                     return Err(Error::invalid(format!(
                         "no tensor named {name:?} in this model"
@@ -152,6 +202,35 @@ pub fn tensor_part(
         return Ok((Part::Whole, part.1, part.2, part.3));
     }
     Ok(part)
+}
+
+/// The `.m` names of every tensor a model of `cfg` has but the embedding (file order).
+pub fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..cfg.n_layers {
+        let mut add = |t: &str| names.push(format!("layers.{i}.{t}"));
+        ["q", "k", "v", "wo"].iter().for_each(|t| add(t));
+        match cfg.moe {
+            None => ["w1", "w2", "w3"].iter().for_each(|t| add(t)),
+            Some(m) => {
+                add("moe_gate");
+                for e in 0..m.n_experts {
+                    ["w1", "w2", "w3"]
+                        .iter()
+                        .for_each(|t| add(&format!("experts.{e}.{t}")));
+                }
+            }
+        }
+        if cfg.qk_norm {
+            add("q_norm");
+            add("k_norm");
+        }
+        add("attn_norm");
+        add("ffn_norm");
+    }
+    names.push("norm".into());
+    names.push("wcls".into());
+    names
 }
 
 /// Check a tensor against the type and shape the header implies.
@@ -231,16 +310,42 @@ impl Weights {
         };
         // norms are tiny: copied into vectors
         let v = |name: &str| -> Result<Vec<f32>> { Ok(part(name)?.as_f32().to_vec()) };
+        // one SwiGLU whose tensors are named `<prefix>w1` etc.
+        let swiglu = |prefix: &str| -> Result<SwiGlu> {
+            let (w1, w3) = (part(&format!("{prefix}w1"))?, part(&format!("{prefix}w3"))?);
+            let w13_packed = if pack {
+                Some(pack_rows(&[&w1, &w3])?)
+            } else {
+                None
+            };
+            Ok(SwiGlu {
+                w1,
+                w2: m(&format!("{prefix}w2"))?,
+                w3,
+                w13_packed,
+            })
+        };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |t: &str| format!("layers.{i}.{t}");
             let (wq, wk, wv) = (part(&n("q"))?, part(&n("k"))?, part(&n("v"))?);
-            let (w1, w3) = (part(&n("w1"))?, part(&n("w3"))?);
-            let (qkv_packed, w13_packed) = if pack {
-                (
-                    Some(pack_rows(&[&wq, &wk, &wv])?),
-                    Some(pack_rows(&[&w1, &w3])?),
-                )
+            let qkv_packed = if pack {
+                Some(pack_rows(&[&wq, &wk, &wv])?)
+            } else {
+                None
+            };
+            let ffn = match cfg.moe {
+                None => Ffn::Dense(swiglu(&n(""))?),
+                Some(moe) => Ffn::Moe {
+                    router: part(&n("moe_gate"))?,
+                    experts: (0..moe.n_experts)
+                        .map(|e| swiglu(&n(&format!("experts.{e}."))))
+                        .collect::<Result<_>>()?,
+                    n_active: moe.n_active,
+                },
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (Some(v(&n("q_norm"))?), Some(v(&n("k_norm"))?))
             } else {
                 (None, None)
             };
@@ -249,13 +354,12 @@ impl Weights {
                 wk,
                 wv,
                 wo: m(&n("wo"))?,
-                w1,
-                w2: m(&n("w2"))?,
-                w3,
+                q_norm,
+                k_norm,
+                ffn,
                 attn_norm: v(&n("attn_norm"))?,
                 ffn_norm: v(&n("ffn_norm"))?,
                 qkv_packed,
-                w13_packed,
             });
         }
         Ok(Weights {

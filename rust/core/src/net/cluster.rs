@@ -15,7 +15,7 @@ use crate::error::IoContext;
 use crate::format::{FloatType, ModelFile, ModelHeader};
 use crate::model::load::file_tensor;
 use crate::model::tensor::ByteSource;
-use crate::model::weights::{tensor_part, Part};
+use crate::model::weights::{tensor_names, tensor_part, Part};
 use crate::model::{BufferType, Collective, Model, ModelConfig, NodeSlice, Tensor, Weights};
 use crate::quant::prefers_packed_q40;
 use crate::{Error, Result};
@@ -62,22 +62,7 @@ fn slice_plan(file: &ModelFile, cfg: &ModelConfig, slice: &NodeSlice) -> Result<
 
 /// Bytes of weights in the slice of node `slice` (what a worker is shipped).
 pub fn slice_bytes(cfg: &ModelConfig, slice: &NodeSlice) -> Result<u64> {
-    let mut names = vec!["norm".to_string(), "wcls".to_string()];
-    for i in 0..cfg.n_layers {
-        for t in [
-            "q",
-            "k",
-            "v",
-            "wo",
-            "w1",
-            "w2",
-            "w3",
-            "attn_norm",
-            "ffn_norm",
-        ] {
-            names.push(format!("layers.{i}.{t}"));
-        }
-    }
+    let names = tensor_names(cfg);
     let mut total = 0u64;
     for n in names {
         let (part, ft, rows, cols) = tensor_part(cfg, slice, &n)?;

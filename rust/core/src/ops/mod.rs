@@ -6,10 +6,12 @@
 
 pub mod activation;
 pub mod attention;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 
 pub use activation::{gelu_mul, silu_mul, softmax};
 pub use attention::{attention, AttentionShape};
-pub use norm::{rmsnorm, rmsnorm_rows};
+pub use moe::{route_top_k, Routes};
+pub use norm::{rmsnorm, rmsnorm_heads, rmsnorm_rows};
 pub use rope::{RopeConfig, RopeScaling, RopeTable, RopeType};

@@ -52,3 +52,22 @@ pub fn rmsnorm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Res
     }
     Ok(())
 }
+
+/// In place, every head of x (n_tokens · n_heads, head_dim) normalised with the shared
+/// weight (head_dim): Qwen3's q / k norm.
+pub fn rmsnorm_heads(x: &mut [f32], weight: &[f32], eps: f32) -> Result<()> {
+    let hd = weight.len();
+    if hd == 0 || !x.len().is_multiple_of(hd) {
+        return Err(Error::invalid(format!(
+            "rmsnorm_heads: {} values are not heads of {hd}",
+            x.len()
+        )));
+    }
+    for head in x.chunks_exact_mut(hd) {
+        let inv = 1.0 / (sum_squares(head) / hd as f32 + eps).sqrt();
+        for (v, &w) in head.iter_mut().zip(weight) {
+            *v = *v * inv * w;
+        }
+    }
+    Ok(())
+}
