@@ -43,14 +43,16 @@ def random_qwen3(
     moe_hidden: int = 64,
     seed: int = 0,
     router_scale: float = 1.0,
+    overrides: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """A random Qwen3ForCausalLM (or Qwen3MoeForCausalLM) in f32 with non-trivial norms;
     router weights of std `router_scale` (large enough that the top-k choice is decisive)."""
     torch.manual_seed(seed)
+    base = {**BASE, **(overrides or {})}
     model: PreTrainedModel
     if moe:
         cfg = Qwen3MoeConfig(
-            **BASE,
+            **base,
             tie_word_embeddings=tied,
             num_experts=n_experts,
             num_experts_per_tok=top_k,
@@ -61,7 +63,7 @@ def random_qwen3(
         )
         model = Qwen3MoeForCausalLM(cfg)
     else:
-        model = Qwen3ForCausalLM(Qwen3Config(**BASE, tie_word_embeddings=tied))
+        model = Qwen3ForCausalLM(Qwen3Config(**base, tie_word_embeddings=tied))
     model = model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
