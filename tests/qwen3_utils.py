@@ -79,3 +79,73 @@ def random_qwen3(
 def save(model: PreTrainedModel, folder: Path, **kw: Any) -> Path:
     model.save_pretrained(str(folder), **kw)
     return folder
+
+
+def write_gguf(model: PreTrainedModel, path: Path) -> Path:
+    """`model` as llama.cpp's convert_hf_to_gguf.py writes a qwen3 / qwen3moe GGUF (F32):
+    q/k not permuted, the experts stacked into 3-D `ffn_{gate,up,down}_exps` tensors."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    moe = cfg.model_type == "qwen3_moe"
+    arch = "qwen3moe" if moe else "qwen3"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if moe:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.QWEN3MOE if moe else gguf.MODEL_ARCH.QWEN3, cfg.num_hidden_layers
+    )
+
+    def add(name: str, x: Any) -> None:
+        w.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        add("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for hf, g in (
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"),
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ):
+            assert names.get_name(p + hf) == b + g  # llama.cpp's own name map (gguf package)
+            add(f"{b}{g}.weight", sd[f"{p}{hf}.weight"])
+        if moe:
+            add(f"{b}ffn_gate_inp.weight", sd[f"{p}mlp.gate.weight"])
+            gate_up = sd[f"{p}mlp.experts.gate_up_proj"]  # (n_experts, 2 hidden, dim)
+            h = gate_up.shape[1] // 2
+            add(f"{b}ffn_gate_exps.weight", gate_up[:, :h])
+            add(f"{b}ffn_up_exps.weight", gate_up[:, h:])
+            add(f"{b}ffn_down_exps.weight", sd[f"{p}mlp.experts.down_proj"])
+        else:
+            add(f"{b}ffn_gate.weight", sd[f"{p}mlp.gate_proj.weight"])
+            add(f"{b}ffn_up.weight", sd[f"{p}mlp.up_proj.weight"])
+            add(f"{b}ffn_down.weight", sd[f"{p}mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -23,7 +23,7 @@ import torch
 from dllama import _core
 from dllama.convert import convert_model
 from forward_utils import dequantized_copy, hf_logits
-from qwen3_utils import random_qwen3, save
+from qwen3_utils import random_qwen3, save, write_gguf
 
 PROMPT = [1, 17, 99, 3, 42, 42, 7, 120, 64, 5, 88, 23, 0, 127, 31, 9]
 Q80_LOGIT_BOUND = 0.04
@@ -148,3 +148,24 @@ def test_router_edge_cases(tmp_path: Path) -> None:
     batched = _core.Node(str(path), nthreads=1)
     e = rel_err(batched.forward(PROMPT, 0), ref[-1])
     assert e < 1e-4, f"batched: relative error {e:.2e}"
+
+
+@pytest.mark.parametrize("cid,kwargs", [CONFIGS[1], CONFIGS[3]], ids=["dense-tied", "moe"])
+def test_gguf_f32_logits_equal_transformers(
+    tmp_path: Path, cid: str, kwargs: dict[str, Any]
+) -> None:
+    """The same models written as llama.cpp's qwen3 / qwen3moe GGUF, converted from it."""
+    model = random_qwen3(seed=4, **kwargs)
+    out = tmp_path / "g.m"
+    convert_model(write_gguf(model, tmp_path / "m.gguf"), out, "f32", progress=False)
+    ref = hf_logits(model, PROMPT)
+    node = _core.Node(str(out), nthreads=2)
+    for pos, tok in enumerate(PROMPT):
+        e = rel_err(node.forward([tok], pos), ref[pos])
+        assert e < 1e-4, f"{cid} position {pos}: relative error {e:.2e}"
+    e = rel_err(_core.Node(str(out)).forward(PROMPT, 0), ref[-1])
+    assert e < 1e-4, f"{cid} batched: relative error {e:.2e}"
+    # the GGUF and the safetensors checkpoint give the same file, byte for byte
+    hf_out = tmp_path / "h.m"
+    convert_model(save(model, tmp_path / "hf"), hf_out, "f32", progress=False)
+    assert out.read_bytes() == hf_out.read_bytes()

@@ -241,6 +241,19 @@ class GGUFFile:
         t = self.tensor_info(name)
         drop_mmap_range(self._mmap, t.offset, t.nbytes)
 
+    def raw_slice(self, name: str, index: int) -> npt.NDArray[np.uint8]:
+        """The bytes of `tensor(name)[index]` (one expert of a 3-D tensor), no copy."""
+        t = self.tensor_info(name)
+        if len(t.shape) < 2 or not 0 <= index < t.shape[0]:
+            raise GGUFError(f"{self.path}: tensor {name!r} {t.shape} has no slice {index}")
+        step = t.nbytes // t.shape[0]
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=step, offset=t.offset + index * step)
+
+    def tensor_slice(self, name: str, index: int) -> npt.NDArray[np.float32]:
+        """`tensor(name)[index]` dequantized, reading only that slice."""
+        t = self.tensor_info(name)
+        return dequantize(self.raw_slice(name, index), t.ggml_type).reshape(t.shape[1:])
+
     def tensor(self, name: str) -> npt.NDArray[np.float32]:
         """The tensor dequantized to float32, in numpy shape (outermost first)."""
         t = self.tensor_info(name)

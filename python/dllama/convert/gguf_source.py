@@ -1,8 +1,12 @@
-"""GGUF checkpoints of the llama architecture (llama.cpp's files) as a conversion source.
+"""GGUF checkpoints (llama.cpp's files) of the llama, qwen3 and qwen3moe architectures as a
+conversion source.
 
-llama.cpp permutes Q and K to Meta's interleaved-pair order when it writes a GGUF, so they are
-taken unchanged (tests/test_convert_gguf.py checks this against transformers' GGUF loader).
-Q4_0 tensors are copied byte for byte when the output is q40.
+For llama, llama.cpp permutes Q and K to Meta's interleaved-pair order when it writes a GGUF,
+so they are taken unchanged (tests/test_convert_sources.py checks this against transformers'
+GGUF loader); for qwen3 it does not permute (NeoX RoPE), which is the `.m` order of qwen3 too.
+Qwen3-MoE experts are 3-D tensors (`ffn_{gate,up,down}_exps`, expert outermost): each `.m`
+expert tensor reads only its slice. Q4_0 tensors are copied byte for byte when the output is
+q40.
 """
 
 from __future__ import annotations
@@ -13,7 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from dllama.convert.gguf_file import GGUFError, GGUFFile
-from dllama.convert.source import ConvertError, F32Array, Source, base_fields, set_llama3_scaling
+from dllama.convert.source import (
+    ARCH_QWEN3,
+    ARCH_QWEN3_MOE,
+    ROPE_FALCON,
+    ConvertError,
+    F32Array,
+    Source,
+    base_fields,
+    set_llama3_scaling,
+)
 
 _KEYS = {
     "q": "attn_q",
@@ -25,7 +38,12 @@ _KEYS = {
     "w3": "ffn_up",
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
+    "q_norm": "attn_q_norm",
+    "k_norm": "attn_k_norm",
+    "moe_gate": "ffn_gate_inp",
 }
+_EXPERT_KEYS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
 GGML_Q4_0 = 2
 
 
@@ -59,34 +77,48 @@ class GGUFSource(Source):
         self.description = str(path)
         self._used: set[str] = set()
         arch = g.get("general.architecture")
-        if arch != "llama":
-            raise ConvertError(f"{path}: unsupported GGUF architecture {arch!r} (only llama)")
+        if arch not in ARCHITECTURES:
+            raise ConvertError(
+                f"{path}: unsupported GGUF architecture {arch!r} (only {', '.join(ARCHITECTURES)})"
+            )
         if "token_embd.weight" not in g.tensors:
             raise ConvertError(
                 f"{path}: no token_embd.weight (a vocabulary-only GGUF has no model)"
             )
 
         def key(name: str) -> int:
-            value = g.get(f"llama.{name}")
+            value = g.get(f"{arch}.{name}")
             if value is None:
-                raise ConvertError(f"{path}: metadata llama.{name} is missing")
+                raise ConvertError(f"{path}: metadata {arch}.{name} is missing")
             return int(value)
 
         dim, n_heads = key("embedding_length"), key("attention.head_count")
-        head_dim = int(g.get("llama.attention.key_length") or dim // n_heads)
-        theta = float(g.get("llama.rope.freq_base") or 10000.0)
+        head_dim = int(g.get(f"{arch}.attention.key_length") or dim // n_heads)
+        theta = float(g.get(f"{arch}.rope.freq_base") or 10000.0)
+        moe = arch == "qwen3moe"
         self.fields = base_fields(
             dim=dim,
-            hidden_dim=key("feed_forward_length"),
+            hidden_dim=int(g.get(f"{arch}.feed_forward_length") or 0)
+            or key("expert_feed_forward_length"),
             n_layers=key("block_count"),
             n_heads=n_heads,
-            n_kv_heads=int(g.get("llama.attention.head_count_kv") or n_heads),
+            n_kv_heads=int(g.get(f"{arch}.attention.head_count_kv") or n_heads),
             vocab_size=int(g.tensors["token_embd.weight"].shape[0]),
             max_seq_len=int(max_seq_len or key("context_length")),
             rope_theta=theta,
-            norm_epsilon=float(g.get("llama.attention.layer_norm_rms_epsilon") or 1e-5),
+            norm_epsilon=float(g.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5),
             head_dim=head_dim,
         )
+        self.arch = arch
+        if arch != "llama":
+            self.fields["arch_type"] = ARCH_QWEN3_MOE if moe else ARCH_QWEN3
+            self.fields["rope_type"] = ROPE_FALCON
+        if moe:
+            self.fields["n_experts"] = key("expert_count")
+            self.fields["n_active_experts"] = key("expert_used_count")
+            self.fields["moe_hidden_dim"] = key("expert_feed_forward_length")
+            # llama.cpp renormalises qwen3moe's top-k weights; newer files say so explicitly
+            self.fields["norm_topk_prob"] = int(bool(g.get(f"{arch}.expert_weights_norm", True)))
         if "rope_freqs.weight" in g.tensors:
             self._rope_scaling(g.tensor("rope_freqs.weight"), head_dim, theta)
         self.tied = "output.weight" not in g.tensors
@@ -109,15 +141,25 @@ class GGUFSource(Source):
             return "output_norm.weight"
         if name == "wcls":
             return "token_embd.weight" if self.tied else "output.weight"
-        _, i, short = name.split(".")
+        _, i, short = name.split(".", 2)
+        if short.startswith("experts."):
+            return f"blk.{i}.{_EXPERT_KEYS[short.rsplit('.', 1)[1]]}.weight"
         return f"blk.{i}.{_KEYS[short]}.weight"
 
+    @staticmethod
+    def _expert(name: str) -> int | None:
+        """e of `layers.<i>.experts.<e>.<w>`, else None."""
+        parts = name.split(".")
+        return int(parts[3]) if len(parts) == 5 and parts[2] == "experts" else None
+
     def tensor(self, name: str) -> F32Array:
+        gname = self._gguf_name(name)
+        e = self._expert(name)
         try:
-            self._used.add(self._gguf_name(name))
-            return self.gguf.tensor(self._gguf_name(name))
-        except GGUFError as e:
-            raise ConvertError(str(e)) from e
+            self._used.add(gname)
+            return self.gguf.tensor(gname) if e is None else self.gguf.tensor_slice(gname, e)
+        except GGUFError as err:
+            raise ConvertError(str(err)) from err
 
     def release(self) -> None:
         for name in self._used:
@@ -130,7 +172,8 @@ class GGUFSource(Source):
         if info is None or info.ggml_type != GGML_Q4_0:
             return None
         self._used.add(gname)
-        return self.gguf.raw(gname).tobytes()
+        e = self._expert(name)
+        return (self.gguf.raw(gname) if e is None else self.gguf.raw_slice(gname, e)).tobytes()
 
     def close(self) -> None:
         try:
