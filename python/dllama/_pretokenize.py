@@ -10,6 +10,8 @@ They split text exactly like these regular expressions (with Unicode classes \\p
 - "llama3" (Llama 3):
   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}
   | ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+
+- "qwen" (Qwen, Qwen2, Qwen3): the "llama3" expression with \\p{N} (one digit at a time) in
+  place of \\p{N}{1,3}
 """
 
 from __future__ import annotations
@@ -81,17 +83,21 @@ def split_gpt2(text: str) -> list[str]:
     return out
 
 
-def split_llama3(text: str) -> list[str]:
+def split_llama3(text: str, max_digits: int = 3) -> list[str]:
     out: list[str] = []
     i, n = 0, len(text)
     while i < n:
-        end = _llama3_match(text, i)
+        end = _llama3_match(text, i, max_digits)
         out.append(text[i:end])
         i = end
     return out
 
 
-def _llama3_match(text: str, i: int) -> int:
+def split_qwen(text: str) -> list[str]:
+    return split_llama3(text, max_digits=1)
+
+
+def _llama3_match(text: str, i: int, max_digits: int) -> int:
     n = len(text)
     k = _contraction(text, i, True)
     if k:
@@ -103,9 +109,9 @@ def _llama3_match(text: str, i: int) -> int:
         return _run(text, i, L)
     if c != N and text[i] not in "\r\n" and nxt == L:
         return _run(text, i + 1, L)
-    # \p{N}{1,3}
+    # \p{N}{1,3} (Qwen: \p{N})
     if c == N:
-        return min(_run(text, i, N), i + 3)
+        return min(_run(text, i, N), i + max_digits)
     # ?[^\s\p{L}\p{N}]+[\r\n]*
     j = i + 1 if text[i] == " " and nxt == O else i
     if _cls(text[j]) == O:
@@ -136,4 +142,9 @@ def split_smollm(text: str) -> list[str]:
     return out
 
 
-SPLITTERS = {"gpt2": split_gpt2, "smollm": split_smollm, "llama3": split_llama3}
+SPLITTERS = {
+    "gpt2": split_gpt2,
+    "smollm": split_smollm,
+    "llama3": split_llama3,
+    "qwen": split_qwen,
+}

@@ -11,8 +11,9 @@ inferred from the vocabulary:
   `<...>` with score 0 (SentencePiece's control tokens); they never take part in merges.
 - **Byte-level BPE** (otherwise; GPT-2 style: SmolLM2, Llama 3): the text is pre-tokenized
   by the pattern the vocabulary implies: Llama 3's when it has tokens of three digits but none
-  longer (Llama 3 groups digits by three); SmolLM's (each digit alone, then GPT-2's) when no
-  token holds two digits; GPT-2's otherwise. Then each piece's bytes are merged by score the same way. Our
+  longer (Llama 3 groups digits by three); Qwen's (Llama 3's with one digit at a time) when no
+  token holds two digits and some glue punctuation to letters (".get"); SmolLM's (each digit
+  alone, then GPT-2's) when no token holds two digits; GPT-2's otherwise. Then each piece's bytes are merged by score the same way. Our
   converter writes -(merge rank + 1) as the score, so this is the merge order of the
   original tokenizer. Special tokens are tokens of the form `<...>` that the encoder cannot
   produce from their own text (e.g. `<|im_start|>`).
@@ -37,6 +38,9 @@ _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ \d+\r?\n")
 _NUMERIC2 = re.compile(rb" ?[0-9]{2,}")
 _NUMERIC3 = re.compile(rb" ?[0-9]{3}")
 _NUMERIC4 = re.compile(rb" ?[0-9]{4,}")
+# punctuation glued to the letters after it (".get", "_id"): only a llama3 / qwen style
+# pre-tokenizer ([^\r\n\p{L}\p{N}]?\p{L}+) produces such pieces
+_PUNCT_WORD = re.compile(rb"[._(][a-z]+")
 
 
 def _bpe(symbols: list[bytes], merge_score: dict[bytes, float]) -> list[bytes]:
@@ -182,6 +186,8 @@ class Tokenizer:
             numeric4 = any(_NUMERIC4.fullmatch(p) for p in self.vocab)
             if numeric3 and not numeric4:
                 self.scheme = "llama3"
+            elif not numeric2 and any(_PUNCT_WORD.fullmatch(p) for p in self.vocab):
+                self.scheme = "qwen"
             elif not numeric2:
                 self.scheme = "smollm"
             else:
@@ -269,8 +275,9 @@ class Tokenizer:
             return ids
         for word in SPLITTERS[self.scheme](text):
             raw = word.encode("utf-8")
-            if self.scheme == "llama3":
-                whole = self._piece_ids.get(raw)  # Llama 3 ignores merges for whole-word tokens
+            if self.scheme in ("llama3", "qwen"):
+                # tiktoken takes a piece that is a token as it is, whatever the merges say
+                whole = self._piece_ids.get(raw)
                 if whole is not None:
                     ids.append(whole)
                     continue

@@ -326,6 +326,23 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
+#: Qwen's tiktoken file (`qwen.tiktoken`: 151 643 ranks) is followed by these specials, as
+#: Qwen's own tiktoken tokenizer numbers them (from 151 643)
+QWEN_N_RANKS = 151643
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [
+    f"<|extra_{i}|>" for i in range(205)
+]
+#: ChatML with Qwen3's thinking switch: `enable_thinking=False` closes an empty think block
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
+
 def from_tiktoken(path: str | Path) -> dict[str, Any]:
     """Meta's Llama 3 `tokenizer.model` (tiktoken ranks: one "base64 rank" line per token).
 
@@ -351,6 +368,8 @@ def from_tiktoken(path: str | Path) -> dict[str, Any]:
             vocab.append(piece)
     n_base = len(vocab)
     scores = [-float(i) for i in range(n_base)]
+    if n_base == QWEN_N_RANKS:
+        return _qwen_tiktoken(path, vocab, scores)
     specials = LLAMA3_SPECIALS + [
         f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))
     ]
@@ -365,6 +384,24 @@ def from_tiktoken(path: str | Path) -> dict[str, Any]:
         add_bos=True,
         chat_template=_template(_side_config(path.parent)) or LLAMA3_CHAT_TEMPLATE,
         pad_id=ids["<|finetune_right_pad_id|>"],
+    )
+
+
+def _qwen_tiktoken(path: Path, vocab: list[bytes], scores: list[float]) -> dict[str, Any]:
+    """Qwen's byte-level BPE: no bos token (bos_id points at <|endoftext|>, add_bos off),
+    generation stops at <|im_end|> or <|endoftext|>."""
+    n_base = len(vocab)
+    vocab = vocab + [s.encode("utf-8") for s in QWEN_SPECIALS]
+    scores = scores + [NO_MERGE_SCORE] * len(QWEN_SPECIALS)
+    ids = {s: n_base + i for i, s in enumerate(QWEN_SPECIALS)}
+    return _tok_dict(
+        vocab,
+        scores,
+        ids["<|endoftext|>"],
+        [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        add_bos=False,
+        chat_template=_template(_side_config(path.parent)) or QWEN_CHAT_TEMPLATE,
+        pad_id=ids["<|endoftext|>"],
     )
 
 
