@@ -57,16 +57,27 @@ fn random_model(cfg: &ModelConfig, seed: u64) -> HashMap<String, (usize, usize, 
     let (d, h, q, kv) = (cfg.dim, cfg.hidden_dim, cfg.q_dim(), cfg.kv_dim());
     add("embedding".into(), cfg.vocab_size, d, 1.0, 0.0);
     for i in 0..cfg.n_layers {
-        for (name, r, c) in [
-            ("q", q, d),
-            ("k", kv, d),
-            ("v", kv, d),
-            ("wo", d, q),
-            ("w1", h, d),
-            ("w2", d, h),
-            ("w3", h, d),
-        ] {
+        for (name, r, c) in [("q", q, d), ("k", kv, d), ("v", kv, d), ("wo", d, q)] {
             add(format!("layers.{i}.{name}"), r, c, 0.3, 0.0);
+        }
+        // the FFN: one SwiGLU, or a router and every expert's
+        let ffns: Vec<String> = match cfg.moe {
+            None => vec![format!("layers.{i}.")],
+            Some(m) => {
+                add(format!("layers.{i}.moe_gate"), m.n_experts, d, 1.0, 0.0);
+                (0..m.n_experts)
+                    .map(|e| format!("layers.{i}.experts.{e}."))
+                    .collect()
+            }
+        };
+        for p in ffns {
+            for (name, r, c) in [("w1", h, d), ("w2", d, h), ("w3", h, d)] {
+                add(format!("{p}{name}"), r, c, 0.3, 0.0);
+            }
+        }
+        if cfg.qk_norm {
+            add(format!("layers.{i}.q_norm"), 1, cfg.head_dim, 0.2, 1.0);
+            add(format!("layers.{i}.k_norm"), 1, cfg.head_dim, 0.2, 1.0);
         }
         add(format!("layers.{i}.attn_norm"), 1, d, 0.2, 1.0);
         add(format!("layers.{i}.ffn_norm"), 1, d, 0.2, 1.0);
@@ -77,7 +88,7 @@ fn random_model(cfg: &ModelConfig, seed: u64) -> HashMap<String, (usize, usize, 
 }
 
 fn is_matrix(name: &str) -> bool {
-    !(name.ends_with("norm") || name == "embedding")
+    !(name.ends_with("norm") || name == "embedding" || name.ends_with("moe_gate"))
 }
 
 /// Tensors in the model's storage type; Q40 weights also dequantized back in `f32` so the
@@ -201,6 +212,11 @@ fn reference_logits(
             let mut q = matvec(&n("q"), &xb);
             let mut k = matvec(&n("k"), &xb);
             let v = matvec(&n("v"), &xb);
+            if cfg.qk_norm {
+                let (qn, kn) = (n("q_norm"), n("k_norm"));
+                q = q.chunks(hd).flat_map(|h| rms(h, &qn)).collect();
+                k = k.chunks(hd).flat_map(|h| rms(h, &kn)).collect();
+            }
             rope(&mut q, p);
             rope(&mut k, p);
             keys[l].push(k);
@@ -231,14 +247,42 @@ fn reference_logits(
             let o = matvec(&n("wo"), &att_out);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xb = rms(&x, &n("ffn_norm"));
-            let h1 = matvec(&n("w1"), &xb);
-            let h3 = matvec(&n("w3"), &xb);
-            let hh: Vec<f64> = h1
-                .iter()
-                .zip(&h3)
-                .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
-                .collect();
-            let o = matvec(&n("w2"), &hh);
+            let swiglu = |p: &str| {
+                let h1 = matvec(&n(&format!("{p}w1")), &xb);
+                let h3 = matvec(&n(&format!("{p}w3")), &xb);
+                let hh: Vec<f64> = h1
+                    .iter()
+                    .zip(&h3)
+                    .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
+                    .collect();
+                matvec(&n(&format!("{p}w2")), &hh)
+            };
+            let o = match cfg.moe {
+                None => swiglu(""),
+                Some(m) => {
+                    // softmax of the router logits, the k best experts, weighted
+                    let l = matvec(&n("moe_gate"), &xb);
+                    let mx = l.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = l.iter().map(|v| (v - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let mut order: Vec<usize> = (0..m.n_experts).collect();
+                    order.sort_by(|&a, &b| e[b].partial_cmp(&e[a]).unwrap());
+                    let top = &order[..m.n_active];
+                    let sum: f64 = if m.norm_topk_prob {
+                        top.iter().map(|&i| e[i] / z).sum()
+                    } else {
+                        1.0
+                    };
+                    let mut o = vec![0.0; cfg.dim];
+                    for &i in top {
+                        let y = swiglu(&format!("experts.{i}."));
+                        o.iter_mut()
+                            .zip(&y)
+                            .for_each(|(a, b)| *a += e[i] / z / sum * b);
+                    }
+                    o
+                }
+            };
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         out.push(matvec(&g("wcls"), &rms(&x, &g("norm"))));
@@ -385,6 +429,18 @@ fn split_case(bt: BufferType, pack: bool, bound: f64) {
     let cfg = config(4, 4, RopeType::Llama, FloatType::Q40);
     let mut full = random_model(&cfg, 11);
     let tensors = encode(&cfg, &mut full);
+    split_cfg_case(&cfg, &tensors, bt, pack, bound);
+}
+
+/// 2 and 3 nodes (threads) against one node.
+fn split_cfg_case(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    bt: BufferType,
+    pack: bool,
+    bound: f64,
+) {
+    let (cfg, tensors) = (cfg.clone(), tensors.clone());
     let mut one = build_packed(&cfg, &tensors, 0, 1, bt, pack);
     let mut x = vec![0.0; TOKENS.len() * cfg.dim];
     one.embed(&TOKENS, &mut x).unwrap();
@@ -469,4 +525,66 @@ fn bad_calls_are_errors() {
         .unwrap()
         .to_string();
     assert!(err.contains("expected f32 64x64"), "{err}");
+}
+
+/// Qwen3 (q/k norms, falcon RoPE, head_dim 32 = 2 × dim / n_heads) and Qwen3-MoE (6 experts, top
+/// 2, with and without renormalisation) against the reference: F32 token by token and
+/// batched (tokens grouped by expert), Q40 with Q80 inputs, packed or not, and split over
+/// 2 and 3 in-process nodes.
+#[test]
+fn qwen3_and_moe_match_the_reference() {
+    use crate::format::ArchType;
+    let qwen = |dtype, moe: Option<MoeConfig>| ModelConfig {
+        arch: if moe.is_some() {
+            ArchType::Qwen3Moe
+        } else {
+            ArchType::Qwen3
+        },
+        qk_norm: true,
+        moe,
+        ..config(4, 4, RopeType::Falcon, dtype)
+    };
+    let moe = |norm_topk_prob| MoeConfig {
+        n_experts: 6,
+        n_active: 2,
+        norm_topk_prob,
+    };
+    for m in [None, Some(moe(true)), Some(moe(false))] {
+        let cfg = qwen(FloatType::F32, m);
+        let mut full = random_model(&cfg, 13);
+        let tensors = encode(&cfg, &mut full);
+        let want = reference_logits(&cfg, &full, &TOKENS);
+        let mut one = build(&cfg, &tensors, 0, 1, BufferType::F32);
+        for (p, &tok) in TOKENS.iter().enumerate() {
+            let mut x = vec![0.0; cfg.dim];
+            one.embed(&[tok], &mut x).unwrap();
+            one.forward(&mut x, p, &mut Local).unwrap();
+            let e = max_rel_err(&one.logits, &want[p]);
+            assert!(e < 1e-5, "{m:?} pos {p}: rel err {e}");
+        }
+        let mut batched = build(&cfg, &tensors, 0, 1, BufferType::F32);
+        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
+        batched.embed(&TOKENS, &mut x).unwrap();
+        batched.forward(&mut x, 0, &mut Local).unwrap();
+        let e = max_rel_err(&batched.logits, want.last().unwrap());
+        assert!(e < 1e-5, "{m:?} batched: rel err {e}");
+
+        let cfg = qwen(FloatType::Q40, m);
+        let mut full = random_model(&cfg, 17);
+        let tensors = encode(&cfg, &mut full);
+        let want = reference_logits(&cfg, &full, &TOKENS);
+        for (bt, pack, bound) in [
+            (BufferType::F32, false, 1e-5),
+            (BufferType::Q80, false, 0.05),
+            (BufferType::Q80, true, 0.05),
+        ] {
+            let mut q = build_packed(&cfg, &tensors, 0, 1, bt, pack);
+            let mut x = vec![0.0; TOKENS.len() * cfg.dim];
+            q.embed(&TOKENS, &mut x).unwrap();
+            q.forward(&mut x, 0, &mut Local).unwrap();
+            let e = max_rel_err(&q.logits, want.last().unwrap());
+            assert!(e < bound, "{m:?} q40 {bt:?} pack {pack}: rel err {e}");
+        }
+        split_cfg_case(&cfg, &tensors, BufferType::F32, false, 1e-5);
+    }
 }
