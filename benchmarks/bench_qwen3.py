@@ -1,0 +1,263 @@
+"""Qwen3 speed on one machine: dllama against llama.cpp on the same random Q40 weights.
+
+Shapes: Qwen3-30B-A3B (dim 2048, 32 heads, 4 KV heads, head_dim 128, 128 experts, 8 active,
+moe_hidden 768, vocab 151 936; 48 layers, `--moe-layers` reduces them so two copies of the
+weights fit this machine's memory and disk next to other jobs) and Qwen3-8B (dense: dim 4096,
+36 layers, 32 heads, 8 KV heads, head_dim 128, hidden 12 288; `--dense-layers` likewise).
+
+For each shape the script writes a `.m` file of random Q40 weights (random F32 router), the very
+same Q4_0 blocks as a llama.cpp GGUF (qwen3 / qwen3moe, the experts stacked into
+`ffn_{gate,up,down}_exps`), then per thread count alternates `--repeat` times: the memory
+bandwidth with as many reading processes as threads, dllama's median ms/token (one token at a
+time after a 16-token prompt), llama.cpp's (xllamacpp server timings) on the same number of
+tokens; then the prefill of a `--prefill`-token prompt in both. Each engine runs in a child
+process, so its peak RSS is its own. Prints a table: ms/token, ratio to llama.cpp, weight
+bytes read per token (for a MoE the router and the 8 active experts), the bandwidth floor
+(those bytes / the best bandwidth measured in that row) and floor / ms.
+Run: `python benchmarks/bench_qwen3.py` (--shapes 30b-a3b for one). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_single import (
+    random_q40,
+    read_bandwidth,
+    time_dllama,
+    time_dllama_prefill,
+    time_llamacpp,
+    time_llamacpp_prefill,
+)
+from dllama import _core
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    dim: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 128
+    vocab: int = 151936
+    experts: int = 0
+    active: int = 0
+    moe_hidden: int = 0
+    seq_len: int = 2048
+
+
+def shapes(moe_layers: int, dense_layers: int) -> dict[str, Shape]:
+    return {
+        "30b-a3b": Shape(
+            f"qwen3-30b-a3b-{moe_layers}l", 2048, 6144, moe_layers, 32, 4,
+            experts=128, active=8, moe_hidden=768,
+        ),
+        "8b": Shape(f"qwen3-8b-{dense_layers}l", 4096, 12288, dense_layers, 32, 8),
+    }  # fmt: skip
+
+
+def fields(s: Shape) -> dict[str, int | float]:
+    return {
+        "version": 0,
+        "arch_type": 0xABCD02 if s.experts else 0xABCD01,
+        "dim": s.dim,
+        "hidden_dim": s.hidden,
+        "n_layers": s.layers,
+        "n_heads": s.heads,
+        "n_kv_heads": s.kv_heads,
+        "n_experts": s.experts,
+        "n_active_experts": s.active,
+        "moe_hidden_dim": s.moe_hidden,
+        "vocab_size": s.vocab,
+        "max_seq_len": s.seq_len,
+        "hidden_act": 1,
+        "rope_theta": 1000000,
+        "weights_float_type": 2,
+        "rope_type": 1,
+        "head_dim": s.head_dim,
+        "norm_epsilon": 1e-6,
+    }
+
+
+def write_model(s: Shape, path: Path) -> None:
+    f = fields(s)
+    tensors = _core.model_tensors(f)
+    header = _core.encode_model_header(f)
+    size = len(header) + sum(t[5] for t in tensors)
+    if path.exists() and path.stat().st_size == size:
+        return
+    print(f"writing {path} ({size / 1e9:.2f} GB of random Q40 weights)...", flush=True)
+    rng = np.random.default_rng(0)
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        out.write(header)
+        for name, rows, cols, ft, _off, nbytes in tensors:
+            if ft == "q40":
+                data = random_q40(rng, rows, cols).tobytes()
+            elif name.endswith("norm"):
+                data = (1.0 + 0.05 * rng.standard_normal(cols, dtype=np.float32)).tobytes()
+            else:  # embedding, router
+                data = (0.02 * rng.standard_normal(rows * cols, dtype=np.float32)).tobytes()
+            assert len(data) == nbytes, name
+            out.write(data)
+    tmp.rename(path)
+
+
+GGUF_NAMES = {
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "wo": "attn_output",
+    "w1": "ffn_gate",
+    "w2": "ffn_down",
+    "w3": "ffn_up",
+    "q_norm": "attn_q_norm",
+    "k_norm": "attn_k_norm",
+    "moe_gate": "ffn_gate_inp",
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+}
+
+
+def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
+    """The same weights as a qwen3 / qwen3moe GGUF (Q4_0 matmuls, F32 embedding, norms and
+    router), each expert's blocks copied into the stacked 3-D tensors."""
+    if path.exists():
+        return
+    import gguf
+
+    print(f"writing {path} (the same weights as GGUF Q4_0)...", flush=True)
+    arch = "qwen3moe" if s.experts else "qwen3"
+    mm = np.memmap(m_path, dtype=np.uint8, mode="r")
+    tmp = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_context_length(s.seq_len)
+    w.add_embedding_length(s.dim)
+    w.add_block_count(s.layers)
+    w.add_feed_forward_length(s.hidden)
+    w.add_head_count(s.heads)
+    w.add_head_count_kv(s.kv_heads)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    if s.experts:
+        w.add_expert_count(s.experts)
+        w.add_expert_used_count(s.active)
+        w.add_expert_feed_forward_length(s.moe_hidden)
+    # a SentencePiece-style vocabulary of the right size: specials, 256 byte tokens, fillers
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    tokens += [f"t{i}".encode() for i in range(s.vocab - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (s.vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * s.vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    experts: dict[str, list[Any]] = {}
+    for name, rows, cols, ft, off, nbytes in _core.model_tensors(fields(s)):
+        raw = mm[off : off + nbytes]
+        parts = name.split(".")
+        if name in ("embedding", "norm", "wcls"):
+            gname = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}[name]
+        elif parts[2] == "experts":  # layers.i.experts.e.wN: stacked at the last expert
+            key = f"blk.{parts[1]}.{GGUF_NAMES[parts[4]]}_exps.weight"
+            experts.setdefault(key, []).append(raw.reshape(rows, cols // 32 * 18))
+            if int(parts[3]) == s.experts - 1:
+                w.add_tensor(key, np.stack(experts.pop(key)), raw_dtype=q4)
+            continue
+        else:
+            gname = f"blk.{parts[1]}.{GGUF_NAMES[parts[2]]}"
+        gname += ".weight"
+        if ft == "q40":
+            w.add_tensor(gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=q4)
+        else:
+            arr = raw.view(np.float32)
+            w.add_tensor(gname, arr if rows == 1 else arr.reshape(rows, cols))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    tmp.rename(path)
+
+
+def _in_child(fn: Any, *args: Any) -> tuple[Any, float]:
+    """fn(*args) in a fresh process: (its result, its peak RSS in GB)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_run_measured, (fn, *args))  # type: ignore[no-any-return]
+
+
+def _run_measured(fn: Any, *args: Any) -> tuple[Any, float]:
+    res = fn(*args)
+    # VmHWM: this process's own peak (ru_maxrss would include the parent's, kept over exec)
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return res, hwm / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", choices=["30b-a3b", "8b"], default=["30b-a3b", "8b"])
+    ap.add_argument("--moe-layers", type=int, default=8, help="of Qwen3-30B-A3B's 48")
+    ap.add_argument("--dense-layers", type=int, default=36, help="of Qwen3-8B's 36")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dllama-bench"))
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for key in args.shapes:
+        s = shapes(args.moe_layers, args.dense_layers)[key]
+        m_path, g_path = args.dir / f"{s.name}-q40.m", args.dir / f"{s.name}-q4_0.gguf"
+        write_model(s, m_path)
+        write_gguf(s, m_path, g_path)
+        for n in args.threads:
+            ours, refs, bws = [], [], []
+            for _ in range(args.repeat):
+                bws.append(read_bandwidth(n))
+                ours.append(_in_child(time_dllama, m_path, n, args.tokens))
+                refs.append(_in_child(time_llamacpp, g_path, n, args.tokens))
+                print(f"{s.name} {n}t: dllama {ours[-1][0][0]:.1f} ms/token "
+                      f"(rss {ours[-1][1]:.2f} GB), llama.cpp {refs[-1][0]:.1f} ms/token "
+                      f"(rss {refs[-1][1]:.2f} GB), bandwidth {bws[-1] / 1e9:.1f} GB/s",
+                      flush=True)  # fmt: skip
+            (ms, _pre, kernels, nbytes), rss = min(ours, key=lambda r: r[0][0])
+            ref, ref_rss = min(refs, key=lambda r: r[0])
+            pre = [_in_child(time_dllama_prefill, m_path, n, args.prefill)[0]]
+            pre_ref = [_in_child(time_llamacpp_prefill, g_path, n, args.prefill, s.vocab)[0]]
+            floor = nbytes / max(bws) * 1000
+            rows.append((s.name, n, kernels, ms, ref, nbytes, floor, pre[0], pre_ref[0], rss,
+                         ref_rss))  # fmt: skip
+    print()
+    print("| shape | threads | kernels | dllama ms/token | llama.cpp ms/token | ratio "
+          "| weight MB/token | floor ms | floor / dllama | prefill tok/s dllama / llama.cpp "
+          "| peak RSS GB dllama / llama.cpp |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, kern, ms, ref, nb, floor, pre, pre_ref, rss, ref_rss in rows:
+        print(f"| {name} | {n} | {kern} | {ms:.1f} | {ref:.1f} | {ms / ref:.2f} | "
+              f"{nb / 1e6:.0f} | {floor:.1f} | {floor / ms:.2f} | {pre:.1f} / {pre_ref:.1f} | "
+              f"{rss:.2f} / {ref_rss:.2f} |")  # fmt: skip
+    print(f"\n{statistics.mean([r[3] / r[4] for r in rows]):.2f} mean ratio dllama / llama.cpp")
+
+
+if __name__ == "__main__":
+    main()
