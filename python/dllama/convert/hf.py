@@ -169,6 +169,8 @@ class HFSource(Source):
         """Qwen3: per-head q/k norms, NeoX RoPE on unpermuted q/k; Qwen3-MoE: the experts."""
         if cfg.get("attention_bias"):
             raise ConvertError(f"{config_path}: attention_bias is not supported")
+        if cfg.get("use_sliding_window"):
+            raise ConvertError(f"{config_path}: sliding-window attention is not supported")
         self.fields["rope_type"] = ROPE_FALCON
         self.fields["arch_type"] = ARCH_QWEN3
         if self.arch != "Qwen3MoeForCausalLM":
