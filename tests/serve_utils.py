@@ -81,6 +81,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+        self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self
