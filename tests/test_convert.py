@@ -60,6 +60,12 @@ def test_hf_and_meta_give_identical_files(ckpt: dict[str, Any], float_type: str)
     )
     assert h["file_size"] == a.stat().st_size
     assert rb.fields == ra.fields
+    # no rope scaling keys (14..17), as distributed-llama's convert-hf.py writes a plain llama:
+    # its RoPE scales frequencies whenever rope_scaling_factor != 1 (factor 0 gave NaN)
+    size = int.from_bytes(a.read_bytes()[4:8], "little")
+    keys = np.frombuffer(a.read_bytes()[8:size], "<i4")[::2].tolist()
+    assert not set(keys) & {14, 15, 16, 17}, keys
+    assert (h["rope_type"], h["rope_scaling_factor"]) == (0, 1)
     for name in tensor_names(N_LAYERS):
         want = ckpt["tensors"][meta_key(name)]
         got = _core.read_model_tensor(str(a), name)

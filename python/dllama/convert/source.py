@@ -96,7 +96,8 @@ def base_fields(
         "max_seq_len": max_seq_len,
         "hidden_act": HIDDEN_ACT_SILU,
         "rope_theta": int(rope_theta),
-        "rope_scaling_factor": 0,
+        # distributed-llama scales RoPE frequencies whenever the factor is not 1 (0 gives NaN)
+        "rope_scaling_factor": 1,
         "rope_scaling_low_freq_factor": 0,
         "rope_scaling_high_freq_factor": 0,
         "rope_scaling_orig_max_seq_len": 0,

@@ -195,8 +195,10 @@ fn each_field_alone_round_trips() {
         ),
         (
             "rope_scaling_factor",
+            // with llama rope a factor other than 1 means llama3.1 scaling (see below)
             ModelHeader {
                 rope_scaling_factor: 3,
+                rope_type: RopeType::Falcon,
                 ..base.clone()
             },
         ),
@@ -331,6 +333,45 @@ fn absent_keys_take_distributed_llama_defaults() {
     // the tensors start after the file's header, whatever its key set
     assert_eq!(h.header_size(), 8 + 8 * BASE.len());
     assert_eq!(h.tensors()[0].offset, (8 + 8 * BASE.len()) as u64);
+}
+
+#[test]
+fn rope_scaling_keys_read_as_distributed_llama_runs_them() {
+    // a plain llama model is written without the scaling keys, as distributed-llama's
+    // convert-hf.py does (its RoPE scales whenever the factor is not 1)
+    let h = small(FloatType::Q40);
+    let keys: Vec<i32> = h.to_bytes()[8..]
+        .chunks(8)
+        .map(|p| i32::from_le_bytes(p[..4].try_into().unwrap()))
+        .collect();
+    assert!(!keys.iter().any(|k| (14..=17).contains(k)), "{keys:?}");
+    // factor 0 with llama rope (earlier dllama converters) means no scaling
+    let h = ModelHeader::parse(&with(&[(14, 0), (15, 0), (16, 0), (17, 0), (18, 0)])).unwrap();
+    assert_eq!((h.rope_type, h.rope_scaling_factor), (RopeType::Llama, 1));
+    assert!(!h.to_bytes()[8..]
+        .chunks(8)
+        .any(|p| i32::from_le_bytes(p[..4].try_into().unwrap()) == 14));
+    // another factor with llama rope: the C++ applies the llama3.1 scaling, so do we
+    let h = ModelHeader::parse(&with(&[(14, 8), (15, 1), (16, 4), (17, 8192)])).unwrap();
+    assert_eq!((h.rope_type, h.rope_scaling_factor), (RopeType::Llama31, 8));
+    let m = format_err(&with(&[(14, 8)]));
+    assert!(m.contains("llama3.1 RoPE scaling needs"), "{m}");
+    // from named fields (the converter's path) the same
+    let fields: Vec<(String, FieldValue)> = h
+        .fields()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .map(|(k, v)| match k.as_str() {
+            "rope_type" => (k, FieldValue::Int(0)),
+            "rope_scaling_factor" | "rope_scaling_low_freq_factor"
+            | "rope_scaling_high_freq_factor" | "rope_scaling_orig_max_seq_len" => {
+                (k, FieldValue::Int(0))
+            }
+            _ => (k, v),
+        })
+        .collect();
+    let back = ModelHeader::from_fields(&fields).unwrap();
+    assert_eq!((back.rope_type, back.rope_scaling_factor), (RopeType::Llama, 1));
 }
 
 // ---------------------------------------------------------------------------------------------

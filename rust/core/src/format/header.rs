@@ -365,6 +365,7 @@ impl ModelHeader {
         if h.arch_type.has_qk_norm() {
             h.rope_type = RopeType::Falcon;
         }
+        h.resolve_rope_scaling();
         h.check()
             .map_err(|m| Error::format(format!("{what}: {m}")))?;
         Ok(h)
@@ -383,6 +384,20 @@ impl ModelHeader {
         }
         self.head_dim = self.dim / self.n_heads;
         Ok(())
+    }
+
+    /// Reads the rope scaling keys as distributed-llama does. Its RoPE scales the frequencies
+    /// whenever `rope_scaling_factor != 1`, whatever `rope_type` says (Falcon aside), so a llama
+    /// header with another factor is Llama 3.1 scaling. Factor 0 with llama rope is what earlier
+    /// dllama converters wrote for "no scaling" (the C++ computes 0/0 there): read as 1.
+    pub(crate) fn resolve_rope_scaling(&mut self) {
+        if self.rope_type == RopeType::Llama {
+            match self.rope_scaling_factor {
+                0 => self.rope_scaling_factor = 1,
+                1 => {}
+                _ => self.rope_type = RopeType::Llama31,
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ impl ModelHeader {
         if h.arch_type.has_qk_norm() {
             h.rope_type = RopeType::Falcon; // as a parsed header (and distributed-llama) has it
         }
+        h.resolve_rope_scaling();
         h.validate()?;
         if let Some(fs) = file_size {
             if fs as u64 != h.file_size() {
