@@ -363,15 +363,18 @@ fn rope_scaling_keys_read_as_distributed_llama_runs_them() {
         .map(|(k, v)| (k.to_string(), v))
         .map(|(k, v)| match k.as_str() {
             "rope_type" => (k, FieldValue::Int(0)),
-            "rope_scaling_factor" | "rope_scaling_low_freq_factor"
-            | "rope_scaling_high_freq_factor" | "rope_scaling_orig_max_seq_len" => {
-                (k, FieldValue::Int(0))
-            }
+            "rope_scaling_factor"
+            | "rope_scaling_low_freq_factor"
+            | "rope_scaling_high_freq_factor"
+            | "rope_scaling_orig_max_seq_len" => (k, FieldValue::Int(0)),
             _ => (k, v),
         })
         .collect();
     let back = ModelHeader::from_fields(&fields).unwrap();
-    assert_eq!((back.rope_type, back.rope_scaling_factor), (RopeType::Llama, 1));
+    assert_eq!(
+        (back.rope_type, back.rope_scaling_factor),
+        (RopeType::Llama, 1)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,13 +616,26 @@ fn unsupported_models() {
     let m = format_err(&with(&[(18, 2), (14, 8), (15, 4), (16, 1), (17, 8192)]));
     assert!(m.contains("llama3.1"), "{m}");
     let m = format_err(&with(&[
-        (2, i32::MAX - 31),
-        (3, i32::MAX - 31),
-        (9, i32::MAX),
-        (5, 1),
-        (6, 1),
+        (2, 1 << 17),
+        (3, 1 << 20),
+        (4, 4096),
+        (9, 1 << 24),
+        (5, 32),
+        (6, 32),
     ]));
     assert!(m.contains("absurd"), "{m}");
+    // each dimension has its own bound, named in the message
+    for (k, name) in [
+        (2, "dim"),
+        (3, "hidden_dim"),
+        (4, "n_layers"),
+        (9, "vocab_size"),
+        (10, "max_seq_len"),
+        (19, "head_dim"),
+    ] {
+        let m = format_err(&with(&[(k, i32::MAX - 31)]));
+        assert!(m.contains(&format!("{name} = 2147483616 is beyond")), "{m}");
+    }
 }
 
 #[test]

@@ -288,3 +288,58 @@ fn legacy_size_and_header_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn hostile_headers_are_refused_before_the_tensor_list_is_built() {
+    // .m: n_layers = 2^31 - 1 with tiny dims (9 × 2^31 tensor names would abort the process)
+    let mut h = small(FloatType::F32);
+    h.n_layers = i32::MAX as usize;
+    let mut bytes = h.to_bytes();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    let p = temp_path("hostile-layers.m");
+    std::fs::write(&p, &bytes).unwrap();
+    match ModelFile::open(&p) {
+        Err(Error::Format(m)) => assert!(m.contains("n_layers = 2147483647 is beyond"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // within the bound but the file is short: the size is checked before the list is made
+    h.n_layers = 4096;
+    let mut bytes = h.to_bytes();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(&p, &bytes).unwrap();
+    match ModelFile::open(&p) {
+        Err(Error::Format(m)) => assert!(m.contains("bytes short"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // the computed size is the end of the listed tensors
+    let t = h.tensors();
+    let last = t.last().unwrap();
+    assert_eq!(h.file_size(), last.offset + last.nbytes);
+    // head_dim 2^30 with small dims (a RoPE table of GBs)
+    let mut h = small(FloatType::F32);
+    h.head_dim = 1 << 30;
+    h.n_heads = 1;
+    h.n_kv_heads = 1;
+    match h.validate() {
+        Err(Error::Invalid(m)) => assert!(m.contains("head_dim = 1073741824 is beyond"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // legacy .bin: the same n_layers
+    let mut legacy = Vec::new();
+    for v in [64, 96, i32::MAX, 4, 2, 40, 8] {
+        legacy.extend_from_slice(&v.to_le_bytes());
+    }
+    legacy.extend_from_slice(&[0u8; 4096]);
+    let p = temp_path("hostile-layers.bin");
+    std::fs::write(&p, &legacy).unwrap();
+    match ModelFile::open_legacy(&p, FloatType::F32) {
+        Err(Error::Format(m)) => assert!(m.contains("n_layers = 2147483647 is beyond"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    legacy[8..12].copy_from_slice(&4000i32.to_le_bytes());
+    std::fs::write(&p, &legacy).unwrap();
+    match ModelFile::open_legacy(&p, FloatType::F32) {
+        Err(Error::Format(m)) => assert!(m.contains("bytes short"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -14,6 +14,14 @@ const OLD_MAGICS: [u32; 2] = [0x00AB_CD00, 0x00AB_CD01];
 pub const MAX_HEADER_SIZE: usize = 8 + 8 * 128;
 /// Most experts a MoE layer may have (Qwen3-30B-A3B has 128).
 const MAX_EXPERTS: usize = 4096;
+/// Upper bounds of the header's dimensions (see [`ModelHeader::validate`]).
+pub const MAX_DIM: usize = 1 << 17;
+pub const MAX_HIDDEN_DIM: usize = 1 << 20;
+pub const MAX_N_LAYERS: usize = 1 << 12;
+pub const MAX_N_HEADS: usize = 1 << 12;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+pub const MAX_VOCAB_SIZE: usize = super::tokenizer::MAX_VOCAB_SIZE;
+pub const MAX_SEQ_LEN: usize = 1 << 24;
 /// Largest file the header may describe (256 TiB): anything above is a corrupt header.
 const MAX_FILE_SIZE: u64 = 1 << 48;
 
@@ -433,6 +441,24 @@ impl ModelHeader {
                 return Err(format!("{name} = {v} does not fit an int32"));
             }
         }
+        // Far above every published model (126 layers, head_dim 256, 128k vocabulary, dim
+        // 16384, 10M context): a larger value is a corrupt or hostile header, refused before
+        // anything is sized from it.
+        for (name, v, max) in [
+            ("dim", self.dim, MAX_DIM),
+            ("hidden_dim", self.hidden_dim, MAX_HIDDEN_DIM),
+            ("n_layers", self.n_layers, MAX_N_LAYERS),
+            ("n_heads", self.n_heads, MAX_N_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("vocab_size", self.vocab_size, MAX_VOCAB_SIZE),
+            ("max_seq_len", self.max_seq_len, MAX_SEQ_LEN),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "{name} = {v} is beyond what dllama accepts (at most {max})"
+                ));
+            }
+        }
         if self.n_kv_heads > self.n_heads || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "n_kv_heads {} does not divide n_heads {}",
@@ -568,51 +594,66 @@ impl ModelHeader {
             .unwrap_or_else(|| 8 + 8 * self.pairs().len())
     }
 
-    /// Every tensor in file order, with offsets (see docs/DESIGN.md for names and shapes), as
-    /// distributed-llama's `loadLlmNetWeight` reads them: qwen3_moe layers hold the router
-    /// (`moe_gate`, F32) then w1, w2, w3 of each expert in place of the FFN; qwen3 and
-    /// qwen3_moe add `q_norm` and `k_norm` (head_dim each, F32) before the block norms.
+    /// Appends layer `i`'s tensors in file order, as distributed-llama's `loadLlmNetWeight`
+    /// reads them: qwen3_moe layers hold the router (`moe_gate`, F32) then w1, w2, w3 of each
+    /// expert in place of the FFN; qwen3 and qwen3_moe add `q_norm` and `k_norm` (head_dim
+    /// each, F32) before the block norms.
+    fn push_layer(&self, t: &mut Layout, i: usize) {
+        let (wt, f32) = (self.weights_float_type, FloatType::F32);
+        let (dim, hidden) = (self.dim, self.ffn_hidden_dim());
+        let (q_dim, kv_dim, hd) = (self.q_dim(), self.kv_dim(), self.head_dim);
+        t.push(format!("layers.{i}.q"), q_dim, dim, wt);
+        t.push(format!("layers.{i}.k"), kv_dim, dim, wt);
+        t.push(format!("layers.{i}.v"), kv_dim, dim, wt);
+        t.push(format!("layers.{i}.wo"), dim, q_dim, wt);
+        if self.arch_type == ArchType::Qwen3Moe {
+            t.push(format!("layers.{i}.moe_gate"), self.n_experts, dim, f32);
+            for e in 0..self.n_experts {
+                t.push(format!("layers.{i}.experts.{e}.w1"), hidden, dim, wt);
+                t.push(format!("layers.{i}.experts.{e}.w2"), dim, hidden, wt);
+                t.push(format!("layers.{i}.experts.{e}.w3"), hidden, dim, wt);
+            }
+        } else {
+            t.push(format!("layers.{i}.w1"), hidden, dim, wt);
+            t.push(format!("layers.{i}.w2"), dim, hidden, wt);
+            t.push(format!("layers.{i}.w3"), hidden, dim, wt);
+        }
+        if self.arch_type.has_qk_norm() {
+            t.push(format!("layers.{i}.q_norm"), 1, hd, f32);
+            t.push(format!("layers.{i}.k_norm"), 1, hd, f32);
+        }
+        t.push(format!("layers.{i}.attn_norm"), 1, dim, f32);
+        t.push(format!("layers.{i}.ffn_norm"), 1, dim, f32);
+    }
+
+    /// Every tensor in file order, with offsets (see docs/DESIGN.md for names and shapes).
+    /// Builds a list as long as the header says: check the file size against
+    /// [`file_size`](Self::file_size) first.
     pub fn tensors(&self) -> Vec<TensorSpec> {
         let (wt, f32) = (self.weights_float_type, FloatType::F32);
-        let (dim, hidden, vocab) = (self.dim, self.ffn_hidden_dim(), self.vocab_size);
-        let (q_dim, kv_dim, hd) = (self.q_dim(), self.kv_dim(), self.head_dim);
+        let (dim, vocab) = (self.dim, self.vocab_size);
         let mut t = Layout::new(self.header_size() as u64);
         t.push("embedding".into(), vocab, dim, f32);
         for i in 0..self.n_layers {
-            t.push(format!("layers.{i}.q"), q_dim, dim, wt);
-            t.push(format!("layers.{i}.k"), kv_dim, dim, wt);
-            t.push(format!("layers.{i}.v"), kv_dim, dim, wt);
-            t.push(format!("layers.{i}.wo"), dim, q_dim, wt);
-            if self.arch_type == ArchType::Qwen3Moe {
-                t.push(format!("layers.{i}.moe_gate"), self.n_experts, dim, f32);
-                for e in 0..self.n_experts {
-                    t.push(format!("layers.{i}.experts.{e}.w1"), hidden, dim, wt);
-                    t.push(format!("layers.{i}.experts.{e}.w2"), dim, hidden, wt);
-                    t.push(format!("layers.{i}.experts.{e}.w3"), hidden, dim, wt);
-                }
-            } else {
-                t.push(format!("layers.{i}.w1"), hidden, dim, wt);
-                t.push(format!("layers.{i}.w2"), dim, hidden, wt);
-                t.push(format!("layers.{i}.w3"), hidden, dim, wt);
-            }
-            if self.arch_type.has_qk_norm() {
-                t.push(format!("layers.{i}.q_norm"), 1, hd, f32);
-                t.push(format!("layers.{i}.k_norm"), 1, hd, f32);
-            }
-            t.push(format!("layers.{i}.attn_norm"), 1, dim, f32);
-            t.push(format!("layers.{i}.ffn_norm"), 1, dim, f32);
+            self.push_layer(&mut t, i);
         }
         t.push("norm".into(), 1, dim, f32);
         t.push("wcls".into(), vocab, dim, wt);
         t.tensors
     }
 
-    /// The exact size of the file: header plus every tensor.
+    /// The exact size of the file: header plus every tensor (one layer is laid out and
+    /// multiplied, no list of every layer is built).
     pub fn file_size(&self) -> u64 {
-        self.tensors()
-            .last()
-            .map(|t| t.offset.saturating_add(t.nbytes))
-            .unwrap_or(self.header_size() as u64)
+        let (wt, f32) = (self.weights_float_type, FloatType::F32);
+        let (dim, vocab) = (self.dim, self.vocab_size);
+        let mut one = Layout::new(0);
+        self.push_layer(&mut one, 0);
+        (self.header_size() as u64)
+            .saturating_add(Layout::nbytes(vocab, dim, f32))
+            .saturating_add(one.offset.saturating_mul(self.n_layers as u64))
+            .saturating_add(Layout::nbytes(1, dim, f32))
+            .saturating_add(Layout::nbytes(vocab, dim, wt))
     }
 
     // -----------------------------------------------------------------------------------------

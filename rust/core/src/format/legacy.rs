@@ -13,14 +13,9 @@ use crate::error::{Error, Result};
 /// Size of the legacy header: 7 int32.
 pub const LEGACY_HEADER_SIZE: usize = 28;
 
-/// Parses the legacy header and lays the tensors out. Returns the header (with `.m` defaults
-/// for what the legacy format does not store: llama, silu, rope_theta 10000, norm_epsilon
-/// 1e-5), the tensors in legacy file order with the same names as `.m`, and the file size.
-pub fn layout(
-    bytes: &[u8],
-    weights: FloatType,
-    what: &str,
-) -> Result<(ModelHeader, Vec<TensorSpec>, u64)> {
+/// Parses and validates the legacy header. Returns it with `.m` defaults for what the legacy
+/// format does not store: llama, silu, rope_theta 10000, norm_epsilon 1e-5.
+pub fn parse(bytes: &[u8], weights: FloatType, what: &str) -> Result<ModelHeader> {
     let mut r = Reader::new(bytes, what);
     let mut v = [0i64; 7];
     let names = [
@@ -70,32 +65,59 @@ pub fn layout(
     }
     .validate()
     .map_err(|e| Error::format(format!("{what}: {e}")))?;
+    Ok(header)
+}
 
-    let (wt, f32) = (weights, FloatType::F32);
-    let (q_dim, kv_dim, hidden, vocab) = (
-        header.q_dim(),
-        header.kv_dim(),
-        header.hidden_dim,
-        header.vocab_size,
-    );
+/// One layer's tensors in legacy file order: (name, rows, cols, type).
+fn layer_shapes(h: &ModelHeader) -> [(&'static str, usize, usize, FloatType); 9] {
+    let (wt, f32, dim, hidden) = (h.weights_float_type, FloatType::F32, h.dim, h.hidden_dim);
+    let (q_dim, kv_dim) = (h.q_dim(), h.kv_dim());
+    [
+        ("attn_norm", 1, dim, f32),
+        ("ffn_norm", 1, dim, f32),
+        ("q", q_dim, dim, wt),
+        ("k", kv_dim, dim, wt),
+        ("v", kv_dim, dim, wt),
+        ("wo", dim, q_dim, wt),
+        ("w1", hidden, dim, wt),
+        ("w2", dim, hidden, wt),
+        ("w3", hidden, dim, wt),
+    ]
+}
+
+/// freq_cis_real and freq_cis_imag: seq_len × head_size / 2 float32 each (unused).
+fn rope_gap(h: &ModelHeader) -> u64 {
+    (h.max_seq_len as u64).saturating_mul(h.head_dim as u64 / 2 * 8)
+}
+
+/// The exact size of a legacy file with this header (computed without listing the tensors).
+pub fn file_size(h: &ModelHeader) -> u64 {
+    let (wt, f32) = (h.weights_float_type, FloatType::F32);
+    let layer = layer_shapes(h).iter().fold(0u64, |a, &(_, r, c, ft)| {
+        a.saturating_add(Layout::nbytes(r, c, ft))
+    });
+    (LEGACY_HEADER_SIZE as u64)
+        .saturating_add(Layout::nbytes(h.vocab_size, h.dim, f32))
+        .saturating_add(layer.saturating_mul(h.n_layers as u64))
+        .saturating_add(Layout::nbytes(1, h.dim, f32))
+        .saturating_add(rope_gap(h))
+        .saturating_add(Layout::nbytes(h.vocab_size, h.dim, wt))
+}
+
+/// The tensors in legacy file order, with the same names as `.m` (9 × n_layers + 3 entries:
+/// check the file size against [`file_size`] first).
+pub fn tensors(h: &ModelHeader) -> Vec<TensorSpec> {
+    let (wt, f32) = (h.weights_float_type, FloatType::F32);
     let mut t = Layout::new(LEGACY_HEADER_SIZE as u64);
-    t.push("embedding".into(), vocab, dim, f32);
-    for i in 0..header.n_layers {
-        t.push(format!("layers.{i}.attn_norm"), 1, dim, f32);
-        t.push(format!("layers.{i}.ffn_norm"), 1, dim, f32);
-        t.push(format!("layers.{i}.q"), q_dim, dim, wt);
-        t.push(format!("layers.{i}.k"), kv_dim, dim, wt);
-        t.push(format!("layers.{i}.v"), kv_dim, dim, wt);
-        t.push(format!("layers.{i}.wo"), dim, q_dim, wt);
-        t.push(format!("layers.{i}.w1"), hidden, dim, wt);
-        t.push(format!("layers.{i}.w2"), dim, hidden, wt);
-        t.push(format!("layers.{i}.w3"), hidden, dim, wt);
+    t.push("embedding".into(), h.vocab_size, h.dim, f32);
+    let layer = layer_shapes(h);
+    for i in 0..h.n_layers {
+        for (name, rows, cols, ft) in layer {
+            t.push(format!("layers.{i}.{name}"), rows, cols, ft);
+        }
     }
-    t.push("norm".into(), 1, dim, f32);
-    // freq_cis_real and freq_cis_imag: seq_len × head_size / 2 float32 each
-    let gap = (header.max_seq_len as u64).saturating_mul(header.head_dim as u64 / 2 * 8);
-    t.skip(gap);
-    t.push("wcls".into(), vocab, dim, wt);
-    let size = t.offset;
-    Ok((header, t.tensors, size))
+    t.push("norm".into(), 1, h.dim, f32);
+    t.skip(rope_gap(h));
+    t.push("wcls".into(), h.vocab_size, h.dim, wt);
+    t.tensors
 }

@@ -161,8 +161,7 @@ impl Layout {
 
     /// Appends a tensor of `rows` × `cols` values stored as `ft`.
     pub fn push(&mut self, name: String, rows: usize, cols: usize, ft: FloatType) {
-        let n = (rows as u64).saturating_mul(cols as u64);
-        let nbytes = (n / ft.block_values() as u64).saturating_mul(ft.block_bytes() as u64);
+        let nbytes = Self::nbytes(rows, cols, ft);
         let offset = self.offset;
         self.offset = offset.saturating_add(nbytes);
         self.tensors.push(TensorSpec {
@@ -173,6 +172,12 @@ impl Layout {
             offset,
             nbytes,
         });
+    }
+
+    /// Bytes of a `rows` × `cols` tensor stored as `ft` (saturating).
+    pub fn nbytes(rows: usize, cols: usize, ft: FloatType) -> u64 {
+        let n = (rows as u64).saturating_mul(cols as u64);
+        (n / ft.block_values() as u64).saturating_mul(ft.block_bytes() as u64)
     }
 
     /// A gap of `nbytes` (the legacy format's unused RoPE tables).

@@ -83,9 +83,9 @@ impl ModelFile {
         let map = map_file(path)?;
         let what = format!("model file {}", path.display());
         let header = ModelHeader::parse_named(&map, &what)?;
+        // the size first: the tensor list is as long as the header says
+        check_size(path, map.len() as u64, header.file_size())?;
         let tensors = header.tensors();
-        let expected = header.file_size();
-        check_size(path, map.len() as u64, expected)?;
         Ok(ModelFile {
             header,
             index: index_of(&tensors),
@@ -99,8 +99,9 @@ impl ModelFile {
     pub fn open_legacy(path: &Path, weights_float_type: FloatType) -> Result<ModelFile> {
         let map = map_file(path)?;
         let what = format!("legacy model file {}", path.display());
-        let (header, tensors, expected) = legacy::layout(&map, weights_float_type, &what)?;
-        check_size(path, map.len() as u64, expected)?;
+        let header = legacy::parse(&map, weights_float_type, &what)?;
+        check_size(path, map.len() as u64, legacy::file_size(&header))?;
+        let tensors = legacy::tensors(&header);
         Ok(ModelFile {
             header,
             index: index_of(&tensors),
