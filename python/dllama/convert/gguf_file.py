@@ -12,6 +12,7 @@ u64 dims[n_dims] (innermost first), u32 ggml type, u64 offset); padding to
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ _NUMPY_SCALARS: dict[int, str] = {
 }
 _STRING = 8
 _ARRAY = 9
+_MAX_ARRAY_DEPTH = 8  # llama.cpp's files nest at most 2 deep (arrays of token strings)
 
 
 class GGUFError(ValueError):
@@ -132,7 +134,7 @@ class _Cursor:
             raise GGUFError(f"{self.path}: absurd string length {n} at offset {self.pos - 8}")
         return self.take(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             fmt, size = _SCALARS[vtype]
             return self.scalar(fmt, size)
@@ -147,7 +149,12 @@ class _Cursor:
                 size = _SCALARS[itype][1]
                 arr = np.frombuffer(self.take(n * size), dtype=_NUMPY_SCALARS[itype])
                 return [bool(v) for v in arr] if itype == 7 else arr.tolist()
-            return [self.value(itype) for _ in range(n)]
+            if itype == _ARRAY and depth >= _MAX_ARRAY_DEPTH:
+                raise GGUFError(
+                    f"{self.path}: arrays nested deeper than {_MAX_ARRAY_DEPTH} at offset "
+                    f"{self.pos - 12}"
+                )
+            return [self.value(itype, depth + 1) for _ in range(n)]
         raise GGUFError(
             f"{self.path}: unknown metadata value type {vtype} at offset {self.pos - 4}"
         )
@@ -188,8 +195,8 @@ class GGUFFile:
             ggml_type = cur.u32()
             offset = cur.u64()
             infos.append((name, dims, ggml_type, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
-        if alignment <= 0 or alignment & (alignment - 1):
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(f"{self.path}: general.alignment {alignment} is not a power of two")
         data_start = (cur.pos + alignment - 1) // alignment * alignment
         self.tensors: dict[str, GGUFTensor] = {}
@@ -197,7 +204,7 @@ class GGUFFile:
             if ggml_type not in GGML_TYPES:
                 raise GGUFError(f"{self.path}: tensor {name!r} has unknown ggml type {ggml_type}")
             _, block, block_bytes = GGML_TYPES[ggml_type]
-            n = int(np.prod(dims)) if dims else 1
+            n = math.prod(dims)
             if dims and dims[0] % block:
                 raise GGUFError(
                     f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of "
@@ -271,6 +278,9 @@ def dequantize(raw: npt.NDArray[np.uint8], ggml_type: int) -> npt.NDArray[np.flo
         return raw.view("<f4").astype(np.float32)
     if ggml_type == 1:
         return _f16(raw)
+    if ggml_type == 28:  # F64: values beyond float32's range become +-inf (refused later)
+        with np.errstate(over="ignore"):
+            return raw.view("<f8").astype(np.float32)
     if ggml_type == 30:  # BF16: the high half of an f32
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     if ggml_type == 2:  # Q4_0: {f16 d; u8 qs[16]}, (nibble - 8) * d
@@ -296,7 +306,10 @@ def dequantize(raw: npt.NDArray[np.uint8], ggml_type: int) -> npt.NDArray[np.flo
         raise GGUFError(
             f"tensor type {name} needs the `gguf` package to dequantize: pip install gguf"
         ) from e
-    out = gguf_dequantize(np.asarray(raw), GGMLQuantizationType(ggml_type))
+    try:
+        out = gguf_dequantize(np.asarray(raw), GGMLQuantizationType(ggml_type))
+    except (NotImplementedError, ValueError, TypeError) as e:
+        raise GGUFError(f"tensor type {name} cannot be dequantized: {e}") from e
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 

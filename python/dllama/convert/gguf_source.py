@@ -25,6 +25,8 @@ from dllama.convert.source import (
     F32Array,
     Source,
     base_fields,
+    config_float,
+    config_int,
     set_llama3_scaling,
 )
 
@@ -86,28 +88,43 @@ class GGUFSource(Source):
                 f"{path}: no token_embd.weight (a vocabulary-only GGUF has no model)"
             )
 
-        def key(name: str) -> int:
-            value = g.get(f"{arch}.{name}")
-            if value is None:
-                raise ConvertError(f"{path}: metadata {arch}.{name} is missing")
-            return int(value)
+        def key(name: str, default: int | None = None) -> int:
+            return config_int(g.get(f"{arch}.{name}"), f"{path}: metadata {arch}.{name}", default)
+
+        def number(name: str, default: float) -> float:
+            return config_float(g.get(f"{arch}.{name}"), f"{path}: metadata {arch}.{name}", default)
 
         dim, n_heads = key("embedding_length"), key("attention.head_count")
-        head_dim = int(g.get(f"{arch}.attention.key_length") or dim // n_heads)
-        theta = float(g.get(f"{arch}.rope.freq_base") or 10000.0)
+        if dim <= 0 or n_heads <= 0:
+            raise ConvertError(
+                f"{path}: metadata {arch}.embedding_length = {dim} and {arch}.attention.head_count"
+                f" = {n_heads} must be positive"
+            )
+        head_dim = key("attention.key_length", 0) or dim // n_heads
+        theta = number("rope.freq_base", 10000.0)
+        embd = g.tensors["token_embd.weight"]
+        if len(embd.shape) != 2:
+            raise ConvertError(f"{path}: token_embd.weight has shape {embd.shape}, not a matrix")
+        vocab = embd.shape[0]
+        tokens = g.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and len(tokens) > vocab:
+            raise ConvertError(
+                f"{path}: token_embd.weight has {vocab} rows but the vocabulary "
+                f"(tokenizer.ggml.tokens) has {len(tokens)} tokens"
+            )
         moe = arch == "qwen3moe"
         self.fields = base_fields(
             dim=dim,
-            hidden_dim=int(g.get(f"{arch}.feed_forward_length") or 0)
-            or key("expert_feed_forward_length"),
+            hidden_dim=key("feed_forward_length", 0) or key("expert_feed_forward_length"),
             n_layers=key("block_count"),
             n_heads=n_heads,
-            n_kv_heads=int(g.get(f"{arch}.attention.head_count_kv") or n_heads),
-            vocab_size=int(g.tensors["token_embd.weight"].shape[0]),
-            max_seq_len=int(max_seq_len or key("context_length")),
+            n_kv_heads=key("attention.head_count_kv", n_heads) or n_heads,
+            vocab_size=vocab,
+            max_seq_len=max_seq_len or key("context_length"),
             rope_theta=theta,
-            norm_epsilon=float(g.get(f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5),
+            norm_epsilon=number("attention.layer_norm_rms_epsilon", 1e-5),
             head_dim=head_dim,
+            source=str(path),
         )
         self.arch = arch
         if arch != "llama":

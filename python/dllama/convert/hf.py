@@ -8,6 +8,7 @@ torch nor the `safetensors` package is needed and a tensor is only read when it 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -23,6 +24,8 @@ from dllama.convert.source import (
     F32Array,
     Source,
     base_fields,
+    config_float,
+    config_int,
     drop_mmap_range,
     permute_hf_to_meta,
     set_llama3_scaling,
@@ -51,13 +54,38 @@ class SafetensorsFile:
         if n > size - 8:
             raise ConvertError(f"{path}: safetensors header of {n} bytes exceeds the file")
         try:
-            header: dict[str, Any] = json.loads(self._mmap[8 : 8 + n])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            header: Any = json.loads(self._mmap[8 : 8 + n])
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConvertError(f"{path}: unreadable safetensors header: {e}") from e
+        if not isinstance(header, dict):
+            raise ConvertError(f"{path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
         self._data_start = 8 + n
         self._size = size
-        self.entries: dict[str, dict[str, Any]] = header
+        self.entries: dict[str, dict[str, Any]] = {
+            name: self._entry(name, e) for name, e in header.items()
+        }
+
+    def _entry(self, name: str, e: Any) -> dict[str, Any]:
+        """One tensor's header entry, checked: dtype, shape, data_offsets inside the file."""
+        what = f"{self.path}: tensor {name!r}"[:300]
+        if not isinstance(e, dict):
+            raise ConvertError(f"{what}: header entry is not an object")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise ConvertError(f"{what}: no dtype")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ConvertError(f"{what}: shape {shape!r} is not a list of sizes"[:400])
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ConvertError(f"{what}: data_offsets {offsets!r} are not [begin, end]"[:400])
+        return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
 
     def tensor(self, name: str) -> F32Array:
         e = self.entries[name]
@@ -69,7 +97,7 @@ class SafetensorsFile:
             raise ConvertError(f"{self.path}: tensor {name} extends past the end (truncated file)")
         shape = tuple(int(s) for s in e["shape"])
         itemsize = 4 if dtype == "F32" else 2
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if count * itemsize != end - begin:
             raise ConvertError(
                 f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape}"
@@ -96,7 +124,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConvertError(f"{path}: invalid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: expected a JSON object")
@@ -113,47 +141,67 @@ class HFSource(Source):
             raise ConvertError(f"{folder}: no config.json (not a Hugging Face model folder)")
         cfg = _load_json(config_path)
         archs = cfg.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        if not isinstance(archs, list) or not any(
+            isinstance(a, str) and a in SUPPORTED_ARCHITECTURES for a in archs
+        ):
             raise ConvertError(
                 f"{config_path}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            raise ConvertError(f"{config_path}: unsupported hidden_act {act!r} (only silu)")
+            raise ConvertError(f"{config_path}: unsupported hidden_act {act!r} (only silu)"[:300])
         files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
         if not files:
             raise ConvertError(f"{folder}: no *.safetensors files (pytorch .bin is not supported)")
         self.description = str(folder)
         # transformers >= 5 writes "rope_parameters" (with rope_theta inside); older "rope_scaling"
-        rope: dict[str, Any] = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        self.n_heads = int(cfg["num_attention_heads"])
-        self.n_kv_heads = int(cfg.get("num_key_value_heads") or self.n_heads)
+        rope: Any = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConvertError(f"{config_path}: rope_scaling must be an object, got {rope!r}"[:300])
+
+        def num(key: str, default: int | None = None) -> int:
+            return config_int(cfg.get(key), f"{config_path}: {key}", default)
+
+        self.n_heads = num("num_attention_heads")
+        self.n_kv_heads = num("num_key_value_heads", self.n_heads) or self.n_heads
+        theta = rope.get("rope_theta")
+        if theta is None:
+            theta = cfg.get("rope_theta")
         self.fields = base_fields(
-            dim=int(cfg["hidden_size"]),
-            hidden_dim=int(cfg["intermediate_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
+            dim=num("hidden_size"),
+            hidden_dim=num("intermediate_size"),
+            n_layers=num("num_hidden_layers"),
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
-            vocab_size=int(cfg["vocab_size"]),
-            max_seq_len=int(max_seq_len or cfg.get("max_position_embeddings") or 4096),
-            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-            norm_epsilon=float(cfg.get("rms_norm_eps") or 1e-5),
-            head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
+            vocab_size=num("vocab_size"),
+            max_seq_len=max_seq_len or num("max_position_embeddings", 4096) or 4096,
+            rope_theta=config_float(theta, f"{config_path}: rope_theta", 10000.0),
+            norm_epsilon=config_float(
+                cfg.get("rms_norm_eps"), f"{config_path}: rms_norm_eps", 1e-5
+            ),
+            head_dim=num("head_dim", 0) or None,
+            source=str(config_path),
         )
         kind = rope.get("rope_type") or rope.get("type") or "default"
         if kind != "default":
-            scaling = rope
             if kind != "llama3":
                 raise ConvertError(
-                    f"{config_path}: unsupported rope_scaling type {kind!r} (only llama3)"
+                    f"{config_path}: unsupported rope_scaling type {kind!r} (only llama3)"[:300]
                 )
+
+            def scaling(key: str) -> float:
+                return config_float(rope.get(key), f"{config_path}: rope_scaling.{key}")
+
             set_llama3_scaling(
                 self.fields,
-                scaling["factor"],
-                scaling["low_freq_factor"],
-                scaling["high_freq_factor"],
-                scaling["original_max_position_embeddings"],
+                scaling("factor"),
+                scaling("low_freq_factor"),
+                scaling("high_freq_factor"),
+                config_int(
+                    rope.get("original_max_position_embeddings"),
+                    f"{config_path}: rope_scaling.original_max_position_embeddings",
+                ),
             )
         self.arch = next(a for a in archs if a in SUPPORTED_ARCHITECTURES)
         if self.arch.startswith("Qwen3"):

@@ -20,6 +20,8 @@ from dllama.convert.source import (
     F32Array,
     Source,
     base_fields,
+    config_float,
+    config_int,
     drop_pages,
     set_llama3_scaling,
 )
@@ -65,8 +67,20 @@ class MetaSource(Source):
             raise ConvertError(
                 "reading Meta .pth checkpoints needs torch: pip install torch"
             ) from e
-        with open(params_path, encoding="utf-8") as f:
-            params: dict[str, Any] = json.load(f)
+        try:
+            with open(params_path, encoding="utf-8") as f:
+                params: Any = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConvertError(f"{params_path}: invalid JSON: {e}") from e
+        if not isinstance(params, dict):
+            raise ConvertError(f"{params_path}: expected a JSON object")
+
+        def num(key: str, default: int | None = None) -> int:
+            return config_int(params.get(key), f"{params_path}: {key}", default)
+
+        def real(key: str, default: float) -> float:
+            return config_float(params.get(key), f"{params_path}: {key}", default)
+
         self.description = str(folder)
         self._used: list[Any] = []  # torch tensors read since the last release()
         self._shards: list[dict[str, Any]] = [
@@ -76,7 +90,7 @@ class MetaSource(Source):
         for key in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
             if key not in first:
                 raise ConvertError(f"{shards[0]}: tensor {key} not found (not a Meta checkpoint?)")
-        vocab = int(params.get("vocab_size", -1))
+        vocab = num("vocab_size", -1)
         if vocab <= 0:
             # the embedding rows are never split across shards: they give the vocabulary size
             vocab = int(first["tok_embeddings.weight"].shape[0])
@@ -85,23 +99,26 @@ class MetaSource(Source):
                 raise ConvertError(
                     f"{folder}: the tokenizer has {from_tok} tokens but tok_embeddings has {vocab} rows"
                 )
-        n_heads = int(params["n_heads"])
+        n_heads = num("n_heads")
         self.fields = base_fields(
-            dim=int(params["dim"]),
+            dim=num("dim"),
             hidden_dim=int(first["layers.0.feed_forward.w1.weight"].shape[0]) * len(shards),
-            n_layers=int(params["n_layers"]),
+            n_layers=num("n_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            n_kv_heads=num("n_kv_heads", n_heads) or n_heads,
             vocab_size=vocab,
-            max_seq_len=int(max_seq_len or params.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN),
-            rope_theta=float(params.get("rope_theta") or 10000.0),
-            norm_epsilon=float(params.get("norm_eps") or 1e-5),
+            max_seq_len=max_seq_len
+            or num("max_seq_len", DEFAULT_MAX_SEQ_LEN)
+            or DEFAULT_MAX_SEQ_LEN,
+            rope_theta=real("rope_theta", 10000.0),
+            norm_epsilon=real("norm_eps", 1e-5),
+            source=str(params_path),
         )
         if params.get("use_scaled_rope"):
             # llama-models' apply_scaling constants for Llama 3.1
             set_llama3_scaling(
                 self.fields,
-                float(params.get("rope_scaling_factor") or 8.0),
+                real("rope_scaling_factor", 8.0),
                 1.0,
                 4.0,
                 8192,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import math
 import mmap
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,37 @@ ROPE_LLAMA3_1 = 2
 
 class ConvertError(ValueError):
     """A checkpoint or tokenizer that cannot be converted; the message names the problem."""
+
+
+def config_int(value: Any, what: str, default: int | None = None) -> int:
+    """An integer read from a config or metadata value; `what` names the file and the field.
+    Absent (None) takes `default`, or is an error without one; integral floats (64.0) pass."""
+    if value is None:
+        if default is None:
+            raise ConvertError(f"{what} is missing")
+        return default
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConvertError(f"{what} must be an integer, got {value!r}"[:300])
+    return value
+
+
+def config_float(value: Any, what: str, default: float | None = None) -> float:
+    """A finite number read from a config or metadata value (see `config_int`)."""
+    if value is None:
+        if default is None:
+            raise ConvertError(f"{what} is missing")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConvertError(f"{what} must be a number, got {value!r}"[:300])
+    try:
+        f = float(value)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ConvertError(f"{what} must be a finite number, got {value!r}"[:300])
+    return f
 
 
 def tensor_names(n_layers: int, fields: HeaderFields | None = None) -> list[str]:
@@ -63,8 +95,10 @@ def base_fields(
     rope_theta: float,
     norm_epsilon: float,
     head_dim: int | None = None,
+    source: str = "model",
 ) -> HeaderFields:
-    """The header of a llama-architecture model, without the weights type and rope scaling."""
+    """The header of a llama-architecture model, without the weights type and rope scaling.
+    `source` (the file or folder) starts every error message."""
     for key, value in (
         ("dim", dim),
         ("hidden_dim", hidden_dim),
@@ -74,14 +108,24 @@ def base_fields(
         ("vocab_size", vocab_size),
         ("max_seq_len", max_seq_len),
     ):
-        if not isinstance(value, int) or value <= 0:
-            raise ConvertError(f"invalid {key}: {value!r} (must be a positive integer)")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConvertError(f"{source}: invalid {key}: {value!r} (must be a positive integer)")
+        if value > 2**31 - 1:
+            raise ConvertError(f"{source}: {key} = {value} does not fit the format (int32)")
     if n_heads % n_kv_heads:
-        raise ConvertError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+        raise ConvertError(
+            f"{source}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
+        )
     if head_dim is None:
         if dim % n_heads:
-            raise ConvertError(f"dim {dim} is not a multiple of n_heads {n_heads}")
+            raise ConvertError(f"{source}: dim {dim} is not a multiple of n_heads {n_heads}")
         head_dim = dim // n_heads
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+        raise ConvertError(f"{source}: invalid head_dim: {head_dim!r} (must be a positive integer)")
+    if not (math.isfinite(rope_theta) and 1 <= rope_theta <= 2**31 - 1):
+        raise ConvertError(f"{source}: rope_theta {rope_theta!r} is out of range (1 .. 2^31 - 1)")
+    if not (math.isfinite(norm_epsilon) and norm_epsilon > 0):
+        raise ConvertError(f"{source}: norm_epsilon {norm_epsilon!r} must be a positive number")
     return {
         "version": 0,
         "arch_type": ARCH_LLAMA,

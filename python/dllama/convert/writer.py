@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dllama import _core
 from dllama.convert.progress import ConvertProgress
 from dllama.convert.source import ConvertError, Source
@@ -43,8 +45,11 @@ def write_model(
     out = Path(out)
     fields = dict(source.fields)
     fields["weights_float_type"] = parse_float_type(float_type)
-    header = _core.encode_model_header(fields)
-    specs = _core.model_tensors(fields)
+    try:  # the core validates the header (bounds of every dimension, the format's codes)
+        header = _core.encode_model_header(fields)
+        specs = _core.model_tensors(fields)
+    except ValueError as e:
+        raise ConvertError(f"{source.description}: {e}") from e
     total = len(header) + sum(spec[5] for spec in specs)
     partial = out.with_name(out.name + ".partial")
     copied = 0
@@ -80,6 +85,12 @@ def _write_quantized(
     f: object, source: Source, name: str, ftype: str, rows: int, cols: int, nbytes: int
 ) -> None:
     t = source.checked(name).reshape(-1)  # (rows * cols,)
+    if not np.isfinite(t).all():
+        bad = int(np.flatnonzero(~np.isfinite(t))[0])
+        raise ConvertError(
+            f"{source.description}: tensor {name} holds {t[bad]} at index {bad} "
+            "(weights must be finite)"
+        )
     if t.size != rows * cols:
         raise ConvertError(
             f"{source.description}: tensor {name} has {t.size} values, expected {rows * cols}"
