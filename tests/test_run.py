@@ -391,3 +391,48 @@ def test_run_reads_special_tokens_in_the_prompt(smol: tuple[Path, Path]) -> None
     assert "<|im_end|>" not in "".join(p["text"] for p in pieces)
     r = dllama_model("run", model, tok, "-p", prompt, "--no-special", "--json", "--steps", "1")
     assert json_lines(r.stdout)[1]["prompt_tokens"] > 20
+
+
+@pytest.mark.skipif(_mistral_tokenizer() is None, reason="mistral_common is not installed")
+def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
+    """Out-of-range values name the option (no traceback); a tokenizer smaller than the model, a
+    GGUF passed to run, --stats with --json are refused; too many threads are warned about."""
+    from forward_utils import random_llama, write_m
+
+    tok = _mistral_tokenizer()
+    assert tok is not None
+    model = tmp_path / "m.m"
+    write_m(random_llama(seed=8, vocab=32000), model, "q40", 0)
+    for args, needle in [
+        (["--max-seq-len", "-1"], "'--max-seq-len'"),
+        (["--nthreads", "-1"], "'--nthreads'"),
+        (["--nthreads", "0"], "'--nthreads'"),
+        (["--topp", "5"], "'--topp'"),
+        (["--topp", "-0.1"], "'--topp'"),
+        (["--temperature", "-1"], "'--temperature'"),
+        (["--seed", "-1"], "'--seed'"),
+        (["--steps", "0"], "'--steps'"),
+    ]:
+        r = dllama_model("run", model, tok, "-p", "hi", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = dllama_model("run", model, tok, "-p", "hi", "--stats", "--json")
+    assert r.returncode == 2 and "--stats and --json" in r.stderr
+    # the model has more tokens than the tokenizer: refused at load, not mid-stream
+    write_m(random_llama(seed=8, vocab=32064), tmp_path / "big.m", "q40", 0)
+    r = dllama_model("run", tmp_path / "big.m", tok, "-p", "Hi")
+    assert r.returncode == 1 and "the tokenizer has 32000 tokens but the model 32064" in r.stderr
+    # a GGUF model: say how to convert it
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    r = dllama_model("run", gguf, tok, "-p", "Hi")
+    assert r.returncode == 1 and "dllama convert" in r.stderr and "Traceback" not in r.stderr
+    # more threads than cores: a warning, and the run goes on
+    r = dllama_model(
+        "run", model, tok, "-p", "Hi", "--steps", "1", "--nthreads", str(4 * (os.cpu_count() or 1))
+    )
+    assert r.returncode == 0, r.stderr
+    assert "warning: --nthreads" in r.stderr and "cores" in r.stderr
+    # flags show no value type in the help
+    r = dllama("run", "--help")
+    assert "--stats" in r.stdout and "<bool>" not in r.stdout

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from dllama import __version__
+
+_display_type = typer.core.TyperOption.display_type
+
+
+def _no_type_for_flags(self: typer.core.TyperOption, ctx: Any) -> str:
+    # typer shows a type for every option, "<bool>" for flags too; a flag takes no value
+    return "" if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type = _no_type_for_flags  # type: ignore[method-assign, assignment]
 
 app = typer.Typer(
     name="dllama",

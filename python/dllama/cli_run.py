@@ -101,6 +101,16 @@ def model_line(llm: LLM) -> str:
     )
 
 
+def warn_threads(nthreads: int) -> None:
+    """More threads than cores contend for them: each step waits for the slowest thread."""
+    if nthreads > _CORES:
+        typer.echo(
+            f"warning: --nthreads {nthreads} is more than this machine's {_CORES} cores; "
+            "the threads will take turns and every token will be slower",
+            err=True,
+        )
+
+
 def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     model: Annotated[
@@ -116,7 +126,10 @@ def run(
         typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
     ] = None,
     steps: Annotated[
-        int, typer.Option("--steps", "--max-tokens", help="Maximum number of tokens to generate.")
+        int,
+        typer.Option(
+            "--steps", "--max-tokens", min=1, help="Maximum number of tokens to generate."
+        ),
     ] = 256,
     temperature: cs.Temperature = 0.8,
     topp: cs.TopP = 0.9,
@@ -144,14 +157,14 @@ def run(
         ),
     ] = True,
     nthreads: Annotated[
-        int, typer.Option(help="Threads for the matmuls (default: this machine's cores).")
+        int, typer.Option(min=1, help="Threads for the matmuls (default: this machine's cores).")
     ] = _CORES,
     buffer_float_type: Annotated[
         BufferType,
         typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
     ] = BufferType.q80,
     max_seq_len: Annotated[
-        int, typer.Option(help="KV cache length; 0 = the model's, capped at 4096.")
+        int, typer.Option(min=0, help="KV cache length; 0 = the model's, capped at 4096.")
     ] = 0,
     weights_float_type: Annotated[
         WeightsType | None,
@@ -180,6 +193,10 @@ def run(
     ] = None,
 ) -> None:
     """Generate text from PROMPT, printing it as it comes."""
+    if stats and json_out:
+        _err("--stats and --json are two output formats: choose one")
+        raise typer.Exit(2)
+    warn_threads(nthreads)
     try:
         params = cs.sampling_params(
             temperature=temperature,

@@ -9,11 +9,17 @@ import typer
 from dllama.sampler import MAX_TOP_LOGPROBS, SamplingParams
 
 Temperature = Annotated[
-    float, typer.Option(help="0 picks the most likely token; higher is more random.")
+    float, typer.Option(min=0.0, help="0 picks the most likely token; higher is more random.")
 ]
 TopP = Annotated[
     float,
-    typer.Option("--top-p", "--topp", help="Top-p (nucleus) sampling mass; 1 keeps all tokens."),
+    typer.Option(
+        "--top-p",
+        "--topp",
+        min=0.0,
+        max=1.0,
+        help="Top-p (nucleus) sampling mass; 1 keeps all tokens.",
+    ),
 ]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens; 0: all.")]
 MinP = Annotated[
@@ -38,7 +44,9 @@ FrequencyPenalty = Annotated[
         "--frequency-penalty", help="Subtract this per occurrence of a generated token (-2..2)."
     ),
 ]
-Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")]
+Seed = Annotated[
+    int | None, typer.Option(min=0, help="Random seed: the same seed gives the same text.")
+]
 Stop = Annotated[
     list[str] | None,
     typer.Option(

@@ -17,7 +17,10 @@ def serve_worker(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 9998,
     nthreads: Annotated[
-        int, typer.Option(help="Threads for this worker's slice (default: this machine's cores).")
+        int,
+        typer.Option(
+            min=1, help="Threads for this worker's slice (default: this machine's cores)."
+        ),
     ] = _CORES,
     model: Annotated[
         Path | None,
@@ -34,10 +37,10 @@ def serve_worker(
         ),
     ] = None,
     step_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the root inside a step.")
+        float, typer.Option(min=0.001, help="Seconds to wait for the root inside a step.")
     ] = 60.0,
     idle_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the root's next step.")
+        float, typer.Option(min=0.001, help="Seconds to wait for the root's next step.")
     ] = 3600.0,
 ) -> None:
     """Serve as a worker of a dllama cluster: one root at a time; when it goes away, wait for the next."""
@@ -46,6 +49,9 @@ def serve_worker(
     if not 0 < port < 65536:
         typer.echo(f"error: --port {port} is not a TCP port (1-65535)", err=True)
         raise typer.Exit(2)
+    from dllama.cli_run import warn_threads
+
+    warn_threads(nthreads)
     try:
         _core.serve_worker(
             host,

@@ -148,6 +148,14 @@ class Summary:
         return d
 
 
+def _is_gguf(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False  # the core reports a missing or unreadable file
+
+
 class LLM:
     """A model (``.m``) and tokenizer (``.t`` or SentencePiece ``.model``) ready to generate.
 
@@ -170,6 +178,11 @@ class LLM:
         workers: list[str] | None = None,
         secret: str | None = None,
     ) -> None:
+        if node is None and _is_gguf(model):
+            raise ValueError(
+                f"{model} is a GGUF file; dllama runs .m models: convert it first with "
+                f"`dllama convert {model} -o model.m -t tokenizer.t`"
+            )
         self.tokenizer = Tokenizer(str(tokenizer))
         self.node = node or _core.Node(
             str(model),
@@ -180,9 +193,11 @@ class LLM:
             workers=workers,
             secret=secret,
         )
-        if self.tokenizer.vocab_size > self.node.vocab_size:
+        if self.tokenizer.vocab_size != self.node.vocab_size:
+            # either way round, ids of one are not the other's (the model would emit ids the
+            # tokenizer cannot decode, or the tokenizer give ids past the embedding)
             raise ValueError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
                 f"{self.node.vocab_size}: they do not belong together"
             )
         self.last_summary: Summary | None = None
