@@ -340,3 +340,64 @@ def test_sentencepiece_style_tokenizer_json(tmp_path: Path, sp_ref: Any) -> None
             text
         )  # the reference
         assert tok.encode(text, add_bos=False) == sp_ref.encode(text)
+
+
+# A vocabulary of no recognised scheme (no <0xNN> pieces, 34 single-byte tokens): dllama
+# encodes it with distributed-llama's own algorithm. The expected ids were printed by
+# distributed-llama's src/tokenizer.cpp (commit 8d624a7, Tokenizer::encode with isStart and
+# addSpecialTokens) for this very vocabulary; 2000 random strings over it agreed as well.
+_CPP_CHARS = list("abcdefghijklmnopqrstuvwxyzTHW ,.!'") + ["é", "日本"]
+_CPP_MERGES = (
+    (
+        "th he the ~t ~th ~the in ing an and ~a ~an ~and er or ory eo heo theory ~theory ll llo ello "
+        "Hello ca caf café ~w ~wo ~wor ~world it ~it 's at ha hat ~that"
+    )
+    .replace("~", "\0")
+    .split()
+)
+_CPP_CASES = [
+    ("the theory", [75, 38, 55]),
+    ("Hello world, that's it!", [75, 59, 65, 11, 3, 30, 73, 69, 68, 32]),
+    ("the the the thethe", [75, 38, 41, 41, 41, 38]),
+    ("and an a andand", [75, 45, 47, 46, 48, 45]),
+    ("café 日本", [75, 62, 29, 35]),
+    ("zz the<|x|>theory<s>", [75, 25, 25, 41, 77, 54, 75]),
+    (" leading", [75, 29, 11, 4, 0, 3, 43]),
+    ("THWatHhe", [75, 26, 27, 28, 70, 27, 37]),
+]
+
+
+def _cpp_vocab_tokenizer(tmp_path: Path) -> Tokenizer:
+    from dllama import _core
+
+    merges = [m.replace("\0", " ").encode() for m in _CPP_MERGES]
+    vocab = [c.encode() for c in _CPP_CHARS] + merges + [b"zz", b"<s>", b"</s>", b"<|x|>", b"th"]
+    n_chars, n_merges = len(_CPP_CHARS), len(merges)
+    # "zz" can never be merged into (score below -1e10); the last "th" is special (id > bos)
+    scores = [0.0] * n_chars + [float(-(i % 7)) for i in range(n_merges)]
+    scores += [-2e10, 0.0, 0.0, 0.0, 5.0]
+    bos = n_chars + n_merges + 1
+    tok = {
+        "vocab": vocab,
+        "scores": scores,
+        "bos_id": bos,
+        "eos_ids": [bos + 1],
+        "chat_template": None,
+        "add_bos": True,
+        "pad_id": -1,
+        "max_token_length": max(len(v) for v in vocab),
+    }
+    _core.write_tokenizer(str(tmp_path / "cpp.t"), tok)
+    return Tokenizer(tmp_path / "cpp.t")
+
+
+def test_unrecognised_vocabulary_encodes_as_distributed_llama(tmp_path: Path) -> None:
+    t = _cpp_vocab_tokenizer(tmp_path)
+    assert t.scheme == "cpp"
+    for text, want in _CPP_CASES:
+        assert t.encode(text, parse_special=True) == want, text
+    assert t.encode("the theory") == [75, 38, 55]
+    # bytes that spell no token: a clear error (the C++ aborts on an assertion)
+    with pytest.raises(ValueError, match="no token for the bytes"):
+        t.encode("the <|x|>")
+    assert t.decode([38, 55, 29]) == "the theory "

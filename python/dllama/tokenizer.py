@@ -18,6 +18,10 @@ inferred from the vocabulary:
   original tokenizer. Special tokens are tokens of the form `<...>` that the encoder cannot
   produce from their own text (e.g. `<|im_start|>`).
 
+- **distributed-llama's encoder** (any other vocabulary): the C++'s own algorithm, so that
+  every `.t` it runs gives the same ids here: bytes are gathered until they spell a token
+  (ids below bos_id), then pairs are merged by score; ids from bos_id on are special.
+
 `encode(text, parse_special=True)` also turns the text of special tokens into their ids (as
 Hugging Face tokenizers do; needed for chat templates).
 """
@@ -79,6 +83,48 @@ def _bpe(symbols: list[bytes], merge_score: dict[bytes, float]) -> list[bytes]:
             push(prv[left])
         push(left)
     return [s for s in sym if s is not None]
+
+
+def _merge_ids(
+    ids: list[int], key: list[bytes], lookup: dict[bytes, int], scores: list[float]
+) -> list[int]:
+    """distributed-llama's merge loop: while some adjacent pair's concatenation is a token of
+    `lookup` scoring above -1e10, merge the highest-scoring one, leftmost on ties. (A heap of
+    candidate pairs instead of a rescan per merge: the same order.)"""
+    n = len(ids)
+    if n < 2:
+        return ids
+    cur: list[int | None] = list(ids)
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    heap: list[tuple[float, int, int, int, int]] = []
+
+    def push(left: int) -> None:
+        right = nxt[left]
+        if right >= n:
+            return
+        a, b = cur[left], cur[right]
+        assert a is not None and b is not None
+        j = lookup.get(key[a] + key[b])
+        if j is not None and scores[j] > -1e10:
+            heapq.heappush(heap, (-scores[j], left, a, b, j))
+
+    for i in range(n - 1):
+        push(i)
+    while heap:
+        _, left, a, b, j = heapq.heappop(heap)
+        right = nxt[left]
+        if cur[left] != a or right >= n or cur[right] != b:
+            continue  # stale: one side was merged since
+        cur[left] = j
+        cur[right] = None
+        nxt[left] = nxt[right]
+        if nxt[right] < n:
+            prv[nxt[right]] = left
+        if prv[left] >= 0:
+            push(prv[left])
+        push(left)
+    return [i for i in cur if i is not None]
 
 
 class Tokenizer:
@@ -174,13 +220,11 @@ class Tokenizer:
                 p: scores[i] for i, p in enumerate(self.vocab) if i not in excluded
             }
             self._piece_ids = {p: i for p, i in self._ids.items() if i not in excluded}
+        elif sum(bytes([b]) in self._ids for b in range(256)) < 128:
+            self._init_cpp(scores)
+            return
         else:
             self._byte_ids = {}
-            if sum(bytes([b]) in self._ids for b in range(256)) < 128:
-                raise ValueError(
-                    "the vocabulary has neither byte-fallback pieces <0xNN> nor single-byte "
-                    "tokens: unknown tokenizer scheme"
-                )
             numeric2 = any(_NUMERIC2.fullmatch(p) for p in self.vocab)
             numeric3 = any(_NUMERIC3.fullmatch(p) for p in self.vocab)
             numeric4 = any(_NUMERIC4.fullmatch(p) for p in self.vocab)
@@ -213,6 +257,52 @@ class Tokenizer:
             else None
         )
 
+    def _init_cpp(self, scores: list[float]) -> None:
+        """distributed-llama's own encoder (src/tokenizer.cpp, after llama2.c), for vocabularies
+        of no scheme recognised above: ids below bos_id are the regular vocabulary, the others
+        special. Tokens are compared as C strings (up to a NUL byte)."""
+        self.scheme = "cpp"
+        self._byte_ids = {}
+        n = len(self.vocab)
+        regular = self.bos_id if 0 <= self.bos_id <= n else n
+        self._cpp_key = [p.split(b"\0", 1)[0] for p in self.vocab]
+        self._cpp_scores = scores
+        self._cpp_regular: dict[bytes, int] = {}
+        for i in range(regular):
+            self._cpp_regular.setdefault(self._cpp_key[i], i)
+        self._cpp_special = [(self._cpp_key[i], i) for i in range(regular, n) if self._cpp_key[i]]
+        self._specials = {}
+        self._special_ids = set(range(regular, n))
+        self._special_re = None
+
+    def _encode_cpp(self, text: str, parse_special: bool) -> list[int]:
+        """Each byte is appended to a buffer that becomes a token as soon as it spells one (a
+        special token's text at the position is taken first when `parse_special`); then the
+        adjacent pair that spells a regular token of the highest score is merged, leftmost
+        on ties, until none is left."""
+        data = text.encode("utf-8")
+        ids: list[int] = []
+        buf = b""
+        pos = 0
+        while pos < len(data):
+            if parse_special:
+                hit = next((i for k, i in self._cpp_special if data.startswith(k, pos)), None)
+                if hit is not None:
+                    ids.append(hit)
+                    pos += len(self._cpp_key[hit])
+                    continue
+            buf += data[pos : pos + 1]
+            pos += 1
+            i = self._cpp_regular.get(buf)
+            if i is not None:
+                ids.append(i)
+                buf = b""
+        if buf:
+            raise ValueError(
+                f"cannot encode {text[:40]!r}: the vocabulary has no token for the bytes {buf[:16]!r}"
+            )
+        return _merge_ids(ids, self._cpp_key, self._cpp_regular, self._cpp_scores)
+
     # ---------------------------------------------------------------- encoding -----
 
     @property
@@ -230,6 +320,8 @@ class Tokenizer:
         ids: list[int] = []
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id >= 0:
             ids.append(self.bos_id)
+        if self.scheme == "cpp":
+            return ids + self._encode_cpp(text, parse_special)
         if self._sp is not None:
             if parse_special and self._specials:
                 return ids + self._encode_with_specials(text, self._sp_encode)
