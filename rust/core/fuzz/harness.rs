@@ -1,0 +1,88 @@
+//! The fuzz targets' bodies, shared by `cargo fuzz` (fuzz_targets/*.rs) and the stable-Rust
+//! replay test (tests/fuzz_replay.rs). Each takes arbitrary bytes and must return normally:
+//! an `Err` is fine, a panic, an abort or an unbounded allocation is a bug. Where a decoder
+//! accepts its input, what it decoded must encode back to something it decodes the same.
+
+use dllama_core::format::{legacy, FloatType, ModelHeader, Tokenizer};
+use dllama_core::net::codec::Wire;
+use dllama_core::net::protocol::{Hello, RootHello, Setup};
+
+/// Every target: (name, the corpus folder under fuzz/corpus, body).
+pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+    ("model_header", model_header),
+    ("legacy_header", legacy_header),
+    ("tokenizer", tokenizer),
+    ("protocol", protocol),
+    ("wire", wire),
+];
+
+/// A `.m` header: parse; an accepted one gives its sizes and survives a write / parse trip.
+pub fn model_header(data: &[u8]) {
+    let Ok(h) = ModelHeader::parse(data) else {
+        return;
+    };
+    let size = h.file_size();
+    assert!(size >= h.header_size() as u64);
+    let back = ModelHeader::parse(&h.to_bytes()).expect("a parsed header writes a valid one");
+    assert_eq!(
+        back.file_size() - back.header_size() as u64,
+        size - h.header_size() as u64
+    );
+}
+
+/// A legacy `.bin` header, under each weights type.
+pub fn legacy_header(data: &[u8]) {
+    for ft in FloatType::ALL {
+        if let Ok(h) = legacy::parse(data, ft, "fuzz input") {
+            assert!(legacy::file_size(&h) > legacy::LEGACY_HEADER_SIZE as u64);
+        }
+    }
+}
+
+/// A `.t` (or llama2.c) tokenizer: parse; an accepted one writes bytes that parse the same.
+pub fn tokenizer(data: &[u8]) {
+    let Ok(t) = Tokenizer::parse(data, "fuzz input") else {
+        return;
+    };
+    if let Ok(bytes) = t.to_bytes() {
+        let back = Tokenizer::parse(&bytes, "rewritten").expect("a written tokenizer parses");
+        assert_eq!(back.vocab, t.vocab);
+    }
+}
+
+/// The handshake messages (the first byte picks which): decode, then re-encode and decode.
+pub fn protocol(data: &[u8]) {
+    let Some((&which, p)) = data.split_first() else {
+        return;
+    };
+    match which % 3 {
+        0 => {
+            if let Ok(m) = Hello::decode(p) {
+                assert_eq!(Hello::decode(&m.encode()).unwrap(), m);
+            }
+        }
+        1 => {
+            if let Ok(m) = RootHello::decode(p) {
+                assert_eq!(RootHello::decode(&m.encode()).unwrap(), m);
+            }
+        }
+        _ => {
+            if let Ok(m) = Setup::decode(p) {
+                assert_eq!(Setup::decode(&m.encode()).unwrap(), m);
+            }
+        }
+    }
+}
+
+/// Vectors on the wire (F32, F16, Q80): the first byte picks the encoding and the length.
+pub fn wire(data: &[u8]) {
+    let Some((&which, p)) = data.split_first() else {
+        return;
+    };
+    let w = [Wire::F32, Wire::F16, Wire::Q80][which as usize % 3];
+    let n = 32 * (1 + (which as usize / 3) % 8);
+    let mut out = vec![0f32; n];
+    let _ = w.decode(p, &mut out);
+    let mut acc = vec![0f32; n];
+    let _ = w.decode_add(p, &mut acc, &mut Vec::new());
+}
