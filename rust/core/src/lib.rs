@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod format;
+pub mod memory;
 pub mod model;
 pub mod net;
 pub mod ops;

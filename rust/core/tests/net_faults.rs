@@ -269,3 +269,121 @@ fn a_frozen_worker_times_out_naming_it() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// hostile peers
+
+#[test]
+fn a_slow_loris_handshake_is_dropped_within_the_handshake_deadline() {
+    let w = TestWorker::start(FakeFactory::plain(1), None);
+    let mut s = raw_hello(&w, PROTOCOL_VERSION);
+    let (kind, _) = raw_frame(&mut s);
+    assert_eq!(kind, Kind::Hello as u8);
+    // a RootHello of 68 bytes, one byte every 300 ms: each read is quick, the message is not
+    s.write_all(&[Kind::RootHello as u8, 68, 0, 0, 0]).unwrap();
+    let start = Instant::now();
+    let mut dropped = false;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(300));
+        if s.write_all(&[0]).is_err() {
+            dropped = true;
+            break;
+        }
+        if w.logs().iter().any(|l| l.contains("timed out")) {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(
+        dropped,
+        "the dribbling root is still being served: {:?}",
+        w.logs()
+    );
+    // the handshake deadline is 2 s (short_timeouts)
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    w.wait_log("did not answer within 2 s");
+    still_serves(&w);
+}
+
+#[test]
+fn connections_beyond_the_pre_auth_cap_are_refused_at_once() {
+    use dllama_core::net::worker::MAX_UNAUTHENTICATED;
+    let w = TestWorker::start(FakeFactory::plain(1), None);
+    // idle connections that never send the preamble hold their handshake slot
+    let idle: Vec<TcpStream> = (0..MAX_UNAUTHENTICATED)
+        .map(|_| TcpStream::connect(&w.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300)); // accepted and counted
+    let mut extra = TcpStream::connect(&w.addr).unwrap();
+    let (kind, reason) = raw_frame(&mut extra);
+    assert_eq!(kind, Kind::Refuse as u8);
+    assert!(
+        String::from_utf8_lossy(&reason).contains("too many connections"),
+        "{reason:?}"
+    );
+    drop(idle);
+    // the slots free as the idle ones go (or time out): a real root is served again
+    std::thread::sleep(Duration::from_millis(300));
+    still_serves(&w);
+}
+
+#[test]
+fn a_peers_refusal_is_printed_sanitised_and_bounded() {
+    // a fake worker that answers the preamble with a refusal full of control characters
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap().to_string();
+    let reason = b"no\r\nFAKE: \x1b[31mred\x1b[0m and more".to_vec();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        let mut pre = [0u8; 8];
+        s.read_exact(&mut pre).unwrap();
+        let mut f = vec![Kind::Refuse as u8];
+        f.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        f.extend_from_slice(&reason);
+        s.write_all(&f).unwrap();
+        // then a second root: a refusal of 1 MiB is not read at all
+        let (mut s, _) = fake.accept().unwrap();
+        s.read_exact(&mut pre).unwrap();
+        let mut f = vec![Kind::Refuse as u8];
+        f.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        f.extend(std::iter::repeat_n(b'x', 1 << 20));
+        let _ = s.write_all(&f);
+    });
+    let connect = || {
+        RootCollective::connect(
+            std::slice::from_ref(&addr),
+            DIM,
+            &identity(1),
+            &root_opts(BufferType::Q80, None),
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    };
+    let err = connect();
+    assert!(
+        err.contains("refused: no\\u{d}\\u{a}FAKE: \\u{1b}[31mred"),
+        "{err}"
+    );
+    assert!(!err.contains('\r') && !err.contains('\x1b'), "{err}");
+    let err = connect();
+    assert!(err.contains("more than the 4096 allowed"), "{err}");
+    assert!(err.len() < 500, "{}", err.len());
+    server.join().unwrap();
+}
+
+#[test]
+fn a_frame_of_another_kind_is_refused_before_its_body_is_read() {
+    let w = TestWorker::start(FakeFactory::plain(1), None);
+    let mut s = raw_hello(&w, PROTOCOL_VERSION);
+    let (kind, _) = raw_frame(&mut s);
+    assert_eq!(kind, Kind::Hello as u8);
+    // a Data frame announcing 1 MiB where the RootHello (at most 128 bytes) is expected
+    s.write_all(&[Kind::Data as u8, 0, 0, 0x10, 0]).unwrap();
+    w.wait_log("sent Data where we expected the root's hello");
+    still_serves(&w);
+}

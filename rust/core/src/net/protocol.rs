@@ -14,6 +14,9 @@ pub const MAGIC: [u8; 4] = *b"DLMA";
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control frame (handshake, setup, refusal): the model header fits easily.
 pub const MAX_CONTROL_FRAME: usize = 1 << 20;
+/// Largest `Refuse` frame accepted, and the most of a reason that is printed.
+pub const MAX_REASON: usize = 4096;
+const MAX_REASON_CHARS: usize = 400;
 /// Largest chunk of shipped weights per frame.
 pub const SHIP_CHUNK: usize = 1 << 20;
 /// Size of a frame header: kind (1) + length (4).
@@ -117,31 +120,57 @@ pub fn read_frame(conn: &mut Conn, max_len: usize, what: &str) -> Result<(Kind, 
     Ok((kind, payload))
 }
 
-/// Read a frame that must be of kind `want`; a `Refuse` becomes an error carrying its reason.
+/// Read a frame that must be of kind `want` and at most `max_len` bytes; a `Refuse` (at most
+/// `MAX_REASON` bytes) becomes an error carrying its reason. The size limit of the kind is
+/// checked before the body is read.
 pub fn expect_frame(conn: &mut Conn, want: Kind, max_len: usize, what: &str) -> Result<Vec<u8>> {
-    let (kind, payload) = read_frame(conn, max_len.max(MAX_CONTROL_FRAME), what)?;
-    if kind == want {
-        if payload.len() > max_len {
+    let (kind, len) = read_frame_header(conn, u32::MAX as usize, what)?;
+    let limit = match kind {
+        k if k == want => max_len,
+        Kind::Refuse => MAX_REASON,
+        other => {
             return Err(Error::Protocol(format!(
-                "{} sent a {kind:?} message of {} bytes, more than the {max_len} allowed",
-                conn.peer,
-                payload.len()
-            )));
+                "{} sent {other:?} where we expected {what}",
+                conn.peer
+            )))
         }
-        return Ok(payload);
+    };
+    if len > limit {
+        return Err(Error::Protocol(format!(
+            "{} sent a {kind:?} message of {len} bytes, more than the {limit} allowed (expected {what})",
+            conn.peer
+        )));
     }
+    let mut payload = vec![0u8; len];
+    conn.read_exact(&mut payload, what)?;
     if kind == Kind::Refuse {
         return Err(refusal(&conn.peer, &payload));
     }
-    Err(Error::Protocol(format!(
-        "{} sent {kind:?} where we expected {what}",
-        conn.peer
-    )))
+    Ok(payload)
+}
+
+/// A peer's text made safe to print: invalid UTF-8 replaced, control characters (newlines,
+/// escapes) shown as `\u{..}`, at most `MAX_REASON_CHARS` characters.
+pub fn sanitize(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_REASON_CHARS {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The error for a refusal frame: auth problems map to `Auth`, the rest to `Protocol`.
 pub fn refusal(peer: &str, payload: &[u8]) -> Error {
-    let reason = String::from_utf8_lossy(payload);
+    let reason = sanitize(payload);
     let msg = format!("{peer} refused: {reason}");
     if reason.contains("secret") {
         Error::Auth(msg)
@@ -154,7 +183,11 @@ pub fn refusal(peer: &str, payload: &[u8]) -> Error {
 /// close our side and drain what the peer still sends for up to a second, so the refusal is
 /// not lost to a reset.
 pub fn send_refusal(conn: &mut Conn, reason: &str) {
-    if send_frame(conn, Kind::Refuse, reason.as_bytes(), "a refusal").is_ok() {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    if send_frame(conn, Kind::Refuse, &reason.as_bytes()[..end], "a refusal").is_ok() {
         conn.drain(std::time::Duration::from_secs(1));
     }
 }

@@ -8,7 +8,7 @@ use super::auth;
 use super::codec::Wire;
 use super::protocol::{
     expect_frame, read_frame, refusal, send_frame, BufferType, Hello, Kind, ModelIdentity, Reader,
-    RootHello, Setup, Writer, MAGIC, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    RootHello, Setup, Writer, MAGIC, MAX_REASON, PROTOCOL_VERSION,
 };
 use super::ship::{expect_ready, send_tensors, ShipTensor};
 use super::tcp::{connect, Conn};
@@ -122,7 +122,7 @@ pub fn join_worker(
     let acc = expect_frame(
         &mut conn,
         Kind::Accept,
-        MAX_CONTROL_FRAME,
+        1,
         "the worker's answer to the setup",
     )?;
     let mut r = Reader::new(&acc, "Accept");
@@ -138,7 +138,7 @@ pub fn join_worker(
 /// A refusal the peer sent before the connection broke, if it can still be read.
 fn pending_refusal(conn: &mut Conn) -> Option<Error> {
     conn.set_timeout(Duration::from_millis(500)).ok()?;
-    match read_frame(conn, MAX_CONTROL_FRAME, "a refusal") {
+    match read_frame(conn, MAX_REASON, "a refusal") {
         Ok((Kind::Refuse, p)) => Some(refusal(&conn.peer, &p)),
         _ => None,
     }

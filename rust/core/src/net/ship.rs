@@ -3,9 +3,11 @@
 //! then `ShipEnd`).
 
 use super::protocol::{
-    expect_frame, read_frame_header, send_frame, Kind, Reader, Writer, MAX_CONTROL_FRAME,
-    SHIP_CHUNK,
+    expect_frame, read_frame_header, send_frame, Kind, Reader, Writer, SHIP_CHUNK,
 };
+
+/// Largest `Tensor` frame: a name of at most 256 bytes and a byte count.
+const MAX_TENSOR_HEADER: usize = 4 + 256 + 8;
 use std::fs::File;
 
 use super::tcp::Conn;
@@ -58,6 +60,23 @@ impl AlignedBytes {
         })?;
         words.resize(n, 0);
         Ok(AlignedBytes { words, len })
+    }
+    /// Empty, with room reserved for `len` bytes (address space only: nothing is written, so
+    /// no memory is used until [`extend`](Self::extend) fills it).
+    pub fn reserve(len: usize) -> Result<AlignedBytes> {
+        let mut words = Vec::new();
+        words.try_reserve_exact(len.div_ceil(8)).map_err(|_| {
+            Error::invalid(format!("cannot allocate {len} bytes for shipped weights"))
+        })?;
+        Ok(AlignedBytes { words, len: 0 })
+    }
+    /// Appends `b` (within the reserved room, no reallocation).
+    pub fn extend(&mut self, b: &[u8]) {
+        let end = self.len + b.len();
+        self.words.resize(end.div_ceil(8), 0);
+        let start = self.len;
+        self.len = end;
+        self.as_mut()[start..end].copy_from_slice(b);
     }
     pub fn from_bytes(b: &[u8]) -> Result<AlignedBytes> {
         let mut a = AlignedBytes::with_len(b.len())?;
@@ -143,27 +162,45 @@ pub fn send_tensors(
     Ok(total)
 }
 
-/// Worker side: receive tensors until `ShipEnd`; at most `budget` bytes in all.
-pub fn receive_tensors(conn: &mut Conn, budget: u64) -> Result<Vec<ShippedTensor>> {
+/// Worker side: receive tensors until `ShipEnd`; at most `budget` bytes in all. A tensor's
+/// memory is filled as its data arrives (an announced size costs nothing until then); the whole
+/// transfer must end by `deadline`.
+pub fn receive_tensors(
+    conn: &mut Conn,
+    budget: u64,
+    deadline: std::time::Instant,
+) -> Result<Vec<ShippedTensor>> {
     let mut out: Vec<ShippedTensor> = Vec::new();
-    let mut filled = 0usize; // bytes of the last tensor received so far
+    let mut announced = 0usize; // bytes the last tensor's header announced
     let mut used = 0u64;
-    let incomplete = |out: &Vec<ShippedTensor>, filled: usize| -> Option<String> {
-        out.last().filter(|t| filled < t.data.len()).map(|t| {
+    let mut chunk: Vec<u8> = Vec::new();
+    let incomplete = |out: &Vec<ShippedTensor>, announced: usize| -> Option<String> {
+        out.last().filter(|t| t.data.len() < announced).map(|t| {
             format!(
-                "tensor {} incomplete: {} of {} bytes",
+                "tensor {} incomplete: {} of {announced} bytes",
                 t.name,
-                filled,
                 t.data.len()
             )
         })
     };
     loop {
-        let (kind, len) = read_frame_header(conn, SHIP_CHUNK.max(MAX_CONTROL_FRAME), "weights")?;
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Protocol(format!(
+                "{} is shipping the weights too slowly ({} bytes in, of {budget}): given up",
+                conn.peer, used
+            )));
+        }
+        let (kind, len) = read_frame_header(conn, SHIP_CHUNK, "weights")?;
         match kind {
             Kind::Tensor => {
-                if let Some(msg) = incomplete(&out, filled) {
+                if let Some(msg) = incomplete(&out, announced) {
                     return Err(Error::Protocol(format!("{}: {msg}", conn.peer)));
+                }
+                if len > MAX_TENSOR_HEADER {
+                    return Err(Error::Protocol(format!(
+                        "{} sent a Tensor header of {len} bytes (at most {MAX_TENSOR_HEADER})",
+                        conn.peer
+                    )));
                 }
                 let mut p = vec![0u8; len];
                 conn.read_exact(&mut p, "a weight tensor header")?;
@@ -178,11 +215,11 @@ pub fn receive_tensors(conn: &mut Conn, budget: u64) -> Result<Vec<ShippedTensor
                         conn.peer
                     )));
                 }
+                announced = n as usize;
                 out.push(ShippedTensor {
                     name,
-                    data: AlignedBytes::with_len(n as usize)?,
+                    data: AlignedBytes::reserve(announced)?,
                 });
-                filled = 0;
             }
             Kind::Data => {
                 let Some(t) = out.last_mut() else {
@@ -191,19 +228,18 @@ pub fn receive_tensors(conn: &mut Conn, budget: u64) -> Result<Vec<ShippedTensor
                         conn.peer
                     )));
                 };
-                if filled + len > t.data.len() {
+                if t.data.len() + len > announced {
                     return Err(Error::Protocol(format!(
-                        "{} sent more bytes for tensor {} than announced ({})",
-                        conn.peer,
-                        t.name,
-                        t.data.len()
+                        "{} sent more bytes for tensor {} than announced ({announced})",
+                        conn.peer, t.name
                     )));
                 }
-                conn.read_exact(&mut t.data.as_mut()[filled..filled + len], "weights")?;
-                filled += len;
+                chunk.resize(len, 0);
+                conn.read_exact(&mut chunk, "weights")?;
+                t.data.extend(&chunk);
             }
             Kind::ShipEnd => {
-                if let Some(msg) = incomplete(&out, filled) {
+                if let Some(msg) = incomplete(&out, announced) {
                     return Err(Error::Protocol(format!("{}: {msg}", conn.peer)));
                 }
                 if len != 0 {
@@ -215,8 +251,6 @@ pub fn receive_tensors(conn: &mut Conn, budget: u64) -> Result<Vec<ShippedTensor
                 return Ok(out);
             }
             Kind::Refuse | Kind::Stop => {
-                let mut p = vec![0u8; len];
-                conn.read_exact(&mut p, "a refusal")?;
                 return Err(Error::Connection(format!(
                     "{} gave up while shipping weights",
                     conn.peer

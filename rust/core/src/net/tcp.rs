@@ -269,19 +269,45 @@ impl Conn {
                 return Err(e);
             }
         };
+        // One deadline for the whole buffer, not a timeout per read: a peer that dribbles a
+        // byte now and then cannot hold us longer than `timeout`.
+        let mut shortened = false;
+        let mut result = Ok(());
         while done < buf.len() {
+            if done > 0 {
+                let left = self.timeout.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    result = Err(self.map_err(
+                        std::io::Error::from(ErrorKind::TimedOut),
+                        &format!("while we waited for {what}"),
+                    ));
+                    break;
+                }
+                if let Err(e) = self.stream.set_read_timeout(Some(left)) {
+                    result = Err(self.map_err(e, "while setting a deadline"));
+                    break;
+                }
+                shortened = true;
+            }
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) => {
-                    self.io_time += start.elapsed();
-                    return Err(self.closed(what));
+                    result = Err(self.closed(what));
+                    break;
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.io_time += start.elapsed();
-                    return Err(self.map_err(e, &format!("while we waited for {what}")));
+                    result = Err(self.map_err(e, &format!("while we waited for {what}")));
+                    break;
                 }
             }
+        }
+        if shortened {
+            let _ = self.stream.set_read_timeout(Some(self.timeout));
+        }
+        if let Err(e) = result {
+            self.io_time += start.elapsed();
+            return Err(e);
         }
         self.received += buf.len() as u64;
         self.io_time += start.elapsed();

@@ -7,7 +7,7 @@
 use std::io::ErrorKind;
 use std::net::{TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -135,6 +135,29 @@ struct Shared<'a> {
     open: Mutex<Vec<(u64, TcpStream)>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
+    /// Connections that have not yet proven themselves (handshake not done).
+    unauthenticated: AtomicUsize,
+}
+
+/// Most connections in their handshake at once; more are refused at once (each holds a thread
+/// and up to a control frame of memory).
+pub const MAX_UNAUTHENTICATED: usize = 16;
+
+/// Counts a connection as unauthenticated until dropped or `done()`.
+struct PreAuth<'a>(Option<&'a AtomicUsize>);
+
+impl PreAuth<'_> {
+    fn done(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for PreAuth<'_> {
+    fn drop(&mut self) {
+        self.done();
+    }
 }
 
 /// Serve roots on `listener`, one at a time, until `stop()` returns true (polled every
@@ -157,6 +180,7 @@ pub fn serve(
         open: Mutex::new(Vec::new()),
         next_id: AtomicU64::new(0),
         stopping: AtomicBool::new(false),
+        unauthenticated: AtomicUsize::new(0),
     };
     let result = std::thread::scope(|scope| -> Result<()> {
         let r = loop {
@@ -165,6 +189,15 @@ pub fn serve(
             }
             match listener.accept() {
                 Ok((stream, addr)) => {
+                    if shared.unauthenticated.fetch_add(1, Ordering::Relaxed) >= MAX_UNAUTHENTICATED
+                    {
+                        shared.unauthenticated.fetch_sub(1, Ordering::Relaxed);
+                        refuse_at_once(
+                            stream,
+                            "too many connections in their handshake; try again",
+                        );
+                        continue;
+                    }
                     let _ = stream.set_nonblocking(false);
                     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                     if let Ok(clone) = stream.try_clone() {
@@ -177,7 +210,9 @@ pub fn serve(
                     let shared = &shared;
                     scope.spawn(move || {
                         let peer = format!("root {addr}");
-                        let r = catch_unwind(AssertUnwindSafe(|| handle(shared, stream, &peer)));
+                        let pre = PreAuth(Some(&shared.unauthenticated));
+                        let r =
+                            catch_unwind(AssertUnwindSafe(|| handle(shared, stream, &peer, pre)));
                         match r {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => {
@@ -222,7 +257,22 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
+/// A refusal written without waiting (the socket is non-blocking): the accept loop must not
+/// stall on a peer that does not read.
+fn refuse_at_once(stream: TcpStream, reason: &str) {
+    use std::io::Write;
+    let mut frame = Vec::new();
+    super::protocol::encode_frame(&mut frame, Kind::Refuse, reason.as_bytes());
+    let mut stream = stream;
+    let _ = stream.write(&frame);
+}
+
+fn handle(
+    shared: &Shared<'_>,
+    stream: TcpStream,
+    peer: &str,
+    mut unauthenticated: PreAuth<'_>,
+) -> Result<()> {
     let t = shared.opts.timeouts;
     let mut conn = Conn::new(stream, peer.to_string(), t.handshake)?;
     let log = shared.log;
@@ -275,6 +325,7 @@ fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
         // no secret here (a root with one refuses us when it reads our hello)
         ok.blob(&[]);
     }
+    unauthenticated.done();
 
     // one root at a time
     let _busy = {
@@ -313,6 +364,18 @@ fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
         Ok(b) => b,
         Err(e) => return Err(refuse(&mut conn, e)),
     };
+    if let Some(avail) = crate::memory::available_bytes() {
+        if ship_budget > avail {
+            return Err(refuse(
+                &mut conn,
+                Error::invalid(format!(
+                    "this worker's slice needs {} of shipped weights; {} available",
+                    crate::memory::human(ship_budget),
+                    crate::memory::human(avail)
+                )),
+            ));
+        }
+    }
     let local = match shared.factory.local_identity() {
         Some(id) => match id.mismatch(&setup.model) {
             Some(why) => {
@@ -345,7 +408,10 @@ fn handle(shared: &Shared<'_>, stream: TcpStream, peer: &str) -> Result<()> {
         Weights::Local
     } else {
         conn.set_timeout(t.step)?;
-        let w = match receive_tensors(&mut conn, ship_budget) {
+        // the whole transfer by a deadline: the build time plus the budget at 256 KiB/s
+        let slowest = Duration::from_secs_f64(ship_budget as f64 / (256.0 * 1024.0));
+        let deadline = std::time::Instant::now() + t.build + slowest;
+        let w = match receive_tensors(&mut conn, ship_budget, deadline) {
             Ok(w) => w,
             Err(Error::Protocol(m)) => return Err(refuse(&mut conn, Error::Protocol(m))),
             Err(e) => return Err(e),
