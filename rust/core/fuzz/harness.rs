@@ -7,8 +7,11 @@ use dllama_core::format::{legacy, FloatType, ModelHeader, Tokenizer};
 use dllama_core::net::codec::Wire;
 use dllama_core::net::protocol::{Hello, RootHello, Setup};
 
+/// A target's body.
+pub type Body = fn(&[u8]);
+
 /// Every target: (name, the corpus folder under fuzz/corpus, body).
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Body); 5] = [
     ("model_header", model_header),
     ("legacy_header", legacy_header),
     ("tokenizer", tokenizer),
