@@ -366,3 +366,35 @@ def test_fuzz_gguf_parser(
         GGUFSource(p).close()
     except ConvertError:
         pass
+
+
+# ------------------------------------------------------------------------- model files ----
+
+
+def test_kv_cache_beyond_the_machines_memory_is_refused(tmp_path: Path) -> None:
+    """A valid file whose max_seq_len (2^24) with 64 layers asks 512 GiB of KV cache: refused
+    up front naming the need and the available memory, not an abort."""
+    from dllama import _core
+    from forward_utils import random_llama, write_m
+
+    path = tmp_path / "long.m"
+    write_m(random_llama(layers=64, max_pos=1 << 24), path, "f32", 0)
+    with pytest.raises(ValueError, match=r"needs 51\d\.\d GiB for its KV cache and RoPE table at max_seq_len 16777216; .* available"):
+        _core.Node(str(path), max_seq_len=1 << 24)
+    # the same file with the default length runs
+    node = _core.Node(str(path))
+    assert node.max_seq_len == 4096
+
+
+def test_hostile_model_headers(tmp_path: Path) -> None:
+    """n_layers = 2^31 - 1 with tiny dims (.m) and head_dim 2^30: errors, no allocation."""
+    from dllama import _core
+
+    fields: dict[str, int | float] = {
+        "dim": 64, "hidden_dim": 96, "n_layers": 2**31 - 1, "n_heads": 4, "n_kv_heads": 2,
+        "vocab_size": 50, "max_seq_len": 16, "weights_float_type": 0,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="n_layers = 2147483647 is beyond"):
+        _core.encode_model_header(fields)
+    with pytest.raises(ValueError, match="head_dim = 1073741824 is beyond"):
+        _core.encode_model_header({**fields, "n_layers": 2, "head_dim": 1 << 30})
