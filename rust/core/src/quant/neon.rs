@@ -50,6 +50,22 @@ unsafe fn dot4_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
+/// The scales of R <= 4 blocks (f16 bits `d(r)`) times the activation block's `dx`, converted
+/// together (one `fcvtl`, one `fmul`); each equals `h2f(d(r)) * dx` exactly.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn row_scales<const R: usize>(d: impl Fn(usize) -> u16, dx: f32) -> [f32; R] {
+    let mut bits = [0u16; 4];
+    for r in 0..R {
+        bits[r] = d(r);
+    }
+    let mut all = [0.0f32; 4];
+    vst1q_f32(all.as_mut_ptr(), vmulq_n_f32(f16x4_to_f32(bits.as_ptr()), dx));
+    let mut out = [0.0f32; R];
+    out.copy_from_slice(&all[..R]);
+    out
+}
+
 macro_rules! int8_kernels {
     ($features:literal, $dot4:ident) => {
         /// R rows of Q40 × one Q80 token; the input block loads and scales are shared.
@@ -66,12 +82,11 @@ macro_rules! int8_kernels {
                 let xb = x.add(b);
                 let x0 = vld1q_s8((*xb).qs.as_ptr());
                 let x1 = vld1q_s8((*xb).qs.as_ptr().add(16));
-                let d = *dx.add(b);
+                let sc = row_scales::<R>(|r| (*w.add(r * bpr + b)).d, *dx.add(b));
                 for r in 0..R {
-                    let wb = w.add(r * bpr + b);
-                    let (lo, hi) = q40_signed(wb);
+                    let (lo, hi) = q40_signed(w.add(r * bpr + b));
                     let p = $dot4($dot4(vdupq_n_s32(0), lo, x0), hi, x1);
-                    acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(p), h2f((*wb).d) * d);
+                    acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(p), sc[r]);
                 }
             }
             let mut out = [0.0f32; R];
@@ -118,6 +133,36 @@ macro_rules! int8_kernels {
             }
         }
 
+        /// R rows of Q80 × one Q80 token, as `tile` for Q40 weights.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tile_q80<const R: usize>(
+            w: *const BlockQ80,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+        ) -> [f32; R] {
+            let mut acc = [vdupq_n_f32(0.0); R];
+            for b in 0..bpr {
+                let xb = x.add(b);
+                let x0 = vld1q_s8((*xb).qs.as_ptr());
+                let x1 = vld1q_s8((*xb).qs.as_ptr().add(16));
+                let sc = row_scales::<R>(|r| (*w.add(r * bpr + b)).d, *dx.add(b));
+                for r in 0..R {
+                    let wb = w.add(r * bpr + b);
+                    let w0 = vld1q_s8((*wb).qs.as_ptr());
+                    let w1 = vld1q_s8((*wb).qs.as_ptr().add(16));
+                    let p = $dot4($dot4(vdupq_n_s32(0), w0, x0), w1, x1);
+                    acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(p), sc[r]);
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = vaddvq_f32(acc[r]);
+            }
+            out
+        }
+
         /// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, bpr) Q80.
         ///
         /// # Safety
@@ -131,27 +176,27 @@ macro_rules! int8_kernels {
         ) {
             let (n_rows, bpr, _) =
                 crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
-            for r in 0..n_rows {
+            let dx: Vec<f32> = x.iter().map(|b| h2f(b.d)).collect();
+            // 4-row tiles share each activation block's loads (as the Q40 kernel)
+            let mut r = 0;
+            while r < n_rows {
+                let rows = if r + 4 <= n_rows { 4 } else { 1 };
                 for t in 0..n_tokens {
-                    let mut acc = vdupq_n_f32(0.0);
-                    for (a, b) in w[r * bpr..(r + 1) * bpr]
-                        .iter()
-                        .zip(&x[t * bpr..(t + 1) * bpr])
-                    {
-                        let p = $dot4(
-                            vdupq_n_s32(0),
-                            vld1q_s8(a.qs.as_ptr()),
-                            vld1q_s8(b.qs.as_ptr()),
-                        );
-                        let p = $dot4(
-                            p,
-                            vld1q_s8(a.qs.as_ptr().add(16)),
-                            vld1q_s8(b.qs.as_ptr().add(16)),
-                        );
-                        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(a.d) * h2f(b.d));
+                    let (wp, xp, dp) = (
+                        w.as_ptr().add(r * bpr),
+                        x.as_ptr().add(t * bpr),
+                        dx.as_ptr().add(t * bpr),
+                    );
+                    if rows == 4 {
+                        let v = tile_q80::<4>(wp, bpr, xp, dp);
+                        for i in 0..4 {
+                            out[t * n_rows + r + i] = v[i];
+                        }
+                    } else {
+                        out[t * n_rows + r] = tile_q80::<1>(wp, bpr, xp, dp)[0];
                     }
-                    out[t * n_rows + r] = vaddvq_f32(acc);
                 }
+                r += rows;
             }
         }
     };
