@@ -14,7 +14,19 @@ import typer
 from dllama import cli_sampling as cs
 from dllama.chat import Chat, ContextFullError, Turn
 from dllama.chat_template import BUILTIN, ChatTemplate
-from dllama.cli_run import _CORES, BufferType, WeightsType, _err, load_llm, model_line
+from dllama.cli_run import (
+    _CORES,
+    BufferFloatType,
+    BufferType,
+    MaxSeqLen,
+    NThreads,
+    Secret,
+    WeightsFloatType,
+    Workers,
+    _err,
+    load_llm,
+    model_line,
+)
 
 HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer"
 
@@ -99,35 +111,12 @@ def chat(
     frequency_penalty: cs.FrequencyPenalty = 0.0,
     seed: cs.Seed = None,
     logit_bias: cs.LogitBias = None,
-    nthreads: Annotated[
-        int, typer.Option(help="Threads for the matmuls (default: this machine's cores).")
-    ] = _CORES,
-    buffer_float_type: Annotated[
-        BufferType,
-        typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
-    ] = BufferType.q80,
-    max_seq_len: Annotated[
-        int, typer.Option(help="KV cache length; 0 = the model's, capped at 4096.")
-    ] = 0,
-    weights_float_type: Annotated[
-        WeightsType | None,
-        typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
-    ] = None,
-    workers: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--workers",
-            help="Run as the root of a cluster with these workers (host:port ...), each "
-            "started with `dllama serve-worker`.",
-            show_default=False,
-        ),
-    ] = None,
-    secret: Annotated[
-        str | None,
-        typer.Option(
-            help="Shared secret of the cluster (default: $DLLAMA_SECRET).", show_default=False
-        ),
-    ] = None,
+    nthreads: NThreads = _CORES,
+    buffer_float_type: BufferFloatType = BufferType.q80,
+    max_seq_len: MaxSeqLen = 0,
+    weights_float_type: WeightsFloatType = None,
+    workers: Workers = None,
+    secret: Secret = None,
 ) -> None:
     """Chat with the model in the terminal, turn after turn."""
     if max_tokens < 0:

@@ -29,6 +29,43 @@ class WeightsType(str, Enum):
     q80 = "q80"
 
 
+# Options of every command that loads a model (run, chat, serve): one declaration each.
+NThreads = Annotated[
+    int, typer.Option(min=1, help="Threads for the matmuls (default: this machine's cores).")
+]
+
+BufferFloatType = Annotated[
+    BufferType,
+    typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
+]
+
+MaxSeqLen = Annotated[
+    int, typer.Option(min=0, help="KV cache length; 0 = the model's, capped at 4096.")
+]
+
+WeightsFloatType = Annotated[
+    WeightsType | None,
+    typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
+]
+
+Workers = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--workers",
+        help="Run as the root of a cluster with these workers (host:port ...), each "
+        "started with `dllama serve-worker`.",
+        show_default=False,
+    ),
+]
+
+Secret = Annotated[
+    str | None,
+    typer.Option(
+        help="Shared secret of the cluster (default: $DLLAMA_SECRET).", show_default=False
+    ),
+]
+
+
 def _stats_line(p: Piece) -> str:
     """The seed's per-token line: G total, I inference, T transfer, S sent, R received."""
     return (
@@ -156,41 +193,18 @@ def run(
             help="Read the text of special tokens in the prompt (<|im_start|>) as those tokens.",
         ),
     ] = True,
-    nthreads: Annotated[
-        int, typer.Option(min=1, help="Threads for the matmuls (default: this machine's cores).")
-    ] = _CORES,
-    buffer_float_type: Annotated[
-        BufferType,
-        typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
-    ] = BufferType.q80,
-    max_seq_len: Annotated[
-        int, typer.Option(min=0, help="KV cache length; 0 = the model's, capped at 4096.")
-    ] = 0,
-    weights_float_type: Annotated[
-        WeightsType | None,
-        typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
-    ] = None,
+    nthreads: NThreads = _CORES,
+    buffer_float_type: BufferFloatType = BufferType.q80,
+    max_seq_len: MaxSeqLen = 0,
+    weights_float_type: WeightsFloatType = None,
     stats: Annotated[
         bool, typer.Option("--stats", help="Print a stats line per token instead of the text.")
     ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object per token, then a summary object.")
     ] = False,
-    workers: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--workers",
-            help="Run as the root of a cluster with these workers (host:port ...), each "
-            "started with `dllama serve-worker`.",
-            show_default=False,
-        ),
-    ] = None,
-    secret: Annotated[
-        str | None,
-        typer.Option(
-            help="Shared secret of the cluster (default: $DLLAMA_SECRET).", show_default=False
-        ),
-    ] = None,
+    workers: Workers = None,
+    secret: Secret = None,
 ) -> None:
     """Generate text from PROMPT, printing it as it comes."""
     if stats and json_out:

@@ -8,7 +8,19 @@ from typing import Annotated
 import typer
 
 from dllama.chat_template import BUILTIN, ChatTemplate
-from dllama.cli_run import _CORES, BufferType, WeightsType, _err, load_llm, model_line
+from dllama.cli_run import (
+    _CORES,
+    BufferFloatType,
+    BufferType,
+    MaxSeqLen,
+    NThreads,
+    Secret,
+    WeightsFloatType,
+    Workers,
+    _err,
+    load_llm,
+    model_line,
+)
 
 
 def serve(
@@ -69,35 +81,12 @@ def serve(
     max_tokens_limit: Annotated[
         int, typer.Option(help="Largest max_tokens a request may ask for.")
     ] = 4096,
-    nthreads: Annotated[
-        int, typer.Option(help="Threads for the matmuls (default: this machine's cores).")
-    ] = _CORES,
-    buffer_float_type: Annotated[
-        BufferType,
-        typer.Option(help="Activations fed to quantized matmuls (and sent between nodes)."),
-    ] = BufferType.q80,
-    max_seq_len: Annotated[
-        int, typer.Option(help="KV cache length; 0 = the model's, capped at 4096.")
-    ] = 0,
-    weights_float_type: Annotated[
-        WeightsType | None,
-        typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
-    ] = None,
-    workers: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--workers",
-            help="Run as the root of a cluster with these workers (host:port ...), each "
-            "started with `dllama serve-worker`.",
-            show_default=False,
-        ),
-    ] = None,
-    secret: Annotated[
-        str | None,
-        typer.Option(
-            help="Shared secret of the cluster (default: $DLLAMA_SECRET).", show_default=False
-        ),
-    ] = None,
+    nthreads: NThreads = _CORES,
+    buffer_float_type: BufferFloatType = BufferType.q80,
+    max_seq_len: MaxSeqLen = 0,
+    weights_float_type: WeightsFloatType = None,
+    workers: Workers = None,
+    secret: Secret = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /."""
     for name, value, low in [
