@@ -416,6 +416,12 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
         r = dllama_model("run", model, tok, "-p", "hi", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    # chat and serve share run's declarations of the model-loading options, ranges included
+    for command in ("chat", "serve"):
+        for args in (["--nthreads", "0"], ["--max-seq-len", "-1"]):
+            r = dllama_model(command, model, tok, *args)
+            assert r.returncode == 2, (command, args, r.stderr)
+            assert args[0] in r.stderr and "Traceback" not in r.stderr, (command, args, r.stderr)
     r = dllama_model("run", model, tok, "-p", "hi", "--stats", "--json")
     assert r.returncode == 2 and "--stats and --json" in r.stderr
     # the model has more tokens than the tokenizer: refused at load, not mid-stream
