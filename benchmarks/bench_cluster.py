@@ -1,12 +1,12 @@
-"""Cluster benchmark (issue 4, section 7): the Llama 2 7B shape in Q40 with random weights,
-root + 1 worker with 1 thread each, on loopback and across two network namespaces joined by a
-veth pair limited to 1 Gbit/s (tc tbf); beside one node with 1 and 2 threads.
+"""Cluster benchmark: the Llama 2 7B shape in Q40 with random weights, root + 1 worker with
+1 thread each, on loopback and across two network namespaces joined by a veth pair limited to
+1 Gbit/s (tc tbf); beside one node with 1 and 2 threads.
 
 Reports the median ms/token over the generated tokens (the first, which carries the prefill,
 excluded), the root's transfer time T, kB sent / received per token, and the peak RSS of
 each process. Needs root for the namespaces (skipped otherwise, or with --no-netns).
 
-The two setups of issue 5's target 3 (one node with 2 threads; root + 1 worker on loopback
+The two setups of the cluster target (one node with 2 threads; root + 1 worker on loopback
 with 1 thread each, the worker mapping its own copy) alternate --repeat times and each keeps
 its best run; the script prints their ratio (target <= 1.05). The two-reader memory bandwidth
 of these VMs jumps between levels from one minute to the next, so each of those runs is

@@ -39,6 +39,7 @@ from bench_single import (
     time_llamacpp_prefill,
 )
 from dllama import _core
+from dllama.convert.gguf_source import gguf_tensor_name
 
 
 @dataclass(frozen=True)
@@ -114,22 +115,6 @@ def write_model(s: Shape, path: Path) -> None:
     tmp.rename(path)
 
 
-GGUF_NAMES = {
-    "q": "attn_q",
-    "k": "attn_k",
-    "v": "attn_v",
-    "wo": "attn_output",
-    "w1": "ffn_gate",
-    "w2": "ffn_down",
-    "w3": "ffn_up",
-    "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm",
-    "moe_gate": "ffn_gate_inp",
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-}
-
-
 def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     """The same weights as a qwen3 / qwen3moe GGUF (Q4_0 matmuls, F32 embedding, norms and
     router), each expert's blocks copied into the stacked 3-D tensors."""
@@ -173,18 +158,13 @@ def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     experts: dict[str, list[Any]] = {}
     for name, rows, cols, ft, off, nbytes in _core.model_tensors(fields(s)):
         raw = mm[off : off + nbytes]
+        gname = gguf_tensor_name(name)
         parts = name.split(".")
-        if name in ("embedding", "norm", "wcls"):
-            gname = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}[name]
-        elif parts[2] == "experts":  # layers.i.experts.e.wN: stacked at the last expert
-            key = f"blk.{parts[1]}.{GGUF_NAMES[parts[4]]}_exps.weight"
-            experts.setdefault(key, []).append(raw.reshape(rows, cols // 32 * 18))
+        if len(parts) == 5 and parts[2] == "experts":  # layers.i.experts.e.wN: stacked at e's last
+            experts.setdefault(gname, []).append(raw.reshape(rows, cols // 32 * 18))
             if int(parts[3]) == s.experts - 1:
-                w.add_tensor(key, np.stack(experts.pop(key)), raw_dtype=q4)
+                w.add_tensor(gname, np.stack(experts.pop(gname)), raw_dtype=q4)
             continue
-        else:
-            gname = f"blk.{parts[1]}.{GGUF_NAMES[parts[2]]}"
-        gname += ".weight"
         if ft == "q40":
             w.add_tensor(gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=q4)
         else:

@@ -1,4 +1,4 @@
-"""One-machine speed: dllama against llama.cpp on the same random Q40 weights (issue 3 §8).
+"""One-machine speed: dllama against llama.cpp on the same random Q40 weights.
 
 For each shape (Llama 2 7B: dim 4096, hidden 11008, 32 layers, 32 heads, vocab 32000;
 TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
@@ -17,14 +17,13 @@ TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
    dllama (one `Node.forward` of the N tokens from position 0) and in llama.cpp (its own
    prompt eval time for the same N token ids, prompt cache off), alternating --repeat times,
    best kept; printed as tokens/s beside our one-token-at-a-time rate (1000 / the generation
-   ms/token of step 4), with the two targets of issue 5: >= 0.5x llama.cpp and >= 3x one at a
-   time,
+   ms/token of step 4), with the two targets: >= 0.5x llama.cpp and >= 3x one at a time,
 
 and prints a table with the bandwidth floor (weight bytes read per token / the bandwidth
 measured just before dllama's best run), the strict floor (the same at the highest bandwidth
 any round of that row measured: the level can flip between a measurement and the run after it)
-and the ratios; issue 5 wants floor / dllama >= 0.85, which the table checks on the strict one. Run: `python benchmarks/bench_single.py` (about 10 minutes; --shapes tinyllama for a
-quick run). Not a test: the numbers depend on the machine and its load.
+and the ratios; the target is floor / dllama >= 0.85, which the table checks on the strict one.
+Run: `python benchmarks/bench_single.py` (about 10 minutes; --shapes tinyllama for a quick run). Not a test: the numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from dllama import _core
+from dllama.convert.gguf_source import gguf_tensor_name
 
 
 @dataclass(frozen=True)
@@ -117,19 +117,6 @@ def write_model(s: Shape, path: Path) -> None:
     tmp.rename(path)
 
 
-GGUF_NAMES = {
-    "q": "attn_q",
-    "k": "attn_k",
-    "v": "attn_v",
-    "wo": "attn_output",
-    "w1": "ffn_gate",
-    "w2": "ffn_down",
-    "w3": "ffn_up",
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-}
-
-
 def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     """The same weights as a llama GGUF (Q4_0 matmuls, F32 embedding and norms), the tensors
     taken from the .m file's memory map without copying."""
@@ -166,15 +153,7 @@ def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     w.add_unk_token_id(0)
     for name, rows, cols, ft, off, nbytes in _core.model_tensors(f):
         raw = mm[off : off + nbytes]
-        if name == "embedding":
-            gname = "token_embd.weight"
-        elif name == "norm":
-            gname = "output_norm.weight"
-        elif name == "wcls":
-            gname = "output.weight"
-        else:
-            _, i, t = name.split(".")
-            gname = f"blk.{i}.{GGUF_NAMES[t]}.weight"
+        gname = gguf_tensor_name(name)
         if ft == "q40":
             w.add_tensor(
                 gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0

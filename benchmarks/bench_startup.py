@@ -1,4 +1,4 @@
-"""Start-up: wall time from launching `dllama run` to its first generated token (issue 5 §4).
+"""Start-up: wall time from launching `dllama run` to its first generated token.
 
 Runs `dllama run --json --steps 1` on the random 7B-shape Q40 model of `bench_single.py`
 (in --dir; run that script first to write it) with a 32000-token SentencePiece tokenizer,

@@ -1,10 +1,10 @@
-"""The seed's converter entry point, kept for its users:
+"""distributed-llama's converter entry point, kept for its users:
 
     python converter/converter.py /path/to/llama-2-7b q40
 
 writes dllama_model_<name>_<type>.m (and dllama_tokenizer_<name>.t when the folder or its parent
 has a tokenizer) in the current folder. The source may be a Meta folder, a Hugging Face folder
-or a .gguf file; the type is q40, q80, f16 or f32 (the seed's float16 / float32 also work).
+or a .gguf file; the type is q40, q80, f16 or f32 (distributed-llama's float16 / float32 also work).
 The work is done by the dllama package (`dllama convert` is the same with more options).
 """
 

@@ -4,6 +4,9 @@ The writer follows distributed-llama's `convert-hf.py`: tensors in `.m` order, q
 permuted from Hugging Face's half-split RoPE layout to Meta's interleaved pairs when the
 header says `rope_type` 0 (llama) or 2 (llama3.1); left as they are for `rope_type` 1
 (falcon / neox halves, which is what transformers computes on unpermuted weights).
+
+It is an independent oracle on purpose: it shares nothing with `dllama.convert` (names, order,
+permutation), so a mistake there shows up as a difference here instead of being copied.
 """
 
 from __future__ import annotations
@@ -278,7 +281,7 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], steps: int) -> list[in
 
 
 def write_legacy_bin(model: LlamaForCausalLM, path: Path, float_type: str = "f32") -> None:
-    """`model` in the seed's legacy `.bin` layout (see format/legacy.rs): 7 int32, embedding,
+    """`model` in distributed-llama's legacy `.bin` layout (see format/legacy.rs): 7 int32, embedding,
     per layer both norms then wq..w3, the final norm, llama2.c's unused RoPE tables, wcls."""
     cfg = model.config
     sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}

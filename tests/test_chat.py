@@ -234,8 +234,8 @@ def pexpect_eof() -> Any:
 
 def test_chat_with_a_worker(tmp_path: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
+    from assets import mistral_sp_model
     from cluster_utils import Workers, write_random_model
-    from conftest_assets import mistral_sp_model
 
     model = write_random_model(tmp_path / "random.m", max_seq_len=256)
     with Workers(1) as ws:

@@ -1,4 +1,4 @@
-"""Faults with real processes (issue 4, section 4): a worker killed mid-generation, the root
+"""Faults with real processes: a worker killed mid-generation, the root
 killed, garbage / an old protocol version / a wrong secret, a port in use, an unreachable
 worker, a worker with another model. Each gives one clear message; workers keep serving."""
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest_assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
+from assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
 from convert_fixtures import TINY, make_checkpoints, make_hf, meta_key
 from dllama import _core
 from dllama.cli import app
@@ -113,6 +113,8 @@ def _write_gguf(
     for name, t in (extra or {}).items():
         w.add_tensor(name, t)
     w.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
+    # the test's own name table, independent of convert.gguf_source.GGUF_LAYER_NAMES on purpose:
+    # a wrong name in the package must fail here, not be copied
     names = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}
     short = {
         "q": "attn_q",
@@ -316,7 +318,7 @@ def test_failed_conversion_leaves_no_file(tmp_path: Path, ckpt: dict[str, Any]) 
     assert list(tmp_path.glob("b.m*")) == []
 
 
-def test_seed_entry_point(tmp_path: Path, ckpt: dict[str, Any]) -> None:
+def test_converter_entry_point(tmp_path: Path, ckpt: dict[str, Any]) -> None:
     r = subprocess.run(
         [sys.executable, str(REPO / "converter" / "converter.py"), str(ckpt["meta"]), "q40"],
         cwd=tmp_path,
@@ -349,7 +351,7 @@ def test_seed_entry_point(tmp_path: Path, ckpt: dict[str, Any]) -> None:
 
 
 def test_llama2c_tokenizer_bin_encodes_like_sentencepiece(tmp_path: Path) -> None:
-    """A llama2.c / seed `tokenizer.bin` (as distributed-llama's convert-tokenizer-sentencepiece
+    """A llama2.c / distributed-llama `tokenizer.bin` (as distributed-llama's convert-tokenizer-sentencepiece
     wrote it: bos/eos pieces renamed, ▁ as space) works with our encoder."""
     import struct
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest_assets import smollm2_gguf
+from assets import smollm2_gguf
 from convert_fixtures import (
     TINY,
     make_checkpoints,

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from assets import mistral_sp_model
 from cluster_utils import Workers, write_random_model
-from conftest_assets import mistral_sp_model
 from forward_utils import smollm2_gguf
 from serve_utils import Server
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from assets import mistral_sp_model
 from cluster_utils import write_random_model
-from conftest_assets import mistral_sp_model
 from serve_utils import Server
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_assets import TEST_STRINGS, llama3_tiktoken_model, mistral_sp_model, smollm2_gguf
+from assets import TEST_STRINGS, llama3_tiktoken_model, mistral_sp_model, smollm2_gguf
 from dllama._pretokenize import split_gpt2, split_llama3, split_smollm
 from dllama.convert.source import ConvertError
 from dllama.convert.tokenizers import (

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_assets import TEST_STRINGS, _asset
+from assets import TEST_STRINGS, _asset
 from dllama import _core
 from dllama.convert import convert_tokenizer
 from dllama.tokenizer import Tokenizer

@@ -67,7 +67,7 @@ Secret = Annotated[
 
 
 def _stats_line(p: Piece) -> str:
-    """The seed's per-token line: G total, I inference, T transfer, S sent, R received."""
+    """distributed-llama's per-token line: G total, I inference, T transfer, S sent, R received."""
     return (
         f"🔶 G {p.total_ms:4.0f} ms I {p.inference_ms:4.0f} ms T {p.transfer_ms:4.0f} ms "
         f"S {p.sent_kb:6.0f} kB R {p.recv_kb:6.0f} kB {p.text!r}"
@@ -277,4 +277,4 @@ def run(
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
-    app.command("inference", help="Alias of `dllama run` (the seed's name).")(run)
+    app.command("inference", help="Alias of `dllama run` (distributed-llama's name).")(run)

@@ -75,7 +75,7 @@ class StopStrings:
 
 @dataclass(frozen=True)
 class Piece:
-    """One generated token and what it cost (the seed's per-token stats line).
+    """One generated token and what it cost (distributed-llama's per-token stats line).
 
     A last piece with ``token == -1`` and zero timings may follow the generated tokens: the
     decoder's flush, when generation stopped in the middle of a multi-byte character.
@@ -162,7 +162,7 @@ class LLM:
     ``nthreads``: threads of the matmuls; ``buffer_float_type``: ``"q80"`` (activations
     quantized to 8 bits for Q40 weights, as llama.cpp) or ``"f32"``; ``max_seq_len``: KV
     cache length, 0 for the model's own capped at 4096; ``weights_float_type``: only for a
-    legacy seed ``.bin`` file, whose header does not say it.
+    distributed-llama legacy ``.bin`` file, whose header does not say it.
     """
 
     def __init__(

@@ -401,9 +401,6 @@ class Tokenizer:
         """A decoder that turns ids into text as they come, never splitting a character."""
         return StreamDecoder(self, skip_special)
 
-    def is_eos(self, token_id: int) -> bool:
-        return token_id in self.eos_ids
-
     # ------------------------------------------------------------------- chat -----
 
     def render_chat(

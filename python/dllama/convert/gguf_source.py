@@ -30,7 +30,8 @@ from dllama.convert.source import (
     set_llama3_scaling,
 )
 
-_KEYS = {
+#: `.m` layer tensor suffix -> llama.cpp's GGUF name (`blk.{i}.<name>.weight`).
+GGUF_LAYER_NAMES = {
     "q": "attn_q",
     "k": "attn_k",
     "v": "attn_v",
@@ -44,7 +45,25 @@ _KEYS = {
     "k_norm": "attn_k_norm",
     "moe_gate": "ffn_gate_inp",
 }
-_EXPERT_KEYS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+#: An expert's `.m` matrix -> the GGUF tensor that stacks it with the layer's other experts.
+GGUF_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+
+
+def gguf_tensor_name(name: str, tied: bool = False) -> str:
+    """The GGUF tensor holding the `.m` tensor `name` (an expert's matrix: the layer's stacked
+    one); `tied`: the classifier is the embedding."""
+    if name == "embedding":
+        return "token_embd.weight"
+    if name == "norm":
+        return "output_norm.weight"
+    if name == "wcls":
+        return "token_embd.weight" if tied else "output.weight"
+    _, i, short = name.split(".", 2)
+    if short.startswith("experts."):
+        return f"blk.{i}.{GGUF_EXPERT_NAMES[short.rsplit('.', 1)[1]]}.weight"
+    return f"blk.{i}.{GGUF_LAYER_NAMES[short]}.weight"
+
+
 ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
 GGML_Q4_0 = 2
 
@@ -152,16 +171,7 @@ class GGUFSource(Source):
         )
 
     def _gguf_name(self, name: str) -> str:
-        if name == "embedding":
-            return "token_embd.weight"
-        if name == "norm":
-            return "output_norm.weight"
-        if name == "wcls":
-            return "token_embd.weight" if self.tied else "output.weight"
-        _, i, short = name.split(".", 2)
-        if short.startswith("experts."):
-            return f"blk.{i}.{_EXPERT_KEYS[short.rsplit('.', 1)[1]]}.weight"
-        return f"blk.{i}.{_KEYS[short]}.weight"
+        return gguf_tensor_name(name, self.tied)
 
     @staticmethod
     def _expert(name: str) -> int | None:

@@ -246,7 +246,7 @@ def _merge_ranks(merges: list[Any]) -> dict[str, int]:
 
 # --------------------------------------------------------------------- GGUF ---------
 
-GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_BYTE = 3, 4, 6
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 
 def from_gguf(path: str | Path) -> dict[str, Any]:
