@@ -226,14 +226,36 @@ def from_tokenizer_json(path: str | Path) -> dict[str, Any]:
             f"{path}: cannot find the bos/eos tokens (put tokenizer_config.json with "
             "bos_token and eos_token, or config.json with bos_token_id/eos_token_id, beside it)"
         )
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # Llama 3's files say it only in tokenizer.json's post-processor
+        bos_name = names[int(bos_id)] if 0 <= int(bos_id) < n else None
+        add_bos = _post_processor_prepends(data.get("post_processor"), bos_name)
+    if add_bos is None:
+        add_bos = sp_style
     return _tok_dict(
         vocab,
         scores,
         int(bos_id),
         eos_ids,
-        add_bos=bool(config.get("add_bos_token", sp_style)),
+        add_bos=bool(add_bos),
         chat_template=_template(config),
     )
+
+
+def _post_processor_prepends(proc: Any, bos: str | None) -> bool | None:
+    """Whether a tokenizer.json post-processor puts `bos` first in a single sequence: True or
+    False for a TemplateProcessing (alone or inside a Sequence), None when there is none."""
+    if not isinstance(proc, dict):
+        return None
+    if proc.get("type") == "Sequence":
+        found = [_post_processor_prepends(p, bos) for p in proc.get("processors") or []]
+        return next((f for f in found if f is not None), None)
+    if proc.get("type") != "TemplateProcessing":
+        return None
+    single = proc.get("single") or []
+    first = single[0] if isinstance(single, list) and single else None
+    special = first.get("SpecialToken") if isinstance(first, dict) else None
+    return isinstance(special, dict) and bos is not None and special.get("id") == bos
 
 
 def _merge_ranks(merges: list[Any]) -> dict[str, int]:
