@@ -81,9 +81,10 @@ def save(model: PreTrainedModel, folder: Path, **kw: Any) -> Path:
     return folder
 
 
-def write_gguf(model: PreTrainedModel, path: Path) -> Path:
+def write_gguf(model: PreTrainedModel, path: Path, *, q4_0_experts: bool = False) -> Path:
     """`model` as llama.cpp's convert_hf_to_gguf.py writes a qwen3 / qwen3moe GGUF (F32):
-    q/k not permuted, the experts stacked into 3-D `ffn_{gate,up,down}_exps` tensors."""
+    q/k not permuted, the experts stacked into 3-D `ffn_{gate,up,down}_exps` tensors; with
+    `q4_0_experts`, those three quantized to Q4_0 by gguf's reference quantizer."""
     import gguf
     import numpy as np
 
@@ -115,6 +116,13 @@ def write_gguf(model: PreTrainedModel, path: Path) -> Path:
     def add(name: str, x: Any) -> None:
         w.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
 
+    def add_experts(name: str, x: Any) -> None:
+        if not q4_0_experts:
+            return add(name, x)
+        q4 = gguf.GGMLQuantizationType.Q4_0
+        q = gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), q4)
+        w.add_tensor(name, q, raw_dtype=q4)
+
     add("token_embd.weight", sd["model.embed_tokens.weight"])
     add("output_norm.weight", sd["model.norm.weight"])
     if not cfg.tie_word_embeddings:
@@ -137,9 +145,9 @@ def write_gguf(model: PreTrainedModel, path: Path) -> Path:
             add(f"{b}ffn_gate_inp.weight", sd[f"{p}mlp.gate.weight"])
             gate_up = sd[f"{p}mlp.experts.gate_up_proj"]  # (n_experts, 2 hidden, dim)
             h = gate_up.shape[1] // 2
-            add(f"{b}ffn_gate_exps.weight", gate_up[:, :h])
-            add(f"{b}ffn_up_exps.weight", gate_up[:, h:])
-            add(f"{b}ffn_down_exps.weight", sd[f"{p}mlp.experts.down_proj"])
+            add_experts(f"{b}ffn_gate_exps.weight", gate_up[:, :h])
+            add_experts(f"{b}ffn_up_exps.weight", gate_up[:, h:])
+            add_experts(f"{b}ffn_down_exps.weight", sd[f"{p}mlp.experts.down_proj"])
         else:
             add(f"{b}ffn_gate.weight", sd[f"{p}mlp.gate_proj.weight"])
             add(f"{b}ffn_up.weight", sd[f"{p}mlp.up_proj.weight"])

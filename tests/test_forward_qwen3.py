@@ -9,6 +9,9 @@ converted by `convert_model`, run by the Rust core.
   error); with f32 activations the same Q40 weights agree within 1e-4 (measured ~1e-6).
 - Router edge cases: tokens tied between experts, every token on one expert, experts no token
   picks.
+- A qwen3moe GGUF whose experts are Q4_0 (gguf's reference quantizer): every expert's bytes
+  are copied into the q40 `.m` unchanged, and it runs within the Q40 bound of transformers on
+  those dequantized experts.
 """
 
 from __future__ import annotations
@@ -169,3 +172,53 @@ def test_gguf_f32_logits_equal_transformers(
     hf_out = tmp_path / "h.m"
     convert_model(save(model, tmp_path / "hf"), hf_out, "f32", progress=False)
     assert out.read_bytes() == hf_out.read_bytes()
+
+
+def test_gguf_q4_0_experts_are_copied_unchanged(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    model = random_qwen3(moe=True, n_experts=4, top_k=2, seed=5)
+    src = write_gguf(model, tmp_path / "q4.gguf", q4_0_experts=True)
+    out = tmp_path / "q4.m"
+    r = convert_model(src, out, "q40", progress=False)
+    cfg = model.config
+    n_expert_tensors = 3 * cfg.num_experts * cfg.num_hidden_layers
+    assert r.model is not None and r.model.n_copied_q40 == n_expert_tensors
+    # the expert bytes as gguf's own reader sees them: (n_experts, rows, bytes per row)
+    reader = gguf.GGUFReader(str(src))
+    raw = {t.name: np.asarray(t.data) for t in reader.tensors}
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    assert all(t.tensor_type == q4 for t in reader.tensors if "_exps" in t.name)
+    data = out.read_bytes()
+    gname = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+    checked = 0
+    for name, _rows, _cols, ftype, offset, nbytes in _core.model_tensors(
+        r.fields | {"weights_float_type": 2}
+    ):
+        parts = name.split(".")
+        if len(parts) == 5 and parts[2] == "experts":
+            assert ftype == "q40"
+            want = raw[f"blk.{parts[1]}.{gname[parts[4]]}.weight"][int(parts[3])].tobytes()
+            assert data[offset : offset + nbytes] == want, name
+            checked += 1
+    assert checked == n_expert_tensors
+    # transformers on the weights the file holds: the experts as gguf dequantizes its Q4_0,
+    # the other matrices through our q40 (the converter quantized their f32)
+    ref_model = _dequantized(model, "q40")
+    with torch.no_grad():
+        for i, layer in enumerate(ref_model.model.layers):
+            ex = layer.mlp.experts
+
+            def deq(g: str, i: int = i) -> torch.Tensor:
+                x = gguf.quants.dequantize(raw[f"blk.{i}.{g}.weight"], q4)
+                return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+            ex.gate_up_proj.copy_(torch.cat([deq("ffn_gate_exps"), deq("ffn_up_exps")], dim=1))
+            ex.down_proj.copy_(deq("ffn_down_exps"))
+    ref = hf_logits(ref_model, PROMPT)
+    node = _core.Node(str(out), nthreads=2, buffer_float_type="q80")
+    worst = max(rel_err(node.forward([t], p), ref[p]) for p, t in enumerate(PROMPT))
+    assert worst <= Q80_LOGIT_BOUND, f"max relative logit error {worst:.4f}"
+    node32 = _core.Node(str(out), buffer_float_type="f32")
+    e = rel_err(node32.forward(PROMPT, 0), ref[-1])
+    assert e < 1e-4, f"q4_0 experts, f32 buffers: relative error {e:.2e}"
+    print(f"q4_0 experts: q80 buffers {worst:.4f}, f32 buffers {e:.2e}")
