@@ -117,4 +117,6 @@ def serve_worker(
     secret: str | None = None,
     step_timeout: float = 60.0,
     idle_timeout: float = 3600.0,
+    handshake_timeout: float = 10.0,
+    build_timeout: float = 600.0,
 ) -> None: ...

@@ -42,6 +42,22 @@ def serve_worker(
     idle_timeout: Annotated[
         float, typer.Option(min=0.001, help="Seconds to wait for the root's next step.")
     ] = 3600.0,
+    handshake_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a root has for each message of its handshake and setup; slower ones "
+            "are dropped.",
+        ),
+    ] = 10.0,
+    build_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a root has to ship this worker its weights (plus their size at "
+            "256 KiB/s) before it is dropped.",
+        ),
+    ] = 600.0,
 ) -> None:
     """Serve as a worker of a dllama cluster: one root at a time; when it goes away, wait for the next."""
     if secret is None:
@@ -61,6 +77,8 @@ def serve_worker(
             secret=secret,
             step_timeout=step_timeout,
             idle_timeout=idle_timeout,
+            handshake_timeout=handshake_timeout,
+            build_timeout=build_timeout,
         )
     except KeyboardInterrupt:
         typer.echo("dllama worker: interrupted, stopping", err=True)

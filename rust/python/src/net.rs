@@ -40,9 +40,15 @@ fn secs(v: f64, what: &str) -> PyResult<Duration> {
 ///
 /// `model`: this worker's own copy of the model file (checked against the root's by size,
 /// header and checksum); without it the root ships this worker its slices. `secret`: the
-/// cluster's shared secret (None: no authentication).
+/// cluster's shared secret (None: no authentication). Deadlines, in seconds: `step_timeout`
+/// for each read inside a step, `idle_timeout` between steps, `handshake_timeout` for each
+/// handshake message, `build_timeout` (plus the time of the slice at 256 KiB/s) for receiving
+/// shipped weights and building the slice.
 #[pyfunction]
-#[pyo3(signature = (host, port, *, nthreads=1, model=None, secret=None, step_timeout=60.0, idle_timeout=3600.0))]
+#[pyo3(signature = (
+    host, port, *, nthreads=1, model=None, secret=None, step_timeout=60.0, idle_timeout=3600.0,
+    handshake_timeout=10.0, build_timeout=600.0
+))]
 #[allow(clippy::too_many_arguments)]
 fn serve_worker(
     py: Python<'_>,
@@ -53,6 +59,8 @@ fn serve_worker(
     secret: Option<String>,
     step_timeout: f64,
     idle_timeout: f64,
+    handshake_timeout: f64,
+    build_timeout: f64,
 ) -> PyResult<()> {
     if nthreads == 0 {
         return Err(pyo3::exceptions::PyValueError::new_err(
@@ -62,6 +70,8 @@ fn serve_worker(
     let timeouts = Timeouts {
         step: secs(step_timeout, "step_timeout")?,
         idle: secs(idle_timeout, "idle_timeout")?,
+        handshake: secs(handshake_timeout, "handshake_timeout")?,
+        build: secs(build_timeout, "build_timeout")?,
         ..Timeouts::default()
     };
     let secret = secret.filter(|s| !s.is_empty()).map(|s| s.into_bytes());
