@@ -33,7 +33,6 @@ def write_random_model(
 ) -> Path:
     """A random Llama `.m` file: weights ~ U(-2, 2)/sqrt(cols) (activations of order 1, so
     the logits are well spread), norms ~ 1."""
-    codes = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
     fields: dict[str, int | float] = {
         "version": 0,
         "arch_type": 0xABCD00,
@@ -46,7 +45,7 @@ def write_random_model(
         "max_seq_len": max_seq_len,
         "hidden_act": 1,
         "rope_theta": 10000,
-        "weights_float_type": codes[weights],
+        "weights_float_type": _core.FLOAT_TYPES[weights],
         "rope_type": 0,
         "head_dim": dim // heads,
         "norm_epsilon": 1e-5,

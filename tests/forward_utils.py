@@ -24,8 +24,6 @@ import torch
 from dllama import _core
 from transformers import LlamaConfig, LlamaForCausalLM
 
-FLOAT_CODES = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
-
 
 def random_llama(
     *,
@@ -97,7 +95,7 @@ def header_fields(cfg: LlamaConfig, float_type: str, rope_type: int) -> dict[str
         "max_seq_len": cfg.max_position_embeddings,
         "hidden_act": 1,
         "rope_theta": int(cfg.rope_parameters["rope_theta"]),
-        "weights_float_type": FLOAT_CODES[float_type],
+        "weights_float_type": _core.FLOAT_TYPES[float_type],
         "rope_type": rope_type,
         "head_dim": head_dim,
         "norm_epsilon": float(cfg.rms_norm_eps),

@@ -44,7 +44,7 @@ def test_hf_and_meta_give_identical_files(ckpt: dict[str, Any], float_type: str)
     assert a.read_bytes() == b.read_bytes()
     assert ra.model is not None and ra.model.file_size == a.stat().st_size
     h = _core.read_model_header(str(a))
-    assert h["weights_float_type"] == {"f32": 0, "f16": 1, "q40": 2, "q80": 3}[float_type]
+    assert h["weights_float_type"] == _core.FLOAT_TYPES[float_type]
     assert (h["dim"], h["hidden_dim"], h["n_layers"], h["n_heads"], h["n_kv_heads"]) == (
         64,
         128,

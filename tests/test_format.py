@@ -23,7 +23,7 @@ FIELDS: dict[str, int | float] = {
     "weights_float_type": 2,
 }
 
-FLOAT_TYPES = {0: "f32", 1: "f16", 2: "q40", 3: "q80"}
+FLOAT_TYPES = {code: name for name, code in _core.FLOAT_TYPES.items()}
 
 
 def write_model(path: Path, fields: dict[str, int | float], seed: int = 0) -> dict[str, Any]:
@@ -106,6 +106,19 @@ def test_tensors_round_trip(tmp_path: Path, weights: int) -> None:
         np.testing.assert_array_equal(got.reshape(-1), expected)
 
 
+def test_typed_seam() -> None:
+    """The names Python takes from the core: the float types with the `.m` header codes, the
+    tensor specs as a NamedTuple, the tokenizer dict with exactly TokenizerDict's keys."""
+    assert _core.FLOAT_TYPES == {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
+    specs = _core.model_tensors(FIELDS)
+    assert all(type(t) is _core.TensorSpec for t in specs)
+    assert _core.TensorSpec._fields == ("name", "rows", "cols", "float_type", "offset", "nbytes")
+    wcls = specs[-1]
+    assert (wcls.name, wcls.rows, wcls.cols, wcls.float_type) == ("wcls", 40, 64, "q40")
+    assert wcls.nbytes == 40 * 64 // 32 * 18 and wcls == tuple(wcls)
+    assert [t.offset for t in specs[1:]] == [t.offset + t.nbytes for t in specs[:-1]]
+
+
 def test_model_tensor_shapes() -> None:
     t = {name: (rows, cols, ft) for name, rows, cols, ft, _, _ in _core.model_tensors(FIELDS)}
     assert t["embedding"] == (40, 64, "f32")
@@ -149,6 +162,7 @@ def test_tokenizer_round_trip(tmp_path: Path) -> None:
     back = _core.read_tokenizer(str(path))
     assert back["max_token_length"] == 3 and back["add_bos"] is True
     assert back["chat_template"] is None and back["bos_id"] == -1 and back["eos_ids"] == []
+    assert set(back) == set(_core.TokenizerDict.__annotations__)
 
 
 def sentencepiece_model() -> str | None:

@@ -32,9 +32,12 @@ import heapq
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dllama._pretokenize import SPLITTERS
+
+if TYPE_CHECKING:
+    from dllama._core import TokenizerDict
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _SPECIAL_SHAPE = re.compile(rb"<[^\s<>]+>")
@@ -151,7 +154,7 @@ class Tokenizer:
             self._init_vocab(_core.read_tokenizer(str(path)))
 
     @classmethod
-    def from_dict(cls, tok: dict[str, Any]) -> Tokenizer:
+    def from_dict(cls, tok: TokenizerDict) -> Tokenizer:
         """A tokenizer over a `.t` dictionary (as `_core.read_tokenizer` returns it)."""
         self = cls.__new__(cls)
         self._init_vocab(tok)
@@ -185,7 +188,7 @@ class Tokenizer:
         self._special_ids = set(self._specials.values())
         self._special_re: re.Pattern[str] | None = None
 
-    def _init_vocab(self, tok: dict[str, Any]) -> None:
+    def _init_vocab(self, tok: TokenizerDict) -> None:
         self._sp = None
         self.vocab = [bytes(p) for p in tok["vocab"]]
         scores: list[float] = [float(s) for s in tok["scores"]]

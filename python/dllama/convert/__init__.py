@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dllama.convert.source import ConvertError, Source
 from dllama.convert.writer import FLOAT_TYPES, WriteStats, write_model
+
+if TYPE_CHECKING:
+    from dllama._core import TokenizerDict
 
 __all__ = [
     "FLOAT_TYPES",
@@ -100,7 +103,7 @@ def find_tokenizer(path: str | Path) -> Path | None:
     return None
 
 
-def write_tokenizer_file(tok: dict[str, Any], out: str | Path) -> Path:
+def write_tokenizer_file(tok: TokenizerDict, out: str | Path) -> Path:
     from dllama import _core
 
     out = Path(out)
@@ -108,7 +111,7 @@ def write_tokenizer_file(tok: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
-def convert_tokenizer(src: str | Path, out: str | Path) -> dict[str, Any]:
+def convert_tokenizer(src: str | Path, out: str | Path) -> TokenizerDict:
     """Converts a tokenizer.model, tokenizer.json or GGUF vocabulary to the `.t` file `out`."""
     from dllama.convert.tokenizers import load_tokenizer_source
 

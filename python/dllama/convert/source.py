@@ -73,7 +73,7 @@ def config_float(value: Any, what: str, default: float | None = None) -> float:
 def tensor_names(n_layers: int, fields: HeaderFields | None = None) -> list[str]:
     """Every `.m` tensor name in file order (of a llama model, or of the model of `fields`)."""
     if fields is not None:
-        return [spec[0] for spec in _core.model_tensors({**fields, "weights_float_type": 0})]
+        return [spec.name for spec in _core.model_tensors({**fields, "weights_float_type": 0})]
     names = ["embedding"]
     for i in range(n_layers):
         names += [

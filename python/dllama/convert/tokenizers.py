@@ -21,9 +21,12 @@ import binascii
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dllama.convert.source import ConvertError
+
+if TYPE_CHECKING:
+    from dllama._core import TokenizerDict
 
 NO_MERGE_SCORE = -1e9
 SP_SPACE = "\u2581"  # ▁
@@ -58,7 +61,7 @@ def _tok_dict(
     add_bos: bool,
     chat_template: str | None,
     pad_id: int = -1,
-) -> dict[str, Any]:
+) -> TokenizerDict:
     if not vocab:
         raise ConvertError("the tokenizer has an empty vocabulary")
     for i, piece in enumerate(vocab):
@@ -100,7 +103,7 @@ def tokenizer_vocab_size(path: Path) -> int:
     return len(load_tokenizer_source(path)["vocab"])
 
 
-def from_sentencepiece(path: str | Path) -> dict[str, Any]:
+def from_sentencepiece(path: str | Path) -> TokenizerDict:
     """A SentencePiece `tokenizer.model` (Llama 2, Mistral)."""
     path = Path(path)
     sp = _sp_processor(path)
@@ -167,7 +170,7 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def from_tokenizer_json(path: str | Path) -> dict[str, Any]:
+def from_tokenizer_json(path: str | Path) -> TokenizerDict:
     """A Hugging Face `tokenizer.json` with a BPE model (byte-level, or SentencePiece-style)."""
     path = Path(path)
     data = _read_json(path)
@@ -271,7 +274,7 @@ def _merge_ranks(merges: list[Any]) -> dict[str, int]:
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 
-def from_gguf(path: str | Path) -> dict[str, Any]:
+def from_gguf(path: str | Path) -> TokenizerDict:
     """The vocabulary of a GGUF file (`tokenizer.ggml.model` "llama" or "gpt2")."""
     from dllama.convert.gguf_file import GGUFError, GGUFFile
 
@@ -365,7 +368,7 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def from_tiktoken(path: str | Path) -> dict[str, Any]:
+def from_tiktoken(path: str | Path) -> TokenizerDict:
     """Meta's Llama 3 `tokenizer.model` (tiktoken ranks: one "base64 rank" line per token).
 
     tiktoken merges the adjacent pair whose concatenation has the lowest rank, so the score of
@@ -409,7 +412,7 @@ def from_tiktoken(path: str | Path) -> dict[str, Any]:
     )
 
 
-def _qwen_tiktoken(path: Path, vocab: list[bytes], scores: list[float]) -> dict[str, Any]:
+def _qwen_tiktoken(path: Path, vocab: list[bytes], scores: list[float]) -> TokenizerDict:
     """Qwen's byte-level BPE: no bos token (bos_id points at <|endoftext|>, add_bos off),
     generation stops at <|im_end|> or <|endoftext|>."""
     n_base = len(vocab)
@@ -427,7 +430,7 @@ def _qwen_tiktoken(path: Path, vocab: list[bytes], scores: list[float]) -> dict[
     )
 
 
-def load_tokenizer_source(path: str | Path) -> dict[str, Any]:
+def load_tokenizer_source(path: str | Path) -> TokenizerDict:
     """Picks the conversion from the file: .model, tokenizer.json, .gguf (or a folder)."""
     path = Path(path)
     if path.is_dir():

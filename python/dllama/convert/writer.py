@@ -19,7 +19,8 @@ from dllama import _core
 from dllama.convert.progress import ConvertProgress
 from dllama.convert.source import ConvertError, Source
 
-FLOAT_TYPES = {"f32": 0, "f16": 1, "q40": 2, "q80": 3}
+#: The format's weights types and their header codes, as the core names them.
+FLOAT_TYPES = _core.FLOAT_TYPES
 _CHUNK_VALUES = 1 << 22  # quantize ~16 MB of float32 at a time
 
 
@@ -50,7 +51,7 @@ def write_model(
         specs = _core.model_tensors(fields)
     except ValueError as e:
         raise ConvertError(f"{source.description}: {e}") from e
-    total = len(header) + sum(spec[5] for spec in specs)
+    total = len(header) + sum(spec.nbytes for spec in specs)
     partial = out.with_name(out.name + ".partial")
     copied = 0
     try:

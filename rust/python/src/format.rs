@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use dllama_core::format::header::FieldValue;
-use dllama_core::format::{self, ModelFile, ModelHeader, Tokenizer};
+use dllama_core::format::{self, FloatType, ModelFile, ModelHeader, Tokenizer};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList};
 
 use crate::errors::IntoPy;
 
@@ -80,28 +80,28 @@ fn read_model_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py,
     header_dict(py, &file.header)
 }
 
-/// `(name, rows, cols, float_type, offset, nbytes)` for every tensor, in file order.
+/// A `TensorSpec(name, rows, cols, float_type, offset, nbytes)` for every tensor, in file order.
 #[pyfunction]
 fn model_tensors<'py>(
     py: Python<'py>,
     fields: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyList>> {
     let header = ModelHeader::from_fields(&header_fields(fields)?).py()?;
+    let spec = py.import("dllama._core")?.getattr("TensorSpec")?;
     let items = header
         .tensors()
         .into_iter()
         .map(|t| {
-            (
+            spec.call1((
                 t.name,
                 t.rows,
                 t.cols,
                 t.float_type.name(),
                 t.offset,
                 t.nbytes,
-            )
-                .into_pyobject(py)
+            ))
         })
-        .collect::<PyResult<Vec<Bound<'py, PyTuple>>>>()?;
+        .collect::<PyResult<Vec<Bound<'py, PyAny>>>>()?;
     PyList::new(py, items)
 }
 
@@ -132,6 +132,35 @@ fn read_model_tensor<'py>(
 // ---------------------------------------------------------------------------------------------
 // Tokenizer
 // ---------------------------------------------------------------------------------------------
+
+/// `TensorSpec` (what `model_tensors` returns) and `TokenizerDict` (what `read_tokenizer`
+/// returns and `write_tokenizer` takes): a NamedTuple and a TypedDict have no PyO3 form, so
+/// they are defined in Python when the module is initialised, as `_core.pyi` declares them.
+const TYPES: &std::ffi::CStr = c"
+from typing import NamedTuple, TypedDict
+
+class TensorSpec(NamedTuple):
+    name: str
+    rows: int
+    cols: int
+    float_type: str
+    offset: int
+    nbytes: int
+
+class TokenizerDict(TypedDict):
+    vocab: list[bytes]
+    scores: list[float]
+    max_token_length: int
+    bos_id: int
+    eos_ids: list[int]
+    pad_id: int
+    chat_eos_id: int
+    chat_template: str | None
+    add_bos: bool
+    version: int
+
+TensorSpec.__module__ = TokenizerDict.__module__ = 'dllama._core'
+";
 
 /// A `.t` file or a llama2.c `tokenizer.bin`, as a dict (see docs/DESIGN.md).
 #[pyfunction]
@@ -242,6 +271,17 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_model_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_model_header, m)?)?;
     m.add_function(wrap_pyfunction!(model_tensors, m)?)?;
+    let ns = PyDict::new(m.py());
+    m.py().run(TYPES, Some(&ns), None)?;
+    for name in ["TensorSpec", "TokenizerDict"] {
+        m.add(name, ns.get_item(name)?)?;
+    }
+    // the format's float type names and their header codes, for Python's choices and headers
+    let float_types = PyDict::new(m.py());
+    for ft in FloatType::ALL {
+        float_types.set_item(ft.name(), ft.code())?;
+    }
+    m.add("FLOAT_TYPES", float_types)?;
     m.add_function(wrap_pyfunction!(read_model_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(read_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(write_tokenizer, m)?)?;
