@@ -412,6 +412,7 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
         (["--temperature", "-1"], "'--temperature'"),
         (["--seed", "-1"], "'--seed'"),
         (["--steps", "0"], "'--steps'"),
+        (["--weights-float-type", "q4"], "'--weights-float-type'"),
     ]:
         r = dllama_model("run", model, tok, "-p", "hi", *args)
         assert r.returncode == 2, (args, r.stderr)
@@ -442,3 +443,45 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
     # flags show no value type in the help
     r = dllama("run", "--help")
     assert "--stats" in r.stdout and "<bool>" not in r.stdout
+
+
+def test_expand_workers_argv() -> None:
+    """`--workers A B` (distributed-llama's syntax) is `--workers A --workers B`."""
+    from dllama.cli_run import expand_workers_argv
+
+    split = ["run", "--workers", "a:1", "--workers", "b:2", "-p", "x"]
+    assert expand_workers_argv(["run", "--workers", "a:1", "b:2", "-p", "x"]) == split
+    assert expand_workers_argv(split) == split
+    assert expand_workers_argv(["run", "--workers"]) == ["run", "--workers"]  # click says why
+    assert expand_workers_argv(["--", "--workers", "a", "b"]) == ["--", "--workers", "a", "b"]
+
+
+def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
+    """The options that load a model (--model/-m, --tokenizer/-t, --nthreads...) are declared
+    once, in cli_run: the three commands show the same help for them and give the same error
+    for a missing model file."""
+    from cluster_utils import free_port
+    from dllama import _core
+
+    tok = tmp_path / "tok.t"
+    _core.write_tokenizer(tok, {"vocab": [b"a", b"b"], "scores": [0.0, 0.0]})
+    missing = tmp_path / "missing.m"
+    port = str(free_port())
+    shared = re.compile(
+        r"--(model|tokenizer|nthreads|buffer-float-type|max-seq-len|weights-float-type|workers"
+        r"|secret)(?![\w-])"
+    )
+    errors, helps = set(), set()
+    for command, extra in [("run", ["-p", "hi"]), ("chat", []), ("serve", ["--port", port])]:
+        r = dllama_model(command, missing, tok, *extra)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (command, r.stderr)
+        errors.add(r.stderr.strip().splitlines()[-1])
+        h = dllama(command, "--help", env={"COLUMNS": "250"})
+        rows = [" ".join(line.strip("│ ").split()) for line in h.stdout.splitlines()]
+        helps.add(tuple(row for row in rows if shared.search(row)))  # (column widths vary)
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert error.startswith(f"error: cannot open model file {missing}"), error
+    assert len(helps) == 1, helps
+    (lines,) = helps
+    assert len(lines) == 8 and lines[0].startswith("--model -m <path> Model file (.m)."), lines

@@ -64,7 +64,7 @@ _register_commands()
 
 
 def main() -> None:
-    from dllama.cli_worker import expand_workers_argv
+    from dllama.cli_run import expand_workers_argv
 
     sys.argv[1:] = expand_workers_argv(sys.argv[1:])
     app()

