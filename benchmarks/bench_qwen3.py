@@ -31,12 +31,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_single import (
-    random_q40,
+    add_filler_vocab,
+    add_m_tensor,
+    finish_gguf,
     read_bandwidth,
     time_dllama,
     time_dllama_prefill,
     time_llamacpp,
     time_llamacpp_prefill,
+    write_random_model,
 )
 from dllama import _core
 from dllama.convert.gguf_source import gguf_tensor_name
@@ -91,30 +94,6 @@ def fields(s: Shape) -> dict[str, int | float]:
     }
 
 
-def write_model(s: Shape, path: Path) -> None:
-    f = fields(s)
-    tensors = _core.model_tensors(f)
-    header = _core.encode_model_header(f)
-    size = len(header) + sum(t[5] for t in tensors)
-    if path.exists() and path.stat().st_size == size:
-        return
-    print(f"writing {path} ({size / 1e9:.2f} GB of random Q40 weights)...", flush=True)
-    rng = np.random.default_rng(0)
-    tmp = path.with_suffix(".partial")
-    with open(tmp, "wb") as out:
-        out.write(header)
-        for name, rows, cols, ft, _off, nbytes in tensors:
-            if ft == "q40":
-                data = random_q40(rng, rows, cols).tobytes()
-            elif name.endswith("norm"):
-                data = (1.0 + 0.05 * rng.standard_normal(cols, dtype=np.float32)).tobytes()
-            else:  # embedding, router
-                data = (0.02 * rng.standard_normal(rows * cols, dtype=np.float32)).tobytes()
-            assert len(data) == nbytes, name
-            out.write(data)
-    tmp.rename(path)
-
-
 def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     """The same weights as a qwen3 / qwen3moe GGUF (Q4_0 matmuls, F32 embedding, norms and
     router), each expert's blocks copied into the stacked 3-D tensors."""
@@ -142,39 +121,20 @@ def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
         w.add_expert_count(s.experts)
         w.add_expert_used_count(s.active)
         w.add_expert_feed_forward_length(s.moe_hidden)
-    # a SentencePiece-style vocabulary of the right size: specials, 256 byte tokens, fillers
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    tokens += [f"t{i}".encode() for i in range(s.vocab - len(tokens))]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (s.vocab - 259)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * s.vocab)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    q4 = gguf.GGMLQuantizationType.Q4_0
+    add_filler_vocab(w, s.vocab)
     experts: dict[str, list[Any]] = {}
-    for name, rows, cols, ft, off, nbytes in _core.model_tensors(fields(s)):
-        raw = mm[off : off + nbytes]
-        gname = gguf_tensor_name(name)
-        parts = name.split(".")
+    for t in _core.model_tensors(fields(s)):
+        raw = mm[t.offset : t.offset + t.nbytes]
+        gname = gguf_tensor_name(t.name)
+        parts = t.name.split(".")
         if len(parts) == 5 and parts[2] == "experts":  # layers.i.experts.e.wN: stacked at e's last
-            experts.setdefault(gname, []).append(raw.reshape(rows, cols // 32 * 18))
+            experts.setdefault(gname, []).append(raw.reshape(t.rows, t.cols // 32 * 18))
             if int(parts[3]) == s.experts - 1:
+                q4 = gguf.GGMLQuantizationType.Q4_0
                 w.add_tensor(gname, np.stack(experts.pop(gname)), raw_dtype=q4)
             continue
-        if ft == "q40":
-            w.add_tensor(gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=q4)
-        else:
-            arr = raw.view(np.float32)
-            w.add_tensor(gname, arr if rows == 1 else arr.reshape(rows, cols))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
-    w.close()
-    tmp.rename(path)
+        add_m_tensor(w, gname, raw, t)
+    finish_gguf(w, tmp, path)
 
 
 def _in_child(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -208,7 +168,7 @@ def main() -> None:
     for key in args.shapes:
         s = shapes(args.moe_layers, args.dense_layers)[key]
         m_path, g_path = args.dir / f"{s.name}-q40.m", args.dir / f"{s.name}-q4_0.gguf"
-        write_model(s, m_path)
+        write_random_model(fields(s), m_path)
         write_gguf(s, m_path, g_path)
         for n in args.threads:
             ours, refs, bws = [], [], []

@@ -94,10 +94,16 @@ def random_q40(rng: np.random.Generator, rows: int, cols: int) -> npt.NDArray[np
 
 
 def write_model(s: Shape, path: Path) -> None:
-    f = fields(s)
+    write_random_model(fields(s), path)
+
+
+def write_random_model(f: dict[str, int | float], path: Path) -> None:
+    """The `.m` file of header `f` with random weights (Q40 blocks of `random_q40`, norms ~ 1,
+    F32 matrices such as the embedding or a router ~ N(0, 0.02)); one of the right size is
+    kept."""
     tensors = _core.model_tensors(f)
     header = _core.encode_model_header(f)
-    size = len(header) + sum(t[5] for t in tensors)
+    size = len(header) + sum(t.nbytes for t in tensors)
     if path.exists() and path.stat().st_size == size:
         return
     print(f"writing {path} ({size / 1e9:.2f} GB of random Q40 weights)...", flush=True)
@@ -110,7 +116,7 @@ def write_model(s: Shape, path: Path) -> None:
                 data = random_q40(rng, rows, cols).tobytes()
             elif name.endswith("norm"):
                 data = (1.0 + 0.05 * rng.standard_normal(cols, dtype=np.float32)).tobytes()
-            else:  # embedding
+            else:
                 data = (0.02 * rng.standard_normal(rows * cols, dtype=np.float32)).tobytes()
             assert len(data) == nbytes, name
             out.write(data)
@@ -139,28 +145,44 @@ def write_gguf(s: Shape, m_path: Path, path: Path) -> None:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    # a SentencePiece-style vocabulary of the right size: specials, 256 byte tokens, fillers
+    add_filler_vocab(w, s.vocab)
+    for t in _core.model_tensors(f):
+        add_m_tensor(w, gguf_tensor_name(t.name), mm[t.offset : t.offset + t.nbytes], t)
+    finish_gguf(w, tmp, path)
+
+
+def add_filler_vocab(w: Any, vocab: int) -> None:
+    """A SentencePiece-style vocabulary of `vocab` tokens: specials, 256 byte tokens, fillers."""
+    import gguf
+
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    tokens += [f"t{i}".encode() for i in range(s.vocab - len(tokens))]
+    tokens += [f"t{i}".encode() for i in range(vocab - len(tokens))]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (s.vocab - 259)
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (vocab - 259)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores([0.0] * s.vocab)
+    w.add_token_scores([0.0] * vocab)
     w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    for name, rows, cols, ft, off, nbytes in _core.model_tensors(f):
-        raw = mm[off : off + nbytes]
-        gname = gguf_tensor_name(name)
-        if ft == "q40":
-            w.add_tensor(
-                gname, raw.reshape(rows, cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0
-            )
-        else:
-            arr = raw.view(np.float32)
-            w.add_tensor(gname, arr if rows == 1 else arr.reshape(rows, cols))
+
+
+def add_m_tensor(w: Any, gname: str, raw: npt.NDArray[np.uint8], t: _core.TensorSpec) -> None:
+    """The bytes `raw` of the `.m` tensor `t` as the GGUF tensor `gname`: Q40 blocks as Q4_0
+    (the same bytes), F32 as they are."""
+    import gguf
+
+    if t.float_type == "q40":
+        w.add_tensor(
+            gname, raw.reshape(t.rows, t.cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0
+        )
+    else:
+        arr = raw.view(np.float32)
+        w.add_tensor(gname, arr if t.rows == 1 else arr.reshape(t.rows, t.cols))
+
+
+def finish_gguf(w: Any, tmp: Path, path: Path) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)

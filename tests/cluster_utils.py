@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 from dllama import _core
@@ -76,7 +77,36 @@ def dllama_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dllama.cli", *args]
 
 
-class Worker:
+class Stopped:
+    """A context manager that calls `stop()` on the way out."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def end_process(proc: subprocess.Popen[Any], sig: int, grace: float) -> None:
+    """Sends `sig` to a running `proc`, and kills it if it has not exited within `grace` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class Worker(Stopped):
     """`dllama serve-worker` in a child process; its stderr is collected line by line."""
 
     def __init__(
@@ -145,30 +175,13 @@ class Worker:
         return sum(needle in line for line in self.lines)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        end_process(self.proc, signal.SIGINT, 10)
         self._reader.join(5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class Workers:
+class Workers(Stopped):
     """Several workers, stopped together."""
 
     def __init__(self, n: int, **kw: object) -> None:
@@ -187,9 +200,3 @@ class Workers:
     def stop(self) -> None:
         for w in self.items:
             w.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

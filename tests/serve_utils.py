@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 import httpx
-from cluster_utils import free_port
-from typing_extensions import Self
+from cluster_utils import Stopped, end_process, free_port
 
 
-class Server:
+class Server(Stopped):
     """``dllama serve ARGS`` on 127.0.0.1:<free port>; ``url`` once /health answers."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
@@ -73,23 +72,6 @@ class Server:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        end_process(self.proc, signal.SIGTERM, 20)
         self._log.close()
         self.log.unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
