@@ -1,10 +1,13 @@
 # Hand-written stub of the Rust extension; checked with `python -m mypy.stubtest dllama._core`.
 
 import os
-from typing import NamedTuple, TypedDict, final
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
+
+from dllama._types import TensorSpec as TensorSpec
+from dllama._types import TokenizerDict as TokenizerDict
 
 __all__ = [
     "FLOAT_TYPES",
@@ -43,30 +46,6 @@ def dequantize(data: bytes, float_type: str) -> npt.NDArray[np.float32]: ...
 #: The format's float type names and their header codes (`weights_float_type`):
 #: {"f32": 0, "f16": 1, "q40": 2, "q80": 3}.
 FLOAT_TYPES: dict[str, int]
-
-class TensorSpec(NamedTuple):
-    """One tensor of a `.m` file: its shape, how it is stored and where."""
-
-    name: str
-    rows: int
-    cols: int
-    float_type: str
-    offset: int
-    nbytes: int
-
-class TokenizerDict(TypedDict):
-    """A `.t` tokenizer (see docs/DESIGN.md)."""
-
-    vocab: list[bytes]
-    scores: list[float]
-    max_token_length: int
-    bos_id: int
-    eos_ids: list[int]
-    pad_id: int
-    chat_eos_id: int
-    chat_template: str | None
-    add_bos: bool
-    version: int
 
 def encode_model_header(fields: dict[str, int | float]) -> bytes: ...
 def read_model_header(path: str | os.PathLike[str]) -> dict[str, int | float]: ...

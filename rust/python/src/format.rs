@@ -87,7 +87,7 @@ fn model_tensors<'py>(
     fields: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyList>> {
     let header = ModelHeader::from_fields(&header_fields(fields)?).py()?;
-    let spec = py.import("dllama._core")?.getattr("TensorSpec")?;
+    let spec = py.import("dllama._types")?.getattr("TensorSpec")?;
     let items = header
         .tensors()
         .into_iter()
@@ -132,35 +132,6 @@ fn read_model_tensor<'py>(
 // ---------------------------------------------------------------------------------------------
 // Tokenizer
 // ---------------------------------------------------------------------------------------------
-
-/// `TensorSpec` (what `model_tensors` returns) and `TokenizerDict` (what `read_tokenizer`
-/// returns and `write_tokenizer` takes): a NamedTuple and a TypedDict have no PyO3 form, so
-/// they are defined in Python when the module is initialised, as `_core.pyi` declares them.
-const TYPES: &std::ffi::CStr = c"
-from typing import NamedTuple, TypedDict
-
-class TensorSpec(NamedTuple):
-    name: str
-    rows: int
-    cols: int
-    float_type: str
-    offset: int
-    nbytes: int
-
-class TokenizerDict(TypedDict):
-    vocab: list[bytes]
-    scores: list[float]
-    max_token_length: int
-    bos_id: int
-    eos_ids: list[int]
-    pad_id: int
-    chat_eos_id: int
-    chat_template: str | None
-    add_bos: bool
-    version: int
-
-TensorSpec.__module__ = TokenizerDict.__module__ = 'dllama._core'
-";
 
 /// A `.t` file or a llama2.c `tokenizer.bin`, as a dict (see docs/DESIGN.md).
 #[pyfunction]
@@ -271,10 +242,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_model_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_model_header, m)?)?;
     m.add_function(wrap_pyfunction!(model_tensors, m)?)?;
-    let ns = PyDict::new(m.py());
-    m.py().run(TYPES, Some(&ns), None)?;
+    // what model_tensors returns and read_tokenizer returns: a NamedTuple and a TypedDict,
+    // which have no PyO3 form, defined in Python (dllama/_types.py)
+    let types = m.py().import("dllama._types")?;
     for name in ["TensorSpec", "TokenizerDict"] {
-        m.add(name, ns.get_item(name)?)?;
+        m.add(name, types.getattr(name)?)?;
     }
     // the format's float type names and their header codes, for Python's choices and headers
     let float_types = PyDict::new(m.py());
