@@ -6,10 +6,10 @@
 
 use std::time::Instant;
 
-use dllama_core::pool::ThreadPool;
-use dllama_core::quant::{
-    self, matmul, BlockQ40, BlockQ80, Input, KernelPath, Kernels, PackedQ40, Weights, QK,
+use dllama_core::kernels::{
+    self, matmul, BlockQ40, BlockQ80, Input, KernelPath, Kernels, Matrix, PackedQ40, QK,
 };
+use dllama_core::pool::ThreadPool;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -118,11 +118,11 @@ fn main() {
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();
     let mut xq = vec![BlockQ80::default(); bpr];
-    quant::quantize_q80(&x, &mut xq).unwrap();
+    kernels::quantize_q80(&x, &mut xq).unwrap();
     let bw_buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
     let mut out = vec![0.0f32; rows];
 
-    println!("active kernels: {}", quant::active_path());
+    println!("active kernels: {}", kernels::active_path());
     for threads in [1, 2] {
         let mut pool = ThreadPool::new(threads).unwrap();
         // pool dispatch cost: an empty op, back to back
@@ -209,7 +209,7 @@ fn main() {
         let t = timed(3 * n_mats, |it| {
             matmul(
                 &mut pool,
-                Weights::Q40(&mats[it % n_mats]),
+                Matrix::Q40(&mats[it % n_mats]),
                 Input::Q80(&xq),
                 &mut out,
                 rows,
@@ -219,14 +219,14 @@ fn main() {
             .unwrap();
         });
         println!(
-            "threads {threads}: quant::matmul (active path) {:7.3} ms  {:5.1} GB/s",
+            "threads {threads}: kernels::matmul (active path) {:7.3} ms  {:5.1} GB/s",
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );
         let t = timed(3 * n_mats, |it| {
             matmul(
                 &mut pool,
-                Weights::Q40Packed(&packed[it % n_mats]),
+                Matrix::Q40Packed(&packed[it % n_mats]),
                 Input::Q80(&xq),
                 &mut out,
                 rows,
@@ -236,7 +236,7 @@ fn main() {
             .unwrap();
         });
         println!(
-            "threads {threads}: quant::matmul packed (active path) {:7.3} ms  {:5.1} GB/s",
+            "threads {threads}: kernels::matmul packed (active path) {:7.3} ms  {:5.1} GB/s",
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );
@@ -268,7 +268,7 @@ fn main() {
         let t = timed(n_mats, |it| {
             matmul(
                 &mut pool,
-                Weights::Q40(&mats[it % n_mats]),
+                Matrix::Q40(&mats[it % n_mats]),
                 Input::Q80(&xb),
                 &mut ob,
                 rows,
@@ -285,7 +285,7 @@ fn main() {
         let t = timed(n_mats, |it| {
             matmul(
                 &mut pool,
-                Weights::Q40Packed(&packed[it % n_mats]),
+                Matrix::Q40Packed(&packed[it % n_mats]),
                 Input::Q80(&xb),
                 &mut ob,
                 rows,

@@ -1,7 +1,7 @@
 //! dllama core: everything that is not Python.
 //!
 //! - [`format`]: distributed-llama's `.m` model and `.t` tokenizer files, the legacy `.bin`.
-//! - [`quant`]: Q40 / Q80 blocks (ggml Q4_0 / Q8_0 layout) and the dot-product kernels,
+//! - [`kernels`]: Q40 / Q80 blocks (ggml Q4_0 / Q8_0 layout) and the dot-product kernels,
 //!   scalar reference plus AVX2 / NEON versions picked at run time.
 //! - [`ops`]: RMSNorm, RoPE, softmax, SiLU, attention.
 //! - [`pool`]: the long-lived thread pool that splits matmuls across threads.
@@ -10,11 +10,11 @@
 
 pub mod error;
 pub mod format;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod net;
 pub mod ops;
 pub mod pool;
-pub mod quant;
 
 pub use error::{Error, Result};

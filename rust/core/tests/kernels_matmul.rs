@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
+use dllama_core::kernels::block::{f16_to_f32, f32_to_f16};
+use dllama_core::kernels::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Matrix, QK};
 use dllama_core::pool::ThreadPool;
-use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
-use dllama_core::quant::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Weights, QK};
 use rand::rngs::StdRng;
 
 /// Scalar kernels against the f64 product of the same (already quantized) values, relative
@@ -50,7 +50,7 @@ fn scalar_checked(
 
 /// The scalar q40×q80 product widened to f64 (checked against f64 in `q40_q80_every_path`).
 fn scalar_q40_q80(
-    w: &[quant::BlockQ40],
+    w: &[kernels::BlockQ40],
     x: &[BlockQ80],
     n_rows: usize,
     n_tokens: usize,
@@ -89,7 +89,7 @@ fn paths_available() {
     let names: Vec<&str> = all_kernels().iter().map(|k| k.path.name()).collect();
     eprintln!(
         "kernel paths tested on this CPU: {names:?}; active: {}",
-        quant::active_path()
+        kernels::active_path()
     );
     assert!(names.contains(&"scalar"));
     #[cfg(target_arch = "x86_64")]
@@ -295,15 +295,15 @@ fn quantized_matmul_close_to_float_product() {
     let (n_rows, cols) = (24, 32 * 20);
     let w = random_values(&mut rng, n_rows * cols, 1.0);
     let x = random_values(&mut rng, cols, 1.0);
-    let mut wq = vec![quant::BlockQ40::default(); n_rows * cols / QK];
-    quant::quantize_q40(&w, &mut wq);
+    let mut wq = vec![kernels::BlockQ40::default(); n_rows * cols / QK];
+    kernels::quantize_q40(&w, &mut wq);
     let mut xq = vec![BlockQ80::default(); cols / QK];
-    quant::quantize_q80(&x, &mut xq).unwrap();
+    kernels::quantize_q80(&x, &mut xq).unwrap();
     let mut got = vec![0.0f32; n_rows];
     let mut pool = ThreadPool::new(1).unwrap();
     matmul(
         &mut pool,
-        Weights::Q40(&wq),
+        Matrix::Q40(&wq),
         Input::Q80(&xq),
         &mut got,
         n_rows,
@@ -355,7 +355,7 @@ fn threaded_matmul_equals_single_thread() {
             let mut got = vec![f32::NAN; n_tokens * n_rows];
             matmul(
                 &mut pool,
-                Weights::Q40(&w),
+                Matrix::Q40(&w),
                 Input::Q80(&x),
                 &mut got,
                 n_rows,
@@ -369,7 +369,7 @@ fn threaded_matmul_equals_single_thread() {
             );
             matmul(
                 &mut pool,
-                Weights::F32(&wf),
+                Matrix::F32(&wf),
                 Input::F32(&xf),
                 &mut got,
                 n_rows,
@@ -398,7 +398,7 @@ fn q40_and_q80_by_f32_input_match_reference() {
     let mut got = vec![0.0f32; n_tokens * n_rows];
     matmul(
         &mut pool,
-        Weights::Q40(&w),
+        Matrix::Q40(&w),
         Input::F32(&x),
         &mut got,
         n_rows,
@@ -418,7 +418,7 @@ fn q40_and_q80_by_f32_input_match_reference() {
     let (want8, mag8) = reference(&q80_values(&w8), &x64, n_rows, cols, n_tokens);
     matmul(
         &mut pool,
-        Weights::Q80(&w8),
+        Matrix::Q80(&w8),
         Input::F32(&x),
         &mut got,
         n_rows,
@@ -439,18 +439,18 @@ fn q40_and_q80_by_f32_input_match_reference() {
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let mut pool = ThreadPool::new(2).unwrap();
-    let w = vec![quant::BlockQ40::default(); 4];
+    let w = vec![kernels::BlockQ40::default(); 4];
     let x = vec![BlockQ80::default(); 2];
     let xf = vec![0.0f32; 64];
     let mut out = [0.0f32; 2];
-    let cases: Vec<(Weights, Input, usize, usize, usize, usize)> = vec![
-        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 2), // ok
-        (Weights::Q40(&w), Input::Q80(&x), 3, 64, 1, 2), // weights too short
-        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 2, 2), // input too short
-        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 0, 2), // no tokens
-        (Weights::Q40(&w), Input::Q80(&x), 2, 64, 1, 1), // output too short
-        (Weights::Q40(&w), Input::Q80(&x), 4, 33, 1, 2), // cols not a block multiple
-        (Weights::F32(&xf), Input::Q80(&x), 1, 64, 1, 1), // unsupported pair
+    let cases: Vec<(Matrix, Input, usize, usize, usize, usize)> = vec![
+        (Matrix::Q40(&w), Input::Q80(&x), 2, 64, 1, 2),  // ok
+        (Matrix::Q40(&w), Input::Q80(&x), 3, 64, 1, 2),  // weights too short
+        (Matrix::Q40(&w), Input::Q80(&x), 2, 64, 2, 2),  // input too short
+        (Matrix::Q40(&w), Input::Q80(&x), 2, 64, 0, 2),  // no tokens
+        (Matrix::Q40(&w), Input::Q80(&x), 2, 64, 1, 1),  // output too short
+        (Matrix::Q40(&w), Input::Q80(&x), 4, 33, 1, 2),  // cols not a block multiple
+        (Matrix::F32(&xf), Input::Q80(&x), 1, 64, 1, 1), // unsupported pair
     ];
     for (i, (wt, inp, rows, cols, toks, out_len)) in cases.into_iter().enumerate() {
         let r = matmul(&mut pool, wt, inp, &mut out[..out_len], rows, cols, toks);
@@ -462,7 +462,7 @@ fn bad_shapes_are_errors_not_panics() {
         }
     }
     let mut q = vec![BlockQ80::default(); 1];
-    assert!(quant::quantize_q80(&[0.0; 33], &mut q).is_err());
+    assert!(kernels::quantize_q80(&[0.0; 33], &mut q).is_err());
 }
 
 #[test]
@@ -500,7 +500,7 @@ fn forced_path_env_values() {
     );
     if let Ok(v) = std::env::var("DLLAMA_KERNELS") {
         assert_eq!(
-            quant::active_path(),
+            kernels::active_path(),
             Kernels::choose(Some(&v)).unwrap().path
         );
     }
@@ -526,16 +526,16 @@ fn packed_q40_every_path() {
         let cols = bpr * QK;
         let w = random_q40(&mut rng, n_rows * bpr);
         let x = random_q80(&mut rng, n_tokens * bpr);
-        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        let packed = kernels::PackedQ40::pack(&w, n_rows, cols).unwrap();
         for threads in [2, 3] {
             let mut pool = ThreadPool::new(threads).unwrap();
-            let again = quant::PackedQ40::pack_with(&mut pool, &w, n_rows, cols).unwrap();
+            let again = kernels::PackedQ40::pack_with(&mut pool, &w, n_rows, cols).unwrap();
             assert!(
                 again.groups(0, again.n_groups()) == packed.groups(0, packed.n_groups()),
                 "pack_with on {threads} threads"
             );
         }
-        let mut row = vec![quant::BlockQ40::default(); bpr];
+        let mut row = vec![kernels::BlockQ40::default(); bpr];
         for r in 0..n_rows {
             packed.unpack_row(r, &mut row);
             assert_eq!(&row[..], &w[r * bpr..(r + 1) * bpr], "unpack row {r}");
@@ -556,7 +556,7 @@ fn packed_q40_every_path() {
             let mut got = vec![f32::NAN; n_tokens * n_rows];
             matmul(
                 &mut pool,
-                Weights::Q40Packed(&packed),
+                Matrix::Q40Packed(&packed),
                 Input::Q80(&x),
                 &mut got,
                 n_rows,
@@ -575,14 +575,14 @@ fn packed_q40_every_path() {
         }
     }
     let w = random_q40(&mut rng, 6);
-    assert!(quant::PackedQ40::pack(&w, 2, 100).is_err());
-    let packed = quant::PackedQ40::pack(&w, 2, 96).unwrap();
+    assert!(kernels::PackedQ40::pack(&w, 2, 100).is_err());
+    let packed = kernels::PackedQ40::pack(&w, 2, 96).unwrap();
     let mut pool = ThreadPool::new(1).unwrap();
     let x = random_q80(&mut rng, 3);
     let mut out = [0.0f32; 3];
     assert!(matmul(
         &mut pool,
-        Weights::Q40Packed(&packed),
+        Matrix::Q40Packed(&packed),
         Input::Q80(&x),
         &mut out,
         3,
@@ -593,7 +593,7 @@ fn packed_q40_every_path() {
     let xf = vec![0.0f32; 96];
     assert!(matmul(
         &mut pool,
-        Weights::Q40Packed(&packed),
+        Matrix::Q40Packed(&packed),
         Input::F32(&xf),
         &mut out[..2],
         2,
@@ -608,7 +608,7 @@ fn packed_q40_every_path() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn evex_vnni_kernels_match_scalar() {
-    use dllama_core::quant::{avx2_q40, avx512};
+    use dllama_core::kernels::{avx2_vnni, avx512};
     if !KernelPath::Avx512Vnni.supported() {
         eprintln!("no AVX-512 VNNI on this CPU: skipped");
         return;
@@ -620,14 +620,14 @@ fn evex_vnni_kernels_match_scalar() {
         let x = random_q80(&mut rng, n_tokens * bpr);
         let (_, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
         let base64 = scalar_q40_q80(&w, &x, n_rows, n_tokens);
-        let packed = quant::PackedQ40::pack(&w, n_rows, cols).unwrap();
+        let packed = kernels::PackedQ40::pack(&w, n_rows, cols).unwrap();
         let cells = packed.groups(0, packed.n_groups());
         let mut got = vec![f32::NAN; n_tokens * n_rows];
         // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (checked above), hence AVX2/FMA/F16C
-        unsafe { avx2_q40::avx512vnni::matmul_q40_q80(&w, &x, &mut got, n_tokens) };
+        unsafe { avx2_vnni::avx512vnni::matmul_q40_q80(&w, &x, &mut got, n_tokens) };
         assert_close("evex q40", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
         got.fill(f32::NAN);
-        unsafe { avx2_q40::avx512vnni::matmul_q40x8_q80(cells, bpr, &x, &mut got, n_tokens) };
+        unsafe { avx2_vnni::avx512vnni::matmul_q40x8_q80(cells, bpr, &x, &mut got, n_tokens) };
         assert_close("evex packed", &got, &base64, &mag, SIMD_REL, ABS_FLOOR);
         got.fill(f32::NAN);
         unsafe { avx512::matmul_q40x8_q80_zmm(cells, bpr, &x, &mut got, n_tokens) };

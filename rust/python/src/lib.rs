@@ -7,7 +7,7 @@ mod errors;
 mod format;
 mod net;
 mod node;
-mod quant;
+mod kernels;
 
 #[pymodule]
 mod _core {
@@ -17,7 +17,7 @@ mod _core {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         errors::register(m)?;
-        quant::register(m)?;
+        kernels::register(m)?;
         format::register(m)?;
         node::register(m)?;
         net::register(m)?;

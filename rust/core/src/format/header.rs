@@ -4,7 +4,7 @@
 
 use super::{FloatType, Layout, Reader, TensorSpec};
 use crate::error::{Error, Result};
-use crate::quant::QK;
+use crate::kernels::QK;
 
 /// First int32 of a `.m` file.
 pub const MODEL_MAGIC: u32 = 0x0A00_ABCD;

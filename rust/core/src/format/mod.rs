@@ -19,7 +19,7 @@ pub use model_file::ModelFile;
 pub use tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::quant::block::{self, BlockQ40, BlockQ80, QK};
+use crate::kernels::block::{self, BlockQ40, BlockQ80, QK};
 
 /// How the numbers of a tensor are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,24 +1,24 @@
-//! The seam between the forward pass and the kernels (`crate::quant`, `crate::ops`): typed
+//! The seam between the forward pass and the kernels (`crate::kernels`, `crate::ops`): typed
 //! views of this node's tensors and the choice of matmul input.
 
 use super::config::is_quantized;
 use super::tensor::Tensor;
 use crate::format::FloatType;
+use crate::kernels::{self, BlockQ80, Input, PackedQ40, QK};
 use crate::pool::ThreadPool;
-use crate::quant::{self, BlockQ80, Input, PackedQ40, QK};
 use crate::Result;
 
 /// The kernels' view of a weight tensor multiplied by `x`: the repacked rows when there are
 /// some and the input is Q80 (the packed kernels take Q80 only).
-pub fn weights_view<'a>(w: &'a Tensor, x: &Input<'_>) -> quant::Weights<'a> {
+pub fn matrix_view<'a>(w: &'a Tensor, x: &Input<'_>) -> kernels::Matrix<'a> {
     if let (Some(p), Input::Q80(_)) = (w.packed(), x) {
-        return quant::Weights::Q40Packed(p);
+        return kernels::Matrix::Q40Packed(p);
     }
     match w.dtype {
-        FloatType::F32 => quant::Weights::F32(w.as_f32()),
-        FloatType::F16 => quant::Weights::F16(w.as_f16()),
-        FloatType::Q40 => quant::Weights::Q40(w.as_q40()),
-        FloatType::Q80 => quant::Weights::Q80(w.as_q80()),
+        FloatType::F32 => kernels::Matrix::F32(w.as_f32()),
+        FloatType::F16 => kernels::Matrix::F16(w.as_f16()),
+        FloatType::Q40 => kernels::Matrix::Q40(w.as_q40()),
+        FloatType::Q80 => kernels::Matrix::Q80(w.as_q80()),
     }
 }
 
@@ -30,7 +30,7 @@ pub fn matmul(
     n_tokens: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    quant::matmul(pool, weights_view(w, &x), x, out, w.rows, w.cols, n_tokens)
+    kernels::matmul(pool, matrix_view(w, &x), x, out, w.rows, w.cols, n_tokens)
 }
 
 /// out (n_tokens, p.n_rows()) = p × x (n_tokens, cols)ᵀ for repacked Q40 rows (Q80 input).
@@ -41,9 +41,9 @@ pub fn matmul_packed(
     n_tokens: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    quant::matmul(
+    kernels::matmul(
         pool,
-        quant::Weights::Q40Packed(p),
+        kernels::Matrix::Q40Packed(p),
         x,
         out,
         p.n_rows(),
@@ -76,7 +76,7 @@ pub fn input<'a>(
 ) -> Result<Input<'a>> {
     if (q80 && is_quantized(dtype)) || dtype == FloatType::Q80 {
         let nb = x.len() / QK;
-        quant::quantize_q80(x, &mut xq[..nb])?;
+        kernels::quantize_q80(x, &mut xq[..nb])?;
         Ok(Input::Q80(&xq[..nb]))
     } else {
         Ok(Input::F32(x))
@@ -85,5 +85,5 @@ pub fn input<'a>(
 
 /// The active kernel path ("avx2+avx512vnni", "neon+dotprod", "scalar", ...).
 pub fn kernels_name() -> String {
-    quant::active_path().name().to_string()
+    kernels::active_path().name().to_string()
 }

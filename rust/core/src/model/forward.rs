@@ -13,9 +13,9 @@ use super::kv_cache::KvCache;
 use super::split::NodeSlice;
 use super::weights::{Ffn, SwiGlu, Weights};
 use crate::format::HiddenAct;
+use crate::kernels::{self, BlockQ80, QK};
 use crate::ops::{self, AttentionShape, RopeTable};
 use crate::pool::ThreadPool;
-use crate::quant::{self, BlockQ80, QK};
 use crate::{Error, Result};
 
 /// Prompt tokens go through the layers in batches of at most this many: each weight row is
@@ -342,7 +342,7 @@ impl Model {
                     let n_experts = experts.len();
                     // router logits (n, n_experts) in f32, softmax, top-k of each token
                     let logits = &mut bufs.router[..n * n_experts];
-                    let xin = quant::Input::F32(&bufs.xb[..n * dim]);
+                    let xin = kernels::Input::F32(&bufs.xb[..n * dim]);
                     compute::matmul(ff.pool, router, xin, n, logits)?;
                     let norm_topk = cfg.moe.is_some_and(|m| m.norm_topk_prob);
                     let routes = ops::route_top_k(logits, n_experts, *n_active, norm_topk)?;

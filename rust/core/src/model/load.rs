@@ -8,7 +8,7 @@ use super::split::NodeSlice;
 use super::tensor::Tensor;
 use super::weights::Weights;
 use crate::format::{FloatType, ModelFile};
-use crate::quant::prefers_packed_q40;
+use crate::kernels::prefers_packed_q40;
 use crate::Result;
 
 /// How to build a node.

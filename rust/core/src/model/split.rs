@@ -10,10 +10,9 @@
 use std::ops::Range;
 
 use super::config::ModelConfig;
+// slices of quantized rows or columns stay whole blocks of QK values
+use crate::kernels::QK;
 use crate::{Error, Result};
-
-/// Values per quantization block: slices of quantized rows or columns stay whole blocks.
-const BLOCK: usize = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeSlice {
@@ -81,7 +80,7 @@ impl NodeSlice {
                 cfg.n_kv_heads
             ));
         }
-        if !cfg.hidden_dim.is_multiple_of(BLOCK) || cfg.hidden_dim / BLOCK < n {
+        if !cfg.hidden_dim.is_multiple_of(QK) || cfg.hidden_dim / QK < n {
             return Err(format!(
                 "the hidden dimension {} must split into whole 32-value blocks, at least one per node",
                 cfg.hidden_dim
@@ -96,7 +95,7 @@ impl NodeSlice {
         // wo is sliced by columns: each node's first column must start a block.
         for i in 0..n {
             let s = Self::build(cfg, i, n);
-            if s.q_rows.start % BLOCK != 0 {
+            if s.q_rows.start % QK != 0 {
                 return Err(format!(
                     "node {i}'s attention columns start at {}, not a multiple of 32 (head_dim {})",
                     s.q_rows.start, cfg.head_dim
@@ -114,8 +113,8 @@ impl NodeSlice {
         let hidden = if n == 1 {
             0..cfg.hidden_dim
         } else {
-            let b = even_range(cfg.hidden_dim / BLOCK, i, n);
-            b.start * BLOCK..b.end * BLOCK
+            let b = even_range(cfg.hidden_dim / QK, i, n);
+            b.start * QK..b.end * QK
         };
         NodeSlice {
             node_index: i,

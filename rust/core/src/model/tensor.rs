@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::config::{bytes_for, is_quantized};
 use crate::format::FloatType;
+use crate::kernels::block::{as_q40, as_q80};
+use crate::kernels::{BlockQ40, BlockQ80, PackedQ40};
 use crate::pool::ThreadPool;
-use crate::quant::block::{as_q40, as_q80};
-use crate::quant::{BlockQ40, BlockQ80, PackedQ40};
 use crate::{Error, Result};
 
 /// Something that holds bytes for as long as it lives (a mapped file, an owned buffer).
@@ -79,7 +79,7 @@ pub struct Tensor {
     pub cols: usize,
     source: Arc<dyn ByteSource>,
     range: Range<usize>,
-    /// Q40 rows repacked for the x86_64 kernels (see `quant::packed`), when packed.
+    /// Q40 rows repacked for the x86_64 kernels (see `kernels::packed`), when packed.
     packed: Option<Arc<PackedQ40>>,
 }
 

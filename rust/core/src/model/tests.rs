@@ -9,9 +9,9 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::format::{FloatType, HiddenAct};
+use crate::kernels::block::{dequantize_q40, quantize_q40};
+use crate::kernels::BlockQ40;
 use crate::ops::{RopeConfig, RopeScaling, RopeType};
-use crate::quant::block::{dequantize_q40, quantize_q40};
-use crate::quant::BlockQ40;
 
 fn config(n_heads: usize, n_kv_heads: usize, rope_type: RopeType, dtype: FloatType) -> ModelConfig {
     let head_dim = 64 / n_heads * 2;
@@ -107,7 +107,7 @@ fn encode(
                 FloatType::Q40,
                 *rows,
                 *cols,
-                crate::quant::block::q40_bytes(&q),
+                crate::kernels::block::q40_bytes(&q),
             )
             .unwrap()
         } else {

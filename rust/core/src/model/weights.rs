@@ -9,8 +9,8 @@ use super::config::ModelConfig;
 use super::split::NodeSlice;
 use super::tensor::Tensor;
 use crate::format::FloatType;
+use crate::kernels::{BlockQ40, PackedQ40};
 use crate::pool::ThreadPool;
-use crate::quant::{BlockQ40, PackedQ40};
 use crate::{Error, Result};
 
 /// One transformer block, this node's slice of it.

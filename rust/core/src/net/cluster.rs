@@ -13,11 +13,11 @@ use super::ship::{read_at, AlignedBytes, ShipTensor, ShippedTensor};
 use super::worker::{ModelFactory, Weights as WorkerWeights, WorkerModel};
 use crate::error::IoContext;
 use crate::format::{FloatType, ModelFile, ModelHeader};
+use crate::kernels::prefers_packed_q40;
 use crate::model::load::file_tensor;
 use crate::model::tensor::ByteSource;
 use crate::model::weights::{tensor_names, tensor_part, Part};
 use crate::model::{BufferType, Collective, Model, ModelConfig, NodeSlice, Tensor, Weights};
-use crate::quant::prefers_packed_q40;
 use crate::{Error, Result};
 
 impl ByteSource for AlignedBytes {

@@ -5,7 +5,7 @@
 //! (2 bytes per value) and in F32 otherwise.
 
 use super::protocol::BufferType;
-use crate::quant::block::{dequantize_q80, f16_to_f32, f32_to_f16, quantize_q80, BlockQ80, QK};
+use crate::kernels::block::{dequantize_q80, f16_to_f32, f32_to_f16, quantize_q80, BlockQ80, QK};
 use crate::{Error, Result};
 
 #[cfg(target_endian = "big")]

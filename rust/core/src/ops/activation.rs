@@ -1,6 +1,6 @@
 //! Softmax and the gated activations of the FFN.
 
-use crate::quant::Kernels;
+use crate::kernels::Kernels;
 use crate::{Error, Result};
 
 /// In place: x = exp(x - max) / sum, on the active kernel path. An empty slice is left as is.

@@ -9,8 +9,8 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use super::activation::softmax;
+use crate::kernels::Kernels;
 use crate::pool::{SharedOut, ThreadPool};
-use crate::quant::Kernels;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

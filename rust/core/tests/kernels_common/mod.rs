@@ -1,8 +1,8 @@
 //! Shared helpers of the kernel tests (a directory, so cargo does not build it as a test crate).
 #![allow(dead_code)]
 
-use dllama_core::quant::block::{f16_to_f32, f32_to_f16};
-use dllama_core::quant::{BlockQ40, BlockQ80, KernelPath, Kernels, QK};
+use dllama_core::kernels::block::{f16_to_f32, f32_to_f16};
+use dllama_core::kernels::{BlockQ40, BlockQ80, KernelPath, Kernels, QK};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -5,6 +5,7 @@
 //! 32 values along the row, so w is (n_rows, cols / 32) blocks and x (n_tokens, cols / 32).
 
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+use super::shape::{matmul_rows, packed_shape};
 
 pub use super::block::quantize_q80;
 
@@ -57,46 +58,24 @@ pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(&a, b)| f16_to_f32(a) * b).sum()
 }
 
-/// Generic (n_tokens, n_rows) loop over a row dot product; row-outer so each weight row is
-/// read from memory once per batch.
-#[inline(always)]
-fn matmul_rows<W, X>(
-    w: &[W],
-    x: &[X],
-    out: &mut [f32],
-    n_tokens: usize,
-    dot: impl Fn(&[W], &[X]) -> f32,
-) {
-    let (n_rows, width, _) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
-    if width == 0 {
-        out.fill(0.0);
-        return;
-    }
-    for (r, wr) in w.chunks_exact(width).enumerate() {
-        for (t, xt) in x.chunks_exact(width).enumerate() {
-            out[t * n_rows + r] = dot(wr, xt);
-        }
-    }
-}
-
 /// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, bpr) Q80.
 pub fn matmul_q40_q80(w: &[BlockQ40], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
-    matmul_rows(w, x, out, n_tokens, dot_q40_q80)
+    matmul_rows(w, x, out, n_tokens, 1, dot_q40_q80)
 }
 
 /// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, bpr) Q80.
 pub fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
-    matmul_rows(w, x, out, n_tokens, dot_q80_q80)
+    matmul_rows(w, x, out, n_tokens, 1, dot_q80_q80)
 }
 
 /// out (n_tokens, n_rows) = w (n_rows, cols) F32 × x (n_tokens, cols) F32.
 pub fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    matmul_rows(w, x, out, n_tokens, dot_f32)
+    matmul_rows(w, x, out, n_tokens, 1, dot_f32)
 }
 
 /// out (n_tokens, n_rows) = w (n_rows, cols) F16 bits × x (n_tokens, cols) F32.
 pub fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    matmul_rows(w, x, out, n_tokens, dot_f16)
+    matmul_rows(w, x, out, n_tokens, 1, dot_f16)
 }
 
 /// Dot product of one Q40 row with an F32 vector (the f32-buffer path).
@@ -117,16 +96,7 @@ pub fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
 /// out (n_tokens, n_rows) = w (n_rows, bpr) Q40 × x (n_tokens, cols) F32. Portable on every
 /// path: the f32-buffer mode trades speed for exactness and is not the one that is tuned.
 pub fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let (n_rows, cols, bpr) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, QK);
-    if bpr == 0 {
-        out.fill(0.0);
-        return;
-    }
-    for (r, wr) in w.chunks_exact(bpr).enumerate() {
-        for (t, xt) in x.chunks_exact(cols).enumerate() {
-            out[t * n_rows + r] = dot_q40_f32(wr, xt);
-        }
-    }
+    matmul_rows(w, x, out, n_tokens, QK, dot_q40_f32)
 }
 
 /// out (n_tokens, n_rows) = packed w × x (n_tokens, bpr) Q80: each row unpacked, then
@@ -139,13 +109,7 @@ pub fn matmul_q40x8_q80(
     n_tokens: usize,
 ) {
     use super::packed::{CELL, GROUP};
-    let n_rows = out.len() / n_tokens;
-    let n_groups = n_rows.div_ceil(GROUP);
-    assert!(
-        n_rows * n_tokens == out.len()
-            && bpr * n_tokens == x.len()
-            && cells.len() == n_groups * bpr * CELL
-    );
+    let (n_rows, _) = packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
     let mut row = vec![BlockQ40::default(); bpr];
     for r in 0..n_rows {
         let (g, j) = (r / GROUP, r % GROUP);
@@ -199,19 +163,16 @@ pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
 /// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, cols) F32 (the f32-buffer path
 /// for Q80 weights; portable on every path, like `matmul_q40_f32`).
 pub fn matmul_q80_f32(w: &[BlockQ80], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let (n_rows, cols, bpr) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, QK);
-    if bpr == 0 {
-        out.fill(0.0);
-        return;
+    matmul_rows(w, x, out, n_tokens, QK, dot_q80_f32)
+}
+
+/// Dot product of one Q80 row with an F32 vector.
+#[inline]
+pub fn dot_q80_f32(w: &[BlockQ80], x: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, xb) in w.iter().zip(x.chunks_exact(QK)) {
+        let s: f32 = a.qs.iter().zip(xb).map(|(&q, &v)| q as f32 * v).sum();
+        acc += s * f16_to_f32(a.d);
     }
-    for (r, wr) in w.chunks_exact(bpr).enumerate() {
-        for (t, xt) in x.chunks_exact(cols).enumerate() {
-            let mut acc = 0.0f32;
-            for (a, xb) in wr.iter().zip(xt.chunks_exact(QK)) {
-                let s: f32 = a.qs.iter().zip(xb).map(|(&q, &v)| q as f32 * v).sum();
-                acc += s * f16_to_f32(a.d);
-            }
-            out[t * n_rows + r] = acc;
-        }
-    }
+    acc
 }

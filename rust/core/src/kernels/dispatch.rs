@@ -91,6 +91,11 @@ impl fmt::Display for KernelPath {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+type Q40Q80 = unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize);
+#[cfg(target_arch = "x86_64")]
+type PackedQ40Q80 = unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize);
+
 /// Kernel entry points of one path. Shapes as in `scalar`: w (n_rows, bpr or cols),
 /// x (n_tokens, ...), out (n_tokens, n_rows); the last argument is n_tokens.
 #[derive(Clone, Copy)]
@@ -99,7 +104,10 @@ pub struct Kernels {
     quantize_q80: unsafe fn(&[f32], &mut [BlockQ80]),
     matmul_q40_q80: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize),
     matmul_q80_q80: unsafe fn(&[BlockQ80], &[BlockQ80], &mut [f32], usize),
+    /// Packed Q40 × Q80 for one token (generation) and for several (prefill): the AVX-512
+    /// VNNI path streams one 256-bit group at a time for one token, 512-bit pairs for several.
     matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
+    matmul_q40x8_q80_batch: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
     matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
@@ -123,19 +131,26 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 | KernelPath::AvxVnni | KernelPath::Avx512Vnni => {
                 use super::avx2;
-                let q40: unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize) = match path {
-                    KernelPath::AvxVnni => super::avx2_q40::avxvnni::matmul_q40_q80,
-                    // the VEX vpdpbusd measured faster than the EVEX one on Zen 5
-                    KernelPath::Avx512Vnni if KernelPath::AvxVnni.supported() => {
-                        super::avx2_q40::avxvnni::matmul_q40_q80
+                use super::avx2_vnni::{avx512vnni, avxvnni, maddubs};
+                // the 256-bit kernels' dot product: the VEX vpdpbusd (AVX-VNNI) measured
+                // faster than the EVEX one on Zen 5, so the AVX-512 VNNI path takes it too
+                // when the CPU has both
+                let vex = KernelPath::AvxVnni.supported();
+                let (q40, q40x8): (Q40Q80, PackedQ40Q80) = match path {
+                    KernelPath::AvxVnni => (avxvnni::matmul_q40_q80, avxvnni::matmul_q40x8_q80),
+                    KernelPath::Avx512Vnni if vex => {
+                        (avxvnni::matmul_q40_q80, avxvnni::matmul_q40x8_q80)
                     }
-                    KernelPath::Avx512Vnni => super::avx2_q40::avx512vnni::matmul_q40_q80,
-                    _ => super::avx2_q40::maddubs::matmul_q40_q80,
+                    KernelPath::Avx512Vnni => {
+                        (avx512vnni::matmul_q40_q80, avx512vnni::matmul_q40x8_q80)
+                    }
+                    _ => (maddubs::matmul_q40_q80, maddubs::matmul_q40x8_q80),
                 };
-                let q40x8: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize) = match path {
-                    KernelPath::AvxVnni => super::avx2_q40::avxvnni::matmul_q40x8_q80,
-                    KernelPath::Avx512Vnni => super::avx512::matmul_q40x8_q80,
-                    _ => super::avx2_q40::maddubs::matmul_q40x8_q80,
+                // several tokens: the 512-bit kernel (16 rows per register) is about 2x faster;
+                // one token is memory-bound and the 256-bit one streams better there
+                let q40x8_batch: PackedQ40Q80 = match path {
+                    KernelPath::Avx512Vnni => super::avx512::matmul_q40x8_q80_zmm,
+                    _ => q40x8,
                 };
                 Some(Kernels {
                     path,
@@ -143,7 +158,8 @@ impl Kernels {
                     matmul_q40_q80: q40,
                     matmul_q80_q80: avx2::matmul_q80_q80,
                     matmul_q40x8_q80: q40x8,
-                    matmul_q40_f32: super::avx2_q40::matmul_q40_f32,
+                    matmul_q40x8_q80_batch: q40x8_batch,
+                    matmul_q40_f32: super::avx2_vnni::matmul_q40_f32,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
                     dot_f32: avx2::dot_f32,
@@ -170,6 +186,7 @@ impl Kernels {
                     matmul_q40_q80: q40,
                     matmul_q80_q80: q80,
                     matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+                    matmul_q40x8_q80_batch: scalar::matmul_q40x8_q80,
                     matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
@@ -213,6 +230,7 @@ impl Kernels {
             matmul_q40_q80: scalar::matmul_q40_q80,
             matmul_q80_q80: scalar::matmul_q80_q80,
             matmul_q40x8_q80: scalar::matmul_q40x8_q80,
+            matmul_q40x8_q80_batch: scalar::matmul_q40x8_q80,
             matmul_q40_f32: scalar::matmul_q40_f32,
             matmul_f32: scalar::matmul_f32,
             matmul_f16: scalar::matmul_f16,
@@ -237,7 +255,7 @@ impl Kernels {
         })
     }
 
-    // Checked shapes are the caller's (`quant::matmul`) business; the kernels assert them too.
+    // Checked shapes are the caller's (`kernels::matmul`) business; the kernels assert them too.
 
     pub fn quantize_q80(&self, x: &[f32], out: &mut [BlockQ80]) {
         // SAFETY: see the impl comment.
@@ -255,7 +273,11 @@ impl Kernels {
         out: &mut [f32],
         n_tokens: usize,
     ) {
-        unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
+        if n_tokens == 1 {
+            unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
+        } else {
+            unsafe { (self.matmul_q40x8_q80_batch)(cells, bpr, x, out, n_tokens) }
+        }
     }
     /// Q40 weights × f32 input (the f32-buffer mode).
     pub fn matmul_q40_f32(&self, w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {

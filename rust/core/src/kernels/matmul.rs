@@ -14,9 +14,9 @@ use super::scalar;
 use crate::pool::{SharedOut, ThreadPool, ROW_ALIGN};
 use crate::{Error, Result};
 
-/// A weight matrix (n_rows, cols), row-major, as stored in the `.m` file.
+/// The weight matrix of a matmul (n_rows, cols), row-major, as stored in the `.m` file.
 #[derive(Clone, Copy, Debug)]
-pub enum Weights<'a> {
+pub enum Matrix<'a> {
     F32(&'a [f32]),
     /// f16 bits.
     F16(&'a [u16]),
@@ -33,23 +33,23 @@ pub enum Input<'a> {
     Q80(&'a [BlockQ80]),
 }
 
-impl Weights<'_> {
+impl Matrix<'_> {
     fn len(&self) -> usize {
         match self {
-            Weights::F32(w) => w.len(),
-            Weights::F16(w) => w.len(),
-            Weights::Q40(w) => w.len() * QK,
-            Weights::Q80(w) => w.len() * QK,
-            Weights::Q40Packed(w) => w.n_rows() * w.cols(),
+            Matrix::F32(w) => w.len(),
+            Matrix::F16(w) => w.len(),
+            Matrix::Q40(w) => w.len() * QK,
+            Matrix::Q80(w) => w.len() * QK,
+            Matrix::Q40Packed(w) => w.n_rows() * w.cols(),
         }
     }
     fn name(&self) -> &'static str {
         match self {
-            Weights::F32(_) => "f32",
-            Weights::F16(_) => "f16",
-            Weights::Q40(_) => "q40",
-            Weights::Q80(_) => "q80",
-            Weights::Q40Packed(_) => "packed q40",
+            Matrix::F32(_) => "f32",
+            Matrix::F16(_) => "f16",
+            Matrix::Q40(_) => "q40",
+            Matrix::Q80(_) => "q80",
+            Matrix::Q40Packed(_) => "packed q40",
         }
     }
 }
@@ -83,14 +83,14 @@ pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) -> Result<()> {
 }
 
 fn check_shapes(
-    w: &Weights<'_>,
+    w: &Matrix<'_>,
     x: &Input<'_>,
     out: &[f32],
     n_rows: usize,
     cols: usize,
     n_tokens: usize,
 ) -> Result<()> {
-    let quantized = !matches!(w, Weights::F32(_) | Weights::F16(_)) || matches!(x, Input::Q80(_));
+    let quantized = !matches!(w, Matrix::F32(_) | Matrix::F16(_)) || matches!(x, Input::Q80(_));
     if n_tokens == 0 {
         return Err(Error::invalid("matmul: n_tokens must be at least 1"));
     }
@@ -119,7 +119,7 @@ fn check_shapes(
             out.len()
         )));
     }
-    if let Weights::Q40Packed(p) = w {
+    if let Matrix::Q40Packed(p) = w {
         if p.n_rows() != n_rows || p.cols() != cols {
             return Err(Error::invalid(format!(
                 "matmul: packed q40 weights are ({}, {}), expected ({n_rows}, {cols})",
@@ -129,9 +129,9 @@ fn check_shapes(
         }
     }
     match (w, x) {
-        (Weights::Q40(_) | Weights::Q80(_), _)
-        | (Weights::Q40Packed(_), Input::Q80(_))
-        | (Weights::F32(_) | Weights::F16(_), Input::F32(_)) => Ok(()),
+        (Matrix::Q40(_) | Matrix::Q80(_), _)
+        | (Matrix::Q40Packed(_), Input::Q80(_))
+        | (Matrix::F32(_) | Matrix::F16(_), Input::F32(_)) => Ok(()),
         _ => Err(Error::invalid(format!(
             "matmul: {} weights by a {} input is not supported (q40|q80 × q80|f32, packed q40 × q80, f32|f16 × f32)",
             w.name(),
@@ -143,7 +143,7 @@ fn check_shapes(
 /// The rows `r0..r1` of `w` (n_rows, cols) times all of `x`, into `out` (n_tokens, r1 - r0).
 fn run_rows(
     k: &Kernels,
-    w: &Weights<'_>,
+    w: &Matrix<'_>,
     x: &Input<'_>,
     cols: usize,
     rows: std::ops::Range<usize>,
@@ -153,19 +153,19 @@ fn run_rows(
     let (r0, r1) = (rows.start, rows.end);
     let bpr = cols / QK;
     match (w, x) {
-        (Weights::Q40(w), Input::Q80(x)) => {
+        (Matrix::Q40(w), Input::Q80(x)) => {
             k.matmul_q40_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
-        (Weights::Q40(w), Input::F32(x)) => {
+        (Matrix::Q40(w), Input::F32(x)) => {
             k.matmul_q40_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
-        (Weights::Q80(w), Input::F32(x)) => {
+        (Matrix::Q80(w), Input::F32(x)) => {
             scalar::matmul_q80_f32(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
-        (Weights::Q80(w), Input::Q80(x)) => {
+        (Matrix::Q80(w), Input::Q80(x)) => {
             k.matmul_q80_q80(&w[r0 * bpr..r1 * bpr], x, out, n_tokens)
         }
-        (Weights::Q40Packed(w), Input::Q80(x)) => {
+        (Matrix::Q40Packed(w), Input::Q80(x)) => {
             // row ranges start on a group boundary (ROW_ALIGN is a multiple of GROUP)
             debug_assert!(r0.is_multiple_of(GROUP));
             k.matmul_q40x8_q80(
@@ -176,12 +176,8 @@ fn run_rows(
                 n_tokens,
             )
         }
-        (Weights::F32(w), Input::F32(x)) => {
-            k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens)
-        }
-        (Weights::F16(w), Input::F32(x)) => {
-            k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens)
-        }
+        (Matrix::F32(w), Input::F32(x)) => k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens),
+        (Matrix::F16(w), Input::F32(x)) => k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens),
         _ => unreachable!("pairs checked by check_shapes"),
     }
 }
@@ -205,7 +201,7 @@ thread_local! {
 /// out (n_tokens, n_rows) = w (n_rows, cols) × x (n_tokens, cols)ᵀ, split across the pool.
 pub fn matmul(
     pool: &mut ThreadPool,
-    w: Weights<'_>,
+    w: Matrix<'_>,
     x: Input<'_>,
     out: &mut [f32],
     n_rows: usize,

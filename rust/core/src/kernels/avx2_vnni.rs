@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use super::avx2::{hsum, prefetch_ahead, scale8};
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
 use super::packed::{CELL, GROUP};
+use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
 /// 16..32 in the high lane (high nibbles), matching the Q80 value order.
@@ -128,13 +129,8 @@ macro_rules! q40_q80_kernels {
             out: &mut [f32],
             n_tokens: usize,
         ) {
-            let n_rows = out.len() / n_tokens;
-            let n_groups = n_rows.div_ceil(GROUP);
-            assert!(
-                n_rows * n_tokens == out.len()
-                    && bpr * n_tokens == x.len()
-                    && cells.len() == n_groups * bpr * CELL
-            );
+            let (n_rows, n_groups) =
+                crate::kernels::shape::packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -240,7 +236,7 @@ macro_rules! q40_q80_kernels {
             n_tokens: usize,
         ) {
             let (n_rows, bpr, _) =
-                crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
+                crate::kernels::shape::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -424,11 +420,5 @@ unsafe fn dot_q40_f32(w: &[BlockQ40], x: &[f32]) -> f32 {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_q40_f32(w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let (n_rows, cols, bpr) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, QK);
-    for r in 0..n_rows {
-        let wr = &w[r * bpr..(r + 1) * bpr];
-        for t in 0..n_tokens {
-            out[t * n_rows + r] = dot_q40_f32(wr, &x[t * cols..(t + 1) * cols]);
-        }
-    }
+    matmul_rows(w, x, out, n_tokens, QK, |w, x| dot_q40_f32(w, x))
 }

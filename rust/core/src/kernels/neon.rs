@@ -11,6 +11,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
+use super::shape::{assert_q80_blocks, matmul_rows};
 
 #[target_feature(enable = "neon")]
 #[inline]
@@ -60,7 +61,10 @@ unsafe fn row_scales<const R: usize>(d: impl Fn(usize) -> u16, dx: f32) -> [f32;
         bits[r] = d(r);
     }
     let mut all = [0.0f32; 4];
-    vst1q_f32(all.as_mut_ptr(), vmulq_n_f32(f16x4_to_f32(bits.as_ptr()), dx));
+    vst1q_f32(
+        all.as_mut_ptr(),
+        vmulq_n_f32(f16x4_to_f32(bits.as_ptr()), dx),
+    );
     let mut out = [0.0f32; R];
     out.copy_from_slice(&all[..R]);
     out
@@ -108,7 +112,7 @@ macro_rules! int8_kernels {
             n_tokens: usize,
         ) {
             let (n_rows, bpr, _) =
-                crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
+                crate::kernels::shape::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
             let dx: Vec<f32> = x.iter().map(|b| h2f(b.d)).collect();
             // row-outer: a weight row is read from memory once, then stays in L1 for all tokens
             let mut r = 0;
@@ -175,7 +179,7 @@ macro_rules! int8_kernels {
             n_tokens: usize,
         ) {
             let (n_rows, bpr, _) =
-                crate::quant::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
+                crate::kernels::shape::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
             let dx: Vec<f32> = x.iter().map(|b| h2f(b.d)).collect();
             // 4-row tiles share each activation block's loads (as the Q40 kernel)
             let mut r = 0;
@@ -316,34 +320,14 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
 pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    assert!(
-        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
-    );
-    for r in 0..n_rows {
-        for t in 0..n_tokens {
-            out[t * n_rows + r] =
-                dot_f32(&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
-        }
-    }
+    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f32(w, x))
 }
 
 /// # Safety
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
 pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    assert!(
-        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
-    );
-    for r in 0..n_rows {
-        for t in 0..n_tokens {
-            out[t * n_rows + r] =
-                dot_f16(&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
-        }
-    }
+    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f16(w, x))
 }
 
 /// Q80 quantization, bit-identical to the scalar one: `fcvtas` rounds half away from zero
@@ -353,13 +337,7 @@ pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize)
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
 pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(
-        x.len(),
-        out.len() * QK,
-        "quantize_q80: {} values for {} blocks",
-        x.len(),
-        out.len()
-    );
+    assert_q80_blocks(x.len(), out.len());
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let p = xb.as_ptr();
         let mut v = [vdupq_n_f32(0.0); 8];

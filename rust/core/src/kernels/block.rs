@@ -1,6 +1,7 @@
 //! Q40 and Q80 blocks, byte-identical to ggml's Q4_0 and Q8_0, and their scalar
 //! quantize / dequantize (the reference the SIMD kernels are held to).
 
+use super::shape::assert_q80_blocks;
 use half::f16;
 
 /// Values per quantization block, for both Q40 and Q80.
@@ -94,13 +95,7 @@ pub fn dequantize_q40(blocks: &[BlockQ40], out: &mut [f32]) {
 /// Quantize `x` (a multiple of 32 values) into Q80 blocks, as ggml's
 /// `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d), ties away from zero.
 pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(
-        x.len(),
-        out.len() * QK,
-        "quantize_q80: {} values for {} blocks",
-        x.len(),
-        out.len()
-    );
+    assert_q80_blocks(x.len(), out.len());
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -145,12 +140,6 @@ pub fn as_q80(bytes: &[u8]) -> Option<&[BlockQ80]> {
 pub fn q40_bytes(blocks: &[BlockQ40]) -> &[u8] {
     // SAFETY: repr(C) with no padding (size assert above).
     unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, blocks.len() * 18) }
-}
-
-/// Blocks as raw bytes (for writing files and sockets).
-pub fn q80_bytes(blocks: &[BlockQ80]) -> &[u8] {
-    // SAFETY: repr(C) with no padding (size assert above).
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, blocks.len() * 34) }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Q40 weights repacked at load time for the x86_64 SIMD kernels (the "interleaved repack"
-//! of issue 5, as llama.cpp's q4_0 8x8): groups of 8 rows, block column by block column.
+//! Q40 weights repacked at load time for the x86_64 SIMD kernels (an "interleaved repack",
+//! as llama.cpp's q4_0 8x8): groups of 8 rows, block column by block column.
 //!
 //! Per (group g, block column b), 144 bytes at ((g · bpr) + b) · 144:
 //! - bytes 0..16: the 8 rows' f16 scales, row j at 2j (one `vcvtph2ps` gives all 8);
@@ -22,9 +22,8 @@ pub const GROUP: usize = 8;
 pub const CELL: usize = 16 + GROUP * 16;
 /// How far ahead of the cell being multiplied the x86_64 packed kernels prefetch, in bytes.
 /// The cells are one sequential stream, but the hardware prefetchers stop at each 4 KiB page
-/// and let it run dry: 8 KiB ahead took one-token matmuls inside the forward pass from
-/// 30.5 to 36 GB/s on one thread (TinyLlama shape: 20.3 -> 17.5 ms/token; 4 KiB gave 33,
-/// 16 KiB the same as 8 and worse at 2 threads; distances swept with the benchmarks).
+/// and let it run dry. 8 KiB was the best distance swept with the benchmarks (figures in
+/// benchmarks/README.md).
 pub const PREFETCH_AHEAD: usize = 8192;
 
 pub struct PackedQ40 {

@@ -1,5 +1,5 @@
 //! x86_64 kernels: AVX2 + FMA + F16C for Q80 × Q80, F32, F16, Q80 quantization and the
-//! attention helpers. The Q40 × Q80 kernels are in `avx2_q40`.
+//! attention helpers. The Q40 × Q80 kernels are in `avx2_vnni`.
 //!
 //! All loads are unaligned (blocks are 34 bytes, weights live in the memory-mapped file).
 //! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 
 use super::block::{f16_to_f32, BlockQ80, QK};
 use super::packed::PREFETCH_AHEAD;
+use super::shape::{assert_q80_blocks, kernel_shape, matmul_rows};
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -38,7 +39,7 @@ pub(crate) unsafe fn scale8(d: u16) -> __m256 {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
-    let (n_rows, bpr, _) = super::kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
+    let (n_rows, bpr, _) = kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
     let ones = _mm256_set1_epi16(1);
     for r in 0..n_rows {
         let wr = &w[r * bpr..(r + 1) * bpr];
@@ -154,34 +155,14 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    assert!(
-        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
-    );
-    for r in 0..n_rows {
-        let wr = &w[r * cols..(r + 1) * cols];
-        for t in 0..n_tokens {
-            out[t * n_rows + r] = dot_f32(wr, &x[t * cols..(t + 1) * cols]);
-        }
-    }
+    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f32(w, x))
 }
 
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    let n_rows = out.len() / n_tokens;
-    let cols = x.len() / n_tokens;
-    assert!(
-        n_rows * n_tokens == out.len() && cols * n_tokens == x.len() && w.len() == n_rows * cols
-    );
-    for r in 0..n_rows {
-        let wr = &w[r * cols..(r + 1) * cols];
-        for t in 0..n_tokens {
-            out[t * n_rows + r] = dot_f16(wr, &x[t * cols..(t + 1) * cols]);
-        }
-    }
+    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f16(w, x))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -191,13 +172,7 @@ pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize)
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
-    assert_eq!(
-        x.len(),
-        out.len() * QK,
-        "quantize_q80: {} values for {} blocks",
-        x.len(),
-        out.len()
-    );
+    assert_q80_blocks(x.len(), out.len());
     let sign = _mm256_set1_ps(-0.0);
     let half = _mm256_set1_ps(0.5);
     let one = _mm256_set1_ps(1.0);

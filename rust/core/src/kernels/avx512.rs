@@ -1,7 +1,7 @@
 //! x86_64 AVX-512 VNNI kernel for packed Q40 × Q80: two packed groups (16 rows) per 512-bit
 //! register, so each `vpdpbusd` does 64 multiply-adds and each broadcast input word feeds 16
 //! rows. Used for prefill (several tokens); one token and the rest of the AVX-512 VNNI path
-//! use the 256-bit kernels of `avx2` / `avx2_q40`.
+//! use the 256-bit kernels of `avx2` / `avx2_vnni`.
 //!
 //! Every function here is `unsafe`: the caller guarantees the CPU has the features named in
 //! its `target_feature` attribute (`dispatch` checks them once).
@@ -11,9 +11,10 @@
 use std::arch::x86_64::*;
 
 use super::avx2::prefetch_ahead;
-use super::avx2_q40::{with_prepared_x, PreparedX};
+use super::avx2_vnni::{with_prepared_x, PreparedX};
 use super::block::BlockQ80;
 use super::packed::{CELL, GROUP};
+use super::shape::packed_shape;
 
 /// Groups `ga` and `gb` (16 rows) × T tokens; lanes 0..8 of `acc[t]` are ga's rows, 8..16 gb's.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -73,33 +74,8 @@ unsafe fn tile2<const T: usize>(
     acc
 }
 
-/// The AVX-512 VNNI path's packed kernel: for one token (generation, memory-bound) the
-/// 256-bit kernel, which streams one group at a time and measured 5-8% faster there (the VEX
-/// AVX-VNNI encoding when the CPU has it); for several tokens the 512-bit one, about 2x faster.
-/// This wrapper itself uses no AVX-512, so a generation step never touches the zmm state.
-///
-/// # Safety
-/// The CPU has AVX2, FMA, F16C, AVX-512 F/BW/VL/VNNI.
-pub unsafe fn matmul_q40x8_q80(
-    cells: &[u8],
-    bpr: usize,
-    x: &[BlockQ80],
-    out: &mut [f32],
-    n_tokens: usize,
-) {
-    if n_tokens == 1 {
-        if std::arch::is_x86_feature_detected!("avxvnni") {
-            super::avx2_q40::avxvnni::matmul_q40x8_q80(cells, bpr, x, out, n_tokens)
-        } else {
-            super::avx2_q40::avx512vnni::matmul_q40x8_q80(cells, bpr, x, out, n_tokens)
-        }
-    } else {
-        matmul_q40x8_q80_zmm(cells, bpr, x, out, n_tokens)
-    }
-}
-
 /// out (n_tokens, n_rows) = packed w (n_rows, bpr) × x (n_tokens, bpr), as
-/// `avx2_q40::*::matmul_q40x8_q80`, 16 rows per register.
+/// `avx2_vnni::*::matmul_q40x8_q80`, 16 rows per register.
 ///
 /// # Safety
 /// The CPU has the features of this function's `target_feature`.
@@ -111,13 +87,7 @@ pub unsafe fn matmul_q40x8_q80_zmm(
     out: &mut [f32],
     n_tokens: usize,
 ) {
-    let n_rows = out.len() / n_tokens;
-    let n_groups = n_rows.div_ceil(GROUP);
-    assert!(
-        n_rows * n_tokens == out.len()
-            && bpr * n_tokens == x.len()
-            && cells.len() == n_groups * bpr * CELL
-    );
+    let (n_rows, n_groups) = packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
     with_prepared_x(x, |px| {
         let mut lanes = [0.0f32; 2 * GROUP];
         let mut store = |t: usize, g: usize, v: __m512| {
