@@ -1,10 +1,13 @@
-"""Q40 / Q80 encoding against the `gguf` package's reference quantizers (ggml Q4_0 / Q8_0).
+"""Q40 / Q80 encoding against the `gguf` package's reference quantizers (ggml Q4_0 / Q8_0), on
+tie-free blocks; on ties, .m weights follow distributed-llama's converter (which defines the .m
+bytes) where it differs from ggml: Q40 takes the positive extreme on |max| = |min|
+(test_q40_ties_take_the_positive_extreme_as_distributed_llamas_converter).
 
-Tie rounding: ggml's Q8_0 rounds with C's ``roundf`` (halves away from zero). gguf's reference
-does not use ``np.round`` (halves to even) but its own ``np_roundf``, which also rounds halves
-away from zero, so there is no tie difference: ``test_q80_exact_ties`` builds a block whose
-scaled values are exact halves, shows that dllama and gguf agree on it and that ``np.round``
-would not. Q4_0 truncates ``x / d + 8.5`` (no rounding mode involved).
+Tie rounding: ggml's Q8_0 rounds with C's ``roundf`` (halves away from zero), and so does gguf's
+reference (its own ``np_roundf``). distributed-llama's converter uses ``np.round`` (halves to
+even), and dllama writes .m weights as it does:
+``test_q80_exact_ties_round_to_even_as_distributed_llamas_converter`` builds a block whose
+scaled values are exact halves. Q4_0 truncates ``x / d + 8.5`` (no rounding mode involved).
 """
 
 from __future__ import annotations
@@ -74,8 +77,7 @@ def special_blocks() -> F32:
         np.zeros(32),  # all zero: d = 0, every nibble 8 (Q40) / every q 0 (Q80)
         np.full(32, 0.75),  # constant positive
         np.full(32, -2.5),  # constant negative
-        np.concatenate([[3.0, -3.0], np.linspace(-1, 1, 30)]),  # +max and -max tie: first wins
-        np.concatenate([[-3.0, 3.0], np.linspace(-1, 1, 30)]),
+        np.concatenate([[3.0, -3.0], np.linspace(-1, 1, 30)]),  # a tie, the positive first
         np.concatenate([np.zeros(31), [1e-3]]),  # a single non-zero value
         np.arange(32) - 16.0,  # -16 is the extreme: +15 clamps to nibble 15
         np.full(32, 65504.0),  # f16 max
@@ -94,15 +96,59 @@ def test_special_blocks_equal_gguf_reference(float_type: str) -> None:
         assert zero_block[2:] == b"\x00" * 32
 
 
-def test_q80_exact_ties() -> None:
+def tie_blocks() -> F32:
+    """Blocks with |max| = |min|, the minimum first."""
+    lin = np.linspace(-1, 1, 30)
+    rng = np.random.default_rng(0)
+    c = rng.uniform(-0.06, 0.06, 32).astype(np.float32)
+    c[4], c[27] = -0.0625, 0.0625  # a tie in the middle of bf16-like values
+    blocks = [
+        np.concatenate([[-3.0, 3.0], lin]),
+        np.concatenate([[3.0, -3.0], lin]),
+        np.concatenate([lin[:5], [-0.5], lin[5:20], [0.5], lin[20:]]),  # -1 first, +1 last
+        c,
+    ]
+    return np.concatenate([np.asarray(b, np.float32) for b in blocks])
+
+
+def test_q40_ties_take_the_positive_extreme_as_distributed_llamas_converter() -> None:
+    """On |max| = |min|, distributed-llama's converter (which defines the .m bytes) takes the
+    positive value as the extreme, where ggml's Q4_0 takes the first in the block.
+
+    The expected bytes were produced by distributed-llama's own converter/writer.py (commit
+    8d624a7) run outside this repository: ``writer.writeQuantizedQ40Tensor(f,
+    torch.from_numpy(tie_blocks()))`` into an ``io.BytesIO``."""
+    x = tie_blocks()
+    theirs = bytes.fromhex(
+        "00b68f808b8a7a7a7a7a7a69696969696858"
+        "00b6808f8b8a7a7a7a7a7a69696969696858"
+        "00b08f7f7f6e6e4c5d4d4c3c3b2a2a191908"
+        "00a0267cbf9fffe2566467a1030f536f54ad"
+    )
+    assert _core.quantize(x, "q40") == theirs
+    # ggml's rule differs on the three blocks whose minimum comes first
+    ggml = reference(x, "q40")
+    differ = [ggml[i : i + 18] != theirs[i : i + 18] for i in range(0, len(theirs), 18)]
+    assert differ == [True, False, True, True]
+
+
+def test_q80_exact_ties_round_to_even_as_distributed_llamas_converter() -> None:
+    """Q80 .m weights round exact halves to even, as distributed-llama's converter
+    (``np.round``), where ggml (and gguf's reference) rounds them away from zero.
+
+    The expected bytes were produced by distributed-llama's own converter/writer.py (commit
+    8d624a7) run outside this repository: ``writer.writeQuantizedQ80Tensor(f,
+    torch.from_numpy(x))`` into an ``io.BytesIO``."""
     # amax 127 gives d = 1 exactly, so x / d is x: the halves are exact ties
     halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5], np.float32)
     x = np.concatenate([[127.0], halves, np.zeros(32 - 1 - halves.size)]).astype(np.float32)
+    theirs = bytes.fromhex("003c7f00020200fefe7e82" + "00" * 23)
     ours = _core.quantize(x, "q80")
-    assert ours == reference(x, "q80")
+    assert ours == theirs
     qs = np.frombuffer(ours[2:], np.int8)[1 : 1 + halves.size]
-    assert qs.tolist() == [1, 2, 3, -1, -2, -3, 127, -127]  # away from zero, as roundf
-    assert np.round(halves).tolist() == [0, 2, 2, -0, -2, -2, 126, -126]  # what np.round does
+    assert qs.tolist() == [0, 2, 2, 0, -2, -2, 126, -126]  # halves to even
+    ggml = np.frombuffer(reference(x, "q80")[2:], np.int8)[1 : 1 + halves.size]
+    assert ggml.tolist() == [1, 2, 3, -1, -2, -3, 127, -127]  # away from zero, as roundf
 
 
 @pytest.mark.parametrize("float_type", ["q40", "q80"])

@@ -190,7 +190,9 @@ impl Layout {
 // Encoding and decoding tensor data
 // ---------------------------------------------------------------------------------------------
 
-/// Encodes float32 values as `ft` (little-endian; Q40 / Q80 exactly as ggml's Q4_0 / Q8_0).
+/// Encodes float32 values as `ft` (little-endian), as distributed-llama's converter writes `.m`
+/// weights: Q40 / Q80 in ggml's Q4_0 / Q8_0 layout, with the converter's rule on ties (see
+/// `quantize_q40` and `quantize_q80_weights`).
 pub fn quantize(x: &[f32], ft: FloatType) -> Result<Vec<u8>> {
     let nbytes = ft.bytes_for(x.len() as u64)? as usize;
     let mut out = vec![0u8; nbytes];
@@ -230,7 +232,7 @@ pub fn quantize_into(x: &[f32], ft: FloatType, out: &mut [u8]) -> Result<()> {
         FloatType::Q80 => {
             let mut b = [BlockQ80::default()];
             for (xb, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
-                block::quantize_q80(xb, &mut b);
+                block::quantize_q80_weights(xb, &mut b);
                 o[..2].copy_from_slice(&b[0].d.to_le_bytes());
                 for (dst, q) in o[2..].iter_mut().zip(b[0].qs) {
                     *dst = q as u8;

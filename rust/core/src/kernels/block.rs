@@ -47,8 +47,12 @@ pub fn f32_to_f16(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
-/// Quantize `x` (a multiple of 32 values) into Q40 blocks, as ggml's
-/// `quantize_row_q4_0_ref`: d = m / -8 where m is the value of largest magnitude.
+/// Quantize `x` (a multiple of 32 values) into Q40 blocks as distributed-llama's converter
+/// writes `.m` files (`converter/writer.py`): d = m / -8, where m is the block's maximum if
+/// it is at least as large in magnitude as the minimum, else the minimum. This is ggml's
+/// `quantize_row_q4_0_ref` (m = the first value of largest magnitude) except on a tie
+/// |max| = |min| where the minimum comes first: ggml takes the negative value, the converter
+/// the positive one (the bytes differ; in SmolLM2's weights, 2388 blocks).
 pub fn quantize_q40(x: &[f32], out: &mut [BlockQ40]) {
     assert_eq!(
         x.len(),
@@ -58,14 +62,12 @@ pub fn quantize_q40(x: &[f32], out: &mut [BlockQ40]) {
         out.len()
     );
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let mut amax = 0.0f32;
-        let mut max = 0.0f32;
-        for &v in xb {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
+        let (mut max, mut min) = (xb[0], xb[0]);
+        for &v in &xb[1..] {
+            max = max.max(v);
+            min = min.min(v);
         }
+        let max = if -min > max { min } else { max };
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         yb.d = f32_to_f16(d);
@@ -93,8 +95,20 @@ pub fn dequantize_q40(blocks: &[BlockQ40], out: &mut [f32]) {
 }
 
 /// Quantize `x` (a multiple of 32 values) into Q80 blocks, as ggml's
-/// `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d), ties away from zero.
+/// `quantize_row_q8_0_ref` (and distributed-llama's C++ for activations): d = amax / 127,
+/// q = round(x · (1 / d)), halves away from zero.
 pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
+    quantize_q80_rounding(x, out, f32::round)
+}
+
+/// Quantize `x` into Q80 blocks as distributed-llama's converter writes `.m` weights
+/// (`converter/writer.py`, `np.round`): as [`quantize_q80`] but halves to even, so exact halves
+/// of x · (1 / d) give other bytes (in SmolLM2's weights, 734 of 5.1 M blocks).
+pub fn quantize_q80_weights(x: &[f32], out: &mut [BlockQ80]) {
+    quantize_q80_rounding(x, out, f32::round_ties_even)
+}
+
+fn quantize_q80_rounding(x: &[f32], out: &mut [BlockQ80], round: impl Fn(f32) -> f32) {
     assert_q80_blocks(x.len(), out.len());
     for (xb, yb) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -102,7 +116,7 @@ pub fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         yb.d = f32_to_f16(d);
         for (q, &v) in yb.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
+            *q = round(v * id) as i8;
         }
     }
 }
@@ -196,5 +210,35 @@ mod tests {
         // d = 0 / -8 = -0.0, as in ggml
         assert_eq!(f16_to_f32(q[0].d), 0.0);
         assert!(q[0].qs.iter().all(|&b| b == 0x88));
+    }
+
+    #[test]
+    fn q40_ties_take_the_positive_extreme_as_distributed_llamas_converter() {
+        // [-3, 3, np.linspace(-1, 1, 30)] and [3, -3, ...]: |max| = |min|. The expected bytes
+        // were written by distributed-llama's converter/writer.py (writeQuantizedQ40Tensor, at
+        // its commit 8d624a7), run outside this repository on these values: d = 3 / -8 in both
+        // blocks (ggml's rule gives d = -3 / -8 to the first).
+        let lin: Vec<f32> = (0..30)
+            .map(|i| if i == 29 { 1.0 } else { (-1.0 + i as f64 * (2.0 / 29.0)) as f32 })
+            .collect();
+        let mut x = vec![-3.0f32, 3.0];
+        x.extend(&lin);
+        x.extend([3.0f32, -3.0]);
+        x.extend(&lin);
+        let mut q = [BlockQ40::default(); 2];
+        quantize_q40(&x, &mut q);
+        let mut bytes = Vec::new();
+        for b in &q {
+            bytes.extend(b.d.to_le_bytes());
+            bytes.extend(b.qs);
+        }
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "00b6", "8f808b8a7a7a7a7a7a69696969696858", // d = -0.375
+                "00b6", "808f8b8a7a7a7a7a7a69696969696858",
+            )
+        );
     }
 }
