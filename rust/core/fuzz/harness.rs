@@ -5,18 +5,20 @@
 
 use dllama_core::format::{legacy, FloatType, ModelHeader, Tokenizer};
 use dllama_core::net::codec::Wire;
-use dllama_core::net::protocol::{Hello, RootHello, Setup};
+use dllama_core::net::protocol::{Hello, RootHello, Setup, StepHeader, TensorStart};
 
 /// A target's body.
 pub type Body = fn(&[u8]);
 
 /// Every target: (name, the corpus folder under fuzz/corpus, body).
-pub const TARGETS: [(&str, Body); 5] = [
+pub const TARGETS: [(&str, Body); 7] = [
     ("model_header", model_header),
     ("legacy_header", legacy_header),
     ("tokenizer", tokenizer),
     ("protocol", protocol),
     ("wire", wire),
+    ("tensor", tensor),
+    ("step", step),
 ];
 
 /// A `.m` header: parse; an accepted one gives its sizes and survives a write / parse trip.
@@ -88,4 +90,35 @@ pub fn wire(data: &[u8]) {
     let _ = w.decode(p, &mut out);
     let mut acc = vec![0f32; n];
     let _ = w.decode_add(p, &mut acc, &mut Vec::new());
+}
+
+/// A `Tensor` frame's payload (a shipped tensor starts): decode, re-encode, decode.
+pub fn tensor(data: &[u8]) {
+    if let Ok(m) = TensorStart::decode(data) {
+        let bytes = m.encode();
+        assert!(bytes.len() <= TensorStart::MAX_ENCODED);
+        assert_eq!(TensorStart::decode(&bytes).unwrap(), m);
+    }
+}
+
+/// A `Step` frame's payload, as a worker reads it: the first byte picks the input's encoding,
+/// the model's dim (32 to 256) and its positions (1 to 64); an accepted header's input is
+/// decoded into `n_tokens × dim` values (so the allocation is bounded by the positions), and
+/// the header re-encodes to the same bytes.
+pub fn step(data: &[u8]) {
+    let Some((&which, p)) = data.split_first() else {
+        return;
+    };
+    let w = [Wire::F32, Wire::F16][which as usize % 2];
+    let dim = 32 * (1 + (which as usize / 2) % 8);
+    let max_tokens = 1 + (which as usize / 16) % 64;
+    let Ok((h, input)) = StepHeader::decode(p, max_tokens) else {
+        return;
+    };
+    assert!(h.n_tokens >= 1 && (h.pos + h.n_tokens) as usize <= max_tokens);
+    let mut x = vec![0f32; h.n_tokens as usize * dim];
+    let _ = w.decode(input, &mut x);
+    let mut back = Vec::new();
+    h.encode_into(&mut back);
+    assert_eq!(back, p[..StepHeader::SIZE]);
 }

@@ -438,3 +438,70 @@ impl Setup {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// weights and steps
+
+/// Longest name of a shipped tensor.
+pub const MAX_TENSOR_NAME: usize = 256;
+
+/// root → worker: a shipped tensor starts; its bytes follow in `Data` frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorStart {
+    pub name: String,
+    pub nbytes: u64,
+}
+
+impl TensorStart {
+    /// Largest encoding: the name's length, the name, the byte count.
+    pub const MAX_ENCODED: usize = 4 + MAX_TENSOR_NAME + 8;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.blob(self.name.as_bytes()).u64(self.nbytes);
+        w.0
+    }
+    pub fn decode(p: &[u8]) -> Result<TensorStart> {
+        let mut r = Reader::new(p, "Tensor");
+        let name = std::str::from_utf8(r.blob(MAX_TENSOR_NAME)?)
+            .map_err(|_| Error::Protocol("Tensor message: the name is not UTF-8".into()))?
+            .to_string();
+        let nbytes = r.u64()?;
+        r.finish()?;
+        Ok(TensorStart { name, nbytes })
+    }
+}
+
+/// root → worker: a forward step starts at position `pos` with `n_tokens` tokens; their
+/// embedded input (`n_tokens × dim` values in the "vector" type) follows in the same frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepHeader {
+    pub pos: u32,
+    pub n_tokens: u32,
+}
+
+impl StepHeader {
+    pub const SIZE: usize = 8;
+
+    /// Append the header to `out` (the input goes after it).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.pos.to_le_bytes());
+        out.extend_from_slice(&self.n_tokens.to_le_bytes());
+    }
+    /// Split a Step payload into its header and the input bytes; the step must hold at least
+    /// one token and end within `max_tokens` positions.
+    pub fn decode(p: &[u8], max_tokens: usize) -> Result<(StepHeader, &[u8])> {
+        let mut r = Reader::new(p, "Step");
+        let h = StepHeader {
+            pos: r.u32()?,
+            n_tokens: r.u32()?,
+        };
+        if h.n_tokens == 0 || h.pos as u64 + h.n_tokens as u64 > max_tokens as u64 {
+            return Err(Error::Protocol(format!(
+                "step of {} tokens at position {} exceeds max_seq_len {max_tokens}",
+                h.n_tokens, h.pos
+            )));
+        }
+        Ok((h, r.remaining()))
+    }
+}

@@ -8,7 +8,7 @@ use super::auth;
 use super::codec::Wire;
 use super::protocol::{
     expect_frame, read_frame, refusal, send_frame, BufferType, Hello, Kind, ModelIdentity, Reader,
-    RootHello, Setup, Writer, MAGIC, MAX_REASON, PROTOCOL_VERSION,
+    RootHello, Setup, StepHeader, MAGIC, MAX_REASON, PROTOCOL_VERSION,
 };
 use super::ship::{expect_ready, send_tensors, ShipTensor};
 use super::tcp::{connect, Conn};
@@ -275,11 +275,15 @@ impl RootCollective {
         }
         let n_tokens = x.len() / self.dim;
         let wire = Wire::for_vectors(self.buffer_type);
-        let mut w = Writer::default();
-        w.u32(pos as u32).u32(n_tokens as u32);
-        wire.encode(x, &mut w.0)?;
-        let mut frame = Vec::with_capacity(5 + w.0.len());
-        super::protocol::encode_frame(&mut frame, Kind::Step, &w.0);
+        let mut payload = Vec::with_capacity(StepHeader::SIZE + wire.bytes(x.len()));
+        StepHeader {
+            pos: pos as u32,
+            n_tokens: n_tokens as u32,
+        }
+        .encode_into(&mut payload);
+        wire.encode(x, &mut payload)?;
+        let mut frame = Vec::with_capacity(5 + payload.len());
+        super::protocol::encode_frame(&mut frame, Kind::Step, &payload);
         for i in 0..self.workers.len() {
             if let Err(e) = self.workers[i].conn.write_all(&frame, "a step") {
                 return Err(self.fail(e));

@@ -2,12 +2,7 @@
 //! chunks of at most `SHIP_CHUNK` bytes (`Tensor` frame: name + byte count, `Data` frames,
 //! then `ShipEnd`).
 
-use super::protocol::{
-    expect_frame, read_frame_header, send_frame, Kind, Reader, Writer, SHIP_CHUNK,
-};
-
-/// Largest `Tensor` frame: a name of at most 256 bytes and a byte count.
-const MAX_TENSOR_HEADER: usize = 4 + 256 + 8;
+use super::protocol::{expect_frame, read_frame_header, send_frame, Kind, TensorStart, SHIP_CHUNK};
 use std::fs::File;
 
 use super::tcp::Conn;
@@ -123,9 +118,11 @@ pub fn send_tensors(
     let mut done = 0u64;
     let mut chunk: Vec<u8> = Vec::with_capacity(SHIP_CHUNK);
     for t in tensors {
-        let mut w = Writer::default();
-        w.blob(t.name.as_bytes()).u64(t.nbytes());
-        send_frame(conn, Kind::Tensor, &w.0, "a weight tensor header")?;
+        let start = TensorStart {
+            name: t.name.clone(),
+            nbytes: t.nbytes(),
+        };
+        send_frame(conn, Kind::Tensor, &start.encode(), "a weight tensor header")?;
         for &(offset, len) in &t.parts {
             let (mut off, mut rest) = (offset, len);
             while rest > 0 {
@@ -196,18 +193,16 @@ pub fn receive_tensors(
                 if let Some(msg) = incomplete(&out, announced) {
                     return Err(Error::Protocol(format!("{}: {msg}", conn.peer)));
                 }
-                if len > MAX_TENSOR_HEADER {
+                if len > TensorStart::MAX_ENCODED {
                     return Err(Error::Protocol(format!(
-                        "{} sent a Tensor header of {len} bytes (at most {MAX_TENSOR_HEADER})",
-                        conn.peer
+                        "{} sent a Tensor header of {len} bytes (at most {})",
+                        conn.peer,
+                        TensorStart::MAX_ENCODED
                     )));
                 }
                 let mut p = vec![0u8; len];
                 conn.read_exact(&mut p, "a weight tensor header")?;
-                let mut r = Reader::new(&p, "Tensor");
-                let name = String::from_utf8_lossy(r.blob(256)?).into_owned();
-                let n = r.u64()?;
-                r.finish()?;
+                let TensorStart { name, nbytes: n } = TensorStart::decode(&p)?;
                 used = used.saturating_add(n);
                 if used > budget {
                     return Err(Error::Protocol(format!(

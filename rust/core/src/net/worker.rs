@@ -14,8 +14,8 @@ use std::time::Duration;
 use super::auth;
 use super::codec::Wire;
 use super::protocol::{
-    expect_frame, read_frame_header, send_frame, send_refusal, Hello, Kind, ModelIdentity, Reader,
-    RootHello, Setup, Writer, MAGIC, PROTOCOL_VERSION,
+    expect_frame, read_frame_header, send_frame, send_refusal, Hello, Kind, ModelIdentity,
+    RootHello, Setup, StepHeader, Writer, MAGIC, PROTOCOL_VERSION,
 };
 use super::ship::{receive_tensors, ShippedTensor};
 use super::tcp::Conn;
@@ -468,23 +468,21 @@ fn run_steps(
     loop {
         conn.set_timeout(t.idle)?;
         let (kind, len) =
-            read_frame_header(conn, 8 + vectors.bytes(max_tokens * dim), "the next step")?;
+            read_frame_header(
+            conn,
+            StepHeader::SIZE + vectors.bytes(max_tokens * dim),
+            "the next step",
+        )?;
         conn.set_timeout(t.step)?;
         match kind {
             Kind::Stop => return Ok(()),
             Kind::Step => {
                 let mut p = vec![0u8; len];
                 conn.read_exact(&mut p, "the step input")?;
-                let mut r = Reader::new(&p, "Step");
-                let pos = r.u32()? as usize;
-                let n_tokens = r.u32()? as usize;
-                if n_tokens == 0 || pos + n_tokens > max_tokens {
-                    return Err(Error::Protocol(format!(
-                        "step of {n_tokens} tokens at position {pos} exceeds max_seq_len {max_tokens}"
-                    )));
-                }
+                let (step, input) = StepHeader::decode(&p, max_tokens)?;
+                let (pos, n_tokens) = (step.pos as usize, step.n_tokens as usize);
                 x.resize(n_tokens * dim, 0.0);
-                vectors.decode(r.remaining(), &mut x)?;
+                vectors.decode(input, &mut x)?;
                 let mut coll = WorkerCollective::new(conn, setup);
                 model.forward(&mut x, pos, &mut coll)?;
                 *steps += 1;
