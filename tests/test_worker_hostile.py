@@ -396,3 +396,75 @@ def test_a_fake_workers_refusal_is_printed_on_one_line_escaped_and_bounded(tiny:
     errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "more than the 4096 allowed" in errors[0], p.stderr
     assert len(errors[0]) < 400
+
+
+def fake_worker_never_ready(n_roots: int) -> tuple[str, threading.Thread]:
+    """Handshakes with `n_roots` roots in turn, accepts their setup (no weights to ship), then
+    never says Ready; holds each connection until the root closes it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    addr = f"127.0.0.1:{srv.getsockname()[1]}"
+
+    def read_frame(s: socket.socket) -> tuple[int, bytes]:
+        def exact(n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                chunk = s.recv(n - len(out))
+                if not chunk:
+                    raise ConnectionError("closed")
+                out += chunk
+            return out
+
+        head = exact(5)
+        return head[0], exact(struct.unpack("<I", head[1:])[0])
+
+    def serve() -> None:
+        with srv:
+            srv.settimeout(60)
+            for _ in range(n_roots):
+                s, _ = srv.accept()
+                with s:
+                    s.settimeout(60)
+                    try:
+                        s.recv(8)  # the preamble
+                        hello = struct.pack("<IB", _core.PROTOCOL_VERSION, 0) + bytes(32)
+                        s.sendall(frame(HELLO, hello))
+                        assert read_frame(s)[0] == ROOT_HELLO
+                        s.sendall(frame(AUTH_OK, struct.pack("<I", 0)))
+                        assert read_frame(s)[0] == SETUP
+                        s.sendall(frame(ACCEPT, b"\x00"))
+                        while s.recv(4096):  # silent until the root gives up
+                            pass
+                    except OSError:
+                        pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return addr, t
+
+
+def test_a_fake_worker_that_never_says_ready_is_given_up_after_the_ready_timeout(
+    tiny: Path,
+) -> None:
+    # before: the root waited 600 s, whatever the user wanted
+    addr, t = fake_worker_never_ready(2)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError) as e:
+        _core.Node(str(tiny), workers=[addr], ready_timeout=1.0)
+    assert time.monotonic() - t0 < 4
+    assert f"worker 1 ({addr}) did not answer within 1 s" in str(e.value), e.value
+    assert "Ready" in str(e.value), e.value
+
+    # and from the CLI: one line, exit 1
+    cmd = dllama_cmd(
+        "run", "--model", str(tiny), "--tokenizer", str(mistral_tokenizer()),
+        "--prompt", "hello", "--steps", "2", "--workers", addr, "--ready-timeout", "1",
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "DLLAMA_SECRET"}
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert p.returncode == 1, p.stderr
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "did not answer within 1 s" in errors[0], p.stderr
+    t.join(10)

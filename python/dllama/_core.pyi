@@ -70,6 +70,7 @@ class Node:
         weights_float_type: str | None = None,
         workers: list[str] | None = None,
         secret: str | None = None,
+        ready_timeout: float = 600.0,
     ) -> Node: ...
     def forward(self, tokens: list[int], pos: int) -> npt.NDArray[np.float32]: ...
     @property

@@ -20,6 +20,7 @@ from dllama.cli_run import (
     MaxSeqLen,
     ModelPath,
     NThreads,
+    ReadyTimeout,
     Secret,
     TokenizerPath,
     WeightsFloatType,
@@ -108,6 +109,7 @@ def chat(
     weights_float_type: WeightsFloatType = None,
     workers: Workers = None,
     secret: Secret = None,
+    ready_timeout: ReadyTimeout = 600.0,
 ) -> None:
     """Chat with the model in the terminal, turn after turn."""
     if max_tokens < 0:
@@ -137,6 +139,7 @@ def chat(
         weights_float_type=weights_float_type,
         workers=workers,
         secret=secret,
+        ready_timeout=ready_timeout,
     )
     try:
         params.check(llm.node.vocab_size)

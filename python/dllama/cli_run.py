@@ -88,6 +88,14 @@ Secret = Annotated[
     ),
 ]
 
+ReadyTimeout = Annotated[
+    float,
+    typer.Option(
+        min=0.001,
+        help="Seconds to wait for each worker to build its slice (and say it is ready).",
+    ),
+]
+
 
 def _stats_line(p: Piece) -> str:
     """distributed-llama's per-token line: G total, I inference, T transfer, S sent, R received."""
@@ -119,6 +127,7 @@ def load_llm(
     weights_float_type: str | None,
     workers: list[str] | None,
     secret: str | None,
+    ready_timeout: float = 600.0,
     progress: bool = True,
 ) -> LLM:
     """The model of `run`, `chat` and `serve`: the default one when `model` is None; a
@@ -146,6 +155,7 @@ def load_llm(
             weights_float_type=weights_float_type,
             workers=workers or None,
             secret=secret,
+            ready_timeout=ready_timeout,
         )
     except (ValueError, OSError) as e:
         _err(str(e))
@@ -218,6 +228,7 @@ def run(
     ] = False,
     workers: Workers = None,
     secret: Secret = None,
+    ready_timeout: ReadyTimeout = 600.0,
 ) -> None:
     """Generate text from PROMPT, printing it as it comes."""
     if stats and json_out:
@@ -249,6 +260,7 @@ def run(
         weights_float_type=weights_float_type,
         workers=workers,
         secret=secret,
+        ready_timeout=ready_timeout,
         progress=not json_out,
     )
     if not json_out:

@@ -14,6 +14,7 @@ from dllama.cli_run import (
     MaxSeqLen,
     ModelPath,
     NThreads,
+    ReadyTimeout,
     Secret,
     TokenizerPath,
     WeightsFloatType,
@@ -78,6 +79,7 @@ def serve(
     weights_float_type: WeightsFloatType = None,
     workers: Workers = None,
     secret: Secret = None,
+    ready_timeout: ReadyTimeout = 600.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /."""
     for name, value, low in [
@@ -111,6 +113,7 @@ def serve(
         weights_float_type=weights_float_type,
         workers=workers,
         secret=secret,
+        ready_timeout=ready_timeout,
     )
     try:
         template = ChatTemplate(llm.tokenizer, chat_template)

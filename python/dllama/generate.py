@@ -162,7 +162,8 @@ class LLM:
     ``nthreads``: threads of the matmuls; ``buffer_float_type``: ``"q80"`` (activations
     quantized to 8 bits for Q40 weights, as llama.cpp) or ``"f32"``; ``max_seq_len``: KV
     cache length, 0 for the model's own capped at 4096; ``weights_float_type``: only for a
-    distributed-llama legacy ``.bin`` file, whose header does not say it.
+    distributed-llama legacy ``.bin`` file, whose header does not say it; ``workers``,
+    ``secret``, ``ready_timeout``: the cluster's, as for :class:`dllama._core.Node`.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class LLM:
         node: _core.Node | None = None,
         workers: list[str] | None = None,
         secret: str | None = None,
+        ready_timeout: float = 600.0,
     ) -> None:
         if node is None and _is_gguf(model):
             raise ValueError(
@@ -192,6 +194,7 @@ class LLM:
             weights_float_type=weights_float_type,
             workers=workers,
             secret=secret,
+            ready_timeout=ready_timeout,
         )
         if self.tokenizer.vocab_size != self.node.vocab_size:
             # either way round, ids of one are not the other's (the model would emit ids the

@@ -27,7 +27,7 @@ pub fn log_line(who: &str, msg: &str) {
     );
 }
 
-fn secs(v: f64, what: &str) -> PyResult<Duration> {
+pub fn secs(v: f64, what: &str) -> PyResult<Duration> {
     if !(v > 0.0 && v.is_finite()) {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
             "{what} must be a positive number of seconds, got {v}"
@@ -125,12 +125,14 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// The root of `Node(..., workers=[...])`: connect, handshake, ship the slices of workers
 /// without their own copy (with a progress line on stderr), wait until all are ready, then
-/// build the root's own slice. `secret` defaults to `$DLLAMA_SECRET`.
+/// build the root's own slice. `secret` defaults to `$DLLAMA_SECRET`; `ready_timeout`: how long
+/// each worker may take to receive and build its slice.
 pub fn load_root(
     path: &std::path::Path,
     opts: &dllama_core::model::LoadOptions,
     workers: &[String],
     secret: Option<String>,
+    ready_timeout: Duration,
 ) -> dllama_core::Result<(dllama_core::model::Model, dllama_core::net::RootCollective)> {
     use std::io::Write;
     let secret = secret
@@ -144,7 +146,10 @@ pub fn load_root(
         secret,
         buffer_type: opts.buffer_type,
         max_seq_len: seq as u32,
-        timeouts: Timeouts::default(),
+        timeouts: Timeouts {
+            build: ready_timeout,
+            ..Timeouts::default()
+        },
     };
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();

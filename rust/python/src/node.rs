@@ -35,7 +35,7 @@ pub struct PyNode {
 #[pymethods]
 impl PyNode {
     #[new]
-    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None, workers=None, secret=None))]
+    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None, workers=None, secret=None, ready_timeout=600.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -46,11 +46,13 @@ impl PyNode {
         weights_float_type: Option<&str>,
         workers: Option<Vec<String>>,
         secret: Option<String>,
+        ready_timeout: f64,
     ) -> PyResult<PyNode> {
         if nthreads == 0 {
             return Err(PyValueError::new_err("nthreads must be at least 1"));
         }
         let buffer_type = BufferType::parse(buffer_float_type).py()?;
+        let ready = crate::net::secs(ready_timeout, "ready_timeout")?;
         let legacy_weights = weights_float_type
             .map(FloatType::from_name)
             .transpose()
@@ -71,7 +73,7 @@ impl PyNode {
             )
         } else {
             let (m, r) = py
-                .detach(|| crate::net::load_root(&model_path, &opts, &workers, secret))
+                .detach(|| crate::net::load_root(&model_path, &opts, &workers, secret, ready))
                 .py()?;
             (m, Some(r))
         };
