@@ -203,16 +203,18 @@ def test_a_huge_max_seq_len_with_valid_weights_is_refused_naming_the_memory(
     worker: Worker, tiny: Path, single_node_tokens: list[int], tmp_path: Path
 ) -> None:
     # before: a real root shipped the (valid) weights, then the worker's KV cache for 2^24
-    # positions aborted the process. Here, per position: K and V of 16 layers x 2 KV heads (of
-    # 4) x head_dim 16 in f32, plus a RoPE row of 16 f32: 4160 bytes, x 2^24 = 65.0 GiB
+    # positions aborted the process. Now refused at the setup, before any weight moves. Per
+    # position: K and V of 16 layers x 2 KV heads (of 4) x head_dim 16 in f32, plus a RoPE row
+    # of 16 f32: 4160 bytes, x 2^24 = 65.0 GiB
     big = write_random_model(tmp_path / "long.m", layers=16, vocab=512, max_seq_len=1 << 24)
     with pytest.raises(ProtocolError) as e:
         _core.Node(str(big), buffer_float_type="f32", max_seq_len=1 << 24, workers=[worker.addr])
     msg = str(e.value)
-    assert "worker 1" in msg and "refused" in msg, msg
-    assert "needs 65.0 GiB for its KV cache and RoPE table at max_seq_len 16777216" in msg, msg
-    assert "GiB available" in msg, msg
+    assert "worker 1" in msg and "refused: this worker's slice needs 65.0 GiB (0.7 MiB of " in msg
+    assert "+ 65.0 GiB of KV cache and RoPE table at max_seq_len 16777216); " in msg, msg
+    assert msg.endswith("GiB available"), msg
     worker.wait_for("needs 65.0 GiB")
+    assert not any("received" in line for line in worker.lines), worker.lines
     assert_serves(worker, tiny, single_node_tokens)
 
 
@@ -468,3 +470,28 @@ def test_a_fake_worker_that_never_says_ready_is_given_up_after_the_ready_timeout
     errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "did not answer within 1 s" in errors[0], p.stderr
     t.join(10)
+
+
+def test_max_memory_bounds_what_a_root_may_ask_of_the_worker(
+    tiny: Path, single_node_tokens: list[int]
+) -> None:
+    # the slice of `tiny` (node 1 of 2) is ~1.2 MiB of weights plus its KV cache
+    with Worker(extra=(*FAST, "--max-memory", "1M")) as w:
+        with pytest.raises(ProtocolError) as e:
+            _core.Node(str(tiny), buffer_float_type="f32", workers=[w.addr])
+        msg = str(e.value)
+        assert "worker 1" in msg and "this worker's slice needs" in msg, msg
+        assert "of KV cache and RoPE table at max_seq_len 256" in msg, msg
+        assert msg.endswith("1.0 MiB the worker's --max-memory"), msg
+    with Worker(extra=(*FAST, "--max-memory", "64M")) as w:
+        assert_serves(w, tiny, single_node_tokens)
+
+
+@pytest.mark.parametrize("size", ["0", "-1G", "lots"])
+def test_a_bad_max_memory_is_a_usage_error(size: str) -> None:
+    p = subprocess.run(
+        dllama_cmd("serve-worker", "--port", "1", "--max-memory", size),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: --max-memory:"), p.stderr

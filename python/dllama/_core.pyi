@@ -128,4 +128,5 @@ def serve_worker(
     idle_timeout: float = 3600.0,
     handshake_timeout: float = 10.0,
     build_timeout: float = 600.0,
+    max_memory: int | None = None,
 ) -> None: ...

@@ -57,6 +57,14 @@ def serve_worker(
             "256 KiB/s) before it is dropped.",
         ),
     ] = 600.0,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Most memory a root's slice may take here (weights, KV cache, RoPE table), "
+            "e.g. 6G, 512M or bytes (default: the memory available when the root connects).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve as a worker of a dllama cluster: one root at a time; when it goes away, wait for the next."""
     if secret is None:
@@ -65,6 +73,11 @@ def serve_worker(
         typer.echo(f"error: --port {port} is not a TCP port (1-65535)", err=True)
         raise typer.Exit(2)
     warn_threads(nthreads)
+    try:
+        budget = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as e:
+        typer.echo(f"error: --max-memory: {e}", err=True)
+        raise typer.Exit(2) from None
     try:
         _core.serve_worker(
             host,
@@ -76,6 +89,7 @@ def serve_worker(
             idle_timeout=idle_timeout,
             handshake_timeout=handshake_timeout,
             build_timeout=build_timeout,
+            max_memory=budget,
         )
     except KeyboardInterrupt:
         typer.echo("dllama worker: interrupted, stopping", err=True)
@@ -83,6 +97,23 @@ def serve_worker(
     except (OSError, ValueError) as e:  # ConnectionError is an OSError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of "6G", "6GiB", "6GB", "512M", "1.5G" or "1000000" (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = _UNITS.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in _UNITS else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 6G, 512M or a number of bytes)") from None
+    if not 1 <= value < 2**63:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)
 
 
 def register(app: typer.Typer) -> None:

@@ -69,6 +69,7 @@ impl Worker {
             let opts = WorkerOptions {
                 secret: None,
                 timeouts: Timeouts::default(),
+                max_memory: None,
             };
             serve(
                 listener,

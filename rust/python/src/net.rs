@@ -43,11 +43,12 @@ pub fn secs(v: f64, what: &str) -> PyResult<Duration> {
 /// cluster's shared secret (None: no authentication). Deadlines, in seconds: `step_timeout`
 /// for each read inside a step, `idle_timeout` between steps, `handshake_timeout` for each
 /// handshake message, `build_timeout` (plus the time of the slice at 256 KiB/s) for receiving
-/// shipped weights and building the slice.
+/// shipped weights and building the slice. `max_memory`: most bytes a root's slice may take
+/// (weights, KV cache, RoPE table; default: the memory available when the root connects).
 #[pyfunction]
 #[pyo3(signature = (
     host, port, *, nthreads=1, model=None, secret=None, step_timeout=60.0, idle_timeout=3600.0,
-    handshake_timeout=10.0, build_timeout=600.0
+    handshake_timeout=10.0, build_timeout=600.0, max_memory=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn serve_worker(
@@ -61,6 +62,7 @@ fn serve_worker(
     idle_timeout: f64,
     handshake_timeout: f64,
     build_timeout: f64,
+    max_memory: Option<u64>,
 ) -> PyResult<()> {
     if nthreads == 0 {
         return Err(pyo3::exceptions::PyValueError::new_err(
@@ -75,7 +77,11 @@ fn serve_worker(
         ..Timeouts::default()
     };
     let secret = secret.filter(|s| !s.is_empty()).map(|s| s.into_bytes());
-    let opts = WorkerOptions { secret, timeouts };
+    let opts = WorkerOptions {
+        secret,
+        timeouts,
+        max_memory,
+    };
     let factory = py
         .detach(|| {
             let file = model.as_deref().map(ModelFile::open).transpose()?;

@@ -85,6 +85,15 @@ pub fn effective_max_seq_len(cfg: &ModelConfig, requested: usize) -> usize {
     }
 }
 
+/// Bytes of node `slice`'s KV cache (f32 keys and values of its KV heads, every layer) and RoPE
+/// table (a row of head_dim f32) for `seq` positions: the memory that grows with max_seq_len.
+pub fn seq_memory_bytes(cfg: &ModelConfig, slice: &NodeSlice, seq: usize) -> u64 {
+    let per_position = (cfg.n_layers as u64)
+        .saturating_mul(slice.n_kv_heads() as u64 * cfg.head_dim as u64 * 2 * 4)
+        .saturating_add(cfg.head_dim as u64 * 4);
+    per_position.saturating_mul(seq as u64)
+}
+
 impl Model {
     /// `max_seq_len`: 0 for the model's own, capped at 4096; `nthreads`: threads of the pool
     /// that runs the matmuls and the attention.
@@ -105,10 +114,7 @@ impl Model {
             (slice.q_rows.len(), slice.kv_rows.len(), slice.hidden.len());
         let b = MAX_BATCH;
         // the memory that grows with max_seq_len, refused up front if the machine lacks it
-        let per_position = (cfg.n_layers as u64)
-            .saturating_mul(slice.n_kv_heads() as u64 * cfg.head_dim as u64 * 2 * 4)
-            .saturating_add(cfg.head_dim as u64 * 4);
-        let need = per_position.saturating_mul(seq as u64);
+        let need = seq_memory_bytes(&cfg, &slice, seq);
         if let Some(avail) = crate::memory::available_bytes() {
             if need > avail {
                 return Err(Error::invalid(format!(

@@ -329,6 +329,11 @@ impl ModelFactory for EngineFactory {
         let (cfg, slice) = Self::config_and_slice(setup)?;
         slice_bytes(&cfg, &slice)
     }
+    fn working_memory(&self, setup: &Setup) -> Result<u64> {
+        let (cfg, slice) = Self::config_and_slice(setup)?;
+        let seq = crate::model::forward::effective_max_seq_len(&cfg, setup.max_seq_len as usize);
+        Ok(crate::model::forward::seq_memory_bytes(&cfg, &slice, seq))
+    }
     fn build(&self, setup: &Setup, weights: WorkerWeights) -> Result<Box<dyn WorkerModel>> {
         let (cfg, slice) = Self::config_and_slice(setup)?;
         let bt = setup.buffer_type;

@@ -52,6 +52,11 @@ pub trait ModelFactory: Sync {
     fn check(&self, setup: &Setup) -> Result<u64>;
     /// Build the slice.
     fn build(&self, setup: &Setup, weights: Weights) -> Result<Box<dyn WorkerModel>>;
+    /// Bytes of memory the slice takes besides its weights (KV cache, RoPE table), counted
+    /// with them against the worker's memory budget.
+    fn working_memory(&self, _setup: &Setup) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Options of `dllama serve-worker`.
@@ -59,6 +64,9 @@ pub trait ModelFactory: Sync {
 pub struct WorkerOptions {
     pub secret: Option<Vec<u8>>,
     pub timeouts: Timeouts,
+    /// Most bytes of memory a root's slice may take (weights, KV cache, RoPE table); `None`:
+    /// the memory available when the root connects.
+    pub max_memory: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,14 +372,28 @@ fn handle(
         Ok(b) => b,
         Err(e) => return Err(refuse(&mut conn, e)),
     };
-    if let Some(avail) = crate::memory::available_bytes() {
-        if ship_budget > avail {
+    // the slice's memory (weights, mapped or shipped, and KV cache) within the budget
+    let working = match shared.factory.working_memory(&setup) {
+        Ok(b) => b,
+        Err(e) => return Err(refuse(&mut conn, e)),
+    };
+    let budget = match shared.opts.max_memory {
+        Some(m) => Some((m, "the worker's --max-memory")),
+        None => crate::memory::available_bytes().map(|a| (a, "available")),
+    };
+    if let Some((limit, what)) = budget {
+        let need = ship_budget.saturating_add(working);
+        if need > limit {
             return Err(refuse(
                 &mut conn,
                 Error::invalid(format!(
-                    "this worker's slice needs {} of shipped weights; {} available",
+                    "this worker's slice needs {} ({} of weights + {} of KV cache and RoPE \
+                     table at max_seq_len {}); {} {what}",
+                    crate::memory::human(need),
                     crate::memory::human(ship_budget),
-                    crate::memory::human(avail)
+                    crate::memory::human(working),
+                    setup.max_seq_len,
+                    crate::memory::human(limit),
                 )),
             ));
         }

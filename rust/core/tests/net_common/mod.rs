@@ -288,6 +288,7 @@ impl TestWorker {
         let opts = WorkerOptions {
             secret: secret.map(|s| s.as_bytes().to_vec()),
             timeouts: short_timeouts(),
+            max_memory: None,
         };
         let (log2, stop2) = (log.clone(), stop.clone());
         let handle = std::thread::spawn(move || {
