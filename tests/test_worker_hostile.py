@@ -7,6 +7,7 @@ root whose greedy tokens equal a single node's."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -495,3 +496,68 @@ def test_a_bad_max_memory_is_a_usage_error(size: str) -> None:
     )  # fmt: skip
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("error: --max-memory:"), p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# an interrupt, whatever the worker is doing
+
+
+def interrupted_within(w: Worker, seconds: float) -> float:
+    """SIGINT the worker; the seconds it took to exit (it must, with 130)."""
+    t0 = time.monotonic()
+    w.proc.send_signal(signal.SIGINT)
+    w.proc.wait(seconds)
+    elapsed = time.monotonic() - t0
+    assert w.proc.returncode == 130, (w.proc.returncode, w.lines)
+    w.wait_for("interrupted, stopping", timeout=5)
+    return elapsed
+
+
+def test_an_interrupt_stops_a_worker_receiving_weights_at_once(small_header: bytes) -> None:
+    with Worker(extra=FAST) as w:
+        r = announce(w, small_header, 4096)  # then nothing: the worker waits for the data
+        try:
+            w.wait_for("shipped by the root")
+            assert interrupted_within(w, 5) < 2
+        finally:
+            r.close()
+
+
+def sparse_model(path: Path, layers: int) -> Path:
+    """A Q40 .m of the 7B layer shape whose tensors are all zero, written as a sparse file (no
+    time, no disk): slow to build (repacking ~0.45 GB per 8 layers and node) yet instant to
+    make."""
+    fields: dict[str, int | float] = {
+        "version": 0, "arch_type": 0xABCD00, "dim": 4096, "hidden_dim": 11008,
+        "n_layers": layers, "n_heads": 32, "n_kv_heads": 32, "vocab_size": 32000,
+        "max_seq_len": 64, "hidden_act": 1, "rope_theta": 10000, "weights_float_type": 2,
+        "rope_type": 0, "head_dim": 128, "norm_epsilon": 1e-5,
+    }  # fmt: skip
+    specs = _core.model_tensors(fields)
+    last = specs[-1]
+    with open(path, "wb") as f:
+        f.write(_core.encode_model_header(fields))
+        f.truncate(last.offset + last.nbytes)
+    return path
+
+
+def test_an_interrupt_stops_a_worker_building_its_slice_at_once(tmp_path: Path) -> None:
+    # before: the interrupt waited for the slice to be built (minutes for a big model on a Pi)
+    big = sparse_model(tmp_path / "zeros.m", layers=16)
+    with Worker(model=big, extra=FAST) as w:
+        failed: list[BaseException] = []
+
+        def root() -> None:
+            try:
+                _core.Node(str(big), workers=[w.addr], ready_timeout=60)
+            except (ConnectionError, ValueError) as e:
+                failed.append(e)
+
+        t = threading.Thread(target=root, daemon=True)
+        t.start()
+        w.wait_for("mapped from the local model file", timeout=60)  # the build starts
+        assert interrupted_within(w, 10) < 2
+        t.join(30)
+        assert failed, "the root did not notice the worker stopping"
+        # it gave up the slice: it never said Ready
+        assert not any("ready for" in line for line in w.lines), w.lines

@@ -106,11 +106,14 @@ fn serve_worker(
         ),
     );
     let interrupt: Mutex<Option<PyErr>> = Mutex::new(None);
+    let building = factory.stop_flag();
     let stop = || -> bool {
         match Python::attach(|py| py.check_signals()) {
             Ok(()) => false,
             Err(e) => {
                 *interrupt.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                // a slice being built is given up before its next tensor
+                building.store(true, std::sync::atomic::Ordering::Relaxed);
                 true
             }
         }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -100,13 +101,24 @@ pub fn ship_plan(
     Ok(out)
 }
 
+/// Fails once `stop` is set. Checked before each tensor of a slice being built, so that an
+/// interrupted worker gives it up within one tensor's work.
+fn check_stop(stop: Option<&AtomicBool>) -> Result<()> {
+    if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+        return Err(Error::Connection(
+            "the worker was interrupted while building its slice".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Shipped bytes by tensor name: where they live and their byte range there.
 type ShippedParts = HashMap<String, (Arc<dyn ByteSource>, std::ops::Range<usize>)>;
 
 /// Move shipped tensors into an unlinked temporary file and map it. Used where the weights are
 /// repacked at load (x86_64): the repacking then releases the mapped pages (they can come
 /// back from the file), so the worker does not keep the shipped bytes beside the packed copy.
-fn spill_to_file(shipped: Vec<ShippedTensor>) -> Result<ShippedParts> {
+fn spill_to_file(shipped: Vec<ShippedTensor>, stop: Option<&AtomicBool>) -> Result<ShippedParts> {
     use std::io::Write;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -125,6 +137,7 @@ fn spill_to_file(shipped: Vec<ShippedTensor>) -> Result<ShippedParts> {
     let mut off = 0usize;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
     for t in shipped {
+        check_stop(stop)?;
         let pad = off.next_multiple_of(64) - off;
         w.write_all(&[0u8; 64][..pad]).context(ctx)?;
         off += pad;
@@ -149,17 +162,19 @@ fn spill_to_file(shipped: Vec<ShippedTensor>) -> Result<ShippedParts> {
     Ok(parts)
 }
 
-/// A worker's weights from the tensors the root shipped (names and shapes checked).
+/// A worker's weights from the tensors the root shipped (names and shapes checked); given up
+/// once `stop` is set.
 pub fn weights_from_shipped(
     cfg: &ModelConfig,
     slice: &NodeSlice,
     buffer_type: BufferType,
     shipped: Vec<ShippedTensor>,
     nthreads: usize,
+    stop: Option<&AtomicBool>,
 ) -> Result<Weights> {
     let pack = pack(cfg, buffer_type);
     let parts = if pack {
-        spill_to_file(shipped)?
+        spill_to_file(shipped, stop)?
     } else {
         let mut parts = ShippedParts::new();
         for t in shipped {
@@ -175,6 +190,7 @@ pub fn weights_from_shipped(
         parts
     };
     let get_part = |name: &str| -> Result<Tensor> {
+        check_stop(stop)?;
         let (src, range) = parts
             .get(name)
             .ok_or_else(|| Error::Protocol(format!("the root did not ship tensor {name}")))?;
@@ -195,7 +211,8 @@ pub fn weights_from_shipped(
 /// This node's weights from its own copy of the model file: rows memory-mapped (no copy);
 /// column slices (wo, w2 with several nodes) read with positioned reads, so the other nodes'
 /// columns never become resident here (into owned memory, or into a temporary file where
-/// the weights are repacked at load, so the repacking can release them).
+/// the weights are repacked at load, so the repacking can release them). Given up once `stop`
+/// is set.
 pub fn load_weights(
     file: &ModelFile,
     cfg: &ModelConfig,
@@ -203,11 +220,13 @@ pub fn load_weights(
     with_embedding: bool,
     buffer_type: BufferType,
     nthreads: usize,
+    stop: Option<&AtomicBool>,
 ) -> Result<Weights> {
     let f = File::open(&file.path)
         .context(|| format!("cannot open model file {}", file.path.display()))?;
     let packing = pack(cfg, buffer_type);
     let get_part = |name: &str| -> Result<Tensor> {
+        check_stop(stop)?;
         let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
         let s = file.tensor(name)?;
         if s.rows != rows || s.cols != cols || s.float_type != ft {
@@ -237,7 +256,9 @@ pub fn load_weights(
                         name: name.to_string(),
                         data: buf,
                     }];
-                    let (src, range) = spill_to_file(one)?.remove(name).expect("just spilled");
+                    let (src, range) = spill_to_file(one, stop)?
+                        .remove(name)
+                        .expect("just spilled");
                     Tensor::new(ft, rows, c.len(), src, range)
                 } else {
                     let len = buf.len();
@@ -266,7 +287,7 @@ pub fn build_node(
     nthreads: usize,
 ) -> Result<Model> {
     let slice = NodeSlice::new(cfg, node_index, n_nodes)?;
-    let w = load_weights(file, cfg, &slice, node_index == 0, buffer_type, nthreads)?;
+    let w = load_weights(file, cfg, &slice, node_index == 0, buffer_type, nthreads, None)?;
     Model::new(cfg.clone(), slice, w, buffer_type, max_seq_len, nthreads)
 }
 
@@ -299,6 +320,8 @@ impl WorkerModel for EngineWorker {
 pub struct EngineFactory {
     local: Option<(ModelFile, ModelIdentity)>,
     nthreads: usize,
+    /// Set (by an interrupt) to give up a slice being built.
+    stop: Arc<AtomicBool>,
 }
 
 impl EngineFactory {
@@ -310,7 +333,17 @@ impl EngineFactory {
             }
             None => None,
         };
-        Ok(EngineFactory { local, nthreads })
+        Ok(EngineFactory {
+            local,
+            nthreads,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The flag that, once set, makes a build in progress fail before its next tensor (set it
+    /// when the worker is interrupted: `serve` then returns without waiting for the build).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     fn config_and_slice(setup: &Setup) -> Result<(ModelConfig, NodeSlice)> {
@@ -343,9 +376,11 @@ impl ModelFactory for EngineFactory {
                     .local
                     .as_ref()
                     .ok_or_else(|| Error::invalid("no local model file"))?;
-                load_weights(file, &cfg, &slice, false, bt, self.nthreads)?
+                load_weights(file, &cfg, &slice, false, bt, self.nthreads, Some(&self.stop))?
             }
-            WorkerWeights::Shipped(t) => weights_from_shipped(&cfg, &slice, bt, t, self.nthreads)?,
+            WorkerWeights::Shipped(t) => {
+                weights_from_shipped(&cfg, &slice, bt, t, self.nthreads, Some(&self.stop))?
+            }
         };
         let model = Model::new(cfg, slice, w, bt, setup.max_seq_len as usize, self.nthreads)?;
         Ok(Box::new(EngineWorker { model }))
