@@ -190,13 +190,6 @@ def start_worker(
     return w
 
 
-def worker_pid(w: subprocess.Popen[str], netns: str | None) -> int:
-    if netns is None:
-        return w.pid
-    # `ip netns exec` execs the command: same pid
-    return w.pid
-
-
 def stop(w: subprocess.Popen[str]) -> None:
     w.terminate()
     try:
