@@ -469,7 +469,7 @@ def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
     port = str(free_port())
     shared = re.compile(
         r"--(model|tokenizer|nthreads|buffer-float-type|max-seq-len|weights-float-type|workers"
-        r"|secret)(?![\w-])"
+        r"|secret|ready-timeout)(?![\w-])"
     )
     errors, helps = set(), set()
     for command, extra in [("run", ["-p", "hi"]), ("chat", []), ("serve", ["--port", port])]:
@@ -484,4 +484,4 @@ def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
     assert error.startswith(f"error: cannot open model file {missing}"), error
     assert len(helps) == 1, helps
     (lines,) = helps
-    assert len(lines) == 8 and lines[0].startswith("--model -m <path> Model file (.m)."), lines
+    assert len(lines) == 9 and lines[0].startswith("--model -m <path> Model file (.m)."), lines
