@@ -458,10 +458,11 @@ def test_expand_workers_argv() -> None:
 
 def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
     """The options that load a model (--model/-m, --tokenizer/-t, --nthreads...) are declared
-    once, in cli_run: the three commands show the same help for them and give the same error
-    for a missing model file."""
+    once, in cli_run: the three commands show the same help for them, warn the same about more
+    threads than cores and give the same error for a missing model file."""
     from cluster_utils import free_port
     from dllama import _core
+    from dllama.cli_run import CORES
 
     tok = tmp_path / "tok.t"
     _core.write_tokenizer(tok, {"vocab": [b"a", b"b"], "scores": [0.0, 0.0]})
@@ -473,8 +474,9 @@ def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
     )
     errors, helps = set(), set()
     for command, extra in [("run", ["-p", "hi"]), ("chat", []), ("serve", ["--port", port])]:
-        r = dllama_model(command, missing, tok, *extra)
+        r = dllama_model(command, missing, tok, "--nthreads", str(4 * CORES), *extra)
         assert r.returncode == 1 and "Traceback" not in r.stderr, (command, r.stderr)
+        assert f"warning: --nthreads {4 * CORES} is more than" in r.stderr, (command, r.stderr)
         errors.add(r.stderr.strip().splitlines()[-1])
         h = dllama(command, "--help", env={"COLUMNS": "250"})
         rows = [" ".join(line.strip("│ ").split()) for line in h.stdout.splitlines()]

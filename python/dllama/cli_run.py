@@ -132,6 +132,7 @@ def load_llm(
 ) -> LLM:
     """The model of `run`, `chat` and `serve`: the default one when `model` is None; a
     one-line error and exit on failure."""
+    warn_threads(nthreads)
     if model is None:
         from dllama import models
 
@@ -234,7 +235,6 @@ def run(
     if stats and json_out:
         _err("--stats and --json are two output formats: choose one")
         raise typer.Exit(2)
-    warn_threads(nthreads)
     try:
         params = cs.sampling_params(
             temperature=temperature,
