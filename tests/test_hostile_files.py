@@ -200,6 +200,7 @@ def _gguf(
     w.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
     if n_tokens is not None:
         w.add_token_list([f"t{i}" for i in range(n_tokens)])
+    # the test's own name table, independent of convert.gguf_source on purpose (as test_convert's)
     names = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}
     short = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "wo": "attn_output"}
     short |= {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
