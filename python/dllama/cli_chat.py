@@ -142,7 +142,7 @@ def chat(
         ready_timeout=ready_timeout,
     )
     try:
-        params.check(llm.node.vocab_size)
+        params.check(llm.vocab_size)
         template = ChatTemplate(llm.tokenizer, chat_template)
     except ValueError as e:
         _err(str(e))

@@ -266,7 +266,7 @@ def run(
     if not json_out:
         typer.echo(model_line(llm), err=True)
     try:
-        params.check(llm.node.vocab_size)
+        params.check(llm.vocab_size)
         pieces = llm.generate(
             prompt,
             steps,

@@ -196,13 +196,15 @@ class LLM:
             secret=secret,
             ready_timeout=ready_timeout,
         )
-        if self.tokenizer.vocab_size != self.node.vocab_size:
-            # either way round, ids of one are not the other's (the model would emit ids the
-            # tokenizer cannot decode, or the tokenizer give ids past the embedding)
+        if self.tokenizer.vocab_size > self.node.vocab_size:
+            # the tokenizer would give ids past the embedding
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
                 f"{self.node.vocab_size}: they do not belong together"
             )
+        #: the ids model and tokenizer share: a model may pad its embedding past the
+        #: tokenizer (Qwen3: 151 936 rows for 151 669 tokens); the padding is never sampled
+        self.vocab_size = self.tokenizer.vocab_size
         self.last_summary: Summary | None = None
         #: the tokens whose keys and values are in the KV cache, at positions 0, 1, ...
         self._cached: list[int] = []
@@ -242,14 +244,14 @@ class LLM:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         params = sampling or SamplingParams(temperature=temperature, top_p=topp, seed=seed)
-        sampler = Sampler.from_params(params, self.node.vocab_size)
+        sampler = Sampler.from_params(params, self.vocab_size)
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
         if isinstance(prompt, str):
             tokens = self.encode(prompt, parse_special=parse_special)
         else:
             tokens = [int(t) for t in prompt]
-            vocab = self.node.vocab_size
+            vocab = self.vocab_size
             if any(not 0 <= t < vocab for t in tokens):
                 raise ValueError(f"a prompt token is outside the vocabulary of {vocab} tokens")
         if not tokens:
@@ -272,7 +274,7 @@ class LLM:
         cached = min(cached, len(tokens) - 1)
         self._cached = tokens[:cached]
         t0 = time.perf_counter()
-        logits = self.node.forward(tokens[cached:], cached)
+        logits = self.node.forward(tokens[cached:], cached)[: self.vocab_size]
         prompt_ms = (time.perf_counter() - t0) * 1000
         self._cached = list(tokens)
         pos = len(tokens)
@@ -318,7 +320,7 @@ class LLM:
                     stop_reason = "max_seq_len"
                     break
                 step_start = time.perf_counter()
-                logits = self.node.forward([token], pos)
+                logits = self.node.forward([token], pos)[: self.vocab_size]
                 self._cached.append(token)
                 inference_ms = self.node.last_inference_ms
                 transfer_ms, sent, recv = self._net_stats()

@@ -180,7 +180,7 @@ class Engine:
         # read once: the node is busy (mutably borrowed) in the engine thread while it runs a
         # forward pass, so the request handlers must not touch it
         self.max_seq_len = llm.node.max_seq_len
-        self.vocab_size = llm.node.vocab_size
+        self.vocab_size = llm.vocab_size
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._busy = False
