@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -67,8 +66,6 @@ def serve_worker(
     ] = None,
 ) -> None:
     """Serve as a worker of a dllama cluster: one root at a time; when it goes away, wait for the next."""
-    if secret is None:
-        secret = os.environ.get("DLLAMA_SECRET") or None
     if not 0 < port < 65536:
         typer.echo(f"error: --port {port} is not a TCP port (1-65535)", err=True)
         raise typer.Exit(2)

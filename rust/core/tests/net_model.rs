@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dllama_core::format::{quantize, FloatType, ModelFile, ModelHeader};
-use dllama_core::model::load::{build_model, LoadOptions};
+use dllama_core::model::load::{load_model, LoadOptions};
 use dllama_core::model::{BufferType, Local, ModelConfig};
-use dllama_core::net::cluster::{build_node, start_root, EngineFactory};
+use dllama_core::net::cluster::{connect_workers, start_root, EngineFactory};
 use dllama_core::net::{serve, RootOptions, Timeouts, WorkerOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -102,45 +102,36 @@ fn generate(
     bt: BufferType,
     steps: usize,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let file = ModelFile::open(path).unwrap();
-    let cfg = ModelConfig::from_header(&file.header).unwrap();
-    let n = workers.len() + 1;
-    // one node: the engine's own loader; a root: the cluster's
-    let mut model = if n == 1 {
-        let opts = LoadOptions {
-            buffer_type: bt,
-            max_seq_len: 64,
-            ..Default::default()
-        };
-        build_model(&file, &opts).unwrap()
-    } else {
-        build_node(&file, &cfg, 0, n, bt, 64, 1).unwrap()
-    };
-    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-    let opts = RootOptions {
-        secret: None,
+    let opts = LoadOptions {
         buffer_type: bt,
         max_seq_len: 64,
-        timeouts: Timeouts::default(),
+        ..Default::default()
     };
-    let mut root = if n > 1 {
-        Some(start_root(&file, &cfg, &addrs, &opts, &mut |_, _, _| {}).unwrap())
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    // one node: the whole model; a root: connect the workers, then its own slice
+    let (mut model, mut root) = if addrs.is_empty() {
+        (load_model(path, &opts).unwrap(), None)
     } else {
-        None
+        let (m, r) = start_root(
+            path,
+            &opts,
+            &addrs,
+            Some(String::new()),
+            Timeouts::default(),
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        (m, Some(r))
     };
     let mut tokens: Vec<u32> = vec![1, 17, 42, 5];
     let mut all = Vec::new();
     let mut pos = 0;
     let mut input = tokens.clone();
     for _ in 0..steps {
-        let mut x = vec![0f32; input.len() * cfg.dim];
-        model.embed(&input, &mut x).unwrap();
+        let ids: Vec<i64> = input.iter().map(|&t| t as i64).collect();
         match root.as_mut() {
-            Some(r) => {
-                r.begin_step(&mut x, pos).unwrap();
-                model.forward(&mut x, pos, r).unwrap();
-            }
-            None => model.forward(&mut x, pos, &mut Local).unwrap(),
+            Some(r) => model.step(&ids, pos as i64, r).unwrap(),
+            None => model.step(&ids, pos as i64, &mut Local).unwrap(),
         }
         pos += input.len();
         let logits = model.logits.clone();
@@ -217,7 +208,7 @@ fn a_node_count_that_does_not_fit_lists_the_valid_ones() {
     let path = tmp("q40c.m");
     write_model(&path, FloatType::Q40);
     let file = ModelFile::open(&path).unwrap();
-    let cfg = ModelConfig::from_header(&file.header).unwrap();
+    let cfg = ModelConfig::from_header(&file.header);
     let addrs: Vec<String> = (0..4).map(|i| format!("127.0.0.1:{}", 1 + i)).collect();
     let opts = RootOptions {
         secret: None,
@@ -225,7 +216,7 @@ fn a_node_count_that_does_not_fit_lists_the_valid_ones() {
         max_seq_len: 64,
         timeouts: Timeouts::default(),
     };
-    let err = start_root(&file, &cfg, &addrs, &opts, &mut |_, _, _| {})
+    let err = connect_workers(&file, &cfg, &addrs, &opts, &mut |_, _, _| {})
         .err()
         .unwrap()
         .to_string();

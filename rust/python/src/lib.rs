@@ -5,9 +5,9 @@ use pyo3::prelude::*;
 
 mod errors;
 mod format;
+mod kernels;
 mod net;
 mod node;
-mod kernels;
 
 #[pymodule]
 mod _core {

@@ -1,10 +1,11 @@
-//! Bindings: the cluster's worker (`serve_worker`) and the helpers the root's `Node` uses.
+//! Bindings: the cluster's worker (`serve_worker`) and the root's shipping progress line.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dllama_core::format::ModelFile;
+use dllama_core::net::auth::shared_secret;
 use dllama_core::net::cluster::EngineFactory;
 use dllama_core::net::tcp::listen;
 use dllama_core::net::{serve, Timeouts, WorkerOptions};
@@ -40,11 +41,12 @@ pub fn secs(v: f64, what: &str) -> PyResult<Duration> {
 ///
 /// `model`: this worker's own copy of the model file (checked against the root's by size,
 /// header and checksum); without it the root ships this worker its slices. `secret`: the
-/// cluster's shared secret (None: no authentication). Deadlines, in seconds: `step_timeout`
-/// for each read inside a step, `idle_timeout` between steps, `handshake_timeout` for each
-/// handshake message, `build_timeout` (plus the time of the slice at 256 KiB/s) for receiving
-/// shipped weights and building the slice. `max_memory`: most bytes a root's slice may take
-/// (weights, KV cache, RoPE table; default: the memory available when the root connects).
+/// cluster's shared secret (None: `$DLLAMA_SECRET`; empty or unset: no authentication).
+/// Deadlines, in seconds: `step_timeout` for each read inside a step, `idle_timeout` between
+/// steps, `handshake_timeout` for each handshake message, `build_timeout` (plus the time of the
+/// slice at 256 KiB/s) for receiving shipped weights and building the slice. `max_memory`: most
+/// bytes a root's slice may take (weights, KV cache, RoPE table; default: the memory available
+/// when the root connects).
 #[pyfunction]
 #[pyo3(signature = (
     host, port, *, nthreads=1, model=None, secret=None, step_timeout=60.0, idle_timeout=3600.0,
@@ -76,9 +78,8 @@ fn serve_worker(
         build: secs(build_timeout, "build_timeout")?,
         ..Timeouts::default()
     };
-    let secret = secret.filter(|s| !s.is_empty()).map(|s| s.into_bytes());
     let opts = WorkerOptions {
-        secret,
+        secret: shared_secret(secret),
         timeouts,
         max_memory,
     };
@@ -132,42 +133,15 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The root of `Node(..., workers=[...])`: connect, handshake, ship the slices of workers
-/// without their own copy (with a progress line on stderr), wait until all are ready, then
-/// build the root's own slice. `secret` defaults to `$DLLAMA_SECRET`; `ready_timeout`: how long
-/// each worker may take to receive and build its slice.
-pub fn load_root(
-    path: &std::path::Path,
-    opts: &dllama_core::model::LoadOptions,
-    workers: &[String],
-    secret: Option<String>,
-    ready_timeout: Duration,
-) -> dllama_core::Result<(dllama_core::model::Model, dllama_core::net::RootCollective)> {
-    use std::io::Write;
-    let secret = secret
-        .or_else(|| std::env::var("DLLAMA_SECRET").ok())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.into_bytes());
-    let file = dllama_core::model::load::open_model_file(path, opts.legacy_weights)?;
-    let cfg = dllama_core::model::ModelConfig::from_header(&file.header)?;
-    let seq = dllama_core::model::forward::effective_max_seq_len(&cfg, opts.max_seq_len);
-    let root_opts = dllama_core::net::RootOptions {
-        secret,
-        buffer_type: opts.buffer_type,
-        max_seq_len: seq as u32,
-        timeouts: Timeouts {
-            build: ready_timeout,
-            ..Timeouts::default()
-        },
-    };
-    use std::io::IsTerminal;
+/// The progress line of `Node(..., workers=[...])` while the root ships weights: on stderr,
+/// redrawn on a terminal (a new worker, every 0.25 s, and the end), else only the end.
+pub fn shipping_progress(workers: &[String]) -> impl FnMut(usize, u64, u64) + '_ {
+    use std::io::{IsTerminal, Write};
     let tty = std::io::stderr().is_terminal();
     let mut last = (usize::MAX, std::time::Instant::now());
     let start = std::time::Instant::now();
-    let mut progress = |w: usize, done: u64, total: u64| {
+    move |w: usize, done: u64, total: u64| {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
-        // a new worker, every 0.25 s, and the end
-        // on a terminal: a new worker, every 0.25 s, and the end; otherwise only the end
         let due = w != last.0 || last.1.elapsed().as_millis() >= 250;
         if (tty && due) || done == total {
             last = (w, std::time::Instant::now());
@@ -187,17 +161,5 @@ pub fn load_root(
             }
             let _ = e.flush();
         }
-    };
-    let root =
-        dllama_core::net::cluster::start_root(&file, &cfg, workers, &root_opts, &mut progress)?;
-    let model = dllama_core::net::cluster::build_node(
-        &file,
-        &cfg,
-        0,
-        workers.len() + 1,
-        opts.buffer_type,
-        seq,
-        opts.nthreads,
-    )?;
-    Ok((model, root))
+    }
 }

@@ -1,29 +1,30 @@
 //! `dllama._core.Node`: one node of the model (on one machine: the whole model).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use dllama_core::format::FloatType;
 use dllama_core::model::{load, BufferType, Collective, Local, Model};
-use dllama_core::net::RootCollective;
+use dllama_core::net::{start_root, RootCollective, Timeouts};
 use numpy::PyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::IntoPy;
 
+/// Who a node computes with: nobody, or the workers of a cluster (its TCP collective).
+enum Peers {
+    Local(Local),
+    Root(Box<RootCollective>),
+}
+
 /// A model loaded for inference: weights memory-mapped from the file (Q40 matrices repacked
-/// into memory on x86_64 with q80 buffers), a KV cache, a pool of threads. `forward(tokens, pos)` runs tokens at positions `pos..` and returns the logits of
-/// the last one.
+/// into memory on x86_64 with q80 buffers), a KV cache, a pool of threads. `forward(tokens, pos)` runs
+/// tokens at positions `pos..` and returns the logits of the last one.
 #[pyclass(name = "Node", module = "dllama._core")]
 pub struct PyNode {
     model: Model,
-    /// `Local` on one machine; the cluster's TCP collective on a root with workers. (A
-    /// Mutex only to make the class `Sync`: `forward` holds `&mut self` and never locks.)
-    collective: Mutex<Box<dyn Collective>>,
-    /// The root of a cluster: its TCP collective (then `collective` is unused).
-    root: Option<RootCollective>,
+    peers: Peers,
     nthreads: usize,
     buffer_float_type: &'static str,
     last_inference_ms: f64,
@@ -52,7 +53,11 @@ impl PyNode {
             return Err(PyValueError::new_err("nthreads must be at least 1"));
         }
         let buffer_type = BufferType::parse(buffer_float_type).py()?;
-        let ready = crate::net::secs(ready_timeout, "ready_timeout")?;
+        // how long each worker may take to receive and build its slice
+        let timeouts = Timeouts {
+            build: crate::net::secs(ready_timeout, "ready_timeout")?,
+            ..Timeouts::default()
+        };
         let legacy_weights = weights_float_type
             .map(FloatType::from_name)
             .transpose()
@@ -62,25 +67,31 @@ impl PyNode {
             max_seq_len,
             legacy_weights,
             nthreads,
-            ..Default::default()
         };
         // the root of a cluster: connect the workers (shipping their slices), then load
         let workers = workers.unwrap_or_default();
-        let (model, root) = if workers.is_empty() {
-            (
-                py.detach(|| load::load_model(&model_path, &opts)).py()?,
-                None,
-            )
+        let (model, peers) = if workers.is_empty() {
+            let m = py.detach(|| load::load_model(&model_path, &opts)).py()?;
+            (m, Peers::Local(Local))
         } else {
+            let mut progress = crate::net::shipping_progress(&workers);
             let (m, r) = py
-                .detach(|| crate::net::load_root(&model_path, &opts, &workers, secret, ready))
+                .detach(|| {
+                    start_root(
+                        &model_path,
+                        &opts,
+                        &workers,
+                        secret,
+                        timeouts,
+                        &mut progress,
+                    )
+                })
                 .py()?;
-            (m, Some(r))
+            (m, Peers::Root(Box::new(r)))
         };
         Ok(PyNode {
             model,
-            collective: Mutex::new(Box::new(Local)),
-            root,
+            peers,
             nthreads,
             buffer_float_type: if buffer_type == BufferType::Q80 {
                 "q80"
@@ -101,38 +112,20 @@ impl PyNode {
         tokens: Vec<i64>,
         pos: i64,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let vocab = self.model.cfg.vocab_size as i64;
-        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(PyValueError::new_err(format!(
-                "token {bad} out of range (vocab_size {vocab})"
-            )));
-        }
-        if pos < 0 {
-            return Err(PyValueError::new_err(format!("position {pos} is negative")));
-        }
-        let tokens: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-        let pos = pos as usize;
-        self.model.check_positions(tokens.len(), pos).py()?;
-        let model = &mut self.model;
-        let collective = self.collective.get_mut().unwrap_or_else(|e| e.into_inner());
-        let root = &mut self.root;
+        // tokens and position are checked once, in the core, before any work
+        let (model, peers) = (&mut self.model, &mut self.peers);
         let ms = py
             .detach(|| {
                 let t0 = Instant::now();
-                let mut x = vec![0.0f32; tokens.len() * model.cfg.dim];
-                model.embed(&tokens, &mut x)?;
-                match root {
-                    Some(r) => {
-                        r.begin_step(&mut x, pos)?;
-                        model.forward(&mut x, pos, r)?;
-                    }
-                    None => model.forward(&mut x, pos, collective.as_mut())?,
+                match peers {
+                    Peers::Local(l) => model.step(&tokens, pos, l)?,
+                    Peers::Root(r) => model.step(&tokens, pos, r.as_mut())?,
                 }
                 Ok(t0.elapsed().as_secs_f64() * 1000.0)
             })
             .py()?;
         self.last_inference_ms = ms;
-        if let Some(r) = &self.root {
+        if let Peers::Root(r) = &self.peers {
             let s = r.step_stats();
             self.last_transfer_ms = s.transfer.as_secs_f64() * 1000.0;
             self.last_sent_bytes = s.sent;
@@ -222,7 +215,10 @@ impl PyNode {
     /// Nodes computing the model: 1, or 1 + the workers of a cluster root.
     #[getter]
     fn n_nodes(&self) -> usize {
-        self.root.as_ref().map_or(1, |r| r.n_nodes())
+        match &self.peers {
+            Peers::Local(_) => 1,
+            Peers::Root(r) => r.n_nodes(),
+        }
     }
     /// The active kernel path (e.g. "avx2", "scalar").
     #[getter]

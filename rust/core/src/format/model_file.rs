@@ -40,6 +40,22 @@ impl std::fmt::Debug for ModelFile {
     }
 }
 
+/// Fill `buf` from `file` at `offset` (a positioned read: the file's cursor is not shared).
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
+    }
+}
+
 /// Maps a whole file read-only.
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).context(|| format!("cannot open model file {}", path.display()))?;

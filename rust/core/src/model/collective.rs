@@ -13,6 +13,12 @@ pub trait Collective: Send {
     fn node_index(&self) -> usize;
     /// How many nodes take part (1 on one machine).
     fn n_nodes(&self) -> usize;
+    /// Called on the root with the embedded input `x` (n_tokens, dim) of a step at `pos`,
+    /// before the layers: a cluster's root sends it to the workers (and may round `x` as they
+    /// receive it). Nothing to do on one machine.
+    fn begin_step(&mut self, _x: &mut [f32], _pos: usize) -> Result<()> {
+        Ok(())
+    }
     /// `x`: (n_tokens, dim) partial sums on each node; on return every node holds the
     /// element-wise sum over all nodes.
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()>;

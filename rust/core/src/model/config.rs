@@ -2,7 +2,6 @@
 
 use crate::format::{ArchType, FloatType, HiddenAct, ModelHeader};
 use crate::ops::{RopeConfig, RopeScaling, RopeType};
-use crate::{Error, Result};
 
 /// The mixture-of-experts FFN of qwen3_moe: a router picks `n_active` of `n_experts` SwiGLU
 /// experts per token (each of `ModelConfig::hidden_dim` hidden units).
@@ -49,15 +48,16 @@ pub fn bytes_for(ft: FloatType, n: usize) -> usize {
 }
 
 impl ModelConfig {
-    /// From a parsed `.m` header; refuses what this engine does not run.
-    pub fn from_header(h: &ModelHeader) -> Result<ModelConfig> {
+    /// From a validated `.m` header (`ModelHeader::parse`, `from_fields` and the legacy
+    /// layout all validate): every check of what this engine runs lives there, once.
+    pub fn from_header(h: &ModelHeader) -> ModelConfig {
         let moe = (h.arch_type == ArchType::Qwen3Moe).then_some(MoeConfig {
             n_experts: h.n_experts,
             n_active: h.n_active_experts,
             norm_topk_prob: h.norm_topk_prob,
         });
-        let rope_type = RopeType::from_code(h.rope_type.code())?;
-        let cfg = ModelConfig {
+        let rope_type = h.rope_type;
+        ModelConfig {
             arch: h.arch_type,
             dim: h.dim,
             hidden_dim: h.ffn_hidden_dim(),
@@ -83,9 +83,7 @@ impl ModelConfig {
             weights_float_type: h.weights_float_type,
             qk_norm: h.arch_type.has_qk_norm(),
             moe,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        }
     }
 
     /// n_heads * head_dim: rows of wq, columns of wo.
@@ -99,63 +97,5 @@ impl ModelConfig {
     /// Query heads that share one KV head.
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads
-    }
-
-    /// Check what the forward pass relies on (the header parser checks the file's consistency).
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::format(m));
-        if self.dim == 0
-            || self.hidden_dim == 0
-            || self.n_layers == 0
-            || self.vocab_size == 0
-            || self.max_seq_len == 0
-        {
-            return bad(format!(
-                "model has a zero dimension (dim {}, hidden_dim {}, n_layers {}, vocab_size {}, max_seq_len {})",
-                self.dim, self.hidden_dim, self.n_layers, self.vocab_size, self.max_seq_len
-            ));
-        }
-        if self.n_heads == 0
-            || self.n_kv_heads == 0
-            || !self.n_heads.is_multiple_of(self.n_kv_heads)
-        {
-            return bad(format!(
-                "n_heads {} is not a multiple of n_kv_heads {}",
-                self.n_heads, self.n_kv_heads
-            ));
-        }
-        if self.head_dim == 0
-            || !self.head_dim.is_multiple_of(2)
-            || self.rope.head_dim != self.head_dim
-        {
-            return bad(format!(
-                "head_dim {} must be even and non-zero (RoPE rotates pairs)",
-                self.head_dim
-            ));
-        }
-        if is_quantized(self.weights_float_type)
-            && (!self.dim.is_multiple_of(32)
-                || !self.hidden_dim.is_multiple_of(32)
-                || !self.q_dim().is_multiple_of(32))
-        {
-            return bad(format!(
-                "quantized weights need dim ({}), hidden_dim ({}) and n_heads*head_dim ({}) to be multiples of 32",
-                self.dim,
-                self.hidden_dim,
-                self.q_dim()
-            ));
-        }
-        if let Some(m) = self.moe {
-            if m.n_active == 0 || m.n_active > m.n_experts {
-                return bad(format!(
-                    "{} active experts of {}: need 0 < n_active_experts <= n_experts",
-                    m.n_active, m.n_experts
-                ));
-            }
-        }
-        self.rope
-            .frequencies()
-            .map_err(|e| Error::format(format!("bad RoPE settings in the header: {e}")))?;
-        Ok(())
     }
 }

@@ -105,7 +105,6 @@ impl Model {
         max_seq_len: usize,
         nthreads: usize,
     ) -> Result<Model> {
-        cfg.validate()?;
         let seq = effective_max_seq_len(&cfg, max_seq_len);
         if seq == 0 {
             return Err(Error::invalid("max_seq_len must be at least 1"));
@@ -166,37 +165,54 @@ impl Model {
         self.cache.max_seq_len
     }
 
-    /// Look up the embeddings of `tokens` into `x` (n_tokens, dim). Root only.
-    pub fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+    /// One step on the root (or on one machine): the caller's `tokens` at positions `pos..`,
+    /// checked here once and before any work (every id inside the vocabulary, the positions
+    /// inside the KV cache), embedded, handed to `collective.begin_step`, then run through
+    /// every layer; the last token's logits end in `self.logits`.
+    pub fn step(
+        &mut self,
+        tokens: &[i64],
+        pos: i64,
+        collective: &mut dyn Collective,
+    ) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        let ids: Vec<u32> = tokens
+            .iter()
+            .map(|&t| {
+                u32::try_from(t)
+                    .ok()
+                    .filter(|&id| (id as usize) < vocab)
+                    .ok_or_else(|| {
+                        Error::invalid(format!("token {t} out of range (vocab_size {vocab})"))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let pos = usize::try_from(pos)
+            .map_err(|_| Error::invalid(format!("position {pos} is negative")))?;
+        self.check_positions(ids.len(), pos)?;
+        let mut x = self.embed(&ids)?;
+        collective.begin_step(&mut x, pos)?;
+        self.run(&mut x, pos, collective)
+    }
+
+    /// The embeddings of `tokens` (checked by `step`): x (n_tokens, dim). Root only.
+    pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let emb = self
             .weights
             .embedding
             .as_ref()
             .ok_or_else(|| Error::invalid("this node holds no embedding"))?;
         let dim = self.cfg.dim;
-        if x.len() != tokens.len() * dim {
-            return Err(Error::invalid(format!(
-                "embed: {} tokens need {} values, the buffer has {}",
-                tokens.len(),
-                tokens.len() * dim,
-                x.len()
-            )));
-        }
+        let mut x = vec![0.0f32; tokens.len() * dim];
         for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(dim)) {
             let t = t as usize;
-            if t >= self.cfg.vocab_size {
-                return Err(Error::invalid(format!(
-                    "token {t} out of range (vocab_size {})",
-                    self.cfg.vocab_size
-                )));
-            }
             row.copy_from_slice(&emb.rows(t..t + 1).as_f32()[..dim]);
         }
-        Ok(())
+        Ok(x)
     }
 
     /// Check a call before any work: `n_tokens` tokens at positions `pos..`.
-    pub fn check_positions(&self, n_tokens: usize, pos: usize) -> Result<()> {
+    fn check_positions(&self, n_tokens: usize, pos: usize) -> Result<()> {
         if n_tokens == 0 {
             return Err(Error::invalid("forward needs at least one token"));
         }
@@ -212,7 +228,8 @@ impl Model {
     }
 
     /// Run `x` (n_tokens, dim), the embedded tokens at positions `pos..pos + n_tokens`,
-    /// through every layer; the root ends with the last token's logits in `self.logits`.
+    /// through every layer (a worker's step: the root sent `x`); the root ends with the last
+    /// token's logits in `self.logits`.
     pub fn forward(
         &mut self,
         x: &mut [f32],
@@ -226,8 +243,14 @@ impl Model {
                 x.len()
             )));
         }
+        self.check_positions(x.len() / dim, pos)?;
+        self.run(x, pos, collective)
+    }
+
+    /// `forward` on checked input.
+    fn run(&mut self, x: &mut [f32], pos: usize, collective: &mut dyn Collective) -> Result<()> {
+        let dim = self.cfg.dim;
         let n = x.len() / dim;
-        self.check_positions(n, pos)?;
         for (i, chunk) in x.chunks_mut(MAX_BATCH * dim).enumerate() {
             self.forward_batch(chunk, pos + i * MAX_BATCH, collective)?;
         }

@@ -13,7 +13,7 @@ pub mod weights;
 pub use collective::{Collective, Local};
 pub use config::{ModelConfig, MoeConfig};
 pub use forward::{BufferType, Model};
-pub use load::{load_model, LoadOptions};
+pub use load::{load_model, LoadOptions, ShippedTensor, WeightSource};
 pub use split::NodeSlice;
 pub use tensor::Tensor;
 pub use weights::{Ffn, LayerWeights, SwiGlu, Weights};

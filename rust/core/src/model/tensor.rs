@@ -19,34 +19,70 @@ pub trait ByteSource: Send + Sync {
     fn release(&self, _range: Range<usize>) {}
 }
 
-/// Owned bytes with 8-byte alignment, so f32 / f16 / block views are always valid.
+/// Owned bytes with 8-byte alignment, so f32 / f16 / block views are always valid (a column
+/// slice, bytes shipped by the root).
+#[derive(Clone, Default)]
 pub struct AlignedBytes {
     words: Vec<u64>,
     len: usize,
 }
 
 impl AlignedBytes {
-    pub fn zeroed(len: usize) -> AlignedBytes {
-        AlignedBytes {
-            words: vec![0u64; len.div_ceil(8)],
-            len,
-        }
+    /// `len` zero bytes; an error rather than an abort when the memory is not there.
+    pub fn with_len(len: usize) -> Result<AlignedBytes> {
+        let mut a = AlignedBytes::reserve(len)?;
+        a.words.resize(len.div_ceil(8), 0);
+        a.len = len;
+        Ok(a)
     }
-    pub fn from_slice(b: &[u8]) -> AlignedBytes {
-        let mut a = AlignedBytes::zeroed(b.len());
-        a.bytes_mut().copy_from_slice(b);
-        a
+    /// Empty, with room reserved for `len` bytes (address space only: nothing is written, so
+    /// no memory is used until [`extend`](Self::extend) fills it).
+    pub fn reserve(len: usize) -> Result<AlignedBytes> {
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(len.div_ceil(8))
+            .map_err(|_| Error::invalid(format!("cannot allocate {len} bytes for weights")))?;
+        Ok(AlignedBytes { words, len: 0 })
     }
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `words` holds at least `len` initialized bytes; u8 has no alignment needs.
+    /// A copy of `b`.
+    pub fn from_slice(b: &[u8]) -> Result<AlignedBytes> {
+        let mut a = AlignedBytes::reserve(b.len())?;
+        a.extend(b);
+        Ok(a)
+    }
+    /// Appends `b` (within the reserved room, no reallocation).
+    pub fn extend(&mut self, b: &[u8]) {
+        let end = self.len + b.len();
+        self.words.resize(end.div_ceil(8), 0);
+        let start = self.len;
+        self.len = end;
+        self.as_mut()[start..end].copy_from_slice(b);
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl AsRef<[u8]> for AlignedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialized bytes; u8 has alignment 1.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+}
+
+impl AsMut<[u8]> for AlignedBytes {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
     }
 }
 
 impl ByteSource for AlignedBytes {
     fn bytes(&self) -> &[u8] {
-        // SAFETY: as in `bytes_mut`.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+        self.as_ref()
     }
 }
 
@@ -126,7 +162,7 @@ impl Tensor {
         };
         if !(t.bytes().as_ptr() as usize).is_multiple_of(align) {
             // Only possible for a mapped tensor at an odd offset: copy it.
-            return Ok(t.to_owned_rows(0..rows));
+            return t.to_owned_rows(0..rows);
         }
         Ok(t)
     }
@@ -138,7 +174,7 @@ impl Tensor {
             dtype,
             rows,
             cols,
-            Arc::new(AlignedBytes::from_slice(bytes)),
+            Arc::new(AlignedBytes::from_slice(bytes)?),
             0..len,
         )
     }
@@ -165,18 +201,18 @@ impl Tensor {
         }
     }
 
-    fn to_owned_rows(&self, r: Range<usize>) -> Tensor {
+    fn to_owned_rows(&self, r: Range<usize>) -> Result<Tensor> {
         let rb = self.row_bytes();
         let src = &self.bytes()[r.start * rb..r.end * rb];
         let len = src.len();
-        Tensor {
+        Ok(Tensor {
             dtype: self.dtype,
             rows: r.len(),
             cols: self.cols,
-            source: Arc::new(AlignedBytes::from_slice(src)),
+            source: Arc::new(AlignedBytes::from_slice(src)?),
             range: 0..len,
             packed: None,
-        }
+        })
     }
 
     /// Columns `c` of every row, copied (a column slice is not contiguous in the file); the
@@ -194,10 +230,10 @@ impl Tensor {
         let rb = self.row_bytes();
         let b0 = bytes_for(self.dtype, c.start);
         let b1 = bytes_for(self.dtype, c.end);
-        let mut out = AlignedBytes::zeroed(self.rows * (b1 - b0));
+        let mut out = AlignedBytes::with_len(self.rows * (b1 - b0))?;
         {
             let src = self.bytes();
-            let dst = out.bytes_mut();
+            let dst = out.as_mut();
             for r in 0..self.rows {
                 dst[r * (b1 - b0)..(r + 1) * (b1 - b0)]
                     .copy_from_slice(&src[r * rb + b0..r * rb + b1]);
@@ -232,13 +268,8 @@ impl Tensor {
     }
 
     /// This Q40 tensor with its rows also repacked for the x86_64 kernels (an owned copy the
-    /// matmuls read instead of the mapped rows, whose pages are then released). Other types
-    /// are returned as they are.
-    pub fn packed_q40(self) -> Result<Tensor> {
-        self.packed_q40_with(None)
-    }
-
-    /// The same, repacked on the threads of `pool` when given.
+    /// matmuls read instead of the mapped rows, whose pages are then released), on the
+    /// threads of `pool` when given. Other types are returned as they are.
     pub fn packed_q40_with(mut self, pool: Option<&mut ThreadPool>) -> Result<Tensor> {
         if self.dtype == FloatType::Q40 && self.packed.is_none() {
             let packed = match pool {

@@ -146,18 +146,24 @@ fn build_packed(
     };
     // packed on 1 or 2 threads (both paths of the repacking)
     let pack_threads = if pack { 1 + i % 2 } else { 0 };
-    let w = if i.is_multiple_of(2) {
-        Weights::load(cfg, &slice, i == 0, pack_threads, &get).unwrap()
-    } else {
-        // odd nodes get their parts as owned bytes, as if shipped by the root
-        let get_part = |name: &str| {
-            let (part, ..) = weights::tensor_part(cfg, &slice, name)?;
-            let t = part.take(get(name)?)?;
+    // even nodes take their parts of the whole tensors (rows shared, as mapped); odd nodes
+    // get them as owned bytes, as if shipped by the root
+    let get_part = |name: &str| {
+        let (part, ..) = weights::tensor_part(cfg, &slice, name)?;
+        let t = part.take(get(name)?)?;
+        if i.is_multiple_of(2) {
+            Ok(t)
+        } else {
             Tensor::owned(t.dtype, t.rows, t.cols, t.bytes())
-        };
-        Weights::from_parts(cfg, &slice, i == 0, pack_threads, &get_part).unwrap()
+        }
     };
+    let w = Weights::from_parts(cfg, &slice, i == 0, pack_threads, &get_part).unwrap();
     Model::new(cfg.clone(), slice, w, bt, 0, 1 + i % 2).unwrap()
+}
+
+/// Token ids as a caller gives them to `Model::step`.
+fn ids(tokens: &[u32]) -> Vec<i64> {
+    tokens.iter().map(|&t| t as i64).collect()
 }
 
 // ---- f64 reference, written from the paper, token by token ----
@@ -313,17 +319,13 @@ fn f32_matches_the_reference_token_by_token_and_batched() {
         let want = reference_logits(&cfg, &full, &TOKENS);
         let mut m = build(&cfg, &tensors, 0, 1, BufferType::Q80);
         for (p, &tok) in TOKENS.iter().enumerate() {
-            let mut x = vec![0.0; cfg.dim];
-            m.embed(&[tok], &mut x).unwrap();
-            m.forward(&mut x, p, &mut Local).unwrap();
+            m.step(&[tok as i64], p as i64, &mut Local).unwrap();
             let e = max_rel_err(&m.logits, &want[p]);
             assert!(e < 1e-5, "{rt:?} {nh}/{nkv} pos {p}: rel err {e}");
         }
         // the whole prompt in one batch, into a fresh cache
         let mut m = build(&cfg, &tensors, 0, 1, BufferType::Q80);
-        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
-        m.embed(&TOKENS, &mut x).unwrap();
-        m.forward(&mut x, 0, &mut Local).unwrap();
+        m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
         let e = max_rel_err(&m.logits, want.last().unwrap());
         assert!(e < 1e-5, "{rt:?} batched: rel err {e}");
     }
@@ -337,9 +339,7 @@ fn q40_weights_with_q80_inputs_stay_close() {
     let want = reference_logits(&cfg, &full, &TOKENS);
     for bt in [BufferType::Q80, BufferType::F32] {
         let mut m = build(&cfg, &tensors, 0, 1, bt);
-        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
-        m.embed(&TOKENS, &mut x).unwrap();
-        m.forward(&mut x, 0, &mut Local).unwrap();
+        m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
         let e = max_rel_err(&m.logits, want.last().unwrap());
         // F32 inputs: only summation order differs; Q80 inputs: 8-bit activations.
         let bound = if bt == BufferType::F32 { 1e-5 } else { 0.05 };
@@ -355,12 +355,8 @@ fn packed_q40_equals_plain_q40() {
     let mut logits = vec![];
     for pack in [false, true] {
         let mut m = build_packed(&cfg, &tensors, 0, 1, BufferType::Q80, pack);
-        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
-        m.embed(&TOKENS, &mut x).unwrap();
-        m.forward(&mut x, 0, &mut Local).unwrap();
-        let mut x = vec![0.0; cfg.dim];
-        m.embed(&[7], &mut x).unwrap();
-        m.forward(&mut x, TOKENS.len(), &mut Local).unwrap();
+        m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
+        m.step(&[7], TOKENS.len() as i64, &mut Local).unwrap();
         logits.push(m.logits.clone());
     }
     let want: Vec<f64> = logits[0].iter().map(|&v| v as f64).collect();
@@ -442,10 +438,8 @@ fn split_cfg_case(
 ) {
     let (cfg, tensors) = (cfg.clone(), tensors.clone());
     let mut one = build_packed(&cfg, &tensors, 0, 1, bt, pack);
-    let mut x = vec![0.0; TOKENS.len() * cfg.dim];
-    one.embed(&TOKENS, &mut x).unwrap();
-    let x0 = x.clone();
-    one.forward(&mut x, 0, &mut Local).unwrap();
+    let x0 = one.embed(&TOKENS).unwrap();
+    one.step(&ids(&TOKENS), 0, &mut Local).unwrap();
     // 3 nodes: uneven (1, 1, 2 KV heads; 1, 1, 1 hidden blocks)
     for n in [2, 3] {
         let shared = Arc::new(Shared {
@@ -488,15 +482,19 @@ fn bad_calls_are_errors() {
     let tensors = encode(&cfg, &mut full);
     let mut m = build(&cfg, &tensors, 0, 1, BufferType::Q80);
     let mut x = vec![0.0; cfg.dim];
-    assert!(m
-        .embed(&[50], &mut x)
-        .unwrap_err()
-        .to_string()
-        .contains("token 50 out of range"));
-    let err = m.forward(&mut x, 64, &mut Local).unwrap_err().to_string();
-    assert!(err.contains("exceed max_seq_len 64"), "{err}");
+    let err = |r: crate::Result<()>| r.unwrap_err().to_string();
+    let e = err(m.step(&[50], 0, &mut Local));
+    assert!(e.contains("token 50 out of range (vocab_size 50)"), "{e}");
+    let e = err(m.step(&[-1], 0, &mut Local));
+    assert!(e.contains("token -1 out of range"), "{e}");
+    let e = err(m.step(&[1], -1, &mut Local));
+    assert!(e.contains("position -1 is negative"), "{e}");
+    let e = err(m.step(&[1], 64, &mut Local));
+    assert!(e.contains("exceed max_seq_len 64"), "{e}");
+    assert!(err(m.step(&[], 0, &mut Local)).contains("at least one token"));
+    let e = err(m.forward(&mut x, 64, &mut Local));
+    assert!(e.contains("exceed max_seq_len 64"), "{e}");
     assert!(m.forward(&mut [], 0, &mut Local).is_err());
-    assert!(m.embed(&[1, 2], &mut x).is_err());
     assert!(m.forward(&mut x[..10], 0, &mut Local).is_err());
     // a tensor of the wrong shape
     let mut bad = tensors.clone();
@@ -507,7 +505,8 @@ fn bad_calls_are_errors() {
             .cloned()
             .ok_or_else(|| crate::Error::format(name.to_string()))
     };
-    let err = Weights::load(&cfg, &slice, true, 0, &get)
+    let whole = |name: &str| get(name);
+    let err = Weights::from_parts(&cfg, &slice, true, 0, &whole)
         .err()
         .unwrap()
         .to_string();
@@ -556,16 +555,12 @@ fn qwen3_and_moe_match_the_reference() {
         let want = reference_logits(&cfg, &full, &TOKENS);
         let mut one = build(&cfg, &tensors, 0, 1, BufferType::F32);
         for (p, &tok) in TOKENS.iter().enumerate() {
-            let mut x = vec![0.0; cfg.dim];
-            one.embed(&[tok], &mut x).unwrap();
-            one.forward(&mut x, p, &mut Local).unwrap();
+            one.step(&[tok as i64], p as i64, &mut Local).unwrap();
             let e = max_rel_err(&one.logits, &want[p]);
             assert!(e < 1e-5, "{m:?} pos {p}: rel err {e}");
         }
         let mut batched = build(&cfg, &tensors, 0, 1, BufferType::F32);
-        let mut x = vec![0.0; TOKENS.len() * cfg.dim];
-        batched.embed(&TOKENS, &mut x).unwrap();
-        batched.forward(&mut x, 0, &mut Local).unwrap();
+        batched.step(&ids(&TOKENS), 0, &mut Local).unwrap();
         let e = max_rel_err(&batched.logits, want.last().unwrap());
         assert!(e < 1e-5, "{m:?} batched: rel err {e}");
 
@@ -579,9 +574,7 @@ fn qwen3_and_moe_match_the_reference() {
             (BufferType::Q80, true, 0.05),
         ] {
             let mut q = build_packed(&cfg, &tensors, 0, 1, bt, pack);
-            let mut x = vec![0.0; TOKENS.len() * cfg.dim];
-            q.embed(&TOKENS, &mut x).unwrap();
-            q.forward(&mut x, 0, &mut Local).unwrap();
+            q.step(&ids(&TOKENS), 0, &mut Local).unwrap();
             let e = max_rel_err(&q.logits, want.last().unwrap());
             assert!(e < bound, "{m:?} q40 {bt:?} pack {pack}: rel err {e}");
         }

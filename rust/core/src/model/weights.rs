@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::split::NodeSlice;
 use super::tensor::Tensor;
-use crate::format::FloatType;
+use crate::format::{FloatType, ModelHeader};
 use crate::kernels::{BlockQ40, PackedQ40};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
@@ -204,33 +204,16 @@ pub fn tensor_part(
     Ok(part)
 }
 
-/// The `.m` names of every tensor a model of `cfg` has but the embedding (file order).
-pub fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
-    let mut names = Vec::new();
-    for i in 0..cfg.n_layers {
-        let mut add = |t: &str| names.push(format!("layers.{i}.{t}"));
-        ["q", "k", "v", "wo"].iter().for_each(|t| add(t));
-        match cfg.moe {
-            None => ["w1", "w2", "w3"].iter().for_each(|t| add(t)),
-            Some(m) => {
-                add("moe_gate");
-                for e in 0..m.n_experts {
-                    ["w1", "w2", "w3"]
-                        .iter()
-                        .for_each(|t| add(&format!("experts.{e}.{t}")));
-                }
-            }
-        }
-        if cfg.qk_norm {
-            add("q_norm");
-            add("k_norm");
-        }
-        add("attn_norm");
-        add("ffn_norm");
+/// Bytes of weights in the slice of node `slice`: every tensor of the file but the embedding
+/// (what a worker is shipped).
+pub fn slice_bytes(header: &ModelHeader, cfg: &ModelConfig, slice: &NodeSlice) -> Result<u64> {
+    let mut total = 0u64;
+    for spec in header.tensors().iter().filter(|t| t.name != "embedding") {
+        let (part, ft, rows, cols) = tensor_part(cfg, slice, &spec.name)?;
+        let (r, c) = part.shape(rows, cols);
+        total += r as u64 * ft.bytes_for(c as u64)?;
     }
-    names.push("norm".into());
-    names.push("wcls".into());
-    names
+    Ok(total)
 }
 
 /// Check a tensor against the type and shape the header implies.
@@ -248,26 +231,11 @@ fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> 
 }
 
 impl Weights {
-    /// Take this node's slice of every tensor. `get(name)` returns the whole tensor of the
-    /// file by its `.m` name (norms as 1 x dim), memory-mapped: row slices stay mapped,
-    /// column slices (wo, w2 when `n_nodes > 1`) are copied. With `pack_threads > 0`, Q40
-    /// matrices are repacked for the x86_64 kernels on that many threads (0: not repacked),
-    /// tensor by tensor, releasing the mapped pages of each.
-    pub fn load(
-        cfg: &ModelConfig,
-        slice: &NodeSlice,
-        with_embedding: bool,
-        pack_threads: usize,
-        get: &dyn Fn(&str) -> Result<Tensor>,
-    ) -> Result<Weights> {
-        Self::build(cfg, with_embedding, pack_threads, &|name| {
-            let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
-            part.take(expect(get(name)?, name, ft, rows, cols)?)
-        })
-    }
-
-    /// The same from tensors already cut to this node's parts (e.g. shipped by the root):
-    /// `get_part(name)` returns `tensor_part(..).0` of tensor `name`, checked for shape.
+    /// This node's weights from its parts of every tensor: `get_part(name)` returns the part
+    /// `tensor_part(..)` names of tensor `name` (mapped rows, copied columns, shipped bytes),
+    /// checked here for type and shape. With `pack_threads > 0`, Q40 matrices are repacked for
+    /// the x86_64 kernels on that many threads (0: not repacked), tensor by tensor, releasing
+    /// the pages of each.
     pub fn from_parts(
         cfg: &ModelConfig,
         slice: &NodeSlice,

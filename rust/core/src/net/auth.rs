@@ -17,6 +17,15 @@ type HmacSha256 = Hmac<Sha256>;
 pub const ROOT_ROLE: &[u8] = b"dllama root";
 pub const WORKER_ROLE: &[u8] = b"dllama worker";
 
+/// The cluster's shared secret, for the root and for a worker alike: `given` (a `--secret`
+/// option), else `$DLLAMA_SECRET`; empty means none (no authentication).
+pub fn shared_secret(given: Option<String>) -> Option<Vec<u8>> {
+    given
+        .or_else(|| std::env::var("DLLAMA_SECRET").ok())
+        .filter(|s| !s.is_empty())
+        .map(String::into_bytes)
+}
+
 /// A fresh random nonce from the operating system.
 pub fn nonce() -> Result<[u8; NONCE_LEN]> {
     let mut n = [0u8; NONCE_LEN];

@@ -1,87 +1,37 @@
-//! The cluster on the real model: which bytes each worker is shipped, how a worker builds its
-//! slice (from its own file or from shipped bytes), and the root's start-up.
+//! The cluster on the real model: the factory that builds a worker's slice, and the root's
+//! start-up (connect the workers, ship the slices of those without their own copy of the file,
+//! build the root's own slice).
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use memmap2::Mmap;
-
-use super::protocol::{ModelIdentity, Setup};
+use super::auth::shared_secret;
+use super::identity::ModelIdentity;
+use super::protocol::Setup;
 use super::root::{RootCollective, RootOptions};
-use super::ship::{read_at, AlignedBytes, ShipTensor, ShippedTensor};
-use super::worker::{ModelFactory, Weights as WorkerWeights, WorkerModel};
+use super::ship::ShipTensor;
+use super::worker::{ModelFactory, WorkerModel};
+use super::Timeouts;
 use crate::error::IoContext;
-use crate::format::{FloatType, ModelFile, ModelHeader};
-use crate::kernels::prefers_packed_q40;
-use crate::model::load::file_tensor;
-use crate::model::tensor::ByteSource;
-use crate::model::weights::{tensor_names, tensor_part, Part};
-use crate::model::{BufferType, Collective, Model, ModelConfig, NodeSlice, Tensor, Weights};
+use crate::format::{ModelFile, ModelHeader};
+use crate::model::forward::{effective_max_seq_len, seq_memory_bytes};
+use crate::model::load::{build_node, load_weights, open_model_file, ShippedTensor, WeightSource};
+use crate::model::weights::{slice_bytes, tensor_part, Part};
+use crate::model::{Collective, LoadOptions, Model, ModelConfig, NodeSlice};
 use crate::{Error, Result};
 
-impl ByteSource for AlignedBytes {
-    fn bytes(&self) -> &[u8] {
-        self.as_ref()
-    }
-}
-
-/// Whether this machine repacks Q40 weights for its kernels (as `load::build_model` does).
-fn pack(cfg: &ModelConfig, buffer_type: BufferType) -> bool {
-    prefers_packed_q40()
-        && buffer_type == BufferType::Q80
-        && cfg.weights_float_type == FloatType::Q40
-}
-
-/// Threads for `Weights::from_parts` to repack with: the node's, or 0 when not repacking.
-fn pack_threads(cfg: &ModelConfig, buffer_type: BufferType, nthreads: usize) -> usize {
-    if pack(cfg, buffer_type) {
-        nthreads.max(1)
-    } else {
-        0
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// what a worker is shipped
-
-/// A tensor of a node's slice: name, the part taken, its type and the part's rows and cols.
-type PlanEntry = (String, Part, FloatType, usize, usize);
-
-/// The tensors a worker holds (every tensor of the file but the embedding), in file order,
-/// with the part of each that node `slice` takes and the part's shape.
-fn slice_plan(file: &ModelFile, cfg: &ModelConfig, slice: &NodeSlice) -> Result<Vec<PlanEntry>> {
-    let mut out = Vec::new();
-    for spec in file.tensors.iter().filter(|t| t.name != "embedding") {
-        let (part, ft, rows, cols) = tensor_part(cfg, slice, &spec.name)?;
-        let (r, c) = part.shape(rows, cols);
-        out.push((spec.name.clone(), part, ft, r, c));
-    }
-    Ok(out)
-}
-
-/// Bytes of weights in the slice of node `slice` (what a worker is shipped).
-pub fn slice_bytes(cfg: &ModelConfig, slice: &NodeSlice) -> Result<u64> {
-    let names = tensor_names(cfg);
-    let mut total = 0u64;
-    for n in names {
-        let (part, ft, rows, cols) = tensor_part(cfg, slice, &n)?;
-        let (r, c) = part.shape(rows, cols);
-        total += (r * ft.bytes_for(c as u64)? as usize) as u64;
-    }
-    Ok(total)
-}
-
-/// Where in the model file the bytes of node `slice` are (see docs/PROTOCOL.md).
+/// Where in the model file the bytes of node `slice` are (see docs/PROTOCOL.md): every tensor
+/// of the file but the embedding, in file order.
 pub fn ship_plan(
     file: &ModelFile,
     cfg: &ModelConfig,
     slice: &NodeSlice,
 ) -> Result<Vec<ShipTensor>> {
     let mut out = Vec::new();
-    for (name, part, ft, _, _) in slice_plan(file, cfg, slice)? {
-        let s = file.tensor(&name)?;
+    for s in file.tensors.iter().filter(|t| t.name != "embedding") {
+        let (part, ft, _, _) = tensor_part(cfg, slice, &s.name)?;
         let row = ft.bytes_for(s.cols as u64)?;
         let parts = match part {
             Part::Whole => vec![(s.offset, s.nbytes as usize)],
@@ -96,199 +46,12 @@ pub fn ship_plan(
                     .collect()
             }
         };
-        out.push(ShipTensor { name, parts });
+        out.push(ShipTensor {
+            name: s.name.clone(),
+            parts,
+        });
     }
     Ok(out)
-}
-
-/// Fails once `stop` is set. Checked before each tensor of a slice being built, so that an
-/// interrupted worker gives it up within one tensor's work.
-fn check_stop(stop: Option<&AtomicBool>) -> Result<()> {
-    if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-        return Err(Error::Connection(
-            "the worker was interrupted while building its slice".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Shipped bytes by tensor name: where they live and their byte range there.
-type ShippedParts = HashMap<String, (Arc<dyn ByteSource>, std::ops::Range<usize>)>;
-
-/// Move shipped tensors into an unlinked temporary file and map it. Used where the weights are
-/// repacked at load (x86_64): the repacking then releases the mapped pages (they can come
-/// back from the file), so the worker does not keep the shipped bytes beside the packed copy.
-fn spill_to_file(shipped: Vec<ShippedTensor>, stop: Option<&AtomicBool>) -> Result<ShippedParts> {
-    use std::io::Write;
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path =
-        std::env::temp_dir().join(format!("dllama-shipped-{}-{seq}.bin", std::process::id()));
-    let ctx = || format!("cannot spill shipped weights to {}", path.display());
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .context(ctx)?;
-    // unlinked now: the file lives as long as it is open or mapped
-    let _ = std::fs::remove_file(&path);
-    let mut ranges = Vec::with_capacity(shipped.len());
-    let mut off = 0usize;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-    for t in shipped {
-        check_stop(stop)?;
-        let pad = off.next_multiple_of(64) - off;
-        w.write_all(&[0u8; 64][..pad]).context(ctx)?;
-        off += pad;
-        w.write_all(t.data.as_ref()).context(ctx)?;
-        ranges.push((t.name, off..off + t.data.len()));
-        off += t.data.len();
-        // t.data is freed here, tensor by tensor
-    }
-    w.flush().context(ctx)?;
-    drop(w);
-    // SAFETY: a private unlinked file nobody else can open or truncate.
-    let map = Arc::new(unsafe { Mmap::map(&f) }.context(ctx)?);
-    let mut parts = ShippedParts::new();
-    for (name, r) in ranges {
-        let src: Arc<dyn ByteSource> = map.clone();
-        if parts.insert(name.clone(), (src, r)).is_some() {
-            return Err(Error::Protocol(format!(
-                "the root shipped tensor {name} twice"
-            )));
-        }
-    }
-    Ok(parts)
-}
-
-/// A worker's weights from the tensors the root shipped (names and shapes checked); given up
-/// once `stop` is set.
-pub fn weights_from_shipped(
-    cfg: &ModelConfig,
-    slice: &NodeSlice,
-    buffer_type: BufferType,
-    shipped: Vec<ShippedTensor>,
-    nthreads: usize,
-    stop: Option<&AtomicBool>,
-) -> Result<Weights> {
-    let pack = pack(cfg, buffer_type);
-    let parts = if pack {
-        spill_to_file(shipped, stop)?
-    } else {
-        let mut parts = ShippedParts::new();
-        for t in shipped {
-            let len = t.data.len();
-            let src: Arc<dyn ByteSource> = Arc::new(t.data);
-            if parts.insert(t.name.clone(), (src, 0..len)).is_some() {
-                return Err(Error::Protocol(format!(
-                    "the root shipped tensor {} twice",
-                    t.name
-                )));
-            }
-        }
-        parts
-    };
-    let get_part = |name: &str| -> Result<Tensor> {
-        check_stop(stop)?;
-        let (src, range) = parts
-            .get(name)
-            .ok_or_else(|| Error::Protocol(format!("the root did not ship tensor {name}")))?;
-        let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
-        let (r, c) = part.shape(rows, cols);
-        Tensor::new(ft, r, c, src.clone(), range.clone())
-            .map_err(|e| Error::Protocol(format!("shipped tensor {name}: {e}")))
-    };
-    Weights::from_parts(
-        cfg,
-        slice,
-        false,
-        pack_threads(cfg, buffer_type, nthreads),
-        &get_part,
-    )
-}
-
-/// This node's weights from its own copy of the model file: rows memory-mapped (no copy);
-/// column slices (wo, w2 with several nodes) read with positioned reads, so the other nodes'
-/// columns never become resident here (into owned memory, or into a temporary file where
-/// the weights are repacked at load, so the repacking can release them). Given up once `stop`
-/// is set.
-pub fn load_weights(
-    file: &ModelFile,
-    cfg: &ModelConfig,
-    slice: &NodeSlice,
-    with_embedding: bool,
-    buffer_type: BufferType,
-    nthreads: usize,
-    stop: Option<&AtomicBool>,
-) -> Result<Weights> {
-    let f = File::open(&file.path)
-        .context(|| format!("cannot open model file {}", file.path.display()))?;
-    let packing = pack(cfg, buffer_type);
-    let get_part = |name: &str| -> Result<Tensor> {
-        check_stop(stop)?;
-        let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
-        let s = file.tensor(name)?;
-        if s.rows != rows || s.cols != cols || s.float_type != ft {
-            return Err(Error::format(format!(
-                "tensor {name} is {} {}x{}, expected {} {rows}x{cols}",
-                s.float_type.name(),
-                s.rows,
-                s.cols,
-                ft.name()
-            )));
-        }
-        match part {
-            Part::Whole => file_tensor(file, name),
-            Part::Rows(r) => Ok(file_tensor(file, name)?.rows(r)),
-            Part::Cols(c) => {
-                let row = ft.bytes_for(s.cols as u64)?;
-                let (b0, b1) = (ft.bytes_for(c.start as u64)?, ft.bytes_for(c.end as u64)?);
-                let w = (b1 - b0) as usize;
-                let mut buf = AlignedBytes::with_len(rows * w)?;
-                for (r, dst) in buf.as_mut().chunks_exact_mut(w).enumerate() {
-                    read_at(&f, dst, s.offset + r as u64 * row + b0)
-                        .context(|| format!("cannot read {name} from {}", file.path.display()))?;
-                }
-                if packing {
-                    // repacked at load: keep the copy in a file the repacking can release
-                    let one = vec![ShippedTensor {
-                        name: name.to_string(),
-                        data: buf,
-                    }];
-                    let (src, range) = spill_to_file(one, stop)?
-                        .remove(name)
-                        .expect("just spilled");
-                    Tensor::new(ft, rows, c.len(), src, range)
-                } else {
-                    let len = buf.len();
-                    Tensor::new(ft, rows, c.len(), Arc::new(buf), 0..len)
-                }
-            }
-        }
-    };
-    Weights::from_parts(
-        cfg,
-        slice,
-        with_embedding,
-        pack_threads(cfg, buffer_type, nthreads),
-        &get_part,
-    )
-}
-
-/// Node `node_index` of `n_nodes`, built from its own copy of the file (`load_weights`).
-pub fn build_node(
-    file: &ModelFile,
-    cfg: &ModelConfig,
-    node_index: usize,
-    n_nodes: usize,
-    buffer_type: BufferType,
-    max_seq_len: usize,
-    nthreads: usize,
-) -> Result<Model> {
-    let slice = NodeSlice::new(cfg, node_index, n_nodes)?;
-    let w = load_weights(file, cfg, &slice, node_index == 0, buffer_type, nthreads, None)?;
-    Model::new(cfg.clone(), slice, w, buffer_type, max_seq_len, nthreads)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,11 +109,11 @@ impl EngineFactory {
         self.stop.clone()
     }
 
-    fn config_and_slice(setup: &Setup) -> Result<(ModelConfig, NodeSlice)> {
+    fn config_and_slice(setup: &Setup) -> Result<(ModelHeader, ModelConfig, NodeSlice)> {
         let header = ModelHeader::parse(&setup.model.header)?;
-        let cfg = ModelConfig::from_header(&header)?;
+        let cfg = ModelConfig::from_header(&header);
         let slice = NodeSlice::new(&cfg, setup.node_index as usize, setup.n_nodes as usize)?;
-        Ok((cfg, slice))
+        Ok((header, cfg, slice))
     }
 }
 
@@ -359,29 +122,33 @@ impl ModelFactory for EngineFactory {
         self.local.as_ref().map(|l| &l.1)
     }
     fn check(&self, setup: &Setup) -> Result<u64> {
-        let (cfg, slice) = Self::config_and_slice(setup)?;
-        slice_bytes(&cfg, &slice)
+        let (header, cfg, slice) = Self::config_and_slice(setup)?;
+        slice_bytes(&header, &cfg, &slice)
     }
     fn working_memory(&self, setup: &Setup) -> Result<u64> {
-        let (cfg, slice) = Self::config_and_slice(setup)?;
-        let seq = crate::model::forward::effective_max_seq_len(&cfg, setup.max_seq_len as usize);
-        Ok(crate::model::forward::seq_memory_bytes(&cfg, &slice, seq))
+        let (_, cfg, slice) = Self::config_and_slice(setup)?;
+        let seq = effective_max_seq_len(&cfg, setup.max_seq_len as usize);
+        Ok(seq_memory_bytes(&cfg, &slice, seq))
     }
-    fn build(&self, setup: &Setup, weights: WorkerWeights) -> Result<Box<dyn WorkerModel>> {
-        let (cfg, slice) = Self::config_and_slice(setup)?;
+    fn build(
+        &self,
+        setup: &Setup,
+        shipped: Option<Vec<ShippedTensor>>,
+    ) -> Result<Box<dyn WorkerModel>> {
+        let (_, cfg, slice) = Self::config_and_slice(setup)?;
         let bt = setup.buffer_type;
-        let w = match weights {
-            WorkerWeights::Local => {
-                let (file, _) = self
+        let source = match shipped {
+            Some(t) => WeightSource::Shipped(t),
+            None => WeightSource::File(
+                &self
                     .local
                     .as_ref()
-                    .ok_or_else(|| Error::invalid("no local model file"))?;
-                load_weights(file, &cfg, &slice, false, bt, self.nthreads, Some(&self.stop))?
-            }
-            WorkerWeights::Shipped(t) => {
-                weights_from_shipped(&cfg, &slice, bt, t, self.nthreads, Some(&self.stop))?
-            }
+                    .ok_or_else(|| Error::invalid("no local model file"))?
+                    .0,
+            ),
         };
+        let stop = Some(&*self.stop);
+        let w = load_weights(&cfg, &slice, source, false, bt, self.nthreads, stop)?;
         let model = Model::new(cfg, slice, w, bt, setup.max_seq_len as usize, self.nthreads)?;
         Ok(Box::new(EngineWorker { model }))
     }
@@ -390,17 +157,34 @@ impl ModelFactory for EngineFactory {
 // ---------------------------------------------------------------------------------------------
 // root
 
-impl ModelIdentity {
-    /// The identity of an open model file: its canonical header and a sampled fingerprint.
-    pub fn of_model(file: &ModelFile) -> Result<ModelIdentity> {
-        ModelIdentity::of_file(&file.path, file.header.to_bytes())
-    }
+/// The root of a cluster: open the model at `path`, connect and handshake with every worker
+/// (`secret`, or `$DLLAMA_SECRET` when `None`), ship the slices of workers without their own
+/// copy (`progress(worker, done, total)`), wait until all are ready (within `timeouts`), then
+/// build the root's own slice (node 0 of 1 + the workers).
+pub fn start_root(
+    path: &Path,
+    opts: &LoadOptions,
+    workers: &[String],
+    secret: Option<String>,
+    timeouts: Timeouts,
+    progress: &mut dyn FnMut(usize, u64, u64),
+) -> Result<(Model, RootCollective)> {
+    let file = open_model_file(path, opts.legacy_weights)?;
+    let cfg = ModelConfig::from_header(&file.header);
+    let root_opts = RootOptions {
+        secret: shared_secret(secret),
+        buffer_type: opts.buffer_type,
+        max_seq_len: effective_max_seq_len(&cfg, opts.max_seq_len) as u32,
+        timeouts,
+    };
+    let root = connect_workers(&file, &cfg, workers, &root_opts, progress)?;
+    let model = build_node(&file, 0, workers.len() + 1, opts)?;
+    Ok((model, root))
 }
 
-/// The root's start-up: check the node count, connect and handshake with every worker, ship
-/// the slices of workers without their own copy (`progress(worker, done, total)`), wait until
-/// all are ready.
-pub fn start_root(
+/// The network half of `start_root`: check the node count, connect and handshake with every
+/// worker, ship the slices of workers without their own copy, wait until all are ready.
+pub fn connect_workers(
     file: &ModelFile,
     cfg: &ModelConfig,
     addrs: &[String],

@@ -12,14 +12,29 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::protocol::ModelIdentity;
 use crate::error::IoContext;
+use crate::format::ModelFile;
 use crate::Result;
 
 const SAMPLES: u64 = 256;
 const SAMPLE: u64 = 4096;
 
+/// What identifies a model file: its size, its header bytes and a fingerprint of its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelIdentity {
+    pub file_size: u64,
+    /// The `.m` header, verbatim (carries the model shape).
+    pub header: Vec<u8>,
+    /// SHA-256 over sampled content (see the module's comment).
+    pub fingerprint: [u8; 32],
+}
+
 impl ModelIdentity {
+    /// The identity of an open model file: its canonical header and a sampled fingerprint.
+    pub fn of_model(file: &ModelFile) -> Result<ModelIdentity> {
+        ModelIdentity::of_file(&file.path, file.header.to_bytes())
+    }
+
     /// Identity of the model file at `path` with its (canonical) `header` bytes.
     pub fn of_file(path: &Path, header: Vec<u8>) -> Result<ModelIdentity> {
         let ctx = || format!("cannot read model file {}", path.display());

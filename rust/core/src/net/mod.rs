@@ -21,10 +21,12 @@ pub mod worker;
 
 use std::time::Duration;
 
-pub use protocol::{BufferType, ModelIdentity, Setup, PROTOCOL_VERSION};
+pub use cluster::start_root;
+pub use identity::ModelIdentity;
+pub use protocol::{BufferType, Setup, PROTOCOL_VERSION};
 pub use root::{RootCollective, RootOptions, StepStats};
-pub use ship::{AlignedBytes, ShipTensor, ShippedTensor};
-pub use worker::{serve, ModelFactory, Weights, WorkerModel, WorkerOptions};
+pub use ship::ShipTensor;
+pub use worker::{serve, ModelFactory, WorkerModel, WorkerOptions};
 
 /// Every wait of the protocol has a bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

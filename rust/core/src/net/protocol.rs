@@ -5,6 +5,7 @@
 //! after that every message is a frame `[kind: u8][len: u32][payload: len bytes]`, except the
 //! per-layer collective buffers, whose sizes are implied by the model (see docs/PROTOCOL.md).
 
+use super::identity::ModelIdentity;
 use super::tcp::Conn;
 use crate::{Error, Result};
 
@@ -376,16 +377,6 @@ pub fn buffer_from_code(c: u8) -> Result<BufferType> {
             "unknown buffer float type code {c}"
         ))),
     }
-}
-
-/// What identifies a model file: its size, its header bytes and a fingerprint of its content.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelIdentity {
-    pub file_size: u64,
-    /// The `.m` header, verbatim (carries the model shape).
-    pub header: Vec<u8>,
-    /// SHA-256 over sampled content (see `fingerprint`).
-    pub fingerprint: [u8; 32],
 }
 
 /// root → worker: who the worker is in this cluster and which model it serves.

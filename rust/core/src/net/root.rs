@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use super::auth;
 use super::codec::Wire;
+use super::identity::ModelIdentity;
 use super::protocol::{
-    expect_frame, read_frame, refusal, send_frame, BufferType, Hello, Kind, ModelIdentity, Reader,
-    RootHello, Setup, StepHeader, MAGIC, MAX_REASON, PROTOCOL_VERSION,
+    expect_frame, read_frame, refusal, send_frame, BufferType, Hello, Kind, Reader, RootHello,
+    Setup, StepHeader, MAGIC, MAX_REASON, PROTOCOL_VERSION,
 };
 use super::ship::{expect_ready, send_tensors, ShipTensor};
 use super::tcp::{connect, Conn};
@@ -378,6 +379,9 @@ impl Collective for RootCollective {
     }
     fn n_nodes(&self) -> usize {
         self.workers.len() + 1
+    }
+    fn begin_step(&mut self, x: &mut [f32], pos: usize) -> Result<()> {
+        RootCollective::begin_step(self, x, pos)
     }
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()> {
         self.check()?;

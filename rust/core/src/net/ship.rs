@@ -6,6 +6,9 @@ use super::protocol::{expect_frame, read_frame_header, send_frame, Kind, TensorS
 use std::fs::File;
 
 use super::tcp::Conn;
+use crate::format::model_file::read_at;
+use crate::model::tensor::AlignedBytes;
+use crate::model::ShippedTensor;
 use crate::{Error, Result};
 
 /// A tensor to ship: its name and where its bytes are in the model file, possibly in several
@@ -22,88 +25,6 @@ impl ShipTensor {
     pub fn nbytes(&self) -> u64 {
         self.parts.iter().map(|p| p.1 as u64).sum()
     }
-}
-
-pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(buf, offset)
-    }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = file;
-        f.seek(SeekFrom::Start(offset))?;
-        f.read_exact(buf)
-    }
-}
-
-/// Owned bytes with 8-byte alignment (quantized blocks are viewed in place).
-#[derive(Clone, Default)]
-pub struct AlignedBytes {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl AlignedBytes {
-    pub fn with_len(len: usize) -> Result<AlignedBytes> {
-        let n = len.div_ceil(8);
-        let mut words = Vec::new();
-        words.try_reserve_exact(n).map_err(|_| {
-            Error::invalid(format!("cannot allocate {len} bytes for shipped weights"))
-        })?;
-        words.resize(n, 0);
-        Ok(AlignedBytes { words, len })
-    }
-    /// Empty, with room reserved for `len` bytes (address space only: nothing is written, so
-    /// no memory is used until [`extend`](Self::extend) fills it).
-    pub fn reserve(len: usize) -> Result<AlignedBytes> {
-        let mut words = Vec::new();
-        words.try_reserve_exact(len.div_ceil(8)).map_err(|_| {
-            Error::invalid(format!("cannot allocate {len} bytes for shipped weights"))
-        })?;
-        Ok(AlignedBytes { words, len: 0 })
-    }
-    /// Appends `b` (within the reserved room, no reallocation).
-    pub fn extend(&mut self, b: &[u8]) {
-        let end = self.len + b.len();
-        self.words.resize(end.div_ceil(8), 0);
-        let start = self.len;
-        self.len = end;
-        self.as_mut()[start..end].copy_from_slice(b);
-    }
-    pub fn from_bytes(b: &[u8]) -> Result<AlignedBytes> {
-        let mut a = AlignedBytes::with_len(b.len())?;
-        a.as_mut().copy_from_slice(b);
-        Ok(a)
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl AsRef<[u8]> for AlignedBytes {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `words` holds at least `len` initialized bytes; u8 has alignment 1.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
-    }
-}
-
-impl AsMut<[u8]> for AlignedBytes {
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
-    }
-}
-
-/// A tensor received by a worker.
-pub struct ShippedTensor {
-    pub name: String,
-    pub data: AlignedBytes,
 }
 
 /// Root side: send `tensors` (parts of `file`) to one worker. `progress(done, total)` after

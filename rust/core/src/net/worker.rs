@@ -13,14 +13,15 @@ use std::time::Duration;
 
 use super::auth;
 use super::codec::Wire;
+use super::identity::ModelIdentity;
 use super::protocol::{
-    expect_frame, read_frame_header, send_frame, send_refusal, Hello, Kind, ModelIdentity,
-    RootHello, Setup, StepHeader, Writer, MAGIC, PROTOCOL_VERSION,
+    expect_frame, read_frame_header, send_frame, send_refusal, Hello, Kind, RootHello, Setup,
+    StepHeader, Writer, MAGIC, PROTOCOL_VERSION,
 };
-use super::ship::{receive_tensors, ShippedTensor};
+use super::ship::receive_tensors;
 use super::tcp::Conn;
 use super::Timeouts;
-use crate::model::Collective;
+use crate::model::{Collective, ShippedTensor};
 use crate::{Error, Result};
 
 /// A worker's slice of the model, able to run one forward step.
@@ -34,14 +35,6 @@ pub trait WorkerModel: Send {
     fn max_seq_len(&self) -> usize;
 }
 
-/// Where a worker's weights come from.
-pub enum Weights {
-    /// The worker's own copy of the model file (identity checked in the handshake).
-    Local,
-    /// Shipped by the root.
-    Shipped(Vec<ShippedTensor>),
-}
-
 /// Builds the worker's slice for a root's setup.
 pub trait ModelFactory: Sync {
     /// Identity of the worker's own model file (started with `--model`), if any.
@@ -50,8 +43,13 @@ pub trait ModelFactory: Sync {
     /// returns how many bytes of weights the root must ship for it (the receiving worker
     /// accepts no more).
     fn check(&self, setup: &Setup) -> Result<u64>;
-    /// Build the slice.
-    fn build(&self, setup: &Setup, weights: Weights) -> Result<Box<dyn WorkerModel>>;
+    /// Build the slice from the tensors the root `shipped`, or (`None`) from the worker's own
+    /// copy of the model file (its identity checked in the handshake).
+    fn build(
+        &self,
+        setup: &Setup,
+        shipped: Option<Vec<ShippedTensor>>,
+    ) -> Result<Box<dyn WorkerModel>>;
     /// Bytes of memory the slice takes besides its weights (KV cache, RoPE table), counted
     /// with them against the worker's memory budget.
     fn working_memory(&self, _setup: &Setup) -> Result<u64> {
@@ -426,8 +424,8 @@ fn handle(
     ));
 
     // weights
-    let weights = if local {
-        Weights::Local
+    let shipped = if local {
+        None
     } else {
         conn.set_timeout(t.step)?;
         // the whole transfer by a deadline: the build time plus the budget at 256 KiB/s
@@ -444,9 +442,9 @@ fn handle(
             w.len(),
             n as f64 / 1e6
         ));
-        Weights::Shipped(w)
+        Some(w)
     };
-    let mut model = match shared.factory.build(&setup, weights) {
+    let mut model = match shared.factory.build(&setup, shipped) {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut conn, e)),
     };
@@ -489,8 +487,7 @@ fn run_steps(
     let mut x: Vec<f32> = Vec::new();
     loop {
         conn.set_timeout(t.idle)?;
-        let (kind, len) =
-            read_frame_header(
+        let (kind, len) = read_frame_header(
             conn,
             StepHeader::SIZE + vectors.bytes(max_tokens * dim),
             "the next step",

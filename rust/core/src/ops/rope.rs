@@ -8,26 +8,7 @@
 
 use crate::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeType {
-    Llama,
-    Falcon,
-    Llama31,
-}
-
-impl RopeType {
-    /// From the header code (0 llama, 1 falcon, 2 llama3.1).
-    pub fn from_code(code: u32) -> Result<RopeType> {
-        match code {
-            0 => Ok(RopeType::Llama),
-            1 => Ok(RopeType::Falcon),
-            2 => Ok(RopeType::Llama31),
-            _ => Err(Error::invalid(format!(
-                "unknown rope_type {code} (0 llama, 1 falcon, 2 llama3.1)"
-            ))),
-        }
-    }
-}
+pub use crate::format::RopeType;
 
 /// Llama 3.1 frequency scaling (HF `rope_type: llama3`).
 #[derive(Clone, Copy, Debug, PartialEq)]

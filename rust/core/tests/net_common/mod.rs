@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dllama_core::model::Collective;
+use dllama_core::model::{Collective, ShippedTensor};
 use dllama_core::net::{
     serve, BufferType, ModelFactory, ModelIdentity, RootCollective, RootOptions, Setup, Timeouts,
-    Weights, WorkerModel, WorkerOptions,
+    WorkerModel, WorkerOptions,
 };
 use dllama_core::{Error, Result};
 
@@ -248,8 +248,12 @@ impl ModelFactory for FakeFactory {
             setup.model.file_size
         })
     }
-    fn build(&self, setup: &Setup, weights: Weights) -> Result<Box<dyn WorkerModel>> {
-        if let Weights::Shipped(t) = weights {
+    fn build(
+        &self,
+        setup: &Setup,
+        shipped: Option<Vec<ShippedTensor>>,
+    ) -> Result<Box<dyn WorkerModel>> {
+        if let Some(t) = shipped {
             let got: Vec<(String, Vec<u8>)> = t
                 .into_iter()
                 .map(|t| (t.name, t.data.as_ref().to_vec()))
