@@ -16,7 +16,7 @@ use super::config::ModelConfig;
 use super::forward::{BufferType, Model};
 use super::split::NodeSlice;
 use super::tensor::{AlignedBytes, ByteSource, Tensor};
-use super::weights::{tensor_part, Part, Weights};
+use super::weights::{check_shape, tensor_part, Part, Weights};
 use crate::error::IoContext;
 use crate::format::model_file::read_at;
 use crate::format::{FloatType, ModelFile};
@@ -161,15 +161,7 @@ fn file_part(
 ) -> Result<Tensor> {
     let (part, ft, rows, cols) = tensor_part(cfg, slice, name)?;
     let s = file.tensor(name)?;
-    if s.rows != rows || s.cols != cols || s.float_type != ft {
-        return Err(Error::format(format!(
-            "tensor {name} is {} {}x{}, expected {} {rows}x{cols}",
-            s.float_type.name(),
-            s.rows,
-            s.cols,
-            ft.name()
-        )));
-    }
+    check_shape(name, (s.float_type, s.rows, s.cols), (ft, rows, cols))?;
     let start = s.offset as usize;
     let whole = || Tensor::new(ft, rows, cols, file.map(), start..start + s.nbytes as usize);
     match part {

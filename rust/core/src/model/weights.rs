@@ -216,17 +216,25 @@ pub fn slice_bytes(header: &ModelHeader, cfg: &ModelConfig, slice: &NodeSlice) -
     Ok(total)
 }
 
-/// Check a tensor against the type and shape the header implies.
-fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> Result<Tensor> {
-    if t.dtype != dtype || t.rows != rows || t.cols != cols {
+/// Check that tensor `name`, `got` = (type, rows, cols), has the type and shape the header
+/// implies, `want`.
+pub(crate) fn check_shape(
+    name: &str,
+    got: (FloatType, usize, usize),
+    want: (FloatType, usize, usize),
+) -> Result<()> {
+    if got != want {
+        let ((gt, gr, gc), (wt, wr, wc)) = (got, want);
         return Err(Error::format(format!(
-            "tensor {name} is {} {}x{}, expected {} {rows}x{cols}",
-            t.dtype.name(),
-            t.rows,
-            t.cols,
-            dtype.name()
+            "tensor {name} is {gt} {gr}x{gc}, expected {wt} {wr}x{wc}"
         )));
     }
+    Ok(())
+}
+
+/// Check a tensor against the type and shape the header implies.
+fn expect(t: Tensor, name: &str, dtype: FloatType, rows: usize, cols: usize) -> Result<Tensor> {
+    check_shape(name, (t.dtype, t.rows, t.cols), (dtype, rows, cols))?;
     Ok(t)
 }
 
