@@ -1,4 +1,4 @@
-//! The seed's legacy `.bin` model (read only), as written by distributed-llama's early
+//! The legacy `.bin` model of distributed-llama (read only), as written by its early
 //! `convert-llama2.py` / `convert-legacy.py`:
 //!
 //! 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (negative in llama2.c

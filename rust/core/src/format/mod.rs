@@ -2,7 +2,7 @@
 //!
 //! - [`header`]: the `.m` model header (magic `0x0A00ABCD`, key/value pairs), the tensor
 //!   list with offsets, the file size.
-//! - [`model_file`]: a memory-mapped `.m` file (or the seed's legacy `.bin`, see [`legacy`]).
+//! - [`model_file`]: a memory-mapped `.m` file (or distributed-llama's legacy `.bin`, see [`legacy`]).
 //! - [`tokenizer`]: the `.t` tokenizer file and llama2.c's `tokenizer.bin`.
 //!
 //! Everything is little-endian; matrices are row-major with quantization blocks running along a

@@ -111,7 +111,7 @@ impl ModelFile {
         })
     }
 
-    /// Opens the seed's legacy `.bin` (7 int32 header, no weights type: the caller gives it).
+    /// Opens distributed-llama's legacy `.bin` (7 int32 header, no weights type: the caller gives it).
     pub fn open_legacy(path: &Path, weights_float_type: FloatType) -> Result<ModelFile> {
         let map = map_file(path)?;
         let what = format!("legacy model file {}", path.display());

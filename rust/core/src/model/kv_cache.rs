@@ -5,8 +5,7 @@ use crate::pool::{split_range, SharedOut, ThreadPool};
 /// keys, values: (n_layers, n_kv_heads, max_seq_len, head_dim) each, for this node's KV
 /// heads. Head-major, so that attention streams each head's past keys and values as one
 /// contiguous run (position-major rows of kv_dim put every head's 512 bytes (head_dim 128) on
-/// a different 4 KiB page, which the hardware prefetchers do not follow: attention took 3-4
-/// ms of a 7B token at one thread that way). Allocated zeroed (the OS maps pages lazily:
+/// a different 4 KiB page, which the hardware prefetchers do not follow). Allocated zeroed (the OS maps pages lazily:
 /// memory is touched only as positions are filled).
 pub struct KvCache {
     pub max_seq_len: usize,
@@ -49,9 +48,8 @@ impl KvCache {
 
     /// Store the keys and values of `n` tokens at positions `pos..pos + n` of `layer`: k, v
     /// (n, n_kv_heads · head_dim) each, as the projections produce them. The heads are split
-    /// across `pool`: the first write to a cache page faults it in, which on a VM costs about
-    /// 10 µs a page when the memory comes fresh from the host (about 3 ms per 7B token on one
-    /// thread), so the threads share that.
+    /// across `pool`: the first write to a cache page faults it in, which is slow on a VM when
+    /// the memory comes fresh from the host, so the threads share that.
     pub fn store(&mut self, pool: &mut ThreadPool, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (hd, seq, n_kv) = (self.head_dim, self.max_seq_len, self.n_kv_heads);
         let n = k.len() / (n_kv * hd).max(1);
