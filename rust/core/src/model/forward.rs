@@ -6,9 +6,12 @@
 //! each layer (its heads, its hidden units); the collective sums the partial outputs of the
 //! attention and FFN projections across nodes. With `Local` this is the one-machine model.
 
+use std::sync::Mutex;
+
 use super::collective::Collective;
 use super::compute::{self, input};
 use super::config::{is_quantized, ModelConfig};
+use super::experts::{run_experts, ExpertLane, ExpertShape};
 use super::kv_cache::KvCache;
 use super::split::NodeSlice;
 use super::weights::{Ffn, SwiGlu, Weights};
@@ -58,8 +61,9 @@ struct Buffers {
     logits_local: Vec<f32>, // (vocab_local)
     fused: Vec<f32>,        // (batch, max(q_local + 2 kv_local, 2 hidden_local)) fused matmul out
     router: Vec<f32>,       // (batch, n_experts) router logits, then probabilities (MoE)
-    xe: Vec<f32>,           // (batch, dim) the normed inputs of the tokens routed to one expert
-    proj_e: Vec<f32>,       // (batch, dim) one expert's output for those tokens
+    ye: Vec<f32>,           // (batch · n_active, dim) each picked expert's outputs (MoE)
+    /// MoE: one per thread, the scratch buffers of a thread running experts
+    lanes: Vec<Mutex<ExpertLane>>,
 }
 
 pub struct Model {
@@ -140,8 +144,13 @@ impl Model {
             logits_local: vec![0.0; slice.vocab.len()],
             fused: vec![0.0; b * (q_local + 2 * kv_local).max(2 * hid)],
             router: vec![0.0; cfg.moe.map_or(0, |m| b * m.n_experts)],
-            xe: vec![0.0; if cfg.moe.is_some() { b * cfg.dim } else { 0 }],
-            proj_e: vec![0.0; if cfg.moe.is_some() { b * cfg.dim } else { 0 }],
+            ye: vec![0.0; cfg.moe.map_or(0, |m| b * m.n_active * cfg.dim)],
+            lanes: match cfg.moe {
+                Some(_) => (0..nthreads)
+                    .map(|_| ExpertLane::new(cfg.dim, hid, b).map(Mutex::new))
+                    .collect::<Result<_>>()?,
+                None => Vec::new(),
+            },
         };
         let q80_inputs = buffer_type == BufferType::Q80 && is_quantized(cfg.weights_float_type);
         Ok(Model {
@@ -375,24 +384,29 @@ impl Model {
                     compute::matmul(ff.pool, router, xin, n, logits)?;
                     let norm_topk = cfg.moe.is_some_and(|m| m.norm_topk_prob);
                     let routes = ops::route_top_k(logits, n_experts, *n_active, norm_topk)?;
+                    // each chosen expert on the tokens routed to it (unpicked ones are not read)
+                    let shape = ExpertShape {
+                        dim,
+                        hid,
+                        q80,
+                        act: cfg.hidden_act,
+                    };
+                    let picked = run_experts(
+                        ff.pool,
+                        &bufs.lanes,
+                        experts,
+                        &routes,
+                        shape,
+                        &bufs.xb[..n * dim],
+                        &mut bufs.ye,
+                    )?;
+                    // each token's output: the sum of its experts' outputs, weighted
                     let out = &mut bufs.proj[..n * dim];
                     out.fill(0.0);
-                    for (expert, chosen) in experts.iter().zip(&routes) {
-                        if chosen.is_empty() {
-                            continue; // no token picked it: its weights are not read
-                        }
-                        // gather the rows of the tokens routed to this expert
-                        let m = chosen.len();
-                        for (j, &(t, _)) in chosen.iter().enumerate() {
-                            bufs.xe[j * dim..(j + 1) * dim]
-                                .copy_from_slice(&bufs.xb[t * dim..(t + 1) * dim]);
-                        }
-                        let ye = &mut bufs.proj_e[..m * dim];
-                        ff.run(expert, &bufs.xe[..m * dim], m, ye)?;
-                        // each token's output: the sum of its experts' outputs, weighted
-                        for (j, &(t, w)) in chosen.iter().enumerate() {
-                            let o = &mut out[t * dim..(t + 1) * dim];
-                            for (o, &y) in o.iter_mut().zip(&ye[j * dim..(j + 1) * dim]) {
+                    for (e, start) in picked {
+                        for (j, &(t, w)) in routes[e].iter().enumerate() {
+                            let y = &bufs.ye[(start + j) * dim..(start + j + 1) * dim];
+                            for (o, &y) in out[t * dim..(t + 1) * dim].iter_mut().zip(y) {
                                 *o += w * y;
                             }
                         }
@@ -433,21 +447,21 @@ impl Model {
 }
 
 /// The pool and scratch buffers one SwiGLU runs with (borrowed from `Buffers`).
-struct SwiGluRun<'a> {
-    pool: &'a mut ThreadPool,
-    q80: bool,
-    act: HiddenAct,
-    hid: usize,             // this node's hidden units
-    xq: &'a mut [BlockQ80], // quantized matmul input
-    h1: &'a mut [f32],      // (batch, hid) gate, then act(gate) * up
-    h3: &'a mut [f32],      // (batch, hid) up
-    fused: &'a mut [f32],   // (batch, 2 hid) packed w1|w3 output
+pub(super) struct SwiGluRun<'a> {
+    pub pool: &'a mut ThreadPool,
+    pub q80: bool,
+    pub act: HiddenAct,
+    pub hid: usize,             // this node's hidden units
+    pub xq: &'a mut [BlockQ80], // quantized matmul input
+    pub h1: &'a mut [f32],      // (batch, hid) gate, then act(gate) * up
+    pub h3: &'a mut [f32],      // (batch, hid) up
+    pub fused: &'a mut [f32],   // (batch, 2 hid) packed w1|w3 output
 }
 
 impl SwiGluRun<'_> {
     /// out (n, dim) = w2 · (act(w1 · x) * (w3 · x)) for x (n, dim) over this node's hidden
     /// units (a partial sum over nodes).
-    fn run(&mut self, f: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    pub fn run(&mut self, f: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
         let hid = self.hid;
         let (h1, h3) = (&mut self.h1[..n * hid], &mut self.h3[..n * hid]);
         // gate and up projections (this node's hidden units)

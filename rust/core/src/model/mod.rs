@@ -3,6 +3,7 @@
 pub mod collective;
 pub mod compute;
 pub mod config;
+mod experts;
 pub mod forward;
 pub mod kv_cache;
 pub mod load;

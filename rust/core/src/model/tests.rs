@@ -581,3 +581,62 @@ fn qwen3_and_moe_match_the_reference() {
         split_cfg_case(&cfg, &tensors, BufferType::F32, false, 1e-5);
     }
 }
+
+/// Qwen3-MoE's experts run whole per thread (at least two picked experts per thread) or one
+/// after another with each matmul split across the threads (fewer): 1, 2 and 3 threads give
+/// the same logits to the bit, token by token (4 picked experts: 2 threads run them whole, 3
+/// split them) and batched (up to 8 picked), in F32 and in packed Q40 with Q80 inputs.
+#[test]
+fn moe_logits_do_not_depend_on_the_thread_count() {
+    use crate::format::ArchType;
+    for (dtype, bt, pack) in [
+        (FloatType::F32, BufferType::F32, false),
+        (FloatType::Q40, BufferType::Q80, true),
+    ] {
+        let cfg = ModelConfig {
+            arch: ArchType::Qwen3Moe,
+            qk_norm: true,
+            moe: Some(MoeConfig {
+                n_experts: 8,
+                n_active: 4,
+                norm_topk_prob: true,
+            }),
+            ..config(4, 4, RopeType::Falcon, dtype)
+        };
+        let mut full = random_model(&cfg, 19);
+        let tensors = encode(&cfg, &mut full);
+        let run = |threads: usize, batched: bool| -> Vec<Vec<f32>> {
+            let slice = NodeSlice::new(&cfg, 0, 1).unwrap();
+            let get_part = |name: &str| {
+                let (part, ..) = weights::tensor_part(&cfg, &slice, name)?;
+                part.take(
+                    tensors
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))?,
+                )
+            };
+            let w = Weights::from_parts(&cfg, &slice, true, usize::from(pack), &get_part).unwrap();
+            let mut m = Model::new(cfg.clone(), slice, w, bt, 0, threads).unwrap();
+            if batched {
+                m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
+                return vec![m.logits.clone()];
+            }
+            let mut out = vec![];
+            for (p, &tok) in TOKENS.iter().enumerate() {
+                m.step(&[tok as i64], p as i64, &mut Local).unwrap();
+                out.push(m.logits.clone());
+            }
+            out
+        };
+        for batched in [false, true] {
+            let one = run(1, batched);
+            for threads in [2, 3] {
+                assert!(
+                    run(threads, batched) == one,
+                    "{dtype:?} batched {batched}: {threads} threads differ from 1"
+                );
+            }
+        }
+    }
+}
