@@ -116,31 +116,11 @@ def chat(
         _err(f"--max-tokens must be >= 0, got {max_tokens}")
         raise typer.Exit(2)
     try:
-        params = cs.sampling_params(
-            temperature=temperature,
-            top_p=topp,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=seed,
-            logit_bias=logit_bias,
-        )
+        params = cs.sampling_params(locals())
     except ValueError as e:
         _err(str(e))
         raise typer.Exit(2) from None
-    llm = load_llm(
-        model,
-        tokenizer,
-        nthreads=nthreads,
-        buffer_float_type=buffer_float_type,
-        max_seq_len=max_seq_len,
-        weights_float_type=weights_float_type,
-        workers=workers,
-        secret=secret,
-        ready_timeout=ready_timeout,
-    )
+    llm = load_llm(locals())
     try:
         params.check(llm.vocab_size)
         template = ChatTemplate(llm.tokenizer, chat_template)

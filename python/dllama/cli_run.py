@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -117,21 +118,14 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
-def load_llm(
-    model: Path | None,
-    tokenizer: Path | None,
-    *,
-    nthreads: int,
-    buffer_float_type: BufferType,
-    max_seq_len: int,
-    weights_float_type: str | None,
-    workers: list[str] | None,
-    secret: str | None,
-    ready_timeout: float = 600.0,
-    progress: bool = True,
-) -> LLM:
+def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
     """The model of `run`, `chat` and `serve`: the default one when `model` is None; a
-    one-line error and exit on failure."""
+    one-line error and exit on failure. `options` are the command's own parameters (its
+    ``locals()``), which declare `model`, `tokenizer` and the load options under these names,
+    so that every command forwards all of them."""
+    model: Path | None = options["model"]
+    tokenizer: Path | None = options["tokenizer"]
+    nthreads: int = options["nthreads"]
     warn_threads(nthreads)
     if model is None:
         from dllama import models
@@ -151,12 +145,12 @@ def load_llm(
             model,
             tokenizer,
             nthreads=nthreads,
-            buffer_float_type=buffer_float_type.value,
-            max_seq_len=max_seq_len,
-            weights_float_type=weights_float_type,
-            workers=workers or None,
-            secret=secret,
-            ready_timeout=ready_timeout,
+            buffer_float_type=options["buffer_float_type"].value,
+            max_seq_len=options["max_seq_len"],
+            weights_float_type=options["weights_float_type"],
+            workers=options["workers"] or None,
+            secret=options["secret"],
+            ready_timeout=options["ready_timeout"],
         )
     except (ValueError, OSError) as e:
         _err(str(e))
@@ -236,33 +230,12 @@ def run(
         _err("--stats and --json are two output formats: choose one")
         raise typer.Exit(2)
     try:
-        params = cs.sampling_params(
-            temperature=temperature,
-            top_p=topp,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=seed,
-            logit_bias=logit_bias,
-        )
+        params = cs.sampling_params(locals())
         cs.check_logprobs(logprobs)
     except ValueError as e:
         _err(str(e))
         raise typer.Exit(2) from None
-    llm = load_llm(
-        model,
-        tokenizer,
-        nthreads=nthreads,
-        buffer_float_type=buffer_float_type,
-        max_seq_len=max_seq_len,
-        weights_float_type=weights_float_type,
-        workers=workers,
-        secret=secret,
-        ready_timeout=ready_timeout,
-        progress=not json_out,
-    )
+    llm = load_llm(locals(), progress=not json_out)
     if not json_out:
         typer.echo(model_line(llm), err=True)
     try:

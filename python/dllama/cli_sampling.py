@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import typer
 
@@ -79,30 +80,20 @@ def parse_logit_bias(items: list[str] | None) -> dict[int, float]:
     return out
 
 
-def sampling_params(
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    presence_penalty: float,
-    frequency_penalty: float,
-    seed: int | None,
-    logit_bias: list[str] | None,
-    vocab_size: int | None = None,
-) -> SamplingParams:
-    """The options as one checked :class:`SamplingParams` (ValueError naming a bad one)."""
+def sampling_params(options: Mapping[str, Any], vocab_size: int | None = None) -> SamplingParams:
+    """The options as one checked :class:`SamplingParams` (ValueError naming a bad one).
+    `options` are the command's own parameters (its ``locals()``), which declare the options
+    above under these names (`topp` for `--top-p`), so that every command forwards all of them."""
     p = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        seed=seed,
-        logit_bias=parse_logit_bias(logit_bias),
+        temperature=options["temperature"],
+        top_p=options["topp"],
+        top_k=options["top_k"],
+        min_p=options["min_p"],
+        repetition_penalty=options["repetition_penalty"],
+        presence_penalty=options["presence_penalty"],
+        frequency_penalty=options["frequency_penalty"],
+        seed=options["seed"],
+        logit_bias=parse_logit_bias(options["logit_bias"]),
     )
     p.check(vocab_size)
     return p

@@ -104,17 +104,7 @@ def serve(
     except ImportError as e:
         _err(f"dllama serve needs fastapi and uvicorn ({e}): pip install fastapi uvicorn")
         raise typer.Exit(2) from None
-    llm = load_llm(
-        model,
-        tokenizer,
-        nthreads=nthreads,
-        buffer_float_type=buffer_float_type,
-        max_seq_len=max_seq_len,
-        weights_float_type=weights_float_type,
-        workers=workers,
-        secret=secret,
-        ready_timeout=ready_timeout,
-    )
+    llm = load_llm(locals())
     try:
         template = ChatTemplate(llm.tokenizer, chat_template)
     except ValueError as e:
