@@ -52,7 +52,7 @@ AARCH64_KERNELS = [
 X86_KERNELS = [
     ("Q40×Q80 AVX2", r"maddubs::matmul_q40_q80$", r"vpmaddubsw", 1),
     ("Q40×Q80 AVX2 packed", r"maddubs::matmul_q40x8_q80$", r"vpmaddubsw", 1),
-    ("Q80×Q80 AVX2", r"avx2::matmul_q80_q80$", r"vpmaddubsw|vpmaddwd|vpdpbusd", 1),
+    ("Q80×Q80 AVX2", r"avx2::matmul_q80_q80$", r"vpmaddubsw|vpdpbusd", 1),
     ("F32 matmul", r"avx2::matmul_f32$", r"vfmadd\w+ps", 4),
     ("softmax (per 32 scores)", r"avx2::softmax$", r"vfmadd\w+ps|vmulps", 0),
 ]

@@ -162,6 +162,39 @@ fn q40_q80_batch_equals_one_token_at_a_time() {
 }
 
 #[test]
+fn q80_and_packed_batch_equal_one_token_at_a_time() {
+    // the multi-row (one token) and multi-token (prefill) tiles compute every output the same way
+    let mut rng = rng(15);
+    let (n_rows, bpr, n_tokens) = (37, 9, 6);
+    let w8 = random_q80(&mut rng, n_rows * bpr);
+    let w4 = random_q40(&mut rng, n_rows * bpr);
+    let packed = kernels::PackedQ40::pack(&w4, n_rows, bpr * QK).unwrap();
+    let cells = packed.groups(0, packed.n_groups());
+    let x = random_q80(&mut rng, n_tokens * bpr);
+    for k in all_kernels() {
+        let run = |x: &[BlockQ80], out: &mut [f32], n: usize, which: usize| match which {
+            0 => k.matmul_q80_q80(&w8, x, out, n),
+            _ => k.matmul_q40x8_q80(cells, bpr, x, out, n),
+        };
+        for which in 0..2 {
+            let mut batch = vec![0.0f32; n_tokens * n_rows];
+            run(&x, &mut batch, n_tokens, which);
+            for t in 0..n_tokens {
+                let mut one = vec![0.0f32; n_rows];
+                run(&x[t * bpr..(t + 1) * bpr], &mut one, 1, which);
+                assert_eq!(
+                    &batch[t * n_rows..(t + 1) * n_rows],
+                    &one[..],
+                    "{} {} token {t}",
+                    k.path,
+                    ["q80×q80", "packed q40×q80"][which]
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn q80_q80_every_path() {
     check_quant_x_q80(
         3,

@@ -35,27 +35,87 @@ pub(crate) unsafe fn scale8(d: u16) -> __m256 {
 // ---------------------------------------------------------------------------------------
 // Q80 × Q80
 
+/// R rows × T tokens of Q80 × Q80, blocks innermost; `out[r][t]`. Each input block is
+/// loaded (and its scale converted) once for the R rows, each weight block once for the T
+/// tokens; every (row, token) sum is the same sequence of operations as a 1 × 1 tile.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile_q80<const R: usize, const T: usize>(
+    w: *const BlockQ80,
+    x: *const BlockQ80,
+    bpr: usize,
+) -> [[f32; T]; R] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..bpr {
+        let mut xv = [_mm256_setzero_si256(); T];
+        let mut xd = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            let xb = x.add(t * bpr + b);
+            xv[t] = _mm256_loadu_si256((*xb).qs.as_ptr() as *const __m256i);
+            xd[t] = scale8((*xb).d);
+        }
+        for r in 0..R {
+            let wb = w.add(r * bpr + b);
+            let wv = _mm256_loadu_si256((*wb).qs.as_ptr() as *const __m256i);
+            // |w| * (x with w's sign): unsigned × signed bytes for vpmaddubsw
+            let aw = _mm256_sign_epi8(wv, wv);
+            let dw = scale8((*wb).d);
+            for t in 0..T {
+                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv));
+                let p = _mm256_madd_epi16(p, ones);
+                acc[r][t] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, xd[t]), acc[r][t]);
+            }
+        }
+    }
+    let mut res = [[0.0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            res[r][t] = hsum(acc[r][t]);
+        }
+    }
+    res
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, bpr) Q80 × x (n_tokens, bpr) Q80.
+///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_tokens: usize) {
     let (n_rows, bpr, _) = kernel_shape(w.len(), x.len(), out.len(), n_tokens, 1);
-    let ones = _mm256_set1_epi16(1);
-    for r in 0..n_rows {
-        let wr = &w[r * bpr..(r + 1) * bpr];
-        for t in 0..n_tokens {
-            let xt = &x[t * bpr..(t + 1) * bpr];
-            let mut acc = _mm256_setzero_ps();
-            for (a, b) in wr.iter().zip(xt) {
-                let av = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                let bv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-                // |a| * (b with a's sign): unsigned × signed bytes for vpmaddubsw
-                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(av, av), _mm256_sign_epi8(bv, av));
-                let p = _mm256_madd_epi16(p, ones);
-                let s = _mm256_mul_ps(scale8(a.d), scale8(b.d));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    if n_tokens == 1 {
+        // generation: 4 rows share each input block
+        let mut r = 0;
+        while r + 4 <= n_rows {
+            let v = tile_q80::<4, 1>(wp.add(r * bpr), xp, bpr);
+            for i in 0..4 {
+                out[r + i] = v[i][0];
             }
-            out[t * n_rows + r] = hsum(acc);
+            r += 4;
+        }
+        while r < n_rows {
+            out[r] = tile_q80::<1, 1>(wp.add(r * bpr), xp, bpr)[0][0];
+            r += 1;
+        }
+    } else {
+        // prefill: each weight row stays in L1 while all tokens go by, 4 tokens per pass
+        for r in 0..n_rows {
+            let wr = wp.add(r * bpr);
+            let mut t = 0;
+            while t + 4 <= n_tokens {
+                let v = tile_q80::<1, 4>(wr, xp.add(t * bpr), bpr);
+                for i in 0..4 {
+                    out[(t + i) * n_rows + r] = v[0][i];
+                }
+                t += 4;
+            }
+            while t < n_tokens {
+                out[t * n_rows + r] = tile_q80::<1, 1>(wr, xp.add(t * bpr), bpr)[0][0];
+                t += 1;
+            }
         }
     }
 }

@@ -81,7 +81,7 @@ unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
 // Q40 × Q80, generated for each int8 dot instruction
 
 macro_rules! q40_q80_kernels {
-    ($features:literal, $dot:ident, $dot8:ident) => {
+    ($features:literal, $dot:ident, $dot8:ident, $step8:ident) => {
         /// 8 rows (one packed group) × T tokens: each cell is expanded once for the T tokens;
         /// lane j of `acc[t]` is row j's output for token t.
         #[target_feature(enable = $features)]
@@ -108,9 +108,60 @@ macro_rules! q40_q80_kernels {
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
                 for t in 0..T {
                     let i = t * bpr + b;
-                    let p = $dot8(&lo, &hi, (*x.add(i)).qs.as_ptr() as *const i32, *nc.add(i));
+                    let xq = (*x.add(i)).qs.as_ptr() as *const i32;
+                    let mut s = [_mm256_setzero_si256(); 2];
+                    for q in 0..4 {
+                        let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
+                        let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
+                        $step8(&mut s, lo[q], hi[q], xl, xh);
+                    }
+                    let p = $dot8(s, *nc.add(i));
                     let s = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dx.add(i)));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[t]);
+                }
+            }
+            acc
+        }
+
+        /// G packed groups (8·G rows, `gstride` bytes apart) × one token: each input block's
+        /// 8 broadcasts, its scale and its correction are shared by the G cells of a block
+        /// column; lane j of `acc[g]` is row j of group g. Per row the same integer sums and
+        /// f32 operations as `packed_tile::<1>`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn packed_groups<const G: usize>(
+            gc: *const u8,
+            gstride: usize,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+            nc: *const i32,
+        ) -> [__m256; G] {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); G];
+            for b in 0..bpr {
+                let xq = (*x.add(b)).qs.as_ptr() as *const i32;
+                let mut s = [[_mm256_setzero_si256(); 2]; G];
+                for g in 0..G {
+                    prefetch_ahead(gc.add(g * gstride + b * CELL), CELL);
+                }
+                for q in 0..4 {
+                    let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
+                    let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
+                    for g in 0..G {
+                        let c = gc.add(g * gstride + b * CELL);
+                        let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
+                        let lo = _mm256_and_si256(v, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        $step8(&mut s[g], lo, hi, xl, xh);
+                    }
+                }
+                let d = _mm256_broadcast_ss(&*dx.add(b));
+                for g in 0..G {
+                    let c = gc.add(g * gstride + b * CELL);
+                    let p = $dot8(s[g], *nc.add(b));
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
+                    acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, d), acc[g]);
                 }
             }
             acc
@@ -145,6 +196,24 @@ macro_rules! q40_q80_kernels {
                         out[row0..row0 + rows].copy_from_slice(&lanes[..rows]);
                     }
                 };
+                if n_tokens == 1 {
+                    // generation: 2 groups (16 rows) share each input block's broadcasts
+                    let gstride = bpr * CELL;
+                    let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
+                    let mut g = 0;
+                    while g + 2 <= n_groups {
+                        let gc = cells.as_ptr().add(g * gstride);
+                        let v = packed_groups::<2>(gc, gstride, bpr, xp, dx, nc);
+                        store(0, g, v[0]);
+                        store(0, g + 1, v[1]);
+                        g += 2;
+                    }
+                    if g < n_groups {
+                        let gc = cells.as_ptr().add(g * gstride);
+                        store(0, g, packed_groups::<1>(gc, gstride, bpr, xp, dx, nc)[0]);
+                    }
+                    return;
+                }
                 for g in 0..n_groups {
                     // the group's cells (bpr · 144 bytes) stay in L2 while the tokens go by,
                     // so the weights are read from memory once per batch
@@ -283,63 +352,58 @@ macro_rules! q40_q80_kernels {
     };
 }
 
-/// The 8 rows' integer dot products of one packed cell (expanded: `lo[q]`, `hi[q]`) with
-/// one input block `xq` (32 bytes as 8 i32): lane j = sum n_j * x - 8 sum x. With
-/// `vpmaddubsw`: 8 products of at most 2 · 15 · 128 summed in i16 stay below 32768.
+/// One step of the 8 rows' integer dot products of a packed cell with an input block: `lo`,
+/// `hi` = the cell's vector V_q expanded, `xl`, `xh` = input bytes 4q..4q+4 and 16+4q..
+/// 16+4q+4 broadcast; `s` two partial sums (finished by `dot8_maddubs`). With `vpmaddubsw`:
+/// 8 products of at most 2 · 15 · 128 summed in i16 over the 4 steps stay below 32768.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot8_maddubs(
-    lo: &[__m256i; 4],
-    hi: &[__m256i; 4],
-    xq: *const i32,
-    ncorr: i32,
-) -> __m256i {
-    let mut s = [_mm256_setzero_si256(); 2];
-    for q in 0..4 {
-        let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
-        let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
-        s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo[q], xl));
-        s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi[q], xh));
-    }
+unsafe fn step8_maddubs(s: &mut [__m256i; 2], lo: __m256i, hi: __m256i, xl: __m256i, xh: __m256i) {
+    s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(lo, xl));
+    s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(hi, xh));
+}
+
+/// The 8 rows' dot products from the 4 steps' sums: lane j = sum n_j * x - 8 sum x.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot8_maddubs(s: [__m256i; 2], ncorr: i32) -> __m256i {
     let p = _mm256_madd_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_set1_epi16(1));
     _mm256_add_epi32(p, _mm256_set1_epi32(ncorr))
 }
 
 macro_rules! dot8_vnni {
-    ($name:ident, $features:literal, $dpbusd:ident) => {
-        /// As `dot8_maddubs`, with `vpdpbusd` (two independent chains of 4).
+    ($step:ident, $finish:ident, $features:literal, $dpbusd:ident) => {
+        /// As `step8_maddubs`, with `vpdpbusd` (two independent chains, in i32).
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn $name(
-            lo: &[__m256i; 4],
-            hi: &[__m256i; 4],
-            xq: *const i32,
-            ncorr: i32,
-        ) -> __m256i {
-            let mut s = [_mm256_set1_epi32(ncorr), _mm256_setzero_si256()];
-            for q in 0..4 {
-                s[0] = $dpbusd(
-                    s[0],
-                    lo[q],
-                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q))),
-                );
-                s[1] = $dpbusd(
-                    s[1],
-                    hi[q],
-                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q))),
-                );
-            }
-            _mm256_add_epi32(s[0], s[1])
+        unsafe fn $step(
+            s: &mut [__m256i; 2],
+            lo: __m256i,
+            hi: __m256i,
+            xl: __m256i,
+            xh: __m256i,
+        ) {
+            s[0] = $dpbusd(s[0], lo, xl);
+            s[1] = $dpbusd(s[1], hi, xh);
+        }
+
+        /// As `dot8_maddubs`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $finish(s: [__m256i; 2], ncorr: i32) -> __m256i {
+            _mm256_add_epi32(_mm256_add_epi32(s[0], _mm256_set1_epi32(ncorr)), s[1])
         }
     };
 }
 
 dot8_vnni!(
+    step8_avxvnni,
     dot8_avxvnni,
     "avx2,fma,f16c,avxvnni",
     _mm256_dpbusd_avx_epi32
 );
 dot8_vnni!(
+    step8_avx512vnni,
     dot8_avx512vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     _mm256_dpbusd_epi32
@@ -355,7 +419,7 @@ unsafe fn dot_maddubs(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod maddubs {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs, dot8_maddubs);
+    q40_q80_kernels!("avx2,fma,f16c", dot_maddubs, dot8_maddubs, step8_maddubs);
 }
 
 /// sum n * x - corr with AVX-VNNI `vpdpbusd` (VEX encoding: Alder Lake+, Zen 5).
@@ -367,7 +431,7 @@ unsafe fn dot_avxvnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avxvnni {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni, dot8_avxvnni);
+    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni, dot8_avxvnni, step8_avxvnni);
 }
 
 /// sum n * x - corr with AVX-512 VNNI `vpdpbusd` on 256-bit registers (Ice Lake+, Zen 4+).
@@ -382,7 +446,8 @@ pub mod avx512vnni {
     q40_q80_kernels!(
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         dot_avx512vnni,
-        dot8_avx512vnni
+        dot8_avx512vnni,
+        step8_avx512vnni
     );
 }
 

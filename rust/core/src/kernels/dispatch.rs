@@ -194,7 +194,7 @@ impl Kernels {
                     axpy: neon::axpy,
                     attn_scores: neon::attn_scores,
                     attn_values: neon::attn_values,
-                    softmax: scalar::softmax,
+                    softmax: neon::softmax,
                 })
             }
             #[allow(unreachable_patterns)]

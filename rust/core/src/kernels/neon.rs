@@ -11,6 +11,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
+use super::packed::PREFETCH_AHEAD;
 use super::shape::{assert_q80_blocks, matmul_rows};
 
 #[target_feature(enable = "neon")]
@@ -359,22 +360,74 @@ pub unsafe fn quantize_q80(x: &[f32], out: &mut [BlockQ80]) {
     }
 }
 
+/// Ask for the cache lines of the `len` bytes `PREFETCH_AHEAD` bytes after `p` (`prfm`, a
+/// hint that never faults, so the address may lie past the data): a head's keys and values
+/// are each one stream, which the hardware prefetchers stop following at page boundaries.
+#[inline(always)]
+fn prefetch_ahead(p: *const u8, len: usize) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD);
+    for off in (0..len).step_by(64) {
+        // SAFETY: `prfm` has no architectural effect, for any address.
+        unsafe {
+            asm!("prfm pldl1keep, [{0}]", in(reg) ahead.wrapping_add(off), options(nostack, preserves_flags, readonly));
+        }
+    }
+}
+
+/// The 4 sums of the lanes of `a[0..4]`, in order, as one vector.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn hsum4(a: &[float32x4_t]) -> float32x4_t {
+    vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))
+}
+
 /// Attention scores of one head: scores[p] = (q · k[p·stride .. p·stride + q.len()]) · scale.
+/// Eight positions at a time: eight independent dot products whose sums come out as two
+/// vectors (`hsum4`), instead of one horizontal sum per position.
 ///
 /// # Safety
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
 pub unsafe fn attn_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
     let hd = q.len();
-    if let Some(last) = scores.len().checked_sub(1) {
+    let n = scores.len();
+    if let Some(last) = n.checked_sub(1) {
         assert!(last * stride + hd <= k.len(), "attn_scores: keys too short");
     }
-    for (p, s) in scores.iter_mut().enumerate() {
-        *s = dot_f32(q, k.get_unchecked(p * stride..p * stride + hd)) * scale;
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let chunks = hd / 4;
+    let mut p = 0;
+    while p + 8 <= n {
+        for j in 0..8 {
+            prefetch_ahead(kp.add((p + j) * stride) as *const u8, hd * 4);
+        }
+        let mut acc = [vdupq_n_f32(0.0); 8];
+        for c in 0..chunks {
+            let qc = vld1q_f32(qp.add(4 * c));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = vfmaq_f32(*a, qc, vld1q_f32(kp.add((p + j) * stride + 4 * c)));
+            }
+        }
+        let mut s = [hsum4(&acc[..4]), hsum4(&acc[4..])];
+        for i in 4 * chunks..hd {
+            for (h, s) in s.iter_mut().enumerate() {
+                let tail: [f32; 4] =
+                    std::array::from_fn(|j| q[i] * *kp.add((p + 4 * h + j) * stride + i));
+                *s = vaddq_f32(*s, vld1q_f32(tail.as_ptr()));
+            }
+        }
+        vst1q_f32(scores.as_mut_ptr().add(p), vmulq_n_f32(s[0], scale));
+        vst1q_f32(scores.as_mut_ptr().add(p + 4), vmulq_n_f32(s[1], scale));
+        p += 8;
+    }
+    for (j, out) in scores.iter_mut().enumerate().skip(p) {
+        *out = dot_f32(q, k.get_unchecked(j * stride..j * stride + hd)) * scale;
     }
 }
 
 /// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
+/// 64 outputs at a time stay in 16 registers across all positions (an `axpy` per position
+/// would load and store them each time).
 ///
 /// # Safety
 /// The CPU has NEON.
@@ -387,7 +440,128 @@ pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]
             "attn_values: values too short"
         );
     }
-    for (p, &a) in att.iter().enumerate() {
-        axpy(a, v.get_unchecked(p * stride..p * stride + hd), out);
+    let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
+    let mut c0 = 0;
+    while c0 + 64 <= hd {
+        let mut acc: [float32x4_t; 16] = std::array::from_fn(|j| vld1q_f32(op.add(c0 + 4 * j)));
+        for (p, &a) in att.iter().enumerate() {
+            if c0 == 0 {
+                // whole rows, ahead, as for the keys (later passes find them in the cache)
+                prefetch_ahead(vp.add(p * stride) as *const u8, hd * 4);
+            }
+            let row = vp.add(p * stride + c0);
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = vfmaq_n_f32(*acc, vld1q_f32(row.add(4 * j)), a);
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            vst1q_f32(op.add(c0 + 4 * j), *acc);
+        }
+        c0 += 64;
+    }
+    if c0 < hd {
+        // the last hd % 64 outputs (head_dim 64 and 128 never get here)
+        for (p, &a) in att.iter().enumerate() {
+            axpy(
+                a,
+                v.get_unchecked(p * stride + c0..p * stride + hd),
+                &mut out[c0..],
+            );
+        }
+    }
+}
+
+/// exp of N × 4 values, the scheme and constants of the x86 `exp8` (Cephes' `expf`: x = n·ln2
+/// + r with |r| <= ln2/2, a degree-5 polynomial for exp(r), 2^n by the exponent bits); within
+/// 2 ulp of `f32::exp` for inputs in [-87.3, 88.3] (other inputs are clamped to that range, so
+/// the result is never 0 or infinite; NaN stays NaN: `fmax` / `fmin` return it). Each step is
+/// written for the N vectors together, so that their N dependency chains interleave.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn exp4<const N: usize>(x: [float32x4_t; N]) -> [float32x4_t; N] {
+    let x = x.map(|v| vminq_f32(vdupq_n_f32(88.3), vmaxq_f32(vdupq_n_f32(-87.3), v)));
+    let n = x.map(|v| vrndnq_f32(vmulq_n_f32(v, std::f32::consts::LOG2_E)));
+    // r = x - n·ln2, with ln2 split in two so that n·ln2_hi is exact
+    let mut r = [vdupq_n_f32(0.0); N];
+    for k in 0..N {
+        r[k] = vfmsq_f32(x[k], n[k], vdupq_n_f32(0.693_359_4));
+    }
+    for k in 0..N {
+        r[k] = vfmsq_f32(r[k], n[k], vdupq_n_f32(-2.121_944_4e-4));
+    }
+    let mut p = [vdupq_n_f32(1.987_569_1e-4); N];
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        for k in 0..N {
+            p[k] = vfmaq_f32(vdupq_n_f32(c), p[k], r[k]);
+        }
+    }
+    let mut e = [vdupq_n_f32(0.0); N];
+    for k in 0..N {
+        // exp(r) = 1 + r + r² · p, times 2^n
+        let er = vfmaq_f32(vaddq_f32(r[k], vdupq_n_f32(1.0)), p[k], vmulq_f32(r[k], r[k]));
+        let pow2n = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n[k]), vdupq_n_s32(127)));
+        e[k] = vmulq_f32(er, vreinterpretq_f32_s32(pow2n));
+    }
+    e
+}
+
+/// x = exp(x - max x) / sum, in place, with `exp4` (16 values at a time).
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let n = x.len();
+    if n == 0 {
+        return;
+    }
+    let xp = x.as_mut_ptr();
+    let full = n / 4 * 4;
+    let mut mv = vdupq_n_f32(f32::NEG_INFINITY);
+    for i in (0..full).step_by(4) {
+        mv = vmaxq_f32(mv, vld1q_f32(xp.add(i)));
+    }
+    // a NaN score makes the max or the sum NaN, so every output NaN (as the scalar reference)
+    let max = x[full..].iter().fold(vmaxvq_f32(mv), |m, &v| m.max(v));
+    let mv = vdupq_n_f32(max);
+    let mut sv = vdupq_n_f32(0.0);
+    let mut i = 0;
+    while i + 16 <= full {
+        let v: [float32x4_t; 4] =
+            std::array::from_fn(|k| vsubq_f32(vld1q_f32(xp.add(i + 4 * k)), mv));
+        for (k, e) in exp4(v).into_iter().enumerate() {
+            vst1q_f32(xp.add(i + 4 * k), e);
+            sv = vaddq_f32(sv, e);
+        }
+        i += 16;
+    }
+    while i < full {
+        let [e] = exp4([vsubq_f32(vld1q_f32(xp.add(i)), mv)]);
+        vst1q_f32(xp.add(i), e);
+        sv = vaddq_f32(sv, e);
+        i += 4;
+    }
+    let mut sum = vaddvq_f32(sv);
+    if full < n {
+        // the last n % 4 values through the same exp, padded with -inf (exp: tiny, dropped)
+        let mut tail = [f32::NEG_INFINITY; 4];
+        tail[..n - full].copy_from_slice(&x[full..]);
+        let [e] = exp4([vsubq_f32(vld1q_f32(tail.as_ptr()), mv)]);
+        vst1q_f32(tail.as_mut_ptr(), e);
+        x[full..].copy_from_slice(&tail[..n - full]);
+        sum += tail[..n - full].iter().sum::<f32>();
+    }
+    let inv = 1.0 / sum;
+    for i in (0..full).step_by(4) {
+        vst1q_f32(xp.add(i), vmulq_n_f32(vld1q_f32(xp.add(i)), inv));
+    }
+    for v in &mut x[full..] {
+        *v /= sum;
     }
 }
