@@ -32,6 +32,7 @@ import argparse
 import gc
 import multiprocessing as mp
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,10 @@ def llamacpp_completion(
     try:
         import xllamacpp as x
     except ImportError:
+        print(
+            "llama.cpp not timed: xllamacpp is not installed (pip install xllamacpp)",
+            file=sys.stderr,
+        )
         return None
     p = x.CommonParams()
     p.model.path = str(path)

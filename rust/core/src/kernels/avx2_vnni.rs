@@ -376,13 +376,7 @@ macro_rules! dot8_vnni {
         /// As `step8_maddubs`, with `vpdpbusd` (two independent chains, in i32).
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn $step(
-            s: &mut [__m256i; 2],
-            lo: __m256i,
-            hi: __m256i,
-            xl: __m256i,
-            xh: __m256i,
-        ) {
+        unsafe fn $step(s: &mut [__m256i; 2], lo: __m256i, hi: __m256i, xl: __m256i, xh: __m256i) {
             s[0] = $dpbusd(s[0], lo, xl);
             s[1] = $dpbusd(s[1], hi, xh);
         }
@@ -431,7 +425,12 @@ unsafe fn dot_avxvnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avxvnni {
     use super::*;
-    q40_q80_kernels!("avx2,fma,f16c,avxvnni", dot_avxvnni, dot8_avxvnni, step8_avxvnni);
+    q40_q80_kernels!(
+        "avx2,fma,f16c,avxvnni",
+        dot_avxvnni,
+        dot8_avxvnni,
+        step8_avxvnni
+    );
 }
 
 /// sum n * x - corr with AVX-512 VNNI `vpdpbusd` on 256-bit registers (Ice Lake+, Zen 4+).

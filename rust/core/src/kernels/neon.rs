@@ -504,7 +504,11 @@ unsafe fn exp4<const N: usize>(x: [float32x4_t; N]) -> [float32x4_t; N] {
     let mut e = [vdupq_n_f32(0.0); N];
     for k in 0..N {
         // exp(r) = 1 + r + r² · p, times 2^n
-        let er = vfmaq_f32(vaddq_f32(r[k], vdupq_n_f32(1.0)), p[k], vmulq_f32(r[k], r[k]));
+        let er = vfmaq_f32(
+            vaddq_f32(r[k], vdupq_n_f32(1.0)),
+            p[k],
+            vmulq_f32(r[k], r[k]),
+        );
         let pow2n = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n[k]), vdupq_n_s32(127)));
         e[k] = vmulq_f32(er, vreinterpretq_f32_s32(pow2n));
     }
