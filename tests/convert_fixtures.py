@@ -149,3 +149,32 @@ def meta_key(name: str) -> str:
         "ffn_norm": "ffn_norm",
     }[short]
     return f"layers.{i}.{key}.weight"
+
+
+# the tests' own GGUF name table, independent of convert.gguf_source.GGUF_LAYER_NAMES on
+# purpose: a wrong name in the package must fail here, not be copied
+_GGUF_GLOBAL = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}
+_GGUF_LAYER = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "wo": "attn_output"}
+_GGUF_LAYER |= {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
+_GGUF_LAYER |= {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's GGUF tensor name of a `.m` tensor name (`layers.0.q` -> `blk.0.attn_q.weight`)."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name] + ".weight"
+    _, i, s = name.split(".")
+    return f"blk.{i}.{_GGUF_LAYER[s]}.weight"
+
+
+def add_gguf_hparams(w: Any, cfg: Any) -> None:
+    """The hyper-parameters of a transformers config `cfg` that convert_hf_to_gguf.py writes
+    for every Llama-family architecture, into the gguf.GGUFWriter `w`."""
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from assets import TEST_STRINGS, mistral_sp_model, smollm2_gguf
-from convert_fixtures import TINY, make_checkpoints, make_hf, meta_key
+from convert_fixtures import TINY, gguf_name, make_checkpoints, make_hf, meta_key
 from dllama import _core
 from dllama.cli import app
 from dllama.convert import ConvertError, convert_gguf, convert_model, convert_tokenizer
@@ -113,27 +113,9 @@ def _write_gguf(
     for name, t in (extra or {}).items():
         w.add_tensor(name, t)
     w.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
-    # the test's own name table, independent of convert.gguf_source.GGUF_LAYER_NAMES on purpose:
-    # a wrong name in the package must fail here, not be copied
-    names = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}
-    short = {
-        "q": "attn_q",
-        "k": "attn_k",
-        "v": "attn_v",
-        "wo": "attn_output",
-        "w1": "ffn_gate",
-        "w2": "ffn_down",
-        "w3": "ffn_up",
-        "attn_norm": "attn_norm",
-        "ffn_norm": "ffn_norm",
-    }
     for name in tensor_names(N_LAYERS):
         t = meta[meta_key(name)]
-        if name in names:
-            gname = names[name] + ".weight"
-        else:
-            _, i, s = name.split(".")
-            gname = f"blk.{i}.{short[s]}.weight"
+        gname = gguf_name(name)
         if q4_0 and t.ndim == 2 and name != "embedding":
             q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q4_0)
             w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q4_0)

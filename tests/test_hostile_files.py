@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from convert_fixtures import TINY, hf_to_meta_names, make_hf, meta_key
+from convert_fixtures import TINY, gguf_name, hf_to_meta_names, make_hf, meta_key
 from dllama.cli import app
 from dllama.convert import ConvertError, convert_model
 from dllama.convert.gguf_file import GGUFError, GGUFFile
@@ -200,19 +200,9 @@ def _gguf(
     w.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
     if n_tokens is not None:
         w.add_token_list([f"t{i}" for i in range(n_tokens)])
-    # the test's own name table, independent of convert.gguf_source on purpose (as test_convert's)
-    names = {"embedding": "token_embd", "norm": "output_norm", "wcls": "output"}
-    short = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "wo": "attn_output"}
-    short |= {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
-    short |= {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
     for name in tensor_names(N_LAYERS):
         t = meta[meta_key(name)]
-        if name in names:
-            gname = names[name] + ".weight"
-        else:
-            _, i, s = name.split(".")
-            gname = f"blk.{i}.{short[s]}.weight"
-        w.add_tensor(gname, (t.astype(np.float64) * scale) if f64 else t)
+        w.add_tensor(gguf_name(name), (t.astype(np.float64) * scale) if f64 else t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pytest
 import torch
 from assets import TEST_STRINGS, llama3_tiktoken_model
+from convert_fixtures import add_gguf_hparams
 from dllama import _core
 from dllama.convert import convert_model
 from dllama.tokenizer import Tokenizer
@@ -117,14 +118,7 @@ def _write_gguf(model: Any, tokenizer_json: Path, path: Path) -> Path:
     cfg = model.config
     sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_gguf_hparams(w, cfg)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
     # the vocabulary as llama.cpp takes it from tokenizer.json: specials are CONTROL tokens
