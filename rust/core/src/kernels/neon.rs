@@ -471,8 +471,8 @@ pub unsafe fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]
     }
 }
 
-/// exp of N × 4 values, the scheme and constants of the x86 `exp8` (Cephes' `expf`: x = n·ln2
-/// + r with |r| <= ln2/2, a degree-5 polynomial for exp(r), 2^n by the exponent bits); within
+/// exp of N × 4 values, the scheme and constants of the x86 `exp8` (Cephes' `expf`: x =
+/// n·ln2 + r with |r| <= ln2/2, a degree-5 polynomial for exp(r), 2^n by the exponent bits); within
 /// 2 ulp of `f32::exp` for inputs in [-87.3, 88.3] (other inputs are clamped to that range, so
 /// the result is never 0 or infinite; NaN stays NaN: `fmax` / `fmin` return it). Each step is
 /// written for the N vectors together, so that their N dependency chains interleave.
