@@ -1,5 +1,7 @@
 //! `.m` header: round trips, the byte layout, file sizes of real model shapes, bad headers.
 
+mod format_common;
+
 use dllama_core::format::header::{FieldValue, FIELD_NAMES, MODEL_MAGIC};
 use dllama_core::format::{ArchType, FloatType, HiddenAct, ModelHeader, RopeType};
 use dllama_core::Error;
@@ -35,30 +37,12 @@ fn all_fields(ft: FloatType) -> ModelHeader {
 }
 
 fn small(ft: FloatType) -> ModelHeader {
-    ModelHeader {
-        dim: 64,
-        hidden_dim: 96,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        vocab_size: 50,
-        max_seq_len: 16,
-        head_dim: 16,
-        weights_float_type: ft,
-        ..ModelHeader::default()
-    }
+    format_common::small_header(ft, 50, 16)
 }
 
 /// Header bytes packed by hand from (key, value) pairs, as distributed-llama's writer.py does.
 fn pack(pairs: &[(i32, i32)]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0x0A00_ABCDu32.to_le_bytes());
-    b.extend_from_slice(&(8 + 8 * pairs.len() as i32).to_le_bytes());
-    for (k, v) in pairs {
-        b.extend_from_slice(&k.to_le_bytes());
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-    b
+    format_common::pack_pairs(0x0A00_ABCD, pairs)
 }
 
 fn format_err(bytes: &[u8]) -> String {

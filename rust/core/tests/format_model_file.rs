@@ -1,5 +1,7 @@
 //! Memory-mapped `.m` and legacy `.bin` files: write → open → bytes, exact size checks.
 
+mod format_common;
+
 use std::path::PathBuf;
 
 use dllama_core::format::{self, FloatType, ModelFile, ModelHeader};
@@ -13,18 +15,7 @@ fn temp_path(name: &str) -> PathBuf {
 }
 
 fn small(ft: FloatType) -> ModelHeader {
-    ModelHeader {
-        dim: 64,
-        hidden_dim: 96,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        vocab_size: 40,
-        max_seq_len: 8,
-        head_dim: 16,
-        weights_float_type: ft,
-        ..ModelHeader::default()
-    }
+    format_common::small_header(ft, 40, 8)
 }
 
 /// Deterministic values for tensor `t` (different per tensor and position).

@@ -1,5 +1,7 @@
 //! `.t` and llama2.c tokenizer files: round trips, byte layout, old keys, bad files.
 
+mod format_common;
+
 use dllama_core::format::Tokenizer;
 use dllama_core::Error;
 
@@ -28,13 +30,7 @@ fn sample() -> Tokenizer {
 
 /// `.t` bytes packed by hand in tokenizer-writer.py's order.
 fn pack(pairs: &[(i32, i32)], tail: &[u8], tokens: &[(f32, &[u8])]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0x567124i32.to_le_bytes());
-    b.extend_from_slice(&(8 + 8 * pairs.len() as i32).to_le_bytes());
-    for (k, v) in pairs {
-        b.extend_from_slice(&k.to_le_bytes());
-        b.extend_from_slice(&v.to_le_bytes());
-    }
+    let mut b = format_common::pack_pairs(0x567124, pairs);
     b.extend_from_slice(tail);
     for (score, tok) in tokens {
         b.extend_from_slice(&score.to_le_bytes());

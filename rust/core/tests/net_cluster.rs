@@ -14,6 +14,15 @@ fn workers(n: usize) -> Vec<TestWorker> {
         .collect()
 }
 
+/// `n - 1` workers and a root connected to them with `buffer` (the workers listed first, so
+/// that the root is dropped before them).
+fn cluster(n: usize, buffer: BufferType) -> (Vec<TestWorker>, RootCollective) {
+    let ws = workers(n);
+    let refs: Vec<&TestWorker> = ws.iter().collect();
+    let root = connect_root(&refs, buffer, None).unwrap();
+    (ws, root)
+}
+
 /// Prefill of 3 tokens at pos 0, then two single tokens.
 fn script() -> Vec<(Vec<usize>, usize)> {
     vec![(vec![5, 17, 2], 0), (vec![9], 3), (vec![40], 4)]
@@ -32,9 +41,7 @@ fn reference_logits(n: usize) -> Vec<Vec<f32>> {
 #[test]
 fn f32_buffers_equal_the_reference_exactly_for_1_to_4_nodes() {
     for n in 1..=4 {
-        let ws = workers(n);
-        let refs: Vec<&TestWorker> = ws.iter().collect();
-        let mut root = connect_root(&refs, BufferType::F32, None).unwrap();
+        let (_ws, mut root) = cluster(n, BufferType::F32);
         assert_eq!(root.n_nodes(), n);
         let got = run_root(&mut root, &script()).unwrap();
         assert_eq!(got, reference_logits(n), "n = {n}");
@@ -45,9 +52,7 @@ fn f32_buffers_equal_the_reference_exactly_for_1_to_4_nodes() {
 fn q80_buffers_stay_within_the_quantization_bound() {
     // Q80 partials (d = amax/127, error <= d/2 per value per node), F16 input and logits.
     for n in 2..=4 {
-        let ws = workers(n);
-        let refs: Vec<&TestWorker> = ws.iter().collect();
-        let mut root = connect_root(&refs, BufferType::Q80, None).unwrap();
+        let (_ws, mut root) = cluster(n, BufferType::Q80);
         let got = run_root(&mut root, &script()).unwrap();
         let want = reference_logits(n);
         let mut max_err = 0f32;
@@ -70,9 +75,7 @@ fn every_node_holds_the_same_residual_with_q80_buffers() {
     // the reference rounds exactly as the protocol does; a worker whose residual drifted from
     // the root's (say, by adding its own partial unrounded) would send other logits
     for n in 1..=4 {
-        let ws = workers(n);
-        let refs: Vec<&TestWorker> = ws.iter().collect();
-        let mut root = connect_root(&refs, BufferType::Q80, None).unwrap();
+        let (_ws, mut root) = cluster(n, BufferType::Q80);
         let got = run_root(&mut root, &script()).unwrap();
         let want: Vec<Vec<f32>> = script()
             .into_iter()
@@ -92,9 +95,7 @@ fn bytes_per_step_equal_the_formula() {
         (BufferType::Q80, 3),
         (BufferType::F32, 4),
     ] {
-        let ws = workers(n);
-        let refs: Vec<&TestWorker> = ws.iter().collect();
-        let mut root = connect_root(&refs, buffer, None).unwrap();
+        let (_ws, mut root) = cluster(n, buffer);
         let (bw, vw) = (Wire::for_buffers(buffer), Wire::for_vectors(buffer));
         for n_tokens in [1usize, 3] {
             let tokens: Vec<usize> = (0..n_tokens).collect();
