@@ -127,13 +127,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
         ("layers.0.wo".to_string(), rows.concat()),
     ];
     let w = TestWorker::start(FakeFactory::shipped(expect.clone()), None);
-    let mut root = RootCollective::connect(
-        std::slice::from_ref(&w.addr),
-        DIM,
-        &identity(1),
-        &root_opts(BufferType::Q80, None),
-    )
-    .unwrap();
+    let mut root = connect_q80_unready(&w.addr);
     assert!(root.needs_weights(0));
     // the file: a, then the 5 rows of wo with 500 bytes of other columns after each
     let mut file_bytes = a.clone();
@@ -179,13 +173,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
 
     // a root shipping more than the worker's slice takes is refused, with the reason
     let w2 = TestWorker::start(FakeFactory::shipped(expect[..1].to_vec()), None);
-    let mut root = RootCollective::connect(
-        std::slice::from_ref(&w2.addr),
-        DIM,
-        &identity(1),
-        &root_opts(BufferType::Q80, None),
-    )
-    .unwrap();
+    let mut root = connect_q80_unready(&w2.addr);
     // (the bytes may all fit in the socket buffers: then the refusal comes instead of Ready)
     let err = root
         .ship(0, &file, &tensors, &mut |_, _| {})

@@ -352,6 +352,18 @@ pub fn root_opts(buffer: BufferType, secret: Option<&str>) -> RootOptions {
     }
 }
 
+/// Connect a root with Q80 buffers to the one worker at `addr`, without waiting until ready
+/// (the weights are shipped first).
+pub fn connect_q80_unready(addr: &str) -> RootCollective {
+    RootCollective::connect(
+        &[addr.to_string()],
+        DIM,
+        &identity(1),
+        &root_opts(BufferType::Q80, None),
+    )
+    .unwrap()
+}
+
 /// Connect a root to `workers`, wait until ready, set the vocab ranges.
 pub fn connect_root(
     workers: &[&TestWorker],
