@@ -466,6 +466,46 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
     assert "--stats" in r.stdout and "<bool>" not in r.stdout
 
 
+def test_a_model_beyond_max_memory_is_refused_up_front(tmp_path: Path) -> None:
+    """run, chat and serve (and Node) add up, before mapping anything, the node's weights
+    (every tensor but the embedding: here the file's size past the embedding) and its KV cache
+    and RoPE table at the effective --max-seq-len, and refuse them beyond --max-memory with one
+    line naming the three figures; at exactly the need, it runs."""
+    from dllama import _core
+    from forward_utils import random_llama, write_m
+
+    tok = _mistral_tokenizer()
+    assert tok is not None
+    model = tmp_path / "m.m"
+    write_m(random_llama(seed=8, vocab=32000, layers=2, kv_heads=2, max_pos=128), model, "q40", 0)
+    emb = _core.model_tensors(_core.read_model_header(model))[0]
+    assert emb.name == "embedding"
+    weights = model.stat().st_size - emb.offset - emb.nbytes
+    seq, layers, kv_heads, head_dim = 128, 2, 2, 64 // 4
+    kv = seq * (layers * kv_heads * head_dim * 2 * 4 + head_dim * 4)  # f32 K and V, cos/sin
+    need = weights + kv
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.1f} MiB"
+
+    budget = need - 1
+    message = (
+        f"error: this model needs {mib(weights)} for weights + {mib(kv)} for KV cache and RoPE "
+        f"table at --max-seq-len {seq} on this node; {mib(budget)} allowed by --max-memory"
+    )
+    for command, extra in [("run", ["-p", "hi"]), ("chat", []), ("serve", ["--port", "0"])]:
+        r = dllama_model(command, model, tok, "--max-memory", str(budget), *extra)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (command, r.stderr)
+        assert r.stderr.strip().splitlines()[-1].startswith(message), (command, r.stderr)
+    r = dllama_model("run", model, tok, "-p", "hi", "--steps", "1", "--max-memory", str(need))
+    assert r.returncode == 0, r.stderr
+    r = dllama_model("run", model, tok, "-p", "hi", "--max-memory", "lots")
+    assert r.returncode == 2 and "--max-memory: 'lots' is not a size" in r.stderr, r.stderr
+    # a root checks its own slice before it contacts any worker (none listens on port 1)
+    with pytest.raises(ValueError, match=r"^this model needs .* on this node; 0\.1 MiB allowed"):
+        _core.Node(str(model), workers=["127.0.0.1:1"], max_memory=100_000)
+
+
 def test_expand_workers_argv() -> None:
     """`--workers A B` (distributed-llama's syntax) is `--workers A --workers B`."""
     from dllama.cli_run import expand_workers_argv
@@ -491,7 +531,7 @@ def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
     port = str(free_port())
     shared = re.compile(
         r"--(model|tokenizer|nthreads|buffer-float-type|max-seq-len|weights-float-type|workers"
-        r"|secret|ready-timeout)(?![\w-])"
+        r"|secret|ready-timeout|max-memory)(?![\w-])"
     )
     errors, helps = set(), set()
     for command, extra in [("run", ["-p", "hi"]), ("chat", []), ("serve", ["--port", port])]:
@@ -507,4 +547,4 @@ def test_run_chat_and_serve_share_the_model_options(tmp_path: Path) -> None:
     assert error.startswith(f"error: cannot open model file {missing}"), error
     assert len(helps) == 1, helps
     (lines,) = helps
-    assert len(lines) == 9 and lines[0].startswith("--model -m <path> Model file (.m)."), lines
+    assert len(lines) == 10 and lines[0].startswith("--model -m <path> Model file (.m)."), lines

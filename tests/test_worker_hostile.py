@@ -206,10 +206,17 @@ def test_a_huge_max_seq_len_with_valid_weights_is_refused_naming_the_memory(
     # before: a real root shipped the (valid) weights, then the worker's KV cache for 2^24
     # positions aborted the process. Now refused at the setup, before any weight moves. Per
     # position: K and V of 16 layers x 2 KV heads (of 4) x head_dim 16 in f32, plus a RoPE row
-    # of 16 f32: 4160 bytes, x 2^24 = 65.0 GiB
+    # of 16 f32: 4160 bytes, x 2^24 = 65.0 GiB. (The root, which refuses its own 65 GiB up
+    # front, is given a 1 TiB budget here so that the setup reaches the worker.)
     big = write_random_model(tmp_path / "long.m", layers=16, vocab=512, max_seq_len=1 << 24)
     with pytest.raises(ProtocolError) as e:
-        _core.Node(str(big), buffer_float_type="f32", max_seq_len=1 << 24, workers=[worker.addr])
+        _core.Node(
+            str(big),
+            buffer_float_type="f32",
+            max_seq_len=1 << 24,
+            workers=[worker.addr],
+            max_memory=1 << 40,
+        )
     msg = str(e.value)
     assert "worker 1" in msg and "refused: this worker's slice needs 65.0 GiB (0.7 MiB of " in msg
     assert "+ 65.0 GiB of KV cache and RoPE table at max_seq_len 16777216); " in msg, msg

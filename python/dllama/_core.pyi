@@ -71,6 +71,7 @@ class Node:
         workers: list[str] | None = None,
         secret: str | None = None,
         ready_timeout: float = 600.0,
+        max_memory: int | None = None,
     ) -> Node: ...
     def forward(self, tokens: list[int], pos: int) -> npt.NDArray[np.float32]: ...
     @property

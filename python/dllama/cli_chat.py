@@ -17,6 +17,7 @@ from dllama.cli_run import (
     CORES,
     BufferFloatType,
     BufferType,
+    MaxMemory,
     MaxSeqLen,
     ModelPath,
     NThreads,
@@ -110,6 +111,7 @@ def chat(
     workers: Workers = None,
     secret: Secret = None,
     ready_timeout: ReadyTimeout = 600.0,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Chat with the model in the terminal, turn after turn."""
     if max_tokens < 0:

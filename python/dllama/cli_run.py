@@ -97,6 +97,15 @@ ReadyTimeout = Annotated[
     ),
 ]
 
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        help="Most memory for this machine's weights, KV cache and RoPE table: 6G, 512M, "
+        "bytes (default: what is available).",
+        show_default=False,
+    ),
+]
+
 
 def _stats_line(p: Piece) -> str:
     """distributed-llama's per-token line: G total, I inference, T transfer, S sent, R received."""
@@ -126,7 +135,13 @@ def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
     model: Path | None = options["model"]
     tokenizer: Path | None = options["tokenizer"]
     nthreads: int = options["nthreads"]
+    max_memory: str | None = options["max_memory"]
     warn_threads(nthreads)
+    try:
+        budget = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as e:
+        _err(f"--max-memory: {e}")
+        raise typer.Exit(2) from None
     if model is None:
         from dllama import models
 
@@ -151,6 +166,7 @@ def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
             workers=options["workers"] or None,
             secret=options["secret"],
             ready_timeout=options["ready_timeout"],
+            max_memory=budget,
         )
     except (ValueError, OSError) as e:
         _err(str(e))
@@ -224,6 +240,7 @@ def run(
     workers: Workers = None,
     secret: Secret = None,
     ready_timeout: ReadyTimeout = 600.0,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Generate text from PROMPT, printing it as it comes."""
     if stats and json_out:
@@ -295,6 +312,23 @@ def expand_workers_argv(argv: list[str]) -> list[str]:
         out.append(a)
         i += 1
     return out
+
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of "6G", "6GiB", "6GB", "512M", "1.5G" or "1000000" (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = _UNITS.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in _UNITS else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 6G, 512M or a number of bytes)") from None
+    if not 1 <= value < 2**63:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from dllama.cli_run import (
     CORES,
     BufferFloatType,
     BufferType,
+    MaxMemory,
     MaxSeqLen,
     ModelPath,
     NThreads,
@@ -80,6 +81,7 @@ def serve(
     workers: Workers = None,
     secret: Secret = None,
     ready_timeout: ReadyTimeout = 600.0,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /."""
     for name, value, low in [

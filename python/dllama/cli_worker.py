@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from dllama import _core
-from dllama.cli_run import CORES, warn_threads
+from dllama.cli_run import CORES, parse_size, warn_threads
 
 
 def serve_worker(
@@ -94,23 +94,6 @@ def serve_worker(
     except (OSError, ValueError) as e:  # ConnectionError is an OSError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-
-
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes of "6G", "6GiB", "6GB", "512M", "1.5G" or "1000000" (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = _UNITS.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in _UNITS else t
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size (e.g. 6G, 512M or a number of bytes)") from None
-    if not 1 <= value < 2**63:
-        raise ValueError(f"{text!r} is not a positive size")
-    return int(value)
 
 
 def register(app: typer.Typer) -> None:

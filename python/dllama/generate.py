@@ -163,7 +163,8 @@ class LLM:
     quantized to 8 bits for Q40 weights, as llama.cpp) or ``"f32"``; ``max_seq_len``: KV
     cache length, 0 for the model's own capped at 4096; ``weights_float_type``: only for a
     distributed-llama legacy ``.bin`` file, whose header does not say it; ``workers``,
-    ``secret``, ``ready_timeout``: the cluster's, as for :class:`dllama._core.Node`.
+    ``secret``, ``ready_timeout``: the cluster's, as for :class:`dllama._core.Node`;
+    ``max_memory``: most bytes this machine's slice may take (``None``: the memory available).
     """
 
     def __init__(
@@ -179,6 +180,7 @@ class LLM:
         workers: list[str] | None = None,
         secret: str | None = None,
         ready_timeout: float = 600.0,
+        max_memory: int | None = None,
     ) -> None:
         if node is None and _is_gguf(model):
             raise ValueError(
@@ -195,6 +197,7 @@ class LLM:
             workers=workers,
             secret=secret,
             ready_timeout=ready_timeout,
+            max_memory=max_memory,
         )
         if self.tokenizer.vocab_size > self.node.vocab_size:
             # the tokenizer would give ids past the embedding

@@ -36,7 +36,7 @@ pub struct PyNode {
 #[pymethods]
 impl PyNode {
     #[new]
-    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None, workers=None, secret=None, ready_timeout=600.0))]
+    #[pyo3(signature = (model_path, *, nthreads=1, buffer_float_type="q80", max_seq_len=0, weights_float_type=None, workers=None, secret=None, ready_timeout=600.0, max_memory=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,6 +48,7 @@ impl PyNode {
         workers: Option<Vec<String>>,
         secret: Option<String>,
         ready_timeout: f64,
+        max_memory: Option<u64>,
     ) -> PyResult<PyNode> {
         if nthreads == 0 {
             return Err(PyValueError::new_err("nthreads must be at least 1"));
@@ -67,6 +68,7 @@ impl PyNode {
             max_seq_len,
             legacy_weights,
             nthreads,
+            max_memory,
         };
         // the root of a cluster: connect the workers (shipping their slices), then load
         let workers = workers.unwrap_or_default();

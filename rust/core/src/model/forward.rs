@@ -116,18 +116,6 @@ impl Model {
         let (q_local, kv_local, hid) =
             (slice.q_rows.len(), slice.kv_rows.len(), slice.hidden.len());
         let b = MAX_BATCH;
-        // the memory that grows with max_seq_len, refused up front if the machine lacks it
-        let need = seq_memory_bytes(&cfg, &slice, seq);
-        if let Some(avail) = crate::memory::available_bytes() {
-            if need > avail {
-                return Err(Error::invalid(format!(
-                    "this model needs {} for its KV cache and RoPE table at max_seq_len {seq}; \
-                     {} available (lower --max-seq-len)",
-                    crate::memory::human(need),
-                    crate::memory::human(avail)
-                )));
-            }
-        }
         let rope = RopeTable::new(cfg.rope, seq)?;
         let pool = ThreadPool::new(nthreads)?;
         let xq_cols = cfg.dim.max(q_local).max(hid);

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::config::ModelConfig;
-use super::forward::{BufferType, Model};
+use super::forward::{effective_max_seq_len, seq_memory_bytes, BufferType, Model};
 use super::split::NodeSlice;
 use super::tensor::{AlignedBytes, ByteSource, Tensor};
-use super::weights::{check_shape, tensor_part, Part, Weights};
+use super::weights::{check_shape, slice_bytes, tensor_part, Part, Weights};
 use crate::error::IoContext;
 use crate::format::model_file::read_at;
 use crate::format::{FloatType, ModelFile};
@@ -32,6 +32,9 @@ pub struct LoadOptions {
     /// Only for a legacy `.bin`, whose header does not say.
     pub legacy_weights: Option<FloatType>,
     pub nthreads: usize,
+    /// Most bytes of memory this node's slice may take (see `check_node_memory`); `None`: the
+    /// memory available when it is built.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for LoadOptions {
@@ -41,6 +44,7 @@ impl Default for LoadOptions {
             max_seq_len: 0,
             legacy_weights: None,
             nthreads: 1,
+            max_memory: None,
         }
     }
 }
@@ -91,10 +95,48 @@ pub fn build_node(
 ) -> Result<Model> {
     let cfg = ModelConfig::from_header(&file.header);
     let slice = NodeSlice::new(&cfg, node_index, n_nodes)?;
+    check_node_memory(file, &cfg, &slice, opts)?;
     let (bt, nthreads) = (opts.buffer_type, opts.nthreads);
     let source = WeightSource::File(file);
     let w = load_weights(&cfg, &slice, source, node_index == 0, bt, nthreads, None)?;
     Model::new(cfg, slice, w, bt, opts.max_seq_len, nthreads)
+}
+
+/// Refuse, before anything is mapped or allocated, a node whose slice does not fit in
+/// `opts.max_memory` (or the memory available now): its weights plus its KV cache and RoPE
+/// table at the effective max_seq_len. The weights count whole, whether mapped from the file
+/// or copied: decoding reads all of them (a MoE's experts over a few tokens), so all must
+/// stay resident to decode at speed (page cache the system could evict counts as available
+/// there and as needed here). The embedding table, read one row per token, is not counted.
+pub fn check_node_memory(
+    file: &ModelFile,
+    cfg: &ModelConfig,
+    slice: &NodeSlice,
+    opts: &LoadOptions,
+) -> Result<()> {
+    let seq = effective_max_seq_len(cfg, opts.max_seq_len);
+    let weights = slice_bytes(&file.header, cfg, slice)?;
+    let kv = seq_memory_bytes(cfg, slice, seq);
+    let (limit, what) = match opts.max_memory {
+        Some(m) => (m, "allowed by --max-memory"),
+        None => match crate::memory::available_bytes() {
+            Some(a) => (a, "available"),
+            None => return Ok(()),
+        },
+    };
+    let need = weights.saturating_add(kv);
+    if need > limit {
+        let human = crate::memory::human;
+        return Err(Error::invalid(format!(
+            "this model needs {} for weights + {} for KV cache and RoPE table at --max-seq-len \
+             {seq} on this node; {} {what} (weights count whole, mapped or copied: \
+             decoding reads them all; lower --max-seq-len or add workers)",
+            human(weights),
+            human(kv),
+            human(limit),
+        )));
+    }
+    Ok(())
 }
 
 /// This node's weights from `source`. Q40 matrices are repacked (`packs_q40`) on `nthreads`

@@ -17,7 +17,9 @@ use super::Timeouts;
 use crate::error::IoContext;
 use crate::format::{ModelFile, ModelHeader};
 use crate::model::forward::{effective_max_seq_len, seq_memory_bytes};
-use crate::model::load::{build_node, load_weights, open_model_file, ShippedTensor, WeightSource};
+use crate::model::load::{
+    build_node, check_node_memory, load_weights, open_model_file, ShippedTensor, WeightSource,
+};
 use crate::model::weights::{slice_bytes, tensor_part, Part};
 use crate::model::{Collective, LoadOptions, Model, ModelConfig, NodeSlice};
 use crate::{Error, Result};
@@ -171,6 +173,9 @@ pub fn start_root(
 ) -> Result<(Model, RootCollective)> {
     let file = open_model_file(path, opts.legacy_weights)?;
     let cfg = ModelConfig::from_header(&file.header);
+    // the root's own slice must fit before any worker is contacted
+    let root_slice = NodeSlice::new(&cfg, 0, workers.len() + 1)?;
+    check_node_memory(&file, &cfg, &root_slice, opts)?;
     let root_opts = RootOptions {
         secret: shared_secret(secret),
         buffer_type: opts.buffer_type,
