@@ -297,7 +297,7 @@ def test_weights_dribbled_a_byte_at_a_time_are_dropped_by_the_shipping_deadline(
 # slow and many peers
 
 
-def test_a_setup_dribbled_a_byte_at_a_time_is_dropped_by_the_message_deadline(
+def test_a_setup_dribbled_a_byte_at_a_time_is_dropped_by_the_handshake_deadline(
     worker: Worker, tiny: Path, single_node_tokens: list[int]
 ) -> None:
     # before: timeouts were per read, so a Setup at 1 byte / 8 s kept the worker "busy serving
@@ -318,7 +318,39 @@ def test_a_setup_dribbled_a_byte_at_a_time_is_dropped_by_the_message_deadline(
         elapsed = time.monotonic() - t0
     finally:
         r.close()
-    assert elapsed < 3 * HANDSHAKE_S + 1, elapsed
+    # one deadline for the whole handshake (before: one per frame header and one per body,
+    # so a Setup could take twice the timeout, after a handshake as slow as it liked)
+    assert elapsed < HANDSHAKE_S + 0.75, elapsed
+    line = worker.wait_for("did not answer within 2 s")
+    assert "the setup" in line, line
+    assert_serves(worker, tiny, single_node_tokens)
+
+
+def test_a_handshake_of_timely_messages_is_dropped_at_its_one_deadline(
+    worker: Worker, tiny: Path, single_node_tokens: list[int]
+) -> None:
+    # before: each frame's header and body had their own timeout and the handshake none, so a
+    # root whose every message came within the timeout held the worker as long as it liked
+    t0 = time.monotonic()
+    r = RawRoot(worker.addr)
+    try:
+        kind, _ = r.read_frame()
+        assert kind == HELLO
+        # the RootHello's header, then its body 0.6 of the timeout later: in time
+        hello = frame(ROOT_HELLO, bytes(32) + struct.pack("<I", 0))
+        r.sock.sendall(hello[:5])
+        time.sleep(0.6 * HANDSHAKE_S)
+        r.sock.sendall(hello[5:])
+        kind, _ = r.read_frame()
+        assert kind == AUTH_OK
+        # the Setup's header, then nothing: the handshake's deadline (HANDSHAKE_S after the
+        # connection) comes before this message's own would (HANDSHAKE_S after its header)
+        r.sock.sendall(frame(SETUP, setup_payload(model_header(tiny)))[:5])
+        r.closed_within(3 * HANDSHAKE_S)
+        dropped = time.monotonic() - t0
+    finally:
+        r.close()
+    assert HANDSHAKE_S - 0.1 < dropped < HANDSHAKE_S + 0.5, dropped
     line = worker.wait_for("did not answer within 2 s")
     assert "the setup" in line, line
     assert_serves(worker, tiny, single_node_tokens)

@@ -44,8 +44,8 @@ def serve_worker(
         float,
         typer.Option(
             min=0.001,
-            help="Seconds a root has for each message of its handshake and setup; slower ones "
-            "are dropped.",
+            help="Seconds a root has for its whole handshake, preamble to setup, from the "
+            "connection; slower ones are dropped.",
         ),
     ] = 10.0,
     build_timeout: Annotated[

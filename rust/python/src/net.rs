@@ -43,7 +43,7 @@ pub fn secs(v: f64, what: &str) -> PyResult<Duration> {
 /// header and checksum); without it the root ships this worker its slices. `secret`: the
 /// cluster's shared secret (None: `$DLLAMA_SECRET`; empty or unset: no authentication).
 /// Deadlines, in seconds: `step_timeout` for each read inside a step, `idle_timeout` between
-/// steps, `handshake_timeout` for each handshake message, `build_timeout` (plus the time of the
+/// steps, `handshake_timeout` for a root's whole handshake, `build_timeout` (plus the time of the
 /// slice at 256 KiB/s) for receiving shipped weights and building the slice. `max_memory`: most
 /// bytes a root's slice may take (weights, KV cache, RoPE table; default: the memory available
 /// when the root connects).

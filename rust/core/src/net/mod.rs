@@ -33,7 +33,8 @@ pub use worker::{serve, ModelFactory, WorkerModel, WorkerOptions};
 pub struct Timeouts {
     /// Establishing the TCP connection.
     pub connect: Duration,
-    /// Each message of the handshake.
+    /// A worker's whole handshake (preamble to Setup, one deadline from the connection); each
+    /// of the root's handshake messages.
     pub handshake: Duration,
     /// Each read or write inside a step (a worker computing its slice of a layer) and each
     /// chunk of shipped weights.

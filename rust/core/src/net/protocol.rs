@@ -114,17 +114,24 @@ pub fn read_frame_header(conn: &mut Conn, max_len: usize, what: &str) -> Result<
 }
 
 /// Read a whole frame of at most `max_len` payload bytes.
+/// Header and body by one deadline (`Conn::within`).
 pub fn read_frame(conn: &mut Conn, max_len: usize, what: &str) -> Result<(Kind, Vec<u8>)> {
-    let (kind, len) = read_frame_header(conn, max_len, what)?;
-    let mut payload = vec![0u8; len];
-    conn.read_exact(&mut payload, what)?;
-    Ok((kind, payload))
+    conn.within(|conn| {
+        let (kind, len) = read_frame_header(conn, max_len, what)?;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload, what)?;
+        Ok((kind, payload))
+    })
 }
 
 /// Read a frame that must be of kind `want` and at most `max_len` bytes; a `Refuse` (at most
 /// `MAX_REASON` bytes) becomes an error carrying its reason. The size limit of the kind is
-/// checked before the body is read.
+/// checked before the body is read; header and body by one deadline (`Conn::within`).
 pub fn expect_frame(conn: &mut Conn, want: Kind, max_len: usize, what: &str) -> Result<Vec<u8>> {
+    conn.within(|conn| expect_frame_now(conn, want, max_len, what))
+}
+
+fn expect_frame_now(conn: &mut Conn, want: Kind, max_len: usize, what: &str) -> Result<Vec<u8>> {
     let (kind, len) = read_frame_header(conn, u32::MAX as usize, what)?;
     let limit = match kind {
         k if k == want => max_len,

@@ -20,6 +20,8 @@ pub struct Conn {
     /// Time spent inside socket reads and writes.
     pub io_time: Duration,
     timeout: Duration,
+    /// When set, every read also ends by then (a handshake's or a message's deadline).
+    deadline: Option<Instant>,
     /// How long a read polls the socket without sleeping before it blocks (see `spin_time`).
     spin: Duration,
 }
@@ -61,6 +63,7 @@ impl Conn {
             received: 0,
             io_time: Duration::ZERO,
             timeout,
+            deadline: None,
             spin: spin_time(),
         };
         conn.set_timeout(timeout)?;
@@ -80,6 +83,23 @@ impl Conn {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// A deadline for every following read, whatever their timeouts (`None`: none): a
+    /// handshake has one as a whole, so a peer that dribbles its messages cannot stretch it.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Run `f`, the reads of one message, by one deadline: the timeout from now, or the
+    /// deadline already set if that comes first (so a message's header and body share it).
+    pub fn within<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let saved = self.deadline;
+        let end = Instant::now() + self.timeout;
+        self.deadline = Some(saved.map_or(end, |d| d.min(end)));
+        let r = f(self);
+        self.deadline = saved;
+        r
     }
 
     /// Read without blocking: `Ok(0)` at end of stream, `WouldBlock` when nothing is there.
@@ -270,12 +290,15 @@ impl Conn {
             }
         };
         // One deadline for the whole buffer, not a timeout per read: a peer that dribbles a
-        // byte now and then cannot hold us longer than `timeout`.
+        // byte now and then cannot hold us longer than `timeout` (nor past `self.deadline`).
+        let end = self
+            .deadline
+            .map_or(start + self.timeout, |d| d.min(start + self.timeout));
         let mut shortened = false;
         let mut result = Ok(());
         while done < buf.len() {
-            if done > 0 {
-                let left = self.timeout.saturating_sub(start.elapsed());
+            if done > 0 || self.deadline.is_some() {
+                let left = end.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     result = Err(self.map_err(
                         std::io::Error::from(ErrorKind::TimedOut),

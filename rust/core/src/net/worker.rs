@@ -281,6 +281,8 @@ fn handle(
 ) -> Result<()> {
     let t = shared.opts.timeouts;
     let mut conn = Conn::new(stream, peer.to_string(), t.handshake)?;
+    // the whole handshake, preamble to setup, by one deadline
+    conn.set_deadline(Some(std::time::Instant::now() + t.handshake));
     let log = shared.log;
 
     // preamble: magic and version, before anything is parsed
@@ -411,6 +413,8 @@ fn handle(
     let mut acc = Writer::default();
     acc.u8(!local as u8);
     send_frame(&mut conn, Kind::Accept, &acc.0, "our acceptance")?;
+    // the handshake is over: what follows has its own deadlines
+    conn.set_deadline(None);
     log(&format!(
         "{peer} connected: node {} of {}, {:?} buffers, weights {}",
         setup.node_index,
