@@ -102,13 +102,7 @@ impl ModelFile {
         // the size first: the tensor list is as long as the header says
         check_size(path, map.len() as u64, header.file_size())?;
         let tensors = header.tensors();
-        Ok(ModelFile {
-            header,
-            index: index_of(&tensors),
-            tensors,
-            path: path.to_path_buf(),
-            map: Arc::new(map),
-        })
+        Ok(ModelFile::from_parts(path, map, header, tensors))
     }
 
     /// Opens distributed-llama's legacy `.bin` (7 int32 header, no weights type: the caller gives it).
@@ -118,13 +112,22 @@ impl ModelFile {
         let header = legacy::parse(&map, weights_float_type, &what)?;
         check_size(path, map.len() as u64, legacy::file_size(&header))?;
         let tensors = legacy::tensors(&header);
-        Ok(ModelFile {
+        Ok(ModelFile::from_parts(path, map, header, tensors))
+    }
+
+    fn from_parts(
+        path: &Path,
+        map: Mmap,
+        header: ModelHeader,
+        tensors: Vec<TensorSpec>,
+    ) -> ModelFile {
+        ModelFile {
             header,
             index: index_of(&tensors),
             tensors,
             path: path.to_path_buf(),
             map: Arc::new(map),
-        })
+        }
     }
 
     /// The tensor called `name` (`embedding`, `layers.3.q`, `norm`, `wcls`, ...).
