@@ -84,7 +84,7 @@ pub fn wire(data: &[u8]) {
     let Some((&which, p)) = data.split_first() else {
         return;
     };
-    let w = [Wire::F32, Wire::F16, Wire::Q80][which as usize % 3];
+    let w = [FloatType::F32, FloatType::F16, FloatType::Q80].map(Wire)[which as usize % 3];
     let n = 32 * (1 + (which as usize / 3) % 8);
     let mut out = vec![0f32; n];
     let _ = w.decode(p, &mut out);
@@ -109,7 +109,7 @@ pub fn step(data: &[u8]) {
     let Some((&which, p)) = data.split_first() else {
         return;
     };
-    let w = [Wire::F32, Wire::F16][which as usize % 2];
+    let w = [FloatType::F32, FloatType::F16].map(Wire)[which as usize % 2];
     let dim = 32 * (1 + (which as usize / 2) % 8);
     let max_tokens = 1 + (which as usize / 16) % 64;
     let Ok((h, input)) = StepHeader::decode(p, max_tokens) else {

@@ -12,10 +12,12 @@ pub mod header;
 mod header_fields;
 pub mod legacy;
 pub mod model_file;
+pub mod reader;
 pub mod tokenizer;
 
 pub use header::{ArchType, HiddenAct, ModelHeader, RopeType};
 pub use model_file::ModelFile;
+pub use reader::Reader;
 pub use tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -202,6 +204,23 @@ pub fn quantize(x: &[f32], ft: FloatType) -> Result<Vec<u8>> {
 
 /// As [`quantize`], into a buffer of exactly `ft.bytes_for(x.len())` bytes.
 pub fn quantize_into(x: &[f32], ft: FloatType, out: &mut [u8]) -> Result<()> {
+    encode_into(x, ft, out, block::quantize_q80_weights)
+}
+
+/// As [`quantize_into`], but Q80 rounds as activations are quantized (`kernels::quantize_q80`,
+/// ggml's rule: halves away from zero), not as the converter rounds weights: what the nodes of
+/// a cluster send each other. The other types encode as in a file.
+pub fn quantize_activations_into(x: &[f32], ft: FloatType, out: &mut [u8]) -> Result<()> {
+    encode_into(x, ft, out, block::quantize_q80)
+}
+
+/// The one encoder; `q80` is the rounding rule of Q80 blocks (weights or activations).
+fn encode_into(
+    x: &[f32],
+    ft: FloatType,
+    out: &mut [u8],
+    q80: fn(&[f32], &mut [BlockQ80]),
+) -> Result<()> {
     let nbytes = ft.bytes_for(x.len() as u64)? as usize;
     if out.len() != nbytes {
         return Err(Error::invalid(format!(
@@ -232,7 +251,7 @@ pub fn quantize_into(x: &[f32], ft: FloatType, out: &mut [u8]) -> Result<()> {
         FloatType::Q80 => {
             let mut b = [BlockQ80::default()];
             for (xb, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
-                block::quantize_q80_weights(xb, &mut b);
+                q80(xb, &mut b);
                 o[..2].copy_from_slice(&b[0].d.to_le_bytes());
                 for (dst, q) in o[2..].iter_mut().zip(b[0].qs) {
                     *dst = q as u8;
@@ -252,8 +271,21 @@ pub fn dequantize(data: &[u8], ft: FloatType) -> Result<Vec<f32>> {
             data.len()
         )));
     }
-    let n = data.len() / bb * ft.block_values();
-    let mut out = vec![0f32; n];
+    let mut out = vec![0f32; data.len() / bb * ft.block_values()];
+    dequantize_into(data, ft, &mut out)?;
+    Ok(out)
+}
+
+/// As [`dequantize`], into exactly the `out.len()` values that `data` holds.
+pub fn dequantize_into(data: &[u8], ft: FloatType, out: &mut [f32]) -> Result<()> {
+    let nbytes = ft.bytes_for(out.len() as u64)? as usize;
+    if data.len() != nbytes {
+        return Err(Error::invalid(format!(
+            "{} values of {ft} take {nbytes} bytes, got {}",
+            out.len(),
+            data.len()
+        )));
+    }
     match ft {
         FloatType::F32 => {
             for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
@@ -288,51 +320,5 @@ pub fn dequantize(data: &[u8], ft: FloatType) -> Result<Vec<f32>> {
             }
         }
     }
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Little-endian reading
-// ---------------------------------------------------------------------------------------------
-
-/// A cursor over file bytes that reports truncation with the file's name.
-pub(crate) struct Reader<'a> {
-    pub data: &'a [u8],
-    pub pos: usize,
-    /// What is being read, for messages ("tokenizer file /x/y.t").
-    pub what: &'a str,
-}
-
-impl<'a> Reader<'a> {
-    pub fn new(data: &'a [u8], what: &'a str) -> Self {
-        Reader { data, pos: 0, what }
-    }
-
-    pub fn remaining(&self) -> usize {
-        self.data.len() - self.pos
-    }
-
-    pub fn bytes(&mut self, n: usize, item: &str) -> Result<&'a [u8]> {
-        if n > self.remaining() {
-            return Err(Error::format(format!(
-                "{} is truncated: {item} needs {n} bytes at offset {}, only {} remain",
-                self.what,
-                self.pos,
-                self.remaining()
-            )));
-        }
-        let s = &self.data[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    pub fn i32(&mut self, item: &str) -> Result<i32> {
-        let b = self.bytes(4, item)?;
-        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    pub fn f32(&mut self, item: &str) -> Result<f32> {
-        let b = self.bytes(4, item)?;
-        Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
+    Ok(())
 }

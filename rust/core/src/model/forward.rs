@@ -15,7 +15,7 @@ use super::experts::{run_experts, ExpertLane, ExpertShape};
 use super::kv_cache::KvCache;
 use super::split::NodeSlice;
 use super::weights::{Ffn, SwiGlu, Weights};
-use crate::format::HiddenAct;
+use crate::format::{FloatType, HiddenAct};
 use crate::kernels::{self, BlockQ80, QK};
 use crate::ops::{self, AttentionShape, RopeTable};
 use crate::pool::ThreadPool;
@@ -36,6 +36,21 @@ pub enum BufferType {
 }
 
 impl BufferType {
+    /// The float type these buffers are stored in.
+    pub fn float_type(self) -> FloatType {
+        match self {
+            BufferType::F32 => FloatType::F32,
+            BufferType::Q80 => FloatType::Q80,
+        }
+    }
+    /// The buffer type stored as `ft`, if there is one (F32 or Q80).
+    pub fn from_float_type(ft: FloatType) -> Option<BufferType> {
+        match ft {
+            FloatType::F32 => Some(BufferType::F32),
+            FloatType::Q80 => Some(BufferType::Q80),
+            _ => None,
+        }
+    }
     pub fn parse(s: &str) -> Result<BufferType> {
         match s {
             "f32" => Ok(BufferType::F32),

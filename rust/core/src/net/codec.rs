@@ -1,113 +1,66 @@
-//! Encoding of float vectors on the wire: F32, F16 or Q80 (ggml Q8_0 blocks).
+//! Encoding of float vectors on the wire: the `.m` file's codec in F32, F16 or Q80 (ggml Q8_0
+//! blocks), with Q80 rounded as activations are (`format::quantize_activations_into`, ggml's
+//! rule), not as the converter rounds weights; decoding is `format::dequantize_into`.
 //!
 //! The per-layer buffers travel in the cluster's buffer type (Q80 by default: 34 bytes per 32
 //! values); the embedded input and the logits slices travel in F16 when the buffer type is Q80
 //! (2 bytes per value) and in F32 otherwise.
 
 use super::protocol::BufferType;
-use crate::kernels::block::{dequantize_q80, f16_to_f32, f32_to_f16, quantize_q80, BlockQ80, QK};
+use crate::format::{dequantize_into, quantize_activations_into, FloatType};
 use crate::{Error, Result};
 
 #[cfg(target_endian = "big")]
 compile_error!("the dllama wire format is little-endian; big-endian hosts are not supported");
 
-/// How a vector is encoded on the wire.
+/// How a vector is encoded on the wire: a float type of the `.m` format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    F32,
-    F16,
-    Q80,
-}
+pub struct Wire(pub FloatType);
 
 impl Wire {
     /// The per-layer partial sums.
     pub fn for_buffers(b: BufferType) -> Wire {
-        match b {
-            BufferType::F32 => Wire::F32,
-            BufferType::Q80 => Wire::Q80,
-        }
+        Wire(b.float_type())
     }
     /// The embedded input of a step and the logits slices.
     pub fn for_vectors(b: BufferType) -> Wire {
         match b {
-            BufferType::F32 => Wire::F32,
-            BufferType::Q80 => Wire::F16,
+            BufferType::F32 => Wire(FloatType::F32),
+            BufferType::Q80 => Wire(FloatType::F16),
         }
+    }
+    /// Whether values cross unchanged (no rounding to re-apply).
+    pub fn is_exact(self) -> bool {
+        self.0 == FloatType::F32
     }
     /// Bytes for `n` values (`n` a multiple of 32 for Q80).
     pub fn bytes(self, n: usize) -> usize {
-        match self {
-            Wire::F32 => 4 * n,
-            Wire::F16 => 2 * n,
-            Wire::Q80 => n / QK * std::mem::size_of::<BlockQ80>(),
-        }
+        n / self.0.block_values() * self.0.block_bytes()
     }
     /// Append the encoding of `x` to `out`.
     pub fn encode(self, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
-        match self {
-            Wire::F32 => {
-                out.reserve(4 * x.len());
-                for v in x {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
-            Wire::F16 => {
-                out.reserve(2 * x.len());
-                for v in x {
-                    out.extend_from_slice(&f32_to_f16(*v).to_le_bytes());
-                }
-            }
-            Wire::Q80 => {
-                if !x.len().is_multiple_of(QK) {
-                    return Err(Error::invalid(format!(
-                        "Q80 buffers need a multiple of {QK} values, got {}",
-                        x.len()
-                    )));
-                }
-                let mut blocks = vec![BlockQ80::default(); x.len() / QK];
-                quantize_q80(x, &mut blocks);
-                for b in &blocks {
-                    out.extend_from_slice(&b.d.to_le_bytes());
-                    out.extend(b.qs.iter().map(|q| *q as u8));
-                }
-            }
-        }
-        Ok(())
+        let n = self.0.bytes_for(x.len() as u64).map_err(|_| {
+            Error::invalid(format!(
+                "{} buffers need a multiple of {} values, got {}",
+                self.0,
+                self.0.block_values(),
+                x.len()
+            ))
+        })? as usize;
+        let at = out.len();
+        out.resize(at + n, 0);
+        quantize_activations_into(x, self.0, &mut out[at..])
     }
     /// Decode `bytes` (exactly `self.bytes(out.len())` of them) into `out`.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-        if bytes.len() != self.bytes(out.len())
-            || (self == Wire::Q80 && !out.len().is_multiple_of(QK))
-        {
-            return Err(Error::Protocol(format!(
-                "{self:?} buffer of {} bytes cannot hold {} values",
+        dequantize_into(bytes, self.0, out).map_err(|_| {
+            Error::Protocol(format!(
+                "{} buffer of {} bytes cannot hold {} values",
+                self.0,
                 bytes.len(),
                 out.len()
-            )));
-        }
-        match self {
-            Wire::F32 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            Wire::F16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
-                }
-            }
-            Wire::Q80 => {
-                let mut block = [BlockQ80::default()];
-                for (o, c) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(34)) {
-                    block[0].d = u16::from_le_bytes([c[0], c[1]]);
-                    for (q, b) in block[0].qs.iter_mut().zip(&c[2..]) {
-                        *q = *b as i8;
-                    }
-                    dequantize_q80(&block, o);
-                }
-            }
-        }
-        Ok(())
+            ))
+        })
     }
     /// Decode and add into `acc` (the root summing partials).
     pub fn decode_add(self, bytes: &[u8], acc: &mut [f32], scratch: &mut Vec<f32>) -> Result<()> {
@@ -120,7 +73,7 @@ impl Wire {
     }
     /// Replace `x` by what the other side will decode (so all nodes hold the same values).
     pub fn round_trip(self, x: &mut [f32], scratch: &mut Vec<u8>) -> Result<()> {
-        if self == Wire::F32 {
+        if self.is_exact() {
             return Ok(());
         }
         scratch.clear();
@@ -132,17 +85,18 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::block::{quantize_q80, BlockQ80};
+
+    const F32: Wire = Wire(FloatType::F32);
+    const F16: Wire = Wire(FloatType::F16);
+    const Q80: Wire = Wire(FloatType::Q80);
 
     #[test]
     fn round_trips_within_the_format_error() {
         let x: Vec<f32> = (0..96)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
             .collect();
-        for (wire, tol) in [
-            (Wire::F32, 0.0),
-            (Wire::F16, 4.1 * 2f32.powi(-11)),
-            (Wire::Q80, 4.1 / 127.0),
-        ] {
+        for (wire, tol) in [(F32, 0.0), (F16, 4.1 * 2f32.powi(-11)), (Q80, 4.1 / 127.0)] {
             let mut buf = Vec::new();
             wire.encode(&x, &mut buf).unwrap();
             assert_eq!(buf.len(), wire.bytes(x.len()));
@@ -156,10 +110,27 @@ mod tests {
     }
 
     #[test]
+    fn q80_rounds_as_activations_not_as_weights() {
+        // d = 127 / 127 = 1, so 2.5 and -4.5 are exact halves: the activation rule rounds them
+        // away from zero (3, -5), the converter's weight rule to even (2, -4).
+        let mut x = vec![0.0f32; 32];
+        (x[0], x[1], x[2]) = (127.0, 2.5, -4.5);
+        let mut blocks = [BlockQ80::default()];
+        quantize_q80(&x, &mut blocks);
+        let mut want = blocks[0].d.to_le_bytes().to_vec();
+        want.extend(blocks[0].qs.iter().map(|q| *q as u8));
+        let mut got = Vec::new();
+        Q80.encode(&x, &mut got).unwrap();
+        assert_eq!(got, want);
+        assert_eq!((got[3] as i8, got[4] as i8), (3, -5));
+        assert_ne!(got, crate::format::quantize(&x, FloatType::Q80).unwrap());
+    }
+
+    #[test]
     fn rejects_wrong_sizes() {
         let mut y = vec![0.0; 32];
-        assert!(Wire::Q80.decode(&[0u8; 33], &mut y).is_err());
-        assert!(Wire::F32.decode(&[0u8; 4], &mut y).is_err());
-        assert!(Wire::Q80.encode(&[0.0; 31], &mut Vec::new()).is_err());
+        assert!(Q80.decode(&[0u8; 33], &mut y).is_err());
+        assert!(F32.decode(&[0u8; 4], &mut y).is_err());
+        assert!(Q80.encode(&[0.0; 31], &mut Vec::new()).is_err());
     }
 }

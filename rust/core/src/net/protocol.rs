@@ -7,6 +7,7 @@
 
 use super::identity::ModelIdentity;
 use super::tcp::Conn;
+use crate::format::{FloatType, Reader};
 use crate::{Error, Result};
 
 /// First bytes a root sends: "DLMA".
@@ -201,80 +202,7 @@ pub fn send_refusal(conn: &mut Conn, reason: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// payload reader / writer
-
-/// Cursor over a payload with bounded, checked reads.
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Reader { buf, pos: 0, what }
-    }
-    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.buf.len() - self.pos < n {
-            return Err(Error::Protocol(format!(
-                "{} message too short: needs {} more bytes at offset {}, has {}",
-                self.what,
-                n,
-                self.pos,
-                self.buf.len() - self.pos
-            )));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-    pub fn u8(&mut self) -> Result<u8> {
-        Ok(self.bytes(1)?[0])
-    }
-    pub fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(
-            self.bytes(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    pub fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.bytes(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.bytes(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.bytes(N)?.try_into().expect("N bytes"))
-    }
-    /// A u32-length-prefixed byte string of at most `max` bytes.
-    pub fn blob(&mut self, max: usize) -> Result<&'a [u8]> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(Error::Protocol(format!(
-                "{} message: field of {n} bytes, more than the {max} allowed",
-                self.what
-            )));
-        }
-        self.bytes(n)
-    }
-    pub fn remaining(&self) -> &'a [u8] {
-        &self.buf[self.pos..]
-    }
-    /// Error if bytes are left over (a message longer than its fields).
-    pub fn finish(&self) -> Result<()> {
-        if self.pos != self.buf.len() {
-            return Err(Error::Protocol(format!(
-                "{} message has {} unexpected trailing bytes",
-                self.what,
-                self.buf.len() - self.pos
-            )));
-        }
-        Ok(())
-    }
-}
+// payload writer (payloads are read with `format::Reader::message`)
 
 /// Appends little-endian fields.
 #[derive(Default)]
@@ -325,15 +253,15 @@ impl Hello {
         w.0
     }
     pub fn decode(p: &[u8]) -> Result<Hello> {
-        let mut r = Reader::new(p, "Hello");
-        let v = r.u32()?;
+        let mut r = Reader::message(p, "Hello");
+        let v = r.u32("the protocol version")?;
         if v != PROTOCOL_VERSION {
             return Err(Error::Protocol(format!(
                 "worker speaks protocol version {v}, this root speaks {PROTOCOL_VERSION}"
             )));
         }
-        let secret_required = r.u8()? != 0;
-        let nonce = r.array()?;
+        let secret_required = r.u8("secret_required")? != 0;
+        let nonce = r.array("the nonce")?;
         r.finish()?;
         Ok(Hello {
             secret_required,
@@ -357,33 +285,22 @@ impl RootHello {
         w.0
     }
     pub fn decode(p: &[u8]) -> Result<RootHello> {
-        let mut r = Reader::new(p, "RootHello");
-        let nonce = r.array()?;
-        let proof = r.blob(64)?.to_vec();
+        let mut r = Reader::message(p, "RootHello");
+        let nonce = r.array("the nonce")?;
+        let proof = r.blob(64, "the proof")?.to_vec();
         r.finish()?;
         Ok(RootHello { nonce, proof })
     }
 }
 
-/// How the nodes exchange the per-layer buffers (the engine's type; codes on the wire are the
-/// float type codes of the `.m` header: 0 f32, 3 q80).
+/// How the nodes exchange the per-layer buffers (the engine's type; on the wire as the float
+/// type code of the `.m` header: 0 f32, 3 q80).
 pub use crate::model::BufferType;
 
-pub fn buffer_code(b: BufferType) -> u8 {
-    match b {
-        BufferType::F32 => 0,
-        BufferType::Q80 => 3,
-    }
-}
-
-pub fn buffer_from_code(c: u8) -> Result<BufferType> {
-    match c {
-        0 => Ok(BufferType::F32),
-        3 => Ok(BufferType::Q80),
-        _ => Err(Error::Protocol(format!(
-            "unknown buffer float type code {c}"
-        ))),
-    }
+fn buffer_from_code(c: u8) -> Result<BufferType> {
+    FloatType::from_code(c as i64)
+        .and_then(BufferType::from_float_type)
+        .ok_or_else(|| Error::Protocol(format!("unknown buffer float type code {c}")))
 }
 
 /// root → worker: who the worker is in this cluster and which model it serves.
@@ -401,7 +318,7 @@ impl Setup {
         let mut w = Writer::default();
         w.u32(self.node_index)
             .u32(self.n_nodes)
-            .u8(buffer_code(self.buffer_type))
+            .u8(self.buffer_type.float_type().code() as u8)
             .u32(self.max_seq_len)
             .u64(self.model.file_size)
             .bytes(&self.model.fingerprint)
@@ -409,14 +326,14 @@ impl Setup {
         w.0
     }
     pub fn decode(p: &[u8]) -> Result<Setup> {
-        let mut r = Reader::new(p, "Setup");
-        let node_index = r.u32()?;
-        let n_nodes = r.u32()?;
-        let buffer_type = buffer_from_code(r.u8()?)?;
-        let max_seq_len = r.u32()?;
-        let file_size = r.u64()?;
-        let fingerprint = r.array()?;
-        let header = r.blob(MAX_CONTROL_FRAME)?.to_vec();
+        let mut r = Reader::message(p, "Setup");
+        let node_index = r.u32("node_index")?;
+        let n_nodes = r.u32("n_nodes")?;
+        let buffer_type = buffer_from_code(r.u8("the buffer type")?)?;
+        let max_seq_len = r.u32("max_seq_len")?;
+        let file_size = r.u64("the file size")?;
+        let fingerprint = r.array("the fingerprint")?;
+        let header = r.blob(MAX_CONTROL_FRAME, "the model header")?.to_vec();
         r.finish()?;
         if n_nodes < 2 || node_index == 0 || node_index >= n_nodes {
             return Err(Error::Protocol(format!(
@@ -460,11 +377,11 @@ impl TensorStart {
         w.0
     }
     pub fn decode(p: &[u8]) -> Result<TensorStart> {
-        let mut r = Reader::new(p, "Tensor");
-        let name = std::str::from_utf8(r.blob(MAX_TENSOR_NAME)?)
+        let mut r = Reader::message(p, "Tensor");
+        let name = std::str::from_utf8(r.blob(MAX_TENSOR_NAME, "the name")?)
             .map_err(|_| Error::Protocol("Tensor message: the name is not UTF-8".into()))?
             .to_string();
-        let nbytes = r.u64()?;
+        let nbytes = r.u64("the byte count")?;
         r.finish()?;
         Ok(TensorStart { name, nbytes })
     }
@@ -489,10 +406,10 @@ impl StepHeader {
     /// Split a Step payload into its header and the input bytes; the step must hold at least
     /// one token and end within `max_tokens` positions.
     pub fn decode(p: &[u8], max_tokens: usize) -> Result<(StepHeader, &[u8])> {
-        let mut r = Reader::new(p, "Step");
+        let mut r = Reader::message(p, "Step");
         let h = StepHeader {
-            pos: r.u32()?,
-            n_tokens: r.u32()?,
+            pos: r.u32("pos")?,
+            n_tokens: r.u32("n_tokens")?,
         };
         if h.n_tokens == 0 || h.pos as u64 + h.n_tokens as u64 > max_tokens as u64 {
             return Err(Error::Protocol(format!(
@@ -500,6 +417,6 @@ impl StepHeader {
                 h.n_tokens, h.pos
             )));
         }
-        Ok((h, r.remaining()))
+        Ok((h, r.rest()))
     }
 }

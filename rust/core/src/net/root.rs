@@ -8,12 +8,13 @@ use super::auth;
 use super::codec::Wire;
 use super::identity::ModelIdentity;
 use super::protocol::{
-    expect_frame, read_frame, refusal, send_frame, BufferType, Hello, Kind, Reader, RootHello,
-    Setup, StepHeader, MAGIC, MAX_REASON, PROTOCOL_VERSION,
+    expect_frame, read_frame, refusal, send_frame, BufferType, Hello, Kind, RootHello, Setup,
+    StepHeader, MAGIC, MAX_REASON, PROTOCOL_VERSION,
 };
 use super::ship::{expect_ready, send_tensors, ShipTensor};
 use super::tcp::{connect, Conn};
 use super::Timeouts;
+use crate::format::Reader;
 use crate::model::Collective;
 use crate::{Error, Result};
 
@@ -101,8 +102,8 @@ pub fn join_worker(
     )?;
     let ok = expect_frame(&mut conn, Kind::AuthOk, 64, "the worker's authentication")?;
     if let Some(s) = &opts.secret {
-        let mut r = Reader::new(&ok, "AuthOk");
-        let p = r.blob(64)?;
+        let mut r = Reader::message(&ok, "AuthOk");
+        let p = r.blob(64, "the proof")?;
         r.finish()?;
         if !auth::verify(s, auth::WORKER_ROLE, &own_nonce, &hello.nonce, p) {
             return Err(Error::Auth(format!(
@@ -126,8 +127,8 @@ pub fn join_worker(
         1,
         "the worker's answer to the setup",
     )?;
-    let mut r = Reader::new(&acc, "Accept");
-    let needs_weights = r.u8()? != 0;
+    let mut r = Reader::message(&acc, "Accept");
+    let needs_weights = r.u8("needs_weights")? != 0;
     r.finish()?;
     Ok(WorkerLink {
         conn,
@@ -327,7 +328,7 @@ impl RootCollective {
             wire.encode(x, &mut self.wire)?;
             w.conn
                 .exchange(&self.wire, &mut self.recv, "partial sums")?;
-            if wire != Wire::F32 {
+            if !wire.is_exact() {
                 wire.decode(&self.wire, x)?;
             }
             return wire.decode_add(&self.recv, x, &mut self.tmp);
@@ -343,7 +344,7 @@ impl RootCollective {
         for w in self.workers.iter_mut() {
             w.conn.write_all(&self.wire, "the summed buffer")?;
         }
-        if wire != Wire::F32 {
+        if !wire.is_exact() {
             wire.decode(&self.wire, x)?;
         }
         Ok(())

@@ -112,7 +112,7 @@ impl Collective for WorkerCollective<'_> {
             // both nodes send their partial at once and add the two (see the root's side)
             self.conn
                 .exchange(&self.out, &mut self.recv, "partial sums")?;
-            if self.buffers != Wire::F32 {
+            if !self.buffers.is_exact() {
                 self.buffers.decode(&self.out, x)?;
             }
             return self.buffers.decode_add(&self.recv, x, &mut self.scratch);
