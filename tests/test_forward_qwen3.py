@@ -86,14 +86,20 @@ def test_f32_logits_equal_transformers(tmp_path: Path, cid: str, kwargs: dict[st
 def test_q40_weights_q80_buffers(tmp_path: Path, cid: str, kwargs: dict[str, Any]) -> None:
     model = random_qwen3(seed=2, **kwargs)
     path = _convert(model, tmp_path, "q40")
-    ref = hf_logits(_dequantized(model, "q40"), PROMPT)
+    _check_quantized(path, hf_logits(_dequantized(model, "q40"), PROMPT), f"{cid} q40 weights")
+
+
+def _check_quantized(path: Path, ref: Any, label: str) -> tuple[float, float]:
+    """Quantized weights against transformers on the same dequantized weights: with Q80
+    buffers, token by token, within the stated bound; with f32 buffers (no activation
+    quantization), the whole prompt at once, nearly exact. Returns both errors."""
     node = _core.Node(str(path), nthreads=2, buffer_float_type="q80")
     worst = max(rel_err(node.forward([t], p), ref[p]) for p, t in enumerate(PROMPT))
-    assert worst <= Q80_LOGIT_BOUND, f"{cid}: max relative logit error {worst:.4f}"
-    # f32 buffers: the same weights without activation quantization, nearly exact
+    assert worst <= Q80_LOGIT_BOUND, f"{label}: max relative logit error {worst:.4f}"
     node32 = _core.Node(str(path), buffer_float_type="f32")
     e = rel_err(node32.forward(PROMPT, 0), ref[-1])
-    assert e < 1e-4, f"{cid} q40 weights, f32 buffers: relative error {e:.2e}"
+    assert e < 1e-4, f"{label}, f32 buffers: relative error {e:.2e}"
+    return worst, e
 
 
 def _dequantized(model: Any, float_type: str) -> Any:
@@ -214,11 +220,5 @@ def test_gguf_q4_0_experts_are_copied_unchanged(tmp_path: Path) -> None:
 
             ex.gate_up_proj.copy_(torch.cat([deq("ffn_gate_exps"), deq("ffn_up_exps")], dim=1))
             ex.down_proj.copy_(deq("ffn_down_exps"))
-    ref = hf_logits(ref_model, PROMPT)
-    node = _core.Node(str(out), nthreads=2, buffer_float_type="q80")
-    worst = max(rel_err(node.forward([t], p), ref[p]) for p, t in enumerate(PROMPT))
-    assert worst <= Q80_LOGIT_BOUND, f"max relative logit error {worst:.4f}"
-    node32 = _core.Node(str(out), buffer_float_type="f32")
-    e = rel_err(node32.forward(PROMPT, 0), ref[-1])
-    assert e < 1e-4, f"q4_0 experts, f32 buffers: relative error {e:.2e}"
+    worst, e = _check_quantized(out, hf_logits(ref_model, PROMPT), "q4_0 experts")
     print(f"q4_0 experts: q80 buffers {worst:.4f}, f32 buffers {e:.2e}")
