@@ -180,10 +180,7 @@ fn weights_are_shipped_byte_for_byte_to_a_worker_without_a_model() {
         .and_then(|_| root.wait_ready())
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("ships more weight bytes") && err.contains("worker 1"),
-        "{err}"
-    );
+    assert_names(&err, &["ships more weight bytes", "worker 1"]);
     w2.wait_log("ships more weight bytes");
 }
 

@@ -398,3 +398,17 @@ pub fn run_root(root: &mut RootCollective, steps: &[(Vec<usize>, usize)]) -> Res
     }
     Ok(out)
 }
+
+/// Asserts that an error message names every one of `needles` (the peer, the cause...).
+#[track_caller]
+pub fn assert_names(message: &str, needles: &[&str]) {
+    let missing: Vec<&&str> = needles.iter().filter(|n| !message.contains(**n)).collect();
+    assert!(missing.is_empty(), "{message:?} does not name {missing:?}");
+}
+
+/// Asserts that what started at `start` ended within `limit` (a bounded wait, not a speed).
+#[track_caller]
+pub fn assert_within(start: std::time::Instant, limit: Duration) {
+    let elapsed = start.elapsed();
+    assert!(elapsed < limit, "took {elapsed:?}, more than {limit:?}");
+}
