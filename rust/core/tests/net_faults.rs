@@ -21,6 +21,23 @@ fn raw_hello(w: &TestWorker, version: u32) -> TcpStream {
     s
 }
 
+/// The error of a root that connects (Q80 buffers, no secret) to `addr` alone.
+fn refusal_of(addr: &str) -> String {
+    let opts = root_opts(BufferType::Q80, None);
+    match RootCollective::connect(&[addr.to_string()], DIM, &identity(1), &opts) {
+        Ok(_) => panic!("a root connected to {addr}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A raw connection of the current protocol version, past the worker's Hello.
+fn greeted(w: &TestWorker) -> TcpStream {
+    let mut s = raw_hello(w, PROTOCOL_VERSION);
+    let (kind, _) = raw_frame(&mut s);
+    assert_eq!(kind, Kind::Hello as u8);
+    s
+}
+
 /// Read one frame from a raw socket: (kind, payload).
 fn raw_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -70,9 +87,7 @@ fn an_old_protocol_version_is_refused_with_both_versions_named() {
 #[test]
 fn an_absurd_frame_length_is_refused_without_allocating() {
     let w = TestWorker::start(FakeFactory::plain(1), None);
-    let mut s = raw_hello(&w, PROTOCOL_VERSION);
-    let (kind, _) = raw_frame(&mut s);
-    assert_eq!(kind, Kind::Hello as u8);
+    let mut s = greeted(&w);
     s.write_all(&[Kind::RootHello as u8, 0xff, 0xff, 0xff, 0xff])
         .unwrap();
     w.wait_log("4294967295 bytes, more than the");
@@ -178,15 +193,7 @@ fn unreachable_and_silent_workers_give_clear_errors_in_bounded_time() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let err = RootCollective::connect(
-        std::slice::from_ref(&addr),
-        DIM,
-        &identity(1),
-        &root_opts(BufferType::Q80, None),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = refusal_of(&addr);
     assert!(
         err.contains(&format!("cannot reach worker 1 ({addr})")) && err.contains("refused"),
         "{err}"
@@ -196,15 +203,7 @@ fn unreachable_and_silent_workers_give_clear_errors_in_bounded_time() {
     let mute = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = mute.local_addr().unwrap().to_string();
     let start = Instant::now();
-    let err = RootCollective::connect(
-        &[addr],
-        DIM,
-        &identity(1),
-        &root_opts(BufferType::Q80, None),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = refusal_of(&addr);
     assert_within(start, Duration::from_secs(4));
     assert_names(&err, &["worker 1", "did not answer within 2 s"]);
     drop(mute);
@@ -254,9 +253,7 @@ fn a_frozen_worker_times_out_naming_it() {
 #[test]
 fn a_slow_loris_handshake_is_dropped_within_the_handshake_deadline() {
     let w = TestWorker::start(FakeFactory::plain(1), None);
-    let mut s = raw_hello(&w, PROTOCOL_VERSION);
-    let (kind, _) = raw_frame(&mut s);
-    assert_eq!(kind, Kind::Hello as u8);
+    let mut s = greeted(&w);
     // a RootHello of 68 bytes, one byte every 300 ms: each read is quick, the message is not
     s.write_all(&[Kind::RootHello as u8, 68, 0, 0, 0]).unwrap();
     let start = Instant::now();
@@ -327,17 +324,7 @@ fn a_peers_refusal_is_printed_sanitised_and_bounded() {
         f.extend(std::iter::repeat_n(b'x', 1 << 20));
         let _ = s.write_all(&f);
     });
-    let connect = || {
-        RootCollective::connect(
-            std::slice::from_ref(&addr),
-            DIM,
-            &identity(1),
-            &root_opts(BufferType::Q80, None),
-        )
-        .err()
-        .unwrap()
-        .to_string()
-    };
+    let connect = || refusal_of(&addr);
     let err = connect();
     assert!(
         err.contains("refused: no\\u{d}\\u{a}FAKE: \\u{1b}[31mred"),
@@ -353,9 +340,7 @@ fn a_peers_refusal_is_printed_sanitised_and_bounded() {
 #[test]
 fn a_frame_of_another_kind_is_refused_before_its_body_is_read() {
     let w = TestWorker::start(FakeFactory::plain(1), None);
-    let mut s = raw_hello(&w, PROTOCOL_VERSION);
-    let (kind, _) = raw_frame(&mut s);
-    assert_eq!(kind, Kind::Hello as u8);
+    let mut s = greeted(&w);
     // a Data frame announcing 1 MiB where the RootHello (at most 128 bytes) is expected
     s.write_all(&[Kind::Data as u8, 0, 0, 0x10, 0]).unwrap();
     w.wait_log("sent Data where we expected the root's hello");
