@@ -13,7 +13,8 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import repeat
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,29 @@ def test_a_tensor_frame_announcing_4_gib_is_refused_before_any_allocation(
     assert_serves(worker, tiny, single_node_tokens)
 
 
+def dribble(
+    worker: Worker,
+    send: Callable[[bytes], object],
+    chunks: Iterable[bytes],
+    until: str,
+    limit: float = float("inf"),
+) -> float:
+    """Send `chunks` 0.3 s apart until the worker logs a line containing `until`, drops the
+    connection, or `limit` seconds pass; returns the seconds it took."""
+    t0 = time.monotonic()
+    for chunk in chunks:
+        if time.monotonic() - t0 >= limit:
+            break
+        try:
+            send(chunk)
+        except OSError:
+            break
+        if any(until in line for line in worker.lines):
+            break
+        time.sleep(0.3)
+    return time.monotonic() - t0
+
+
 def test_weights_dribbled_a_byte_at_a_time_are_dropped_by_the_shipping_deadline(
     worker: Worker, tiny: Path, small_header: bytes, single_node_tokens: list[int]
 ) -> None:
@@ -274,17 +298,10 @@ def test_weights_dribbled_a_byte_at_a_time_are_dropped_by_the_shipping_deadline(
 
     # a tensor of a plausible size, then one byte every 0.3 s
     r = announce(worker, small_header, 4096)
-    t0 = time.monotonic()
     try:
-        while time.monotonic() - t0 < deadline + 10:
-            try:
-                r.send(DATA, b"\x00")
-            except OSError:
-                break
-            if any("too slowly" in line for line in worker.lines):
-                break
-            time.sleep(0.3)
-        elapsed = time.monotonic() - t0
+        elapsed = dribble(
+            worker, lambda c: r.send(DATA, c), repeat(b"\x00"), "too slowly", deadline + 10
+        )
     finally:
         r.close()
     assert deadline - 0.5 < elapsed < deadline + 2, (elapsed, deadline)
@@ -306,16 +323,7 @@ def test_a_setup_dribbled_a_byte_at_a_time_is_dropped_by_the_handshake_deadline(
     try:
         r.handshake()
         data = frame(SETUP, setup_payload(model_header(tiny)))
-        t0 = time.monotonic()
-        for b in data:
-            try:
-                r.sock.sendall(bytes([b]))
-            except OSError:
-                break
-            if any("did not answer" in line for line in worker.lines):
-                break
-            time.sleep(0.3)
-        elapsed = time.monotonic() - t0
+        elapsed = dribble(worker, r.sock.sendall, (bytes([b]) for b in data), "did not answer")
     finally:
         r.close()
     # one deadline for the whole handshake (before: one per frame header and one per body,
