@@ -9,6 +9,8 @@ transformers' TikTokenConverter, with Qwen3's 26 added tokens and its side files
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,8 @@ def test_chat_specials_equal_tiktoken(qwen: tuple[Tokenizer, Any, Path]) -> None
 @pytest.mark.slow
 def test_megabytes_of_mixed_text_equal_tiktoken(qwen: tuple[Tokenizer, Any, Path]) -> None:
     tok, ref, _ = qwen
-    text = mixed_text(2_000_000, seed=1)
+    # composed, as Qwen's tokenizers take it (decomposed text: the test below)
+    text = unicodedata.normalize("NFC", mixed_text(2_000_000, seed=1))
     assert len(text.encode("utf-8")) > 2_500_000
     ours, want = tok.encode(text), ref.encode_ordinary(text)
     assert len(ours) == len(want)
@@ -109,6 +112,10 @@ def qwen3_json(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Any
         },
         generation_config={"eos_token_id": [151645, 151643]},
     )
+    # Qwen's own tokenizer.json composes the text first (TikTokenConverter writes no normalizer)
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "NFC"}
+    tj.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     ranks = load_ranks(path)
     ref = tiktoken.Encoding(
         "qwen3",
@@ -139,7 +146,7 @@ def test_tokenizer_json_encodes_like_tiktoken(qwen3_json: tuple[Tokenizer, Any, 
         want = ref.encode_ordinary(s)
         assert tok.encode(s) == want, repr(s)
         assert hf.encode(s, add_special_tokens=False).ids == want, repr(s)  # the file itself
-    text = mixed_text(300_000, seed=2)
+    text = unicodedata.normalize("NFC", mixed_text(300_000, seed=2))
     want = ref.encode_ordinary(text)
     assert tok.encode(text) == want
     assert hf.encode(text, add_special_tokens=False).ids == want
@@ -148,3 +155,28 @@ def test_tokenizer_json_encodes_like_tiktoken(qwen3_json: tuple[Tokenizer, Any, 
     assert ids == ref.encode(CHATML, allowed_special="all") == hf.encode(CHATML).ids
     assert 151667 in ids and 151668 in ids
     assert tok.decode(ids, skip_special=False) == ref.decode(ids) == CHATML
+
+
+#: Text as macOS file names and some keyboards give it: letters and their accents apart (NFD),
+#: Hangul as jamo, and a compatibility form that NFC keeps (ﬁ)
+DECOMPOSED = [
+    unicodedata.normalize("NFD", "café crème brûlée à Zürich"),
+    unicodedata.normalize("NFD", "한국어 텍스트") + " ﬁ",
+    "e\u0301 a\u0300 o\u0308 n\u0303",
+    "<|im_start|>user\n" + unicodedata.normalize("NFD", "Résumé") + "<|im_end|>",
+]
+
+
+def test_decomposed_text_is_composed_first_as_in_qwens_tokenizer_json(
+    qwen3_json: tuple[Tokenizer, Any, Any, Path],
+) -> None:
+    tok, ref, hf, _ = qwen3_json
+    for s in DECOMPOSED:
+        want = hf.encode(s, add_special_tokens=False).ids
+        assert tok.encode(s, parse_special=True) == want, repr(s)
+        composed = unicodedata.normalize("NFC", s)
+        assert (
+            want
+            == ref.encode(composed, allowed_special="all")
+            != ref.encode(s, allowed_special="all")
+        ), repr(s)

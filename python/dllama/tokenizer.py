@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -368,6 +369,10 @@ class Tokenizer:
                 else:
                     ids += [self._byte_ids[b] for b in piece]
             return ids
+        if self.scheme == "qwen":
+            # Qwen's tokenizers compose the text first (tokenizer.json's NFC normalizer, and
+            # QWenTokenizer before it); the .t file has no field for it, the scheme implies it
+            text = unicodedata.normalize("NFC", text)
         for word in SPLITTERS[self.scheme](text):
             raw = word.encode("utf-8")
             if self.scheme in ("llama3", "qwen"):
