@@ -7,6 +7,8 @@
   weights in f32: the only difference left is the 8-bit quantization of the activations.
   Stated bound: max logit error <= 2.5% of the largest logit magnitude (Q80_LOGIT_BOUND), and
   top-1 agreement on at least 99% of the positions where the answer is decisive.
+- MistralForCausalLM from its HF folder: head_dim apart from dim / n_heads, and a sliding
+  window (the file stops at it).
 """
 
 from __future__ import annotations
@@ -194,3 +196,50 @@ def test_legacy_bin_runs_like_the_m_file(tmp_path: Path, float_type: str) -> Non
         _core.Node(str(tmp_path / "m.bin"))
     with pytest.raises(ValueError, match="unknown float type"):
         _core.Node(str(tmp_path / "m.bin"), weights_float_type="q4")
+
+
+@pytest.mark.parametrize(
+    "head_dim,window", [(32, None), (None, 8)], ids=["nemo-head-dim", "v01-window"]
+)
+def test_mistral_from_hf_equals_transformers(
+    tmp_path: Path, head_dim: int | None, window: int | None
+) -> None:
+    """A random MistralForCausalLM converts from its HF folder and gives transformers' logits
+    at every position: with head_dim 32 of dim 64 / 4 heads (Mistral Nemo's kind: head_dim is
+    not dim / n_heads), and with a sliding window of 8 (Mistral 7B v0.1's kind), whose file
+    stops at the window (past it transformers attends to fewer positions than this engine)."""
+    import torch
+    from dllama.convert import convert_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    cfg = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        sliding_window=window,
+        vocab_size=96,
+        max_position_embeddings=256,
+        rope_theta=1e6,
+    )
+    model = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(str(tmp_path / "hf"))
+    out = tmp_path / "mistral.m"
+    convert_model(tmp_path / "hf", out, "f32", progress=False)
+    h = _core.read_model_header(str(out))
+    assert h["max_seq_len"] == (window or 256) and h["head_dim"] == (head_dim or 16)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 96, 16)]
+    ref = hf_logits(model, prompt)
+    node = _core.Node(str(out), buffer_float_type="f32")
+    n = min(len(prompt), window or len(prompt))
+    for pos in range(n):
+        e = rel_err(node.forward([prompt[pos]], pos), ref[pos])
+        assert e < 1e-4, f"position {pos}: relative error {e:.2e}"
+    with pytest.raises(ValueError):  # past the window: refused, not a different answer
+        node.forward([prompt[n - 1]], h["max_seq_len"])

@@ -204,6 +204,13 @@ class HFSource(Source):
                 ),
             )
         self.arch = next(a for a in archs if a in SUPPORTED_ARCHITECTURES)
+        # Mistral 7B v0.1 attends to its last `sliding_window` positions only, this engine to
+        # all of them: the file stops at the window, within which the two agree
+        window = cfg.get("sliding_window") if self.arch == "MistralForCausalLM" else None
+        if window is not None:
+            w = config_int(window, f"{config_path}: sliding_window")
+            if 0 < w < int(self.fields["max_seq_len"]):
+                self.fields["max_seq_len"] = w
         if self.arch.startswith("Qwen3"):
             self._qwen3_fields(cfg, config_path)
         self.tied = bool(cfg.get("tie_word_embeddings", False))
