@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dllama-bench"))
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     for key in args.shapes:
         s = shapes(args.moe_layers, args.dense_layers)[key]
@@ -182,21 +184,24 @@ def main() -> None:
                       flush=True)  # fmt: skip
             (ms, _pre, kernels, nbytes), rss = min(ours, key=lambda r: r[0][0])
             ref, ref_rss = min(refs, key=lambda r: r[0])
+            med = statistics.median(r[0][0] for r in ours)
+            med_ref = statistics.median(r[0] for r in refs)
             pre = [_in_child(time_dllama_prefill, m_path, n, args.prefill)[0]]
             pre_ref = [_in_child(time_llamacpp_prefill, g_path, n, args.prefill, s.vocab)[0]]
             floor = nbytes / max(bws) * 1000
             rows.append((s.name, n, kernels, ms, ref, nbytes, floor, pre[0], pre_ref[0], rss,
-                         ref_rss))  # fmt: skip
+                         ref_rss, med, med_ref))  # fmt: skip
     print()
-    print("| shape | threads | kernels | dllama ms/token | llama.cpp ms/token | ratio "
-          "| weight MB/token | floor ms | floor / dllama | prefill tok/s dllama / llama.cpp "
-          "| peak RSS GB dllama / llama.cpp |")  # fmt: skip
+    print("| shape | threads | kernels | dllama ms/token best (median) | llama.cpp ms/token "
+          "best (median) | ratio best (medians) | weight MB/token | floor ms | floor / dllama "
+          "| prefill tok/s dllama / llama.cpp | peak RSS GB dllama / llama.cpp |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, kern, ms, ref, nb, floor, pre, pre_ref, rss, ref_rss in rows:
-        print(f"| {name} | {n} | {kern} | {ms:.1f} | {ref:.1f} | {ms / ref:.2f} | "
-              f"{nb / 1e6:.0f} | {floor:.1f} | {floor / ms:.2f} | {pre:.1f} / {pre_ref:.1f} | "
-              f"{rss:.2f} / {ref_rss:.2f} |")  # fmt: skip
+    for name, n, kern, ms, ref, nb, floor, pre, pre_ref, rss, ref_rss, med, med_ref in rows:
+        print(f"| {name} | {n} | {kern} | {ms:.1f} ({med:.1f}) | {ref:.1f} ({med_ref:.1f}) | "
+              f"{ms / ref:.2f} ({med / med_ref:.2f}) | {nb / 1e6:.0f} | {floor:.1f} | "
+              f"{floor / ms:.2f} | {pre:.1f} / {pre_ref:.1f} | {rss:.2f} / {ref_rss:.2f} |")  # fmt: skip
     print(f"\n{statistics.mean([r[3] / r[4] for r in rows]):.2f} mean ratio dllama / llama.cpp")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
