@@ -5,9 +5,12 @@ TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
 
 1. writes a `.m` file of random Q40 weights (cached in --dir),
 2. writes the very same Q4_0 blocks as a GGUF file (Q40 is byte-for-byte ggml's Q4_0),
-3. measures this machine's memory read bandwidth with as many processes reading at once as
-   the engine has threads, right before each dllama run (the two-thread bandwidth of these
-   VMs jumps between two levels from one minute to the next, so each run gets its own floor),
+3. measures this machine's memory read bandwidth with as many readers at once as the engine
+   has threads, right before each dllama run (the two-thread bandwidth of these VMs jumps
+   between two levels from one minute to the next, so each run gets its own floor), with two
+   readers, the higher one counts: numpy processes taking the max of a float32 array, and
+   `dllama._core.read_bandwidth` (AVX2 loads over 4 interleaved streams per thread, in a
+   buffer allocated as the packed weights, transparent huge pages where the system allows),
 4. times dllama (`dllama._core.Node.forward`, one token at a time after a short prompt):
    median ms/token over --tokens generated tokens, at each thread count,
 5. times llama.cpp on the GGUF through the `xllamacpp` wheel (its own timing of the generated
@@ -204,6 +207,19 @@ def _read_worker(nbytes: int, barrier: Any, rounds: int, out: Any) -> None:
 
 
 def read_bandwidth(nprocs: int, nbytes: int = 1 << 30, rounds: int = 5) -> float:
+    """Bytes per second that `nprocs` readers take from memory at once: the best of
+    `numpy_read_bandwidth` and `_core.read_bandwidth` (`nprocs` threads), printed both."""
+    np_bw = numpy_read_bandwidth(nprocs, nbytes, rounds)
+    rust_bw = _core.read_bandwidth(nbytes, nprocs, rounds)
+    print(
+        f"  read bandwidth, {nprocs} reader(s): numpy {np_bw / 1e9:.1f} GB/s, "
+        f"_core.read_bandwidth {rust_bw / 1e9:.1f} GB/s",
+        flush=True,
+    )
+    return max(np_bw, rust_bw)
+
+
+def numpy_read_bandwidth(nprocs: int, nbytes: int = 1 << 30, rounds: int = 5) -> float:
     """Bytes per second that `nprocs` processes read from memory at once: each takes the max
     of its own float32 array (a share of `nbytes`, far larger than the caches); processes,
     not threads, so no lock serializes them. Best of `rounds` (each round: slowest process)."""

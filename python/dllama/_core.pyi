@@ -23,6 +23,7 @@ __all__ = [
     "encode_model_header",
     "model_tensors",
     "quantize",
+    "read_bandwidth",
     "read_model_header",
     "read_model_tensor",
     "read_tokenizer",
@@ -40,6 +41,7 @@ class AuthenticationError(ProtocolError): ...
 
 def quantize(x: npt.NDArray[np.float32], float_type: str) -> bytes: ...
 def dequantize(data: bytes, float_type: str) -> npt.NDArray[np.float32]: ...
+def read_bandwidth(nbytes: int, nthreads: int, rounds: int = 5) -> float: ...
 
 # --- format --------------------------------------------------------------------------------
 

@@ -19,6 +19,261 @@ pub fn human(n: u64) -> String {
     }
 }
 
+/// Zeroed bytes for the large buffers the kernels stream once per token (the repacked
+/// weights), carved from 2 MiB-aligned anonymous mappings advised `MADV_HUGEPAGE` on Linux.
+///
+/// With 4 KiB pages a sequential read crosses a page every 4 KiB: each crossing costs a TLB
+/// miss and stops the hardware prefetchers, which then restart on the next page; transparent
+/// huge pages (2 MiB) remove both (figures in benchmarks/README.md). Where transparent huge
+/// pages are `never` (or not built into the kernel) the advice is ignored and the same
+/// mappings are plain 4 KiB pages: everything works, only slower. Many small buffers (the
+/// experts of a MoE layer, each under 2 MiB) share one mapping of [`ARENA_CHUNK`] bytes, so
+/// they get huge pages too; a mapping is returned to the system when its last buffer is
+/// dropped. Elsewhere than Linux the bytes are an ordinary heap allocation.
+pub struct LargeBytes {
+    #[cfg(target_os = "linux")]
+    chunk: std::sync::Arc<huge::Chunk>,
+    #[cfg(target_os = "linux")]
+    off: usize,
+    #[cfg(target_os = "linux")]
+    len: usize,
+    #[cfg(not(target_os = "linux"))]
+    heap: Vec<u8>,
+}
+
+/// Bytes per shared mapping of [`LargeBytes`] (buffers at least this big get their own).
+pub const ARENA_CHUNK: usize = 64 << 20;
+
+impl LargeBytes {
+    /// `len` zero bytes, 64-byte aligned; an error (not an abort) when the system refuses.
+    pub fn zeroed(len: usize) -> crate::Result<LargeBytes> {
+        #[cfg(target_os = "linux")]
+        {
+            let (chunk, off) = huge::carve(len)?;
+            Ok(LargeBytes { chunk, off, len })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let mut heap = Vec::new();
+            heap.try_reserve_exact(len).map_err(|_| {
+                crate::Error::invalid(format!("cannot allocate {}", human(len as u64)))
+            })?;
+            heap.resize(len, 0);
+            Ok(LargeBytes { heap })
+        }
+    }
+}
+
+impl std::ops::Deref for LargeBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: off..off + len lies inside the chunk's mapping, which lives as long as
+            // `self.chunk`; no other LargeBytes covers these bytes.
+            unsafe { std::slice::from_raw_parts(self.chunk.ptr.add(self.off), self.len) }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            &self.heap
+        }
+    }
+}
+
+impl std::ops::DerefMut for LargeBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: as in `deref`; `&mut self` is the only handle on these bytes.
+            unsafe { std::slice::from_raw_parts_mut(self.chunk.ptr.add(self.off), self.len) }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            &mut self.heap
+        }
+    }
+}
+
+/// Bytes per second that `n_threads` threads read from memory at once, best of `rounds`:
+/// each thread sums its share of a `nbytes` buffer allocated as the weights are
+/// ([`LargeBytes`]), as [`READ_STREAMS`] interleaved sequential streams (one stream alone
+/// leaves bandwidth unused on the CPUs measured, as the packed matmuls read a few groups
+/// at once); AVX2 loads where the CPU has them. The reference for the benchmarks' floor.
+pub fn read_bandwidth(nbytes: usize, n_threads: usize, rounds: usize) -> crate::Result<f64> {
+    use crate::pool::{split_range, ThreadPool};
+    let unit = 64 * READ_STREAMS;
+    if nbytes < unit * n_threads.max(1) || rounds == 0 {
+        return Err(crate::Error::invalid(format!(
+            "read_bandwidth: {nbytes} bytes over {n_threads} threads in {rounds} rounds is too \
+             little to time"
+        )));
+    }
+    let mut pool = ThreadPool::new(n_threads)?;
+    let mut buf = LargeBytes::zeroed(nbytes / unit * unit)?;
+    for (i, chunk) in buf.chunks_mut(4096).enumerate() {
+        chunk.fill(i as u8); // touch every page before timing
+    }
+    let units = buf.len() / unit;
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds {
+        let t0 = std::time::Instant::now();
+        pool.run(|i, n| {
+            let r = split_range(units, i, n, 1);
+            let s = sum_streams(&buf[r.start * unit..r.end * unit]);
+            sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink.into_inner());
+    Ok(buf.len() as f64 / best)
+}
+
+/// Interleaved sequential streams per reading thread in [`read_bandwidth`].
+pub const READ_STREAMS: usize = 4;
+
+/// A checksum of `b` (a multiple of 64 · READ_STREAMS bytes) read as READ_STREAMS streams.
+fn sum_streams(b: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        return unsafe { sum_streams_avx2(b) };
+    }
+    let per = b.len() / READ_STREAMS;
+    let mut acc = [0u64; READ_STREAMS];
+    for i in (0..per).step_by(8) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let o = k * per + i;
+            let v = u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+            *a = a.wrapping_add(v);
+        }
+    }
+    acc.iter().fold(0, |s, &a| s.wrapping_add(a))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_streams_avx2(b: &[u8]) -> u64 {
+    use std::arch::x86_64::*;
+    let per = b.len() / READ_STREAMS;
+    let p = b.as_ptr();
+    let mut acc = [_mm256_setzero_si256(); READ_STREAMS];
+    let mut i = 0;
+    while i + 64 <= per {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let q = p.add(k * per + i);
+            *a = _mm256_add_epi64(*a, _mm256_loadu_si256(q as *const __m256i));
+            *a = _mm256_add_epi64(*a, _mm256_loadu_si256(q.add(32) as *const __m256i));
+        }
+        i += 64;
+    }
+    let mut lanes = [0u64; 4];
+    for a in acc {
+        let mut l = [0u64; 4];
+        _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, a);
+        for j in 0..4 {
+            lanes[j] = lanes[j].wrapping_add(l[j]);
+        }
+    }
+    lanes.iter().fold(0, |s, &a| s.wrapping_add(a))
+}
+
+#[cfg(target_os = "linux")]
+mod huge {
+    use std::sync::{Arc, Mutex, Weak};
+
+    use super::{human, ARENA_CHUNK};
+    use crate::{Error, Result};
+
+    const HUGE_PAGE: usize = 2 << 20;
+    const ALIGN: usize = 64;
+
+    /// One anonymous mapping, `len` bytes at `ptr` (2 MiB aligned), unmapped on drop.
+    pub(super) struct Chunk {
+        pub(super) ptr: *mut u8,
+        len: usize,
+    }
+    // SAFETY: the mapping is plain memory; each `LargeBytes` touches only its own range.
+    unsafe impl Send for Chunk {}
+    unsafe impl Sync for Chunk {}
+
+    impl Drop for Chunk {
+        fn drop(&mut self) {
+            // SAFETY: `ptr..ptr + len` is a mapping this chunk owns and nothing refers to
+            // any more (the last `LargeBytes` holding it is being dropped).
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        }
+    }
+
+    /// The mapping small buffers are carved from, and its first free offset.
+    static ARENA: Mutex<(Weak<Chunk>, usize)> = Mutex::new((Weak::new(), 0));
+
+    pub(super) fn carve(len: usize) -> Result<(Arc<Chunk>, usize)> {
+        let need = len.max(1).next_multiple_of(ALIGN);
+        if need >= ARENA_CHUNK / 4 {
+            return Ok((map(need)?, 0));
+        }
+        let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(chunk) = arena.0.upgrade() {
+            let off = arena.1;
+            if off + need <= chunk.len {
+                arena.1 = off + need;
+                return Ok((chunk, off));
+            }
+        }
+        let chunk = map(ARENA_CHUNK)?;
+        *arena = (Arc::downgrade(&chunk), need);
+        Ok((chunk, 0))
+    }
+
+    /// A fresh zeroed mapping of at least `len` bytes, 2 MiB aligned, advised huge pages.
+    fn map(len: usize) -> Result<Arc<Chunk>> {
+        let refused = |what: &str| {
+            Error::io(
+                format!("cannot map {} for the weights ({what})", human(len as u64)),
+                std::io::Error::last_os_error(),
+            )
+        };
+        let len = len
+            .checked_next_multiple_of(HUGE_PAGE)
+            .ok_or_else(|| Error::invalid(format!("cannot map {len} bytes")))?;
+        let span = len + HUGE_PAGE;
+        // SAFETY: a new private anonymous mapping; no existing memory is touched.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(refused("mmap"));
+        }
+        // keep the 2 MiB-aligned `len` bytes inside the span, give back the rest
+        let start = (raw as usize).next_multiple_of(HUGE_PAGE);
+        let head = start - raw as usize;
+        let tail = span - head - len;
+        // SAFETY: head and tail are the parts of our own mapping outside start..start + len.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+            // advice only: EINVAL where the kernel has no transparent huge pages
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        Ok(Arc::new(Chunk {
+            ptr: start as *mut u8,
+            len,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -29,5 +284,49 @@ mod tests {
         }
         assert_eq!(super::human(3 << 29), "1.5 GiB");
         assert_eq!(super::human(1 << 20), "1.0 MiB");
+    }
+
+    #[test]
+    fn read_bandwidth_reads_and_refuses_tiny_buffers() {
+        let bw = super::read_bandwidth(8 << 20, 2, 2).unwrap();
+        assert!(bw > 1e8, "{bw}");
+        assert!(super::read_bandwidth(100, 1, 1).is_err());
+        assert!(super::read_bandwidth(8 << 20, 1, 0).is_err());
+        // both readers give the same checksum
+        let b: Vec<u8> = (0..4096 * super::READ_STREAMS)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let want = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .fold(0u64, |s, v| s.wrapping_add(v));
+        assert_eq!(super::sum_streams(&b), want);
+    }
+
+    #[test]
+    fn large_bytes_are_zeroed_disjoint_and_freed() {
+        use super::{LargeBytes, ARENA_CHUNK};
+        // small buffers share a mapping, big ones get their own; all are zero and separate
+        let sizes = [1, 100, 4096, 3 << 20, ARENA_CHUNK / 4, ARENA_CHUNK + 1, 5];
+        let mut bufs: Vec<LargeBytes> = sizes
+            .iter()
+            .map(|&n| LargeBytes::zeroed(n).unwrap())
+            .collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.len(), sizes[i]);
+            assert_eq!(b.as_ptr() as usize % 64, 0);
+            assert!(b.iter().all(|&v| v == 0));
+            b.fill(i as u8 + 1);
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(
+                b.iter().all(|&v| v == i as u8 + 1),
+                "buffer {i} was overwritten"
+            );
+        }
+        drop(bufs);
+        // a buffer after every earlier one was dropped starts from zero again
+        let b = LargeBytes::zeroed(1000).unwrap();
+        assert!(b.iter().all(|&v| v == 0));
     }
 }

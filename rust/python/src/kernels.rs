@@ -1,4 +1,5 @@
-//! Bindings: encoding float32 arrays as f32 / f16 / Q40 / Q80 bytes and back.
+//! Bindings: encoding float32 arrays as f32 / f16 / Q40 / Q80 bytes and back; the memory
+//! read bandwidth the kernels are measured against.
 
 use std::borrow::Cow;
 
@@ -52,7 +53,17 @@ fn dequantize<'py>(
     Ok(PyArray1::from_vec(py, values))
 }
 
+/// Bytes per second `nthreads` threads read from memory at once (the benchmarks' floor):
+/// a `nbytes` buffer allocated as the repacked weights are, best of `rounds`.
+#[pyfunction]
+#[pyo3(signature = (nbytes, nthreads, rounds = 5))]
+fn read_bandwidth(py: Python<'_>, nbytes: usize, nthreads: usize, rounds: usize) -> PyResult<f64> {
+    py.detach(|| dllama_core::memory::read_bandwidth(nbytes, nthreads, rounds))
+        .py()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     Ok(())

@@ -13,6 +13,7 @@
 //! Rows past the last multiple of 8 are padded with zero blocks (scale 0).
 
 use super::block::{BlockQ40, QK};
+use crate::memory::LargeBytes;
 use crate::pool::{split_range, ThreadPool};
 use crate::{Error, Result};
 
@@ -29,7 +30,9 @@ pub const PREFETCH_AHEAD: usize = 8192;
 pub struct PackedQ40 {
     n_rows: usize,
     bpr: usize,
-    data: Vec<u8>,
+    /// Huge-page backed where the system allows (see `LargeBytes`): the kernels read it
+    /// once per token as a few long streams.
+    data: LargeBytes,
 }
 
 impl std::fmt::Debug for PackedQ40 {
@@ -74,7 +77,7 @@ impl PackedQ40 {
         Ok(PackedQ40 { n_rows, bpr, data })
     }
 
-    fn alloc(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<(usize, Vec<u8>)> {
+    fn alloc(w: &[BlockQ40], n_rows: usize, cols: usize) -> Result<(usize, LargeBytes)> {
         if !cols.is_multiple_of(QK) || w.len() != n_rows * (cols / QK) {
             return Err(Error::invalid(format!(
                 "pack_q40: {} blocks are not ({n_rows}, {cols}) Q40 weights",
@@ -82,7 +85,10 @@ impl PackedQ40 {
             )));
         }
         let bpr = cols / QK;
-        Ok((bpr, vec![0u8; n_rows.div_ceil(GROUP) * bpr * CELL]))
+        Ok((
+            bpr,
+            LargeBytes::zeroed(n_rows.div_ceil(GROUP) * bpr * CELL)?,
+        ))
     }
 
     pub fn n_rows(&self) -> usize {
