@@ -28,27 +28,6 @@ fn timed(n: usize, mut run: impl FnMut(usize)) -> f64 {
     median(times)
 }
 
-/// Read bandwidth (GB/s) of `threads` threads summing a buffer much larger than the caches.
-fn read_bandwidth(pool: &mut ThreadPool, buf: &[u64]) -> f64 {
-    let sink = std::sync::atomic::AtomicU64::new(0);
-    let t = timed(7, |_| {
-        pool.split_rows(buf.len(), |_, r| {
-            let mut acc = [0u64; 8];
-            for c in buf[r].chunks_exact(8) {
-                for i in 0..8 {
-                    acc[i] = acc[i].wrapping_add(c[i]);
-                }
-            }
-            sink.fetch_add(
-                acc.iter().fold(0, |a, &b| a.wrapping_add(b)),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        });
-    });
-    std::hint::black_box(sink.into_inner());
-    (buf.len() * 8) as f64 / t / 1e9
-}
-
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -63,6 +42,9 @@ fn main() {
     // measure the kernel's compute speed alone
     let hot = std::env::var("BENCH_HOT").is_ok_and(|v| v == "1");
     let n_mats = if hot { 1 } else { (640 << 20) / mat_bytes + 1 };
+    // timed calls per figure: every matrix 3 times (once for the 32-token batches); a hot
+    // matrix takes microseconds, so it is timed 300 times (30) for a stable quartile
+    let (reps, reps_batch) = if hot { (300, 30) } else { (3 * n_mats, n_mats) };
     eprintln!(
         "weights: {n_mats} matrices of ({rows}, {cols}) Q40, {:.1} MB each",
         mat_bytes as f64 / 1e6
@@ -119,7 +101,6 @@ fn main() {
         .collect();
     let mut xq = vec![BlockQ80::default(); bpr];
     kernels::quantize_q80(&x, &mut xq).unwrap();
-    let bw_buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
     let mut out = vec![0.0f32; rows];
 
     println!("active kernels: {}", kernels::active_path());
@@ -132,7 +113,8 @@ fn main() {
             pool.run(|_, _| {});
         }
         let dispatch_ns = t0.elapsed().as_secs_f64() / n as f64 * 1e9;
-        let bw = read_bandwidth(&mut pool, &bw_buf);
+        // the benchmarks' reference reader (huge pages, 4 streams per thread)
+        let bw = dllama_core::memory::read_bandwidth(512 << 20, threads, 7).unwrap() / 1e9;
         println!("threads {threads}: memory read {bw:.1} GB/s, empty dispatch {dispatch_ns:.0} ns");
         let mut paths = KernelPath::ALL.to_vec();
         if std::env::var("BENCH_REVERSE").is_ok() {
@@ -142,7 +124,7 @@ fn main() {
             let Some(k) = Kernels::for_path(path) else {
                 continue;
             };
-            let t = timed(3 * n_mats, |it| {
+            let t = timed(reps, |it| {
                 let w = &mats[it % n_mats];
                 let shared = dllama_core::pool::SharedOut::new(&mut out);
                 pool.split_rows(rows, |_, r| {
@@ -161,7 +143,7 @@ fn main() {
             if path == KernelPath::Scalar {
                 continue;
             }
-            let t = timed(3 * n_mats, |it| {
+            let t = timed(reps, |it| {
                 let p = &packed[it % n_mats];
                 let shared = dllama_core::pool::SharedOut::new(&mut out);
                 pool.split_rows(rows, |_, r| {
@@ -182,7 +164,7 @@ fn main() {
             let nt = 32;
             let xb: Vec<BlockQ80> = (0..nt).flat_map(|_| xq.iter().copied()).collect();
             let mut ob = vec![0.0f32; nt * rows];
-            let t = timed(n_mats, |it| {
+            let t = timed(reps_batch, |it| {
                 let p = &packed[it % n_mats];
                 let shared = dllama_core::pool::SharedOut::new(&mut ob);
                 let n_rows_all = rows;
@@ -206,7 +188,7 @@ fn main() {
             );
         }
         // the checked entry point the engine uses, on the active path
-        let t = timed(3 * n_mats, |it| {
+        let t = timed(reps, |it| {
             matmul(
                 &mut pool,
                 Matrix::Q40(&mats[it % n_mats]),
@@ -223,7 +205,7 @@ fn main() {
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );
-        let t = timed(3 * n_mats, |it| {
+        let t = timed(reps, |it| {
             matmul(
                 &mut pool,
                 Matrix::Q40Packed(&packed[it % n_mats]),
@@ -245,7 +227,7 @@ fn main() {
             Kernels::get(),
             &Kernels::for_path(KernelPath::Scalar).unwrap(),
         ] {
-            let t = timed(n_mats, |it| {
+            let t = timed(reps_batch, |it| {
                 let w = &mats[it % n_mats];
                 let shared = dllama_core::pool::SharedOut::new(&mut out);
                 pool.split_rows(rows, |_, r| {
@@ -265,7 +247,7 @@ fn main() {
         let nt = 32;
         let xb: Vec<BlockQ80> = (0..nt).flat_map(|_| xq.iter().copied()).collect();
         let mut ob = vec![0.0f32; nt * rows];
-        let t = timed(n_mats, |it| {
+        let t = timed(reps_batch, |it| {
             matmul(
                 &mut pool,
                 Matrix::Q40(&mats[it % n_mats]),
@@ -282,7 +264,7 @@ fn main() {
             t * 1e3,
             t * 1e3 / nt as f64
         );
-        let t = timed(n_mats, |it| {
+        let t = timed(reps_batch, |it| {
             matmul(
                 &mut pool,
                 Matrix::Q40Packed(&packed[it % n_mats]),
