@@ -9,6 +9,7 @@ converted by `convert_model`, run by the Rust core.
   error); with f32 activations the same Q40 weights agree within 1e-4 (measured ~1e-6).
 - The experts in Q80 and F16 weights (Q80 activations with Q80 weights whatever the buffer
   type, f32 ones with F16 weights) against transformers on the same dequantized weights.
+- A Qwen3-MoE in bf16 / f16 over several safetensors shards converts like its f32 copy.
 - Router edge cases: tokens tied between experts, every token on one expert, experts no token
   picks (their weights NaN in the file: never read).
 - A qwen3moe GGUF whose experts are Q4_0 (gguf's reference quantizer): every expert's bytes
@@ -247,3 +248,16 @@ def test_gguf_q4_0_experts_are_copied_unchanged(tmp_path: Path) -> None:
             ex.down_proj.copy_(deq("ffn_down_exps"))
     worst, e = _check_quantized(out, hf_logits(ref_model, PROMPT), "q4_0 experts")
     print(f"q4_0 experts: q80 buffers {worst:.4f}, f32 buffers {e:.2e}")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_moe_sharded_half_precision_converts_like_f32(tmp_path: Path, dtype: str) -> None:
+    """A Qwen3-MoE saved in bf16 / f16 over several safetensors shards converts to the same
+    f32 `.m` bytes as the same (rounded) weights saved in f32 in one file."""
+    model = random_qwen3(moe=True, seed=4).to(getattr(torch, dtype))
+    sharded = save(model, tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    whole = save(model.to(torch.float32), tmp_path / "whole")
+    convert_model(sharded, tmp_path / "sharded.m", "f32", progress=False)
+    convert_model(whole, tmp_path / "whole.m", "f32", progress=False)
+    assert (tmp_path / "sharded.m").read_bytes() == (tmp_path / "whole.m").read_bytes()
