@@ -370,7 +370,10 @@ def test_kv_cache_beyond_the_machines_memory_is_refused(tmp_path: Path) -> None:
 
     path = tmp_path / "long.m"
     write_m(random_llama(layers=64, max_pos=1 << 24), path, "f32", 0)
-    with pytest.raises(ValueError, match=r"needs \d+\.\d MiB for weights \+ 51\d\.\d GiB for KV cache and RoPE table at --max-seq-len 16777216 on this node; .* available"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs \d+\.\d MiB for weights \+ 51\d\.\d GiB for KV cache and RoPE table at --max-seq-len 16777216 on this node; .* available",
+    ):
         _core.Node(str(path), max_seq_len=1 << 24)
     # the same file with the default length runs
     node = _core.Node(str(path))
