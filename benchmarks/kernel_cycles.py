@@ -40,6 +40,20 @@ MCA = "/usr/lib/llvm-22/bin/llvm-mca"
 AARCH64_KERNELS = [
     ("Q40×Q80 NEON (Pi 4)", r"neon::plain::matmul_q40_q80$", r"smull2?", 4),
     ("Q40×Q80 NEON+sdot (Pi 5)", r"neon::dotprod::matmul_q40_q80$", r"sdot", 2),
+    # packed Q40 (8 rows per cell): one loop per token count of the tile (8 row-blocks per
+    # token per iteration); the 1-token loop is generation's
+    (
+        "Q40×Q80 packed NEON (Pi 4)",
+        r"neon::plain::(matmul_q40x8_q80|group_tile)$",
+        r"smull2?|smlal2?",
+        4,
+    ),
+    (
+        "Q40×Q80 packed NEON+sdot (Pi 5)",
+        r"neon::dotprod::(matmul_q40x8_q80|group_tile)$",
+        r"sdot",
+        2,
+    ),
     ("Q80×Q80 NEON (Pi 4)", r"neon::plain::matmul_q80_q80$", r"smull2?", 4),
     ("Q80×Q80 NEON+sdot (Pi 5)", r"neon::dotprod::matmul_q80_q80$", r"sdot", 2),
     ("F32 matmul", r"neon::matmul_f32$", r"fmla", 8),
@@ -272,11 +286,13 @@ AARCH64_CPUS = [
 
 
 def q40_cycles_per_block() -> tuple[float, float]:
-    """Q40×Q80 cycles per block of the widest tile: (Pi 4 without sdot, Pi 5 with)."""
+    """Q40×Q80 cycles per block of generation's kernel, the packed one for one token (8 rows
+    per iteration): (Pi 4 without sdot, Pi 5 with)."""
     asm = build_asm("aarch64-unknown-linux-gnu")
-    rows = measure(asm, AARCH64_KERNELS[:2], "aarch64-linux-gnu", AARCH64_CPUS)
-    pi4 = max((r for r in rows if "NEON (Pi 4)" in r.label), key=lambda r: r.blocks_per_iter)
-    pi5 = max((r for r in rows if "sdot" in r.label), key=lambda r: r.blocks_per_iter)
+    packed = [k for k in AARCH64_KERNELS if k[0].startswith("Q40×Q80 packed")]
+    rows = measure(asm, packed, "aarch64-linux-gnu", AARCH64_CPUS)
+    (pi4,) = [r for r in rows if "(Pi 4)" in r.label and r.blocks_per_iter == 8]
+    (pi5,) = [r for r in rows if "sdot" in r.label and r.blocks_per_iter == 8]
     return float(pi4.cycles[0]), float(pi5.cycles[1])
 
 

@@ -182,7 +182,8 @@ def main() -> None:
         c5 = m5 if c5 is None else c5
     print(
         f"PROJECTION (no Pi measured): Q40×Q80 {c4:.2f} cycles/block on the Pi 4 "
-        f"(A57 model, 4-row tile, no sdot), {c5:.2f} on the Pi 5 (Neoverse N1 model, sdot); "
+        f"(A57 model, packed Q40, one token, no sdot), {c5:.2f} on the Pi 5 (Neoverse N1 "
+        f"model, packed, sdot); "
         f"RTT {args.rtt_ms} ms; GbE {GBE / 1e6:.0f} MB/s\n"
     )
     print(table(c4, c5, args.rtt_ms))

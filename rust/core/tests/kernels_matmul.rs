@@ -636,6 +636,59 @@ fn packed_q40_every_path() {
     .is_err());
 }
 
+#[test]
+fn packed_q40_extreme_values_every_path() {
+    // every nibble 0 or 15 against inputs ±127 (the quantizer's range): the largest integer
+    // sums a packed kernel's lanes hold (the int16 sums of the NEON kernel without sdot), on
+    // 11 rows (a padded last group) and 3 tokens (a two-token tile and a one-token tile)
+    let (n_rows, bpr, n_tokens) = (11, 4, 3);
+    let patterns = [0x00u8, 0xFF, 0x0F, 0xF0, 0x88, 0x7F];
+    let w: Vec<kernels::BlockQ40> = (0..n_rows * bpr)
+        .map(|i| kernels::BlockQ40 {
+            d: f32_to_f16(if i % 3 == 0 { -0.031 } else { 0.017 }),
+            qs: [patterns[(i / bpr + i) % patterns.len()]; 16],
+        })
+        .collect();
+    let x: Vec<BlockQ80> = (0..n_tokens * bpr)
+        .map(|i| {
+            let mut b = BlockQ80 {
+                d: f32_to_f16(0.009),
+                qs: [0; 32],
+            };
+            for (j, q) in b.qs.iter_mut().enumerate() {
+                *q = match i % 3 {
+                    0 => 127,
+                    1 => -127,
+                    _ => [127, -127][(j / 4) % 2],
+                };
+            }
+            b
+        })
+        .collect();
+    let cols = bpr * QK;
+    let (want, mag) = reference(&q40_values(&w), &q80_values(&x), n_rows, cols, n_tokens);
+    let base = scalar_q40_q80(&w, &x, n_rows, n_tokens);
+    let got: Vec<f32> = base.iter().map(|&v| v as f32).collect();
+    assert_close(
+        "scalar q40×q80 extremes vs f64",
+        &got,
+        &want,
+        &mag,
+        SCALAR_REL_Q40_Q80,
+        ABS_FLOOR,
+    );
+    let packed = kernels::PackedQ40::pack(&w, n_rows, cols).unwrap();
+    let cells = packed.groups(0, packed.n_groups());
+    check_every_path(
+        "packed q40×q80 extremes",
+        n_tokens * n_rows,
+        &base,
+        &mag,
+        SIMD_REL,
+        |k, out| k.matmul_q40x8_q80(cells, bpr, &x, out, n_tokens),
+    );
+}
+
 /// Kernels the dispatcher does not pick on every CPU with their path (the EVEX-encoded
 /// 256-bit VNNI ones run only where AVX-VNNI is missing): called directly when the CPU can.
 #[cfg(target_arch = "x86_64")]

@@ -180,13 +180,17 @@ impl Kernels {
                     KernelPath::NeonDotprod => neon::dotprod::matmul_q80_q80,
                     _ => neon::plain::matmul_q80_q80,
                 };
+                let q40x8: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize) = match path {
+                    KernelPath::NeonDotprod => neon::dotprod::matmul_q40x8_q80,
+                    _ => neon::plain::matmul_q40x8_q80,
+                };
                 Some(Kernels {
                     path,
                     quantize_q80: neon::quantize_q80,
                     matmul_q40_q80: q40,
                     matmul_q80_q80: q80,
-                    matmul_q40x8_q80: scalar::matmul_q40x8_q80,
-                    matmul_q40x8_q80_batch: scalar::matmul_q40x8_q80,
+                    matmul_q40x8_q80: q40x8,
+                    matmul_q40x8_q80_batch: q40x8,
                     matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,

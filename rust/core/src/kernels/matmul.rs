@@ -22,7 +22,7 @@ pub enum Matrix<'a> {
     F16(&'a [u16]),
     Q40(&'a [BlockQ40]),
     Q80(&'a [BlockQ80]),
-    /// Q40 repacked by [`PackedQ40::pack`] for the x86_64 SIMD kernels (Q80 input only).
+    /// Q40 repacked by [`PackedQ40::pack`] for the SIMD kernels (Q80 input only).
     Q40Packed(&'a PackedQ40),
 }
 
@@ -184,13 +184,10 @@ fn run_rows(
 
 const _: () = assert!(ROW_ALIGN.is_multiple_of(GROUP));
 
-/// Whether the active kernels run packed Q40 faster than plain Q40 (x86_64 SIMD): the engine
-/// packs its Q40 weights at load time when this is true.
+/// Whether the active kernels run packed Q40 faster than plain Q40 (every SIMD path, x86_64
+/// and aarch64): the engine packs its Q40 weights at load time when this is true.
 pub fn prefers_packed_q40() -> bool {
-    !matches!(
-        Kernels::get().path,
-        super::KernelPath::Scalar | super::KernelPath::Neon | super::KernelPath::NeonDotprod
-    )
+    Kernels::get().path != super::KernelPath::Scalar
 }
 
 thread_local! {

@@ -5,7 +5,7 @@
 //! - [`scalar`]: portable kernels, the reference every SIMD kernel is tested against.
 //! - `avx2` (AVX2 + FMA + F16C), `avx2_vnni` (Q40 × Q80 in maddubs / AVX-VNNI / AVX-512 VNNI
 //!   variants), `avx512` (512-bit packed Q40 × Q80): x86_64. `neon`: aarch64.
-//! - [`packed`]: Q40 rows repacked at load time for the x86_64 kernels.
+//! - [`packed`]: Q40 rows repacked at load time for the SIMD kernels.
 //! - [`dispatch`]: the one run-time choice of a path ([`Kernels`]).
 //! - `shape`: the shapes of kernel calls and the shared row loop.
 //! - [`matmul`]: the checked, multi-threaded entry points the engine calls.

@@ -11,8 +11,8 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
-use super::packed::PREFETCH_AHEAD;
-use super::shape::{assert_q80_blocks, matmul_rows};
+use super::packed::{CELL, GROUP, PREFETCH_AHEAD};
+use super::shape::{assert_q80_blocks, matmul_rows, packed_shape};
 
 #[target_feature(enable = "neon")]
 #[inline]
@@ -207,14 +207,260 @@ macro_rules! int8_kernels {
     };
 }
 
+// Packed Q40 (`kernels::packed`, 8 rows per cell) × Q80. A 16-byte half of a cell's vector
+// V_q holds bytes 4q..4q+4 of 4 rows' `qs`, one row per 32-bit lane: `and 0x0F` gives those
+// rows' values 4q..4q+4 and `ushr 4` their values 16+4q..16+4q+4, so their dot product with
+// the input's bytes 4q..4q+4 (32-bit lane q of the input's first 16 bytes) and 16+4q..
+// (lane q of the last 16) lands in each row's own lane: one `sdot` by element per 16 bytes,
+// or, without sdot, `smull`/`smlal` against the input lane broadcast into int16 sums and one
+// `addp` + `sadalp` per 4 rows and block. No horizontal sum per row, one scale conversion per
+// 8 rows. The nibbles stay 0..15 and the Q40 offset is folded: sum (n - 8) x = sum n x - 8
+// sum x, with -8 sum x per input block computed once per call as the integer sums' start
+// (they are exact, so each block's sum equals the plain layout's).
+
+/// Per input block: its scale as f32 and -8 × the sum of its values (the integer sums' start).
+#[target_feature(enable = "neon")]
+unsafe fn q80_scales_sums(x: &[BlockQ80]) -> (Vec<f32>, Vec<i32>) {
+    let dx = x.iter().map(|b| h2f(b.d)).collect();
+    let s8 = x
+        .iter()
+        .map(|b| {
+            let p = b.qs.as_ptr();
+            -8 * (vaddlvq_s8(vld1q_s8(p)) as i32 + vaddlvq_s8(vld1q_s8(p.add(16))) as i32)
+        })
+        .collect();
+    (dx, s8)
+}
+
+/// The nibbles of 16 bytes as 0..15: (low, high).
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn nibbles(v: uint8x16_t) -> (int8x16_t, int8x16_t) {
+    (
+        vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))),
+        vreinterpretq_s8_u8(vshrq_n_u8(v, 4)),
+    )
+}
+
+/// Ask for the cache lines of the cell `PREFETCH_AHEAD` bytes after `cell`: 3 `prfm` 48 bytes
+/// apart per 144-byte cell, so that every 64-byte line of the stream gets one. The hardware
+/// prefetchers stop at each page; this keeps the weight stream flowing across them.
+#[inline(always)]
+fn prefetch_cell(cell: *const u8) {
+    let ahead = cell.wrapping_add(PREFETCH_AHEAD);
+    // SAFETY: `prfm` has no architectural effect, for any address.
+    unsafe {
+        asm!(
+            "prfm pldl1keep, [{0}]",
+            "prfm pldl1keep, [{0}, #48]",
+            "prfm pldl1keep, [{0}, #96]",
+            in(reg) ahead,
+            options(nostack, preserves_flags, readonly)
+        );
+    }
+}
+
+/// `acc` + each 4-byte group of `w` dotted with 4-byte lane `Q` of `x` (`sdot` by element).
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn sdot_lane<const Q: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.4b[{q}]", inout(vreg) acc, in(vreg) w, in(vreg) x, q = const Q, options(pure, nomem, nostack));
+    acc
+}
+
+/// Quarter `Q` of a cell's quants (`w` = the cell's vectors) for T tokens, with `sdot`:
+/// p[t][h] (rows 4h..4h+4) += the 8 values of V_Q's half h dotted with token t's inputs.
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn quarter_sdot<const Q: i32, const T: usize>(
+    w: *const u8,
+    x: &[(int8x16_t, int8x16_t); T],
+    p: &mut [[int32x4_t; 2]; T],
+) {
+    let half = |h: usize| nibbles(vld1q_u8(w.add(32 * Q as usize + 16 * h)));
+    let (lo0, hi0) = half(0);
+    let (lo1, hi1) = half(1);
+    for t in 0..T {
+        p[t][0] = sdot_lane::<Q>(sdot_lane::<Q>(p[t][0], lo0, x[t].0), hi0, x[t].1);
+        p[t][1] = sdot_lane::<Q>(sdot_lane::<Q>(p[t][1], lo1, x[t].0), hi1, x[t].1);
+    }
+}
+
+/// Quarter `Q` without `sdot`: a[t][k] (int16, rows 2k, 2k+1: 4 lanes each) += the products
+/// of V_Q's values with token t's input lane `Q` broadcast (`smull` / `smlal`, 8 per
+/// instruction). Each lane sums 8 products n·x with n <= 15, |x| <= 128: at most 15360.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn quarter_plain<const Q: i32, const T: usize>(
+    w: *const u8,
+    x: &[(int8x16_t, int8x16_t); T],
+    a: &mut [[int16x8_t; 4]; T],
+) {
+    let half = |h: usize| nibbles(vld1q_u8(w.add(32 * Q as usize + 16 * h)));
+    let (lo0, hi0) = half(0);
+    let (lo1, hi1) = half(1);
+    let lane = |v: int8x16_t| vreinterpretq_s8_s32(vdupq_laneq_s32::<Q>(vreinterpretq_s32_s8(v)));
+    for t in 0..T {
+        let (xl, xh) = (lane(x[t].0), lane(x[t].1));
+        let a = &mut a[t];
+        if Q == 0 {
+            a[0] = vmull_s8(vget_low_s8(lo0), vget_low_s8(xl));
+            a[1] = vmull_high_s8(lo0, xl);
+            a[2] = vmull_s8(vget_low_s8(lo1), vget_low_s8(xl));
+            a[3] = vmull_high_s8(lo1, xl);
+        } else {
+            a[0] = vmlal_s8(a[0], vget_low_s8(lo0), vget_low_s8(xl));
+            a[1] = vmlal_high_s8(a[1], lo0, xl);
+            a[2] = vmlal_s8(a[2], vget_low_s8(lo1), vget_low_s8(xl));
+            a[3] = vmlal_high_s8(a[3], lo1, xl);
+        }
+        a[0] = vmlal_s8(a[0], vget_low_s8(hi0), vget_low_s8(xh));
+        a[1] = vmlal_high_s8(a[1], hi0, xh);
+        a[2] = vmlal_s8(a[2], vget_low_s8(hi1), vget_low_s8(xh));
+        a[3] = vmlal_high_s8(a[3], hi1, xh);
+    }
+}
+
+/// One cell's integer sums for T tokens with `sdot`: [t][h] = rows 4h..4h+4, starting from
+/// `init[t]` (-8 × the input block's sum).
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn cell_sdot<const T: usize>(
+    w: *const u8,
+    x: &[(int8x16_t, int8x16_t); T],
+    init: [int32x4_t; T],
+) -> [[int32x4_t; 2]; T] {
+    let mut p = init.map(|v| [v, v]);
+    quarter_sdot::<0, T>(w, x, &mut p);
+    quarter_sdot::<1, T>(w, x, &mut p);
+    quarter_sdot::<2, T>(w, x, &mut p);
+    quarter_sdot::<3, T>(w, x, &mut p);
+    p
+}
+
+/// One cell's integer sums for T tokens without `sdot`, as `cell_sdot`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn cell_plain<const T: usize>(
+    w: *const u8,
+    x: &[(int8x16_t, int8x16_t); T],
+    init: [int32x4_t; T],
+) -> [[int32x4_t; 2]; T] {
+    let mut a = [[vdupq_n_s16(0); 4]; T];
+    quarter_plain::<0, T>(w, x, &mut a);
+    quarter_plain::<1, T>(w, x, &mut a);
+    quarter_plain::<2, T>(w, x, &mut a);
+    quarter_plain::<3, T>(w, x, &mut a);
+    let mut p = [[vdupq_n_s32(0); 2]; T];
+    for t in 0..T {
+        for h in 0..2 {
+            // rows 4h..4h+4 in order: `addp` of the int16 sums (two lanes: at most 30720),
+            // then `sadalp` adds the pairs of each row into init
+            let pairs = vpaddq_s16(a[t][2 * h], a[t][2 * h + 1]);
+            p[t][h] = vpadalq_s16(init[t], pairs);
+        }
+    }
+    p
+}
+
+macro_rules! packed_kernels {
+    ($features:literal, $cell:ident) => {
+        /// One group of 8 rows (`bpr` cells from `c`) × T tokens (inputs, scales and sums of
+        /// each token's blocks): [t][h] = token t's outputs of rows 4h..4h+4.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn group_tile<const T: usize>(
+            c: *const u8,
+            bpr: usize,
+            x: [*const BlockQ80; T],
+            dx: [*const f32; T],
+            s8: [*const i32; T],
+        ) -> [[float32x4_t; 2]; T] {
+            let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+            for b in 0..bpr {
+                let cell = c.add(b * CELL);
+                prefetch_cell(cell);
+                let xs: [(int8x16_t, int8x16_t); T] = std::array::from_fn(|t| {
+                    let q = (*x[t].add(b)).qs.as_ptr();
+                    (vld1q_s8(q), vld1q_s8(q.add(16)))
+                });
+                let init: [int32x4_t; T] = std::array::from_fn(|t| vld1q_dup_s32(s8[t].add(b)));
+                let p = $cell::<T>(cell.add(16), &xs, init);
+                // the 8 rows' f16 scales (bytes 0..16), converted with one fcvtl / fcvtl2
+                let d = f16x8_to_f32(cell as *const u16);
+                for t in 0..T {
+                    let dxt = *dx[t].add(b);
+                    for h in 0..2 {
+                        let sc = vmulq_n_f32(d[h], dxt);
+                        acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(p[t][h]), sc);
+                    }
+                }
+            }
+            acc
+        }
+
+        /// out (n_tokens, n_rows) = packed Q40 `cells` (n_rows, bpr) × x (n_tokens, bpr) Q80,
+        /// group-outer (a group's cells are read from memory once, then stay in cache for
+        /// all tokens), two tokens per pass over a group (the unpacked weights serve both).
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: &mut [f32],
+            n_tokens: usize,
+        ) {
+            let (n_rows, n_groups) = packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
+            let (dx, s8) = q80_scales_sums(x);
+            let (xp, dp, sp) = (x.as_ptr(), dx.as_ptr(), s8.as_ptr());
+            let mut put = |t: usize, g: usize, v: &[float32x4_t; 2]| {
+                let mut o = [0.0f32; GROUP];
+                vst1q_f32(o.as_mut_ptr(), v[0]);
+                vst1q_f32(o.as_mut_ptr().add(4), v[1]);
+                let r0 = g * GROUP;
+                let n = GROUP.min(n_rows - r0);
+                out[t * n_rows + r0..t * n_rows + r0 + n].copy_from_slice(&o[..n]);
+            };
+            for g in 0..n_groups {
+                let c = cells.as_ptr().add(g * bpr * CELL);
+                let mut t = 0;
+                while t + 2 <= n_tokens {
+                    let o = |k: usize| (t + k) * bpr;
+                    let v = group_tile::<2>(
+                        c,
+                        bpr,
+                        [xp.add(o(0)), xp.add(o(1))],
+                        [dp.add(o(0)), dp.add(o(1))],
+                        [sp.add(o(0)), sp.add(o(1))],
+                    );
+                    put(t, g, &v[0]);
+                    put(t + 1, g, &v[1]);
+                    t += 2;
+                }
+                if t < n_tokens {
+                    let o = t * bpr;
+                    let [v] = group_tile::<1>(c, bpr, [xp.add(o)], [dp.add(o)], [sp.add(o)]);
+                    put(t, g, &v);
+                }
+            }
+        }
+    };
+}
+
 pub mod plain {
     use super::*;
     int8_kernels!("neon", dot4_plain);
+    packed_kernels!("neon", cell_plain);
 }
 
 pub mod dotprod {
     use super::*;
     int8_kernels!("neon,dotprod", dot4_sdot);
+    packed_kernels!("neon,dotprod", cell_sdot);
 }
 
 /// # Safety
@@ -259,6 +505,16 @@ unsafe fn f16x4_to_f32(p: *const u16) -> float32x4_t {
     let out: float32x4_t;
     asm!("fcvtl {0:v}.4s, {1:v}.4h", out(vreg) out, in(vreg) h, options(pure, nomem, nostack));
     out
+}
+
+/// Eight f16 values (bits) to f32 with one `fcvtl` and one `fcvtl2`: [values 0..4, 4..8].
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn f16x8_to_f32(p: *const u16) -> [float32x4_t; 2] {
+    let h = vld1q_u16(p);
+    let (lo, hi): (float32x4_t, float32x4_t);
+    asm!("fcvtl {0:v}.4s, {2:v}.4h", "fcvtl2 {1:v}.4s, {2:v}.8h", out(vreg) lo, out(vreg) hi, in(vreg) h, options(pure, nomem, nostack));
+    [lo, hi]
 }
 
 /// # Safety

@@ -1,4 +1,4 @@
-//! Q40 weights repacked at load time for the x86_64 SIMD kernels (an "interleaved repack",
+//! Q40 weights repacked at load time for the SIMD kernels (an "interleaved repack",
 //! as llama.cpp's q4_0 8x8): groups of 8 rows, block column by block column.
 //!
 //! Per (group g, block column b), 144 bytes at ((g · bpr) + b) · 144:
@@ -10,6 +10,7 @@
 //! So one 32-byte load feeds 8 rows at once, each lane's 4-byte dot product lands in that row's
 //! i32 lane (`vpdpbusd` / `vpmaddubsw` against the 4 input bytes broadcast), the 8 results
 //! come out as one vector with no horizontal sum, and the size stays 18 bytes per 32 weights.
+//! On aarch64 each 16-byte half of V_q feeds 4 rows (`sdot` by element, or `smull`/`smlal`).
 //! Rows past the last multiple of 8 are padded with zero blocks (scale 0).
 
 use super::block::{BlockQ40, QK};
@@ -21,7 +22,7 @@ use crate::{Error, Result};
 pub const GROUP: usize = 8;
 /// Bytes per (group, block column).
 pub const CELL: usize = 16 + GROUP * 16;
-/// How far ahead of the cell being multiplied the x86_64 packed kernels prefetch, in bytes.
+/// How far ahead of the cell being multiplied the packed kernels prefetch, in bytes.
 /// The cells are one sequential stream, but the hardware prefetchers stop at each 4 KiB page
 /// and let it run dry. 8 KiB was the best distance swept with the benchmarks (figures in
 /// benchmarks/README.md).

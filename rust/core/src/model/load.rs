@@ -64,8 +64,8 @@ pub enum WeightSource<'a> {
     Shipped(Vec<ShippedTensor>),
 }
 
-/// Whether this node repacks its Q40 weights for the kernels: x86_64 (where the packed
-/// kernels are faster) with Q80 buffers.
+/// Whether this node repacks its Q40 weights for the kernels: SIMD kernels (x86_64 and
+/// aarch64, where the packed kernels are faster) with Q80 buffers.
 pub fn packs_q40(cfg: &ModelConfig, buffer_type: BufferType) -> bool {
     prefers_packed_q40()
         && buffer_type == BufferType::Q80
@@ -266,7 +266,7 @@ fn insert_part(
 }
 
 /// Move tensors into an unlinked temporary file and map it. Used where the weights are
-/// repacked at load (x86_64): the repacking then releases the mapped pages (they can come
+/// repacked at load (SIMD kernels): the repacking then releases the mapped pages (they can come
 /// back from the file), so the node does not keep the unpacked bytes beside the packed copy.
 fn spill_to_file(tensors: Vec<ShippedTensor>, stop: Option<&AtomicBool>) -> Result<ShippedParts> {
     use std::io::Write;

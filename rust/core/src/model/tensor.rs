@@ -115,7 +115,7 @@ pub struct Tensor {
     pub cols: usize,
     source: Arc<dyn ByteSource>,
     range: Range<usize>,
-    /// Q40 rows repacked for the x86_64 kernels (see `kernels::packed`), when packed.
+    /// Q40 rows repacked for the SIMD kernels (see `kernels::packed`), when packed.
     packed: Option<Arc<PackedQ40>>,
 }
 
@@ -267,7 +267,7 @@ impl Tensor {
         as_q80(self.bytes()).expect("alignment checked in Tensor::new")
     }
 
-    /// This Q40 tensor with its rows also repacked for the x86_64 kernels (an owned copy the
+    /// This Q40 tensor with its rows also repacked for the SIMD kernels (an owned copy the
     /// matmuls read instead of the mapped rows, whose pages are then released), on the
     /// threads of `pool` when given. Other types are returned as they are.
     pub fn packed_q40_with(mut self, pool: Option<&mut ThreadPool>) -> Result<Tensor> {

@@ -24,7 +24,7 @@ pub struct LayerWeights {
     pub ffn: Ffn,
     pub attn_norm: Vec<f32>, // (dim)
     pub ffn_norm: Vec<f32>,  // (dim)
-    /// When packing (x86_64, Q40 weights, Q80 buffers): the rows of wq, wk, wv repacked as one
+    /// When packing (SIMD kernels, Q40 weights, Q80 buffers): the rows of wq, wk, wv repacked as one
     /// (q_local + 2 kv_local, dim) matrix, so they are one matmul (one dispatch to the pool
     /// instead of three). The plain tensors then stay mapped but unread (pages released).
     pub qkv_packed: Option<Arc<PackedQ40>>,
@@ -242,7 +242,7 @@ impl Weights {
     /// This node's weights from its parts of every tensor: `get_part(name)` returns the part
     /// `tensor_part(..)` names of tensor `name` (mapped rows, copied columns, shipped bytes),
     /// checked here for type and shape. With `pack_threads > 0`, Q40 matrices are repacked for
-    /// the x86_64 kernels on that many threads (0: not repacked), tensor by tensor, releasing
+    /// the SIMD kernels on that many threads (0: not repacked), tensor by tensor, releasing
     /// the pages of each.
     pub fn from_parts(
         cfg: &ModelConfig,
