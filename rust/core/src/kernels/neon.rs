@@ -365,7 +365,7 @@ unsafe fn cell_plain<const T: usize>(
 }
 
 macro_rules! packed_kernels {
-    ($features:literal, $cell:ident) => {
+    ($features:literal, $cell:ident, $wide:literal) => {
         /// One group of 8 rows (`bpr` cells from `c`) × T tokens (inputs, scales and sums of
         /// each token's blocks): [t][h] = token t's outputs of rows 4h..4h+4.
         #[target_feature(enable = $features)]
@@ -402,7 +402,8 @@ macro_rules! packed_kernels {
 
         /// out (n_tokens, n_rows) = packed Q40 `cells` (n_rows, bpr) × x (n_tokens, bpr) Q80,
         /// group-outer (a group's cells are read from memory once, then stay in cache for
-        /// all tokens), two tokens per pass over a group (the unpacked weights serve both).
+        /// all tokens), `$wide` (4 with sdot, 2 without) tokens per pass over a group (the
+        /// unpacked weights serve them all), the rest 2 or 1 at a time.
         ///
         /// # Safety
         /// The CPU has the features of this function's `target_feature`.
@@ -427,24 +428,35 @@ macro_rules! packed_kernels {
             };
             for g in 0..n_groups {
                 let c = cells.as_ptr().add(g * bpr * CELL);
-                let mut t = 0;
-                while t + 2 <= n_tokens {
-                    let o = |k: usize| (t + k) * bpr;
-                    let v = group_tile::<2>(
-                        c,
-                        bpr,
-                        [xp.add(o(0)), xp.add(o(1))],
-                        [dp.add(o(0)), dp.add(o(1))],
-                        [sp.add(o(0)), sp.add(o(1))],
-                    );
-                    put(t, g, &v[0]);
-                    put(t + 1, g, &v[1]);
-                    t += 2;
+                // tokens t.. in one pass over the group: T pointers of each kind, then its rows
+                macro_rules! pass {
+                    ($t:expr, $n:literal) => {{
+                        let o = |k: usize| ($t + k) * bpr;
+                        let v = group_tile::<$n>(
+                            c,
+                            bpr,
+                            std::array::from_fn(|k| xp.add(o(k))),
+                            std::array::from_fn(|k| dp.add(o(k))),
+                            std::array::from_fn(|k| sp.add(o(k))),
+                        );
+                        for (k, v) in v.iter().enumerate() {
+                            put($t + k, g, v);
+                        }
+                    }};
                 }
-                if t < n_tokens {
-                    let o = t * bpr;
-                    let [v] = group_tile::<1>(c, bpr, [xp.add(o)], [dp.add(o)], [sp.add(o)]);
-                    put(t, g, &v);
+                let mut t = 0;
+                while t < n_tokens {
+                    let left = n_tokens - t;
+                    if $wide == 4 && left >= 4 {
+                        pass!(t, 4);
+                        t += 4;
+                    } else if left >= 2 {
+                        pass!(t, 2);
+                        t += 2;
+                    } else {
+                        pass!(t, 1);
+                        t += 1;
+                    }
                 }
             }
         }
@@ -454,13 +466,13 @@ macro_rules! packed_kernels {
 pub mod plain {
     use super::*;
     int8_kernels!("neon", dot4_plain);
-    packed_kernels!("neon", cell_plain);
+    packed_kernels!("neon", cell_plain, 2);
 }
 
 pub mod dotprod {
     use super::*;
     int8_kernels!("neon,dotprod", dot4_sdot);
-    packed_kernels!("neon,dotprod", cell_sdot);
+    packed_kernels!("neon,dotprod", cell_sdot, 4);
 }
 
 /// # Safety
