@@ -95,56 +95,68 @@ impl std::ops::DerefMut for LargeBytes {
 }
 
 /// Bytes per second that `n_threads` threads read from memory at once, best of `rounds`:
-/// each thread sums its share of a `nbytes` buffer allocated as the weights are
-/// ([`LargeBytes`]), as [`READ_STREAMS`] interleaved sequential streams (one stream alone
-/// leaves bandwidth unused on the CPUs measured, as the packed matmuls read a few groups
-/// at once); AVX2 loads where the CPU has them. The reference for the benchmarks' floor.
+/// each thread sums [`READ_STREAMS`] interleaved sequential streams of a `nbytes` buffer
+/// allocated as the weights are ([`LargeBytes`]); one stream alone leaves bandwidth unused
+/// on the CPUs measured, as the packed matmuls read a few groups at once. The streams start
+/// a little more than `nbytes / streams` apart ([`STREAM_SKEW`]): at exact power-of-two
+/// distances in huge pages they would hit the same DRAM banks and read slower than one stream.
+/// AVX2 loads where the CPU has them. The reference for the benchmarks' floor.
 pub fn read_bandwidth(nbytes: usize, n_threads: usize, rounds: usize) -> crate::Result<f64> {
-    use crate::pool::{split_range, ThreadPool};
-    let unit = 64 * READ_STREAMS;
-    if nbytes < unit * n_threads.max(1) || rounds == 0 {
+    let n_streams = READ_STREAMS * n_threads.max(1);
+    let (starts, len) = stream_layout(nbytes, n_streams);
+    if len < 4096 || rounds == 0 || n_threads == 0 {
         return Err(crate::Error::invalid(format!(
             "read_bandwidth: {nbytes} bytes over {n_threads} threads in {rounds} rounds is too \
              little to time"
         )));
     }
-    let mut pool = ThreadPool::new(n_threads)?;
-    let mut buf = LargeBytes::zeroed(nbytes / unit * unit)?;
+    let mut pool = crate::pool::ThreadPool::new(n_threads)?;
+    let mut buf = LargeBytes::zeroed(nbytes)?;
     for (i, chunk) in buf.chunks_mut(4096).enumerate() {
         chunk.fill(i as u8); // touch every page before timing
     }
-    let units = buf.len() / unit;
     let sink = std::sync::atomic::AtomicU64::new(0);
     let mut best = f64::INFINITY;
     for _ in 0..rounds {
         let t0 = std::time::Instant::now();
-        pool.run(|i, n| {
-            let r = split_range(units, i, n, 1);
-            let s = sum_streams(&buf[r.start * unit..r.end * unit]);
+        pool.run(|i, _| {
+            let mine: [usize; READ_STREAMS] = std::array::from_fn(|k| starts[i * READ_STREAMS + k]);
+            let s = sum_streams(&buf, &mine, len);
             sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
         });
         best = best.min(t0.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink.into_inner());
-    Ok(buf.len() as f64 / best)
+    Ok((n_streams * len) as f64 / best)
 }
 
 /// Interleaved sequential streams per reading thread in [`read_bandwidth`].
 pub const READ_STREAMS: usize = 4;
 
-/// A checksum of `b` (a multiple of 64 · READ_STREAMS bytes) read as READ_STREAMS streams.
-fn sum_streams(b: &[u8]) -> u64 {
+/// Extra distance between consecutive streams of [`read_bandwidth`], past an even split.
+pub const STREAM_SKEW: usize = 17 * 64;
+
+/// The starts of `n` streams in `nbytes` and their common length (a multiple of 64): stream
+/// j starts at j · (stride + STREAM_SKEW), stride = nbytes / n, and all stay inside.
+fn stream_layout(nbytes: usize, n: usize) -> (Vec<usize>, usize) {
+    let stride = nbytes / n.max(1) / 64 * 64;
+    let len = stride.saturating_sub(n.saturating_sub(1) * STREAM_SKEW) / 64 * 64;
+    ((0..n).map(|j| j * (stride + STREAM_SKEW)).collect(), len)
+}
+
+/// A checksum of the `len` bytes (a multiple of 64) from each of `starts` in `b`, read as
+/// interleaved streams.
+fn sum_streams(b: &[u8], starts: &[usize; READ_STREAMS], len: usize) -> u64 {
+    assert!(len.is_multiple_of(64) && starts.iter().all(|&s| s + len <= b.len()));
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
-        return unsafe { sum_streams_avx2(b) };
+        // SAFETY: AVX2 was just detected; every stream lies inside `b` (asserted).
+        return unsafe { sum_streams_avx2(b, starts, len) };
     }
-    let per = b.len() / READ_STREAMS;
     let mut acc = [0u64; READ_STREAMS];
-    for i in (0..per).step_by(8) {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let o = k * per + i;
-            let v = u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    for i in (0..len).step_by(8) {
+        for (a, &s) in acc.iter_mut().zip(starts) {
+            let v = u64::from_le_bytes(b[s + i..s + i + 8].try_into().unwrap_or([0; 8]));
             *a = a.wrapping_add(v);
         }
     }
@@ -153,15 +165,14 @@ fn sum_streams(b: &[u8]) -> u64 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sum_streams_avx2(b: &[u8]) -> u64 {
+unsafe fn sum_streams_avx2(b: &[u8], starts: &[usize; READ_STREAMS], len: usize) -> u64 {
     use std::arch::x86_64::*;
-    let per = b.len() / READ_STREAMS;
     let p = b.as_ptr();
     let mut acc = [_mm256_setzero_si256(); READ_STREAMS];
     let mut i = 0;
-    while i + 64 <= per {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let q = p.add(k * per + i);
+    while i + 64 <= len {
+        for (a, &s) in acc.iter_mut().zip(starts) {
+            let q = p.add(s + i);
             *a = _mm256_add_epi64(*a, _mm256_loadu_si256(q as *const __m256i));
             *a = _mm256_add_epi64(*a, _mm256_loadu_si256(q.add(32) as *const __m256i));
         }
@@ -292,15 +303,23 @@ mod tests {
         assert!(bw > 1e8, "{bw}");
         assert!(super::read_bandwidth(100, 1, 1).is_err());
         assert!(super::read_bandwidth(8 << 20, 1, 0).is_err());
-        // both readers give the same checksum
-        let b: Vec<u8> = (0..4096 * super::READ_STREAMS)
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
-        let want = b
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .fold(0u64, |s, v| s.wrapping_add(v));
-        assert_eq!(super::sum_streams(&b), want);
+        // the streams are disjoint, inside the buffer, and both readers sum exactly them
+        let n = 64 * 1024 + 192;
+        let (starts, len) = super::stream_layout(n, super::READ_STREAMS);
+        assert!(len > 0 && len % 64 == 0);
+        for w in starts.windows(2) {
+            assert!(w[0] + len <= w[1]);
+        }
+        assert!(starts[super::READ_STREAMS - 1] + len <= n);
+        let b: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        let want = starts.iter().fold(0u64, |s, &st| {
+            b[st..st + len]
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .fold(s, |s, v| s.wrapping_add(v))
+        });
+        let starts: [usize; super::READ_STREAMS] = starts.try_into().unwrap();
+        assert_eq!(super::sum_streams(&b, &starts, len), want);
     }
 
     #[test]
