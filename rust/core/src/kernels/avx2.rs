@@ -373,11 +373,17 @@ pub unsafe fn softmax(x: &mut [f32]) {
 /// past the data.
 #[inline(always)]
 pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
-    let ahead = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    prefetch(p.wrapping_add(PREFETCH_AHEAD), len);
+}
+
+/// Ask for the cache lines of the `len` bytes at `p` (any address: see `prefetch_ahead`).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8, len: usize) {
+    let p = p as *const i8;
     for off in (0..len).step_by(64) {
         // SAFETY: a prefetch has no architectural effect, for any address (SSE is part of
         // x86_64).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off)) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
     }
 }
 

@@ -17,9 +17,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::avx2::{hsum, prefetch_ahead, scale8};
+use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
-use super::packed::{CELL, GROUP};
+use super::packed::{CELL, GROUP, PREFETCH_AHEAD};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -142,8 +142,13 @@ macro_rules! q40_q80_kernels {
             for b in 0..bpr {
                 let xq = (*x.add(b)).qs.as_ptr() as *const i32;
                 let mut s = [[_mm256_setzero_si256(); 2]; G];
+                // PREFETCH_AHEAD further along each group's stream; past a group's end, into
+                // the group the next pass reads in its place (not the neighbour that this
+                // pass is reading already)
+                let ahead = b * CELL + PREFETCH_AHEAD;
+                let skip = if ahead < gstride { 0 } else { G * gstride - gstride };
                 for g in 0..G {
-                    prefetch_ahead(gc.add(g * gstride + b * CELL), CELL);
+                    prefetch(gc.wrapping_add(g * gstride + ahead + skip), CELL);
                 }
                 for q in 0..4 {
                     let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
