@@ -1,5 +1,7 @@
 //! Q40 × Q80 matmul speed against the machine's memory read bandwidth, and the cost of one
 //! pool dispatch. `cargo run --release --example matmul_bench [-- rows cols]`
+//! `BENCH_THREADS=1,2` (the default) picks the thread counts, `BENCH_ONLY=avx2` one kernel
+//! path (`KernelPath::name`), `BENCH_HOT=1` one matrix only (cache-resident when small).
 //!
 //! The weights are several distinct (rows, cols) matrices, together far larger than the
 //! caches, used in turn, so every matmul streams its weights from memory as in generation.
@@ -11,9 +13,10 @@ use dllama_core::kernels::{
 };
 use dllama_core::pool::ThreadPool;
 
+/// The median (the upper one of an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 4]
+    v[v.len() / 2]
 }
 
 /// Times `run(it)` for `it` in `0..n` and returns the `median` of the wall times, in seconds.
@@ -104,7 +107,12 @@ fn main() {
     let mut out = vec![0.0f32; rows];
 
     println!("active kernels: {}", kernels::active_path());
-    for threads in [1, 2] {
+    let thread_counts: Vec<usize> = std::env::var("BENCH_THREADS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.parse().ok()).collect())
+        .unwrap_or(vec![1, 2]);
+    let only = std::env::var("BENCH_ONLY").ok();
+    for threads in thread_counts {
         let mut pool = ThreadPool::new(threads).unwrap();
         // pool dispatch cost: an empty op, back to back
         let n = 20000;
@@ -124,6 +132,9 @@ fn main() {
             let Some(k) = Kernels::for_path(path) else {
                 continue;
             };
+            if only.as_deref().is_some_and(|o| o != path.name()) {
+                continue;
+            }
             let t = timed(reps, |it| {
                 let w = &mats[it % n_mats];
                 let shared = dllama_core::pool::SharedOut::new(&mut out);

@@ -555,6 +555,13 @@ fn packed_q40_every_path() {
         (23, 7, 1),
         (40, 129, 2),
         (64, 344, 1),
+        // one token over 4, 5, 6, 7 groups: the 4-group passes of the AVX2 kernel and
+        // what is left after them (2 groups, 1, both), the last group padded or not
+        (32, 9, 1),
+        (33, 4, 1),
+        (48, 24, 1),
+        (56, 3, 1),
+        (53, 64, 1),
     ] {
         let cols = bpr * QK;
         let w = random_q40(&mut rng, n_rows * bpr);
@@ -639,9 +646,16 @@ fn packed_q40_every_path() {
 #[test]
 fn packed_q40_extreme_values_every_path() {
     // every nibble 0 or 15 against inputs ±127 (the quantizer's range): the largest integer
-    // sums a packed kernel's lanes hold (the int16 sums of the NEON kernel without sdot), on
-    // 11 rows (a padded last group) and 3 tokens (a two-token tile and a one-token tile)
-    let (n_rows, bpr, n_tokens) = (11, 4, 3);
+    // sums a packed kernel's lanes hold (the int16 sums of the NEON kernel without sdot and
+    // of the AVX2 one), on 11 rows (a padded last group) and 3 tokens (a two-token tile and a
+    // one-token tile), and on 37 rows and 1 token (the one-token kernels: a 4-group pass and
+    // a padded group after it)
+    for (n_rows, n_tokens) in [(11, 3), (37, 1)] {
+        extreme_values_every_path(n_rows, 4, n_tokens);
+    }
+}
+
+fn extreme_values_every_path(n_rows: usize, bpr: usize, n_tokens: usize) {
     let patterns = [0x00u8, 0xFF, 0x0F, 0xF0, 0x88, 0x7F];
     let w: Vec<kernels::BlockQ40> = (0..n_rows * bpr)
         .map(|i| kernels::BlockQ40 {
@@ -680,7 +694,7 @@ fn packed_q40_extreme_values_every_path() {
     let packed = kernels::PackedQ40::pack(&w, n_rows, cols).unwrap();
     let cells = packed.groups(0, packed.n_groups());
     check_every_path(
-        "packed q40×q80 extremes",
+        &format!("packed q40×q80 extremes {n_rows}x{bpr}x{n_tokens}"),
         n_tokens * n_rows,
         &base,
         &mag,

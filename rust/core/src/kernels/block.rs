@@ -219,7 +219,13 @@ mod tests {
         // its commit 8d624a7), run outside this repository on these values: d = 3 / -8 in both
         // blocks (ggml's rule gives d = -3 / -8 to the first).
         let lin: Vec<f32> = (0..30)
-            .map(|i| if i == 29 { 1.0 } else { (-1.0 + i as f64 * (2.0 / 29.0)) as f32 })
+            .map(|i| {
+                if i == 29 {
+                    1.0
+                } else {
+                    (-1.0 + i as f64 * (2.0 / 29.0)) as f32
+                }
+            })
             .collect();
         let mut x = vec![-3.0f32, 3.0];
         x.extend(&lin);
@@ -236,8 +242,10 @@ mod tests {
         assert_eq!(
             hex,
             concat!(
-                "00b6", "8f808b8a7a7a7a7a7a69696969696858", // d = -0.375
-                "00b6", "808f8b8a7a7a7a7a7a69696969696858",
+                "00b6",
+                "8f808b8a7a7a7a7a7a69696969696858", // d = -0.375
+                "00b6",
+                "808f8b8a7a7a7a7a7a69696969696858",
             )
         );
     }

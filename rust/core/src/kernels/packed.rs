@@ -27,6 +27,10 @@ pub const CELL: usize = 16 + GROUP * 16;
 /// and let it run dry. 8 KiB was the best distance swept with the benchmarks (figures in
 /// benchmarks/README.md).
 pub const PREFETCH_AHEAD: usize = 8192;
+/// How far ahead along each of its 4 streams (groups) the AVX2 one-token kernel prefetches:
+/// 128 KiB in flight in all. Swept with `matmul_bench` and end to end on Zen 3 (8, 16, 24,
+/// 32, 64 KiB; benchmarks/README.md, "Four streams").
+pub const GEN_PREFETCH_AHEAD: usize = 32 << 10;
 
 pub struct PackedQ40 {
     n_rows: usize,

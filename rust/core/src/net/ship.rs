@@ -43,7 +43,12 @@ pub fn send_tensors(
             name: t.name.clone(),
             nbytes: t.nbytes(),
         };
-        send_frame(conn, Kind::Tensor, &start.encode(), "a weight tensor header")?;
+        send_frame(
+            conn,
+            Kind::Tensor,
+            &start.encode(),
+            "a weight tensor header",
+        )?;
         for &(offset, len) in &t.parts {
             let (mut off, mut rest) = (offset, len);
             while rest > 0 {
