@@ -556,12 +556,17 @@ fn packed_q40_every_path() {
         (40, 129, 2),
         (64, 344, 1),
         // one token over 4, 5, 6, 7 groups: the 4-group passes of the AVX2 kernel and
-        // what is left after them (2 groups, 1, both), the last group padded or not
+        // what is left after them (2 groups, 1, both), the last group padded or not; with
+        // groups of at least 4 KiB (29 blocks and more a row) and smaller ones (one group
+        // at a time)
+        (32, 29, 1),
+        (40, 33, 1),
+        (48, 30, 1),
+        (53, 64, 1),
         (32, 9, 1),
         (33, 4, 1),
         (48, 24, 1),
         (56, 3, 1),
-        (53, 64, 1),
     ] {
         let cols = bpr * QK;
         let w = random_q40(&mut rng, n_rows * bpr);
@@ -649,9 +654,9 @@ fn packed_q40_extreme_values_every_path() {
     // sums a packed kernel's lanes hold (the int16 sums of the NEON kernel without sdot and
     // of the AVX2 one), on 11 rows (a padded last group) and 3 tokens (a two-token tile and a
     // one-token tile), and on 37 rows and 1 token (the one-token kernels: a 4-group pass and
-    // a padded group after it)
-    for (n_rows, n_tokens) in [(11, 3), (37, 1)] {
-        extreme_values_every_path(n_rows, 4, n_tokens);
+    // a padded group after it, with groups of 4 KiB or more and with smaller ones)
+    for (n_rows, bpr, n_tokens) in [(11, 4, 3), (37, 32, 1), (37, 4, 1)] {
+        extreme_values_every_path(n_rows, bpr, n_tokens);
     }
 }
 

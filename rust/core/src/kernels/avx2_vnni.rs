@@ -208,12 +208,23 @@ macro_rules! q40_q80_kernels {
                 };
                 if n_tokens == 1 {
                     // generation: $gen_groups groups (as many streams) share each input block's
-                    // broadcasts; the last few groups go 2 or 1 at a time
+                    // broadcasts; the last few groups go 2 or 1 at a time. Groups smaller than
+                    // a 4 KiB page (an expert's w2 slice: 12 or 24 blocks a row) share their
+                    // pages, and go one at a time: the cells are then read as one stream, in
+                    // order, which the prefetchers follow best (45% faster at 12 blocks).
                     const G: usize = $gen_groups;
                     const AHEAD: usize = $gen_ahead;
                     let gstride = bpr * CELL;
                     let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
                     let mut g = 0;
+                    if gstride < 4096 {
+                        while g < n_groups {
+                            let gc = cells.as_ptr().add(g * gstride);
+                            let v = packed_groups::<1, AHEAD>(gc, gstride, bpr, xp, dx, nc);
+                            store(0, g, v[0]);
+                            g += 1;
+                        }
+                    }
                     while g + G <= n_groups {
                         let gc = cells.as_ptr().add(g * gstride);
                         let v = packed_groups::<G, AHEAD>(gc, gstride, bpr, xp, dx, nc);
