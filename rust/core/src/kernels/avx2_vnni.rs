@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
-use super::packed::{CELL, GEN_PREFETCH_AHEAD, GROUP, PREFETCH_AHEAD};
+use super::packed::{take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, PREFETCH_AHEAD};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -132,17 +132,18 @@ macro_rules! q40_q80_kernels {
         #[inline]
         unsafe fn packed_groups<const G: usize, const AHEAD: usize>(
             gc: *const u8,
-            gstride: usize,
+            s: &Streams,
             bpr: usize,
             x: *const BlockQ80,
             dx: *const f32,
             nc: *const i32,
         ) -> [__m256; G] {
+            let gstride = s.gstride;
             let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); G];
             for b in 0..bpr {
                 let xq = (*x.add(b)).qs.as_ptr() as *const i32;
-                let mut s = [[_mm256_setzero_si256(); 2]; G];
+                let mut sums = [[_mm256_setzero_si256(); 2]; G];
                 // AHEAD further along each group's stream; past a group's end, into the group
                 // the next pass reads in its place (not the neighbour that this pass is
                 // reading already)
@@ -153,7 +154,7 @@ macro_rules! q40_q80_kernels {
                     (G - 1) * gstride
                 };
                 for g in 0..G {
-                    prefetch(gc.wrapping_add(g * gstride + ahead + skip), CELL);
+                    prefetch(s.ahead(gc as usize + g * gstride + ahead + skip), CELL);
                 }
                 for q in 0..4 {
                     let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
@@ -163,13 +164,13 @@ macro_rules! q40_q80_kernels {
                         let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
                         let lo = _mm256_and_si256(v, m4);
                         let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        $step8(&mut s[g], lo, hi, xl, xh);
+                        $step8(&mut sums[g], lo, hi, xl, xh);
                     }
                 }
                 let d = _mm256_broadcast_ss(&*dx.add(b));
                 for g in 0..G {
                     let c = gc.add(g * gstride + b * CELL);
-                    let p = $dot8(s[g], *nc.add(b));
+                    let p = $dot8(sums[g], *nc.add(b));
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
                     acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, d), acc[g]);
                 }
@@ -192,6 +193,8 @@ macro_rules! q40_q80_kernels {
         ) {
             let (n_rows, n_groups) =
                 crate::kernels::shape::packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
+            // the hint is this call's (whatever the token count), not a later one's
+            let next = take_next_stream();
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -215,19 +218,24 @@ macro_rules! q40_q80_kernels {
                     const G: usize = $gen_groups;
                     const AHEAD: usize = $gen_ahead;
                     let gstride = bpr * CELL;
+                    let streams = Streams {
+                        gstride,
+                        end: cells.as_ptr() as usize + cells.len(),
+                        next,
+                    };
                     let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
                     let mut g = 0;
                     if gstride < 4096 {
                         while g < n_groups {
                             let gc = cells.as_ptr().add(g * gstride);
-                            let v = packed_groups::<1, AHEAD>(gc, gstride, bpr, xp, dx, nc);
+                            let v = packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc);
                             store(0, g, v[0]);
                             g += 1;
                         }
                     }
                     while g + G <= n_groups {
                         let gc = cells.as_ptr().add(g * gstride);
-                        let v = packed_groups::<G, AHEAD>(gc, gstride, bpr, xp, dx, nc);
+                        let v = packed_groups::<G, AHEAD>(gc, &streams, bpr, xp, dx, nc);
                         for (k, &vk) in v.iter().enumerate() {
                             store(0, g + k, vk);
                         }
@@ -235,7 +243,7 @@ macro_rules! q40_q80_kernels {
                     }
                     if G > 2 && g + 2 <= n_groups {
                         let gc = cells.as_ptr().add(g * gstride);
-                        let v = packed_groups::<2, AHEAD>(gc, gstride, bpr, xp, dx, nc);
+                        let v = packed_groups::<2, AHEAD>(gc, &streams, bpr, xp, dx, nc);
                         store(0, g, v[0]);
                         store(0, g + 1, v[1]);
                         g += 2;
@@ -245,7 +253,7 @@ macro_rules! q40_q80_kernels {
                         store(
                             0,
                             g,
-                            packed_groups::<1, AHEAD>(gc, gstride, bpr, xp, dx, nc)[0],
+                            packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc)[0],
                         );
                     }
                     return;
@@ -386,6 +394,28 @@ macro_rules! q40_q80_kernels {
             });
         }
     };
+}
+
+/// Where the one-token packed kernels' prefetches go: `gstride` bytes per group; past `end`
+/// (the end of this matmul's cells), into `next` (address, length: `set_next_stream`).
+struct Streams {
+    gstride: usize,
+    end: usize,
+    next: (usize, usize),
+}
+
+impl Streams {
+    /// The address to prefetch for `t`, which may lie past the end of the cells (a prefetch
+    /// never faults, whatever the address).
+    #[inline(always)]
+    fn ahead(&self, t: usize) -> *const u8 {
+        let past = t.wrapping_sub(self.end);
+        if t >= self.end && past < self.next.1 {
+            (self.next.0 + past) as *const u8
+        } else {
+            t as *const u8
+        }
+    }
 }
 
 /// One step of the 8 rows' integer dot products of a packed cell with an input block: `lo`,

@@ -32,6 +32,27 @@ pub const PREFETCH_AHEAD: usize = 8192;
 /// 32, 64 KiB; benchmarks/README.md, "Four streams").
 pub const GEN_PREFETCH_AHEAD: usize = 32 << 10;
 
+thread_local! {
+    /// (address, length) of the cells this thread multiplies after its next one-token packed
+    /// matmul (see `set_next_stream`); (0, 0) when unknown.
+    static NEXT_STREAM: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Tell the one-token packed kernels which matrix the calling thread multiplies right after
+/// its next packed matmul: the prefetches that run past the end of that matmul's cells go on
+/// into the first cells of `next` (so its first pass starts warm) instead of into whatever
+/// memory follows. Only a hint, on this thread, taken by its next packed matmul; it changes
+/// no result. For matmuls that run on the calling thread alone (a one-thread pool).
+pub fn set_next_stream(next: &PackedQ40) {
+    let cells = next.groups(0, next.n_groups());
+    NEXT_STREAM.with(|n| n.set((cells.as_ptr() as usize, cells.len())));
+}
+
+/// The hint of `set_next_stream`, cleared.
+pub(crate) fn take_next_stream() -> (usize, usize) {
+    NEXT_STREAM.with(|n| n.replace((0, 0)))
+}
+
 pub struct PackedQ40 {
     n_rows: usize,
     bpr: usize,

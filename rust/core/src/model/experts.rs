@@ -84,12 +84,13 @@ pub fn run_experts(
     if n_threads == 1 || picked.len() < 2 * n_threads || lanes.len() < n_threads {
         // one expert after another, each matmul on all threads
         let mut lane = lock(&lanes[0]);
-        for &(e, start) in &picked {
+        for (k, &(e, start)) in picked.iter().enumerate() {
             let m = routes[e].len();
+            let next = picked.get(k + 1).map(|&(e2, _)| &experts[e2]);
             run_one(
                 Some(&mut *pool),
                 &mut lane,
-                &experts[e],
+                (&experts[e], next),
                 &routes[e],
                 shape,
                 xb,
@@ -118,10 +119,22 @@ pub fn run_experts(
                 continue;
             }
             let m = routes[e].len();
+            // this thread's next expert
+            let next = (k + 1..picked.len())
+                .find(|&j| owner[j] == i)
+                .map(|j| &experts[picked[j].0]);
             // SAFETY: each expert's rows of `ye` are disjoint and written by its one owner;
             // `ye` outlives the run.
             let out = unsafe { shared.rows_mut(start * dim, m * dim) };
-            let r = run_one(None, &mut lane, &experts[e], &routes[e], shape, xb, out);
+            let r = run_one(
+                None,
+                &mut lane,
+                (&experts[e], next),
+                &routes[e],
+                shape,
+                xb,
+                out,
+            );
             if let Err(err) = r {
                 *lock(&failed) = Some(err);
                 return;
@@ -139,11 +152,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// One expert on the tokens `chosen`, its matmuls split across `pool` (None: the lane's own
-/// one-thread pool).
+/// one-thread pool); `expert` is (this expert, the one this thread runs next).
 fn run_one(
     pool: Option<&mut ThreadPool>,
     lane: &mut ExpertLane,
-    expert: &SwiGlu,
+    expert: (&SwiGlu, Option<&SwiGlu>),
     chosen: &[(usize, f32)],
     shape: ExpertShape,
     xb: &[f32],
@@ -169,7 +182,7 @@ fn run_one(
         h3,
         fused,
     };
-    ff.run(expert, &xe[..m * shape.dim], m, out)
+    ff.run(expert.0, expert.1, &xe[..m * shape.dim], m, out)
 }
 
 /// The rows of `xb` (n, dim) of the tokens in `chosen`, in order, into `xe`.

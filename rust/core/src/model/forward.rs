@@ -373,7 +373,9 @@ impl Model {
             };
             match &lw.ffn {
                 // SwiGLU of this node's hidden units, partial sums of the down projection
-                Ffn::Dense(f) => ff.run(f, &bufs.xb[..n * dim], n, &mut bufs.proj[..n * dim])?,
+                Ffn::Dense(f) => {
+                    ff.run(f, None, &bufs.xb[..n * dim], n, &mut bufs.proj[..n * dim])?
+                }
                 // mixture of experts: each chosen expert runs once on the tokens routed to it
                 Ffn::Moe {
                     router,
@@ -464,12 +466,26 @@ pub(super) struct SwiGluRun<'a> {
 impl SwiGluRun<'_> {
     /// out (n, dim) = w2 · (act(w1 · x) * (w3 · x)) for x (n, dim) over this node's hidden
     /// units (a partial sum over nodes).
-    pub fn run(&mut self, f: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    /// `next`: the SwiGLU this thread runs right after this one, if known (an expert's), so
+    /// that the kernels prefetch on into its weights (`kernels::set_next_stream`).
+    pub fn run(
+        &mut self,
+        f: &SwiGlu,
+        next: Option<&SwiGlu>,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let hid = self.hid;
         let (h1, h3) = (&mut self.h1[..n * hid], &mut self.h3[..n * hid]);
+        // one token on one thread: each matmul's prefetches run on into the next matrix
+        let hint = n == 1 && self.pool.n_threads() == 1;
         // gate and up projections (this node's hidden units)
         let xin = input(self.q80, f.w1.dtype, x, self.xq)?;
         if let (Some(p), true) = (&f.w13_packed, self.q80) {
+            if let (true, Some(w2)) = (hint, f.w2.packed()) {
+                kernels::set_next_stream(w2);
+            }
             let fused = &mut self.fused[..n * 2 * hid];
             compute::matmul_packed(self.pool, p, xin, n, fused)?;
             compute::split_columns(fused, n, &mut [(&mut *h1, hid), (&mut *h3, hid)]);
@@ -484,6 +500,9 @@ impl SwiGluRun<'_> {
         }
         // down projection (this node's columns of w2)
         let hin = input(self.q80, f.w2.dtype, h1, self.xq)?;
+        if let (true, Some(Some(w13))) = (hint, next.map(|e| e.w13_packed.as_deref())) {
+            kernels::set_next_stream(w13);
+        }
         compute::matmul(self.pool, &f.w2, hin, n, out)
     }
 }
