@@ -19,7 +19,9 @@ use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
-use super::packed::{take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, PREFETCH_AHEAD};
+use super::packed::{
+    take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, ONE_STREAM_BELOW, PREFETCH_AHEAD,
+};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -225,7 +227,7 @@ macro_rules! q40_q80_kernels {
                     };
                     let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
                     let mut g = 0;
-                    if gstride < 4096 {
+                    if gstride < ONE_STREAM_BELOW {
                         while g < n_groups {
                             let gc = cells.as_ptr().add(g * gstride);
                             let v = packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc);

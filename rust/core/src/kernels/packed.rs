@@ -31,6 +31,10 @@ pub const PREFETCH_AHEAD: usize = 8192;
 /// 128 KiB in flight in all. Swept with `matmul_bench` and end to end on Zen 3 (8, 16, 24,
 /// 32, 64 KiB; benchmarks/README.md, "Four streams").
 pub const GEN_PREFETCH_AHEAD: usize = 32 << 10;
+/// Groups smaller than this (a 4 KiB page; rows of fewer than 29 blocks) are read one at a
+/// time by the one-token kernels, as a single stream in memory order, rather than several
+/// groups per pass (benchmarks/README.md, "Four streams").
+pub const ONE_STREAM_BELOW: usize = 4096;
 
 thread_local! {
     /// (address, length) of the cells this thread multiplies after its next one-token packed
