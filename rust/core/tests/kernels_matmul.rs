@@ -827,6 +827,56 @@ fn softmax_every_path() {
     }
 }
 
+/// SiLU(gate) · up: every path against the f64 value, relative to |gate · up| (an exp, a
+/// division and two products in f32, a few ulp).
+const SILU_REL: f64 = 1e-6;
+
+#[test]
+fn silu_mul_every_path() {
+    let mut rng = rng(15);
+    for n in [1, 3, 8, 9, 15, 16, 17, 33, 1000] {
+        let mut gate = random_values(&mut rng, n, 20.0);
+        // where exp(-v) over- or underflows in f32, and 0
+        for (i, v) in [-100.0, 100.0, -88.5, 88.5, -87.0, 0.0]
+            .into_iter()
+            .enumerate()
+        {
+            if i < n && n > 8 {
+                gate[n - 1 - i] = v;
+            }
+        }
+        let up = random_values(&mut rng, n, 2.0);
+        let want: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&v, &u)| v as f64 / (1.0 + (-(v as f64)).exp()) * u as f64)
+            .collect();
+        let mag: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&v, &u)| (v * u).abs() as f64)
+            .collect();
+        for kern in all_kernels() {
+            let mut got = gate.clone();
+            kern.silu_mul(&mut got, &up);
+            let what = format!("{} silu_mul of {n}", kern.path);
+            assert_close(&what, &got, &want, &mag, SILU_REL, ABS_FLOOR);
+            // only the shorter length is written
+            let mut longer = gate.clone();
+            longer.push(7.0);
+            kern.silu_mul(&mut longer, &up);
+            assert_eq!(longer[n], 7.0, "{what}: wrote past the shorter length");
+            let mut nan = gate.clone();
+            nan[0] = f32::NAN;
+            kern.silu_mul(&mut nan, &up);
+            assert!(nan[0].is_nan(), "{what}: a NaN must not vanish");
+        }
+    }
+    for kern in all_kernels() {
+        kern.silu_mul(&mut [], &[]);
+    }
+}
+
 #[test]
 fn q40_f32_every_path() {
     let mut rng = rng(13);

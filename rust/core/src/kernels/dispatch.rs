@@ -116,6 +116,7 @@ pub struct Kernels {
     attn_scores: unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]),
     attn_values: unsafe fn(&[f32], &[f32], usize, &mut [f32]),
     softmax: unsafe fn(&mut [f32]),
+    silu_mul: unsafe fn(&mut [f32], &[f32]),
 }
 
 // Each table is built only by `Kernels::for_path`, which checks the CPU supports it, so the
@@ -167,6 +168,7 @@ impl Kernels {
                     attn_scores: avx2::attn_scores,
                     attn_values: avx2::attn_values,
                     softmax: avx2::softmax,
+                    silu_mul: avx2::silu_mul,
                 })
             }
             #[cfg(target_arch = "aarch64")]
@@ -199,6 +201,7 @@ impl Kernels {
                     attn_scores: neon::attn_scores,
                     attn_values: neon::attn_values,
                     softmax: neon::softmax,
+                    silu_mul: neon::silu_mul,
                 })
             }
             #[allow(unreachable_patterns)]
@@ -243,6 +246,7 @@ impl Kernels {
             attn_scores: scalar::attn_scores,
             attn_values: scalar::attn_values,
             softmax: scalar::softmax,
+            silu_mul: scalar::silu_mul,
         }
     }
 
@@ -315,6 +319,10 @@ impl Kernels {
     /// x = exp(x - max x) / sum, in place (empty: unchanged).
     pub fn softmax(&self, x: &mut [f32]) {
         unsafe { (self.softmax)(x) }
+    }
+    /// gate = silu(gate) · up, in place, over the shorter length.
+    pub fn silu_mul(&self, gate: &mut [f32], up: &[f32]) {
+        unsafe { (self.silu_mul)(gate, up) }
     }
 }
 

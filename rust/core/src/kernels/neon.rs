@@ -783,6 +783,44 @@ unsafe fn exp4<const N: usize>(x: [float32x4_t; N]) -> [float32x4_t; N] {
     e
 }
 
+/// gate = silu(gate) · up in place, silu(v) = v / (1 + exp(-v)) with `exp4` (16 values at a
+/// time), over the shorter length (within a few ulp of the scalar `f32::exp` version).
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (gp, up_p) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = vdupq_n_f32(1.0);
+    let mut i = 0;
+    while i + 16 <= n {
+        let v: [float32x4_t; 4] = std::array::from_fn(|k| vld1q_f32(gp.add(i + 4 * k)));
+        let e = exp4(v.map(vnegq_f32));
+        for k in 0..4 {
+            let s = vdivq_f32(v[k], vaddq_f32(one, e[k]));
+            vst1q_f32(
+                gp.add(i + 4 * k),
+                vmulq_f32(s, vld1q_f32(up_p.add(i + 4 * k))),
+            );
+        }
+        i += 16;
+    }
+    while i < n {
+        // 4 values at a time, the last ones padded with zeros
+        let m = (n - i).min(4);
+        let (mut g, mut u) = ([0.0f32; 4], [0.0f32; 4]);
+        g[..m].copy_from_slice(&gate[i..i + m]);
+        u[..m].copy_from_slice(&up[i..i + m]);
+        let v = vld1q_f32(g.as_ptr());
+        let [e] = exp4([vnegq_f32(v)]);
+        let s = vmulq_f32(vdivq_f32(v, vaddq_f32(one, e)), vld1q_f32(u.as_ptr()));
+        vst1q_f32(g.as_mut_ptr(), s);
+        gate[i..i + m].copy_from_slice(&g[..m]);
+        i += m;
+    }
+}
+
 /// x = exp(x - max x) / sum, in place, with `exp4` (16 values at a time).
 ///
 /// # Safety

@@ -152,6 +152,14 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// SwiGLU's gate, in place: gate = silu(gate) · up, silu(v) = v / (1 + exp(-v)) (the
+/// reference: `f32::exp`), over the shorter length.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 /// Weighted sum of one head's values: out += sum_p att[p] · v[p·stride .. p·stride + out.len()].
 pub fn attn_values(att: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     let hd = out.len();

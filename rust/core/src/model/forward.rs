@@ -482,24 +482,35 @@ impl SwiGluRun<'_> {
         let hint = n == 1 && self.pool.n_threads() == 1;
         // gate and up projections (this node's hidden units)
         let xin = input(self.q80, f.w1.dtype, x, self.xq)?;
-        if let (Some(p), true) = (&f.w13_packed, self.q80) {
+        // act(gate) * up, into gate
+        let act = |gate: &mut [f32], up: &[f32]| match self.act {
+            HiddenAct::Silu => ops::silu_mul(gate, up),
+            HiddenAct::Gelu => ops::gelu_mul(gate, up),
+        };
+        let gate: &mut [f32] = if let (Some(p), true) = (&f.w13_packed, self.q80) {
             if let (true, Some(w2)) = (hint, f.w2.packed()) {
                 kernels::set_next_stream(w2);
             }
             let fused = &mut self.fused[..n * 2 * hid];
             compute::matmul_packed(self.pool, p, xin, n, fused)?;
-            compute::split_columns(fused, n, &mut [(&mut *h1, hid), (&mut *h3, hid)]);
+            if n == 1 {
+                // one token: the fused row is gate | up already
+                let (gate, up) = fused.split_at_mut(hid);
+                act(gate, up)?;
+                gate
+            } else {
+                compute::split_columns(fused, n, &mut [(&mut *h1, hid), (&mut *h3, hid)]);
+                act(h1, h3)?;
+                h1
+            }
         } else {
             compute::matmul(self.pool, &f.w1, xin, n, h1)?;
             compute::matmul(self.pool, &f.w3, xin, n, h3)?;
-        }
-        // act(gate) * up
-        match self.act {
-            HiddenAct::Silu => ops::silu_mul(h1, h3)?,
-            HiddenAct::Gelu => ops::gelu_mul(h1, h3)?,
-        }
+            act(h1, h3)?;
+            h1
+        };
         // down projection (this node's columns of w2)
-        let hin = input(self.q80, f.w2.dtype, h1, self.xq)?;
+        let hin = input(self.q80, f.w2.dtype, gate, self.xq)?;
         if let (true, Some(Some(w13))) = (hint, next.map(|e| e.w13_packed.as_deref())) {
             kernels::set_next_stream(w13);
         }

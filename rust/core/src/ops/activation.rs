@@ -22,9 +22,7 @@ fn check(gate: &[f32], up: &[f32], what: &str) -> Result<()> {
 /// SwiGLU: gate = silu(gate) * up, silu(v) = v / (1 + exp(-v)).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
     check(gate, up, "silu_mul")?;
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    Kernels::get().silu_mul(gate, up);
     Ok(())
 }
 
