@@ -191,6 +191,103 @@ impl ThreadPool {
     }
 }
 
+/// Threads up to which `split_rows_claimed` hands out chunks (its claims live on the stack);
+/// a larger pool gets `split_rows`' fixed ranges, one chunk each.
+const MAX_CLAIMING_THREADS: usize = 64;
+
+/// (start, end) in one word, so that an owner and a thief claim with one compare-exchange.
+fn pack(start: usize, end: usize) -> u64 {
+    ((start as u64) << 32) | end as u64
+}
+
+fn unpack(v: u64) -> (usize, usize) {
+    ((v >> 32) as usize, (v & 0xFFFF_FFFF) as usize)
+}
+
+impl ThreadPool {
+    /// As `split_rows`, with the rows handed out in chunks of `chunk` rows (rounded up to a
+    /// multiple of [`ROW_ALIGN`]): `f(thread_index, claim)` runs once on every thread, and
+    /// each `claim()` gives that thread the next chunk of its own range (the range
+    /// `split_rows` would give it) front to back, then, once its own range is taken, chunks
+    /// from the back of the other threads' ranges, then `None`. So a thread that the
+    /// machine slows down (another process on its core) leaves its last chunks to the
+    /// others instead of keeping them waiting. Every row is given out exactly once, in
+    /// ranges that start on a multiple of `ROW_ALIGN`.
+    pub fn split_rows_claimed<F>(&mut self, n_rows: usize, chunk: usize, f: F)
+    where
+        F: Fn(usize, &mut dyn FnMut() -> Option<Range<usize>>) + Sync,
+    {
+        let n = self.shared.n_threads;
+        let units = n_rows.div_ceil(ROW_ALIGN);
+        let step = chunk.div_ceil(ROW_ALIGN).max(1);
+        if n > MAX_CLAIMING_THREADS || units > u32::MAX as usize {
+            return self.split_rows(n_rows, |i, r| {
+                let mut once = Some(r);
+                f(i, &mut || once.take())
+            });
+        }
+        let claims: [AtomicU64; MAX_CLAIMING_THREADS] = std::array::from_fn(|_| AtomicU64::new(0));
+        for (i, c) in claims.iter().enumerate().take(n) {
+            let r = split_range(units, i, n, 1);
+            c.store(pack(r.start, r.end), Ordering::Relaxed);
+        }
+        let rows = |a: usize, b: usize| a * ROW_ALIGN..(b * ROW_ALIGN).min(n_rows);
+        // published to the workers by `run`'s generation bump (release / acquire)
+        self.run(|i, n| {
+            let mut own = true;
+            let mut victim = 1;
+            let mut claim = || {
+                if own {
+                    // the front of our own range
+                    let c = &claims[i];
+                    let mut cur = c.load(Ordering::Acquire);
+                    loop {
+                        let (a, b) = unpack(cur);
+                        if a >= b {
+                            own = false;
+                            break;
+                        }
+                        let t = (a + step).min(b);
+                        match c.compare_exchange_weak(
+                            cur,
+                            pack(t, b),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        ) {
+                            Ok(_) => return Some(rows(a, t)),
+                            Err(v) => cur = v,
+                        }
+                    }
+                }
+                // the back of the others' ranges, the next thread's first
+                while victim < n {
+                    let c = &claims[(i + victim) % n];
+                    let mut cur = c.load(Ordering::Acquire);
+                    loop {
+                        let (a, b) = unpack(cur);
+                        if a >= b {
+                            break;
+                        }
+                        let s = b.saturating_sub(step).max(a);
+                        match c.compare_exchange_weak(
+                            cur,
+                            pack(a, s),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        ) {
+                            Ok(_) => return Some(rows(s, b)),
+                            Err(v) => cur = v,
+                        }
+                    }
+                    victim += 1;
+                }
+                None
+            };
+            f(i, &mut claim);
+        });
+    }
+}
+
 /// The rows of thread `i` of `n` among `n_rows`: contiguous, in order, boundaries on
 /// multiples of `align` (the last range takes the remainder).
 pub fn split_range(n_rows: usize, i: usize, n: usize, align: usize) -> Range<usize> {
@@ -268,6 +365,10 @@ impl SharedOut {
     }
     pub fn len(&self) -> usize {
         self.len
+    }
+    /// The first element, for kernels that write the rows they are handed.
+    pub fn ptr(&self) -> *mut f32 {
+        self.ptr
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -567,6 +567,10 @@ fn packed_q40_every_path() {
         (33, 4, 1),
         (48, 24, 1),
         (56, 3, 1),
+        // one token in several chunks per thread (`split_rows_claimed`), the last group
+        // padded
+        (512, 64, 1),
+        (1000, 40, 1),
     ] {
         let cols = bpr * QK;
         let w = random_q40(&mut rng, n_rows * bpr);
@@ -596,6 +600,40 @@ fn packed_q40_every_path() {
             SIMD_REL,
             |k, out| k.matmul_q40x8_q80(all, bpr, &x, out, n_tokens),
         );
+        if n_tokens == 1 {
+            // the claimed entry over ranges of 1, 2, 3, 5, ... groups, handed out last first
+            let mut bounds = vec![0];
+            let mut g = 0;
+            for size in [1, 2, 3, 5].iter().cycle() {
+                g += size;
+                if g * 8 >= n_rows {
+                    break;
+                }
+                bounds.push(g * 8);
+            }
+            bounds.push(n_rows);
+            check_every_path(
+                &format!("claimed packed q40×q80 {n_rows}x{bpr}"),
+                n_rows,
+                &base64,
+                &mag,
+                SIMD_REL,
+                |k, out| {
+                    let mut ranges = bounds.windows(2).map(|b| b[0]..b[1]).rev();
+                    // SAFETY: `out` holds n_rows values; one thread
+                    unsafe {
+                        k.matmul_q40x8_q80_claimed(
+                            all,
+                            bpr,
+                            &x,
+                            out.as_mut_ptr(),
+                            n_rows,
+                            &mut || ranges.next(),
+                        )
+                    }
+                },
+            );
+        }
         for threads in [1, 2, 3] {
             let mut pool = ThreadPool::new(threads).unwrap();
             let mut got = vec![f32::NAN; n_tokens * n_rows];

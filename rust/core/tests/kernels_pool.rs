@@ -57,6 +57,56 @@ fn split_rows_covers_each_row_once_aligned() {
 }
 
 #[test]
+fn split_rows_claimed_gives_each_row_once_and_lets_others_take_a_slow_threads_rows() {
+    for n in [1, 2, 3, 5] {
+        let mut pool = ThreadPool::new(n).unwrap();
+        for rows in [0, 1, 15, 16, 17, 100, 1000, 4096, 11008] {
+            for chunk in [1, 16, 48, 200, 100_000] {
+                for slow in [false, true] {
+                    // slow: thread 1 claims nothing until every other thread is through, so
+                    // they must have taken all of its rows
+                    let seen = Mutex::new(vec![0u8; rows]);
+                    let taken = Mutex::new(vec![0usize; n]);
+                    let finished = AtomicUsize::new(0);
+                    pool.split_rows_claimed(rows, chunk, |i, claim| {
+                        if slow && i == 1 {
+                            let t0 = std::time::Instant::now();
+                            while finished.load(Ordering::Acquire) < n - 1 {
+                                assert!(t0.elapsed().as_secs() < 20, "the other threads hang");
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                        }
+                        while let Some(r) = claim() {
+                            assert!(
+                                r.start.is_multiple_of(ROW_ALIGN),
+                                "start {} not aligned",
+                                r.start
+                            );
+                            assert!(!r.is_empty() && r.end <= rows, "{r:?} of {rows}");
+                            let mut s = seen.lock().unwrap();
+                            for k in r.clone() {
+                                s[k] += 1;
+                            }
+                            taken.lock().unwrap()[i] += r.len();
+                        }
+                        finished.fetch_add(1, Ordering::Release);
+                    });
+                    let what = format!("{rows} rows, chunk {chunk}, {n} threads, slow {slow}");
+                    let seen = seen.into_inner().unwrap();
+                    assert!(
+                        seen.iter().all(|&c| c == 1),
+                        "{what}: a row not given out once"
+                    );
+                    if slow && n >= 2 {
+                        assert_eq!(taken.into_inner().unwrap()[1], 0, "{what}: nothing taken");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn a_panic_in_a_task_reaches_the_caller_and_the_pool_survives() {
     let mut pool = ThreadPool::new(3).unwrap();
     for bad in [0, 2] {

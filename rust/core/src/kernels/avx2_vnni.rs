@@ -180,6 +180,113 @@ macro_rules! q40_q80_kernels {
             acc
         }
 
+        /// One token through `n_rows` rows of packed groups `cells`, into `out[..n_rows]`:
+        /// $gen_groups groups (as many streams) share each input block's broadcasts; the last
+        /// few groups go 2 or 1 at a time. Groups smaller than a 4 KiB page (an expert's w2
+        /// slice: 12 or 24 blocks a row) share their pages, and go one at a time: the cells
+        /// are then read as one stream, in order, which the prefetchers follow best (45%
+        /// faster at 12 blocks). `next`: where the prefetches past the end go
+        /// (`set_next_stream`).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn packed_one_token(
+            cells: &[u8],
+            bpr: usize,
+            n_rows: usize,
+            p: &XPrep,
+            x: &[BlockQ80],
+            next: (usize, usize),
+            out: *mut f32,
+        ) {
+            let n_groups = n_rows.div_ceil(GROUP);
+            debug_assert!(cells.len() >= n_groups * bpr * CELL);
+            let mut lanes = [0.0f32; GROUP];
+            let mut store = |g: usize, v: __m256| {
+                let rows = GROUP.min(n_rows - g * GROUP);
+                if rows == GROUP {
+                    _mm256_storeu_ps(out.add(g * GROUP), v);
+                } else {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(g * GROUP), rows);
+                }
+            };
+            const G: usize = $gen_groups;
+            const AHEAD: usize = $gen_ahead;
+            let gstride = bpr * CELL;
+            let streams = Streams {
+                gstride,
+                end: cells.as_ptr() as usize + n_groups * gstride,
+                next,
+            };
+            let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
+            let mut g = 0;
+            if gstride < ONE_STREAM_BELOW {
+                while g < n_groups {
+                    let gc = cells.as_ptr().add(g * gstride);
+                    store(
+                        g,
+                        packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc)[0],
+                    );
+                    g += 1;
+                }
+            }
+            while g + G <= n_groups {
+                let gc = cells.as_ptr().add(g * gstride);
+                let v = packed_groups::<G, AHEAD>(gc, &streams, bpr, xp, dx, nc);
+                for (k, &vk) in v.iter().enumerate() {
+                    store(g + k, vk);
+                }
+                g += G;
+            }
+            if G > 2 && g + 2 <= n_groups {
+                let gc = cells.as_ptr().add(g * gstride);
+                let v = packed_groups::<2, AHEAD>(gc, &streams, bpr, xp, dx, nc);
+                store(g, v[0]);
+                store(g + 1, v[1]);
+                g += 2;
+            }
+            if g < n_groups {
+                let gc = cells.as_ptr().add(g * gstride);
+                store(
+                    g,
+                    packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc)[0],
+                );
+            }
+        }
+
+        /// One token, the rows handed out by `claim` (ranges of rows starting on a multiple
+        /// of 8, until it returns `None`): out[r] = row r of the packed `cells` (all the
+        /// groups of a matrix of `n_rows` rows) × x. The input is prepared once for all the
+        /// claimed ranges.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`; `out` holds `n_rows`
+        /// values, and no other thread touches the rows `claim` gives this one.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80_claimed(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: *mut f32,
+            n_rows: usize,
+            claim: &mut dyn FnMut() -> Option<std::ops::Range<usize>>,
+        ) {
+            crate::kernels::shape::packed_shape(cells.len(), bpr, x.len(), n_rows, 1);
+            // a hint is for the whole matrix on one thread, not for these ranges: dropped
+            take_next_stream();
+            XPREP.with(|p| {
+                let mut p = p.borrow_mut();
+                prepare_x(x, &mut p);
+                while let Some(r) = claim() {
+                    assert!(r.start % GROUP == 0 && r.start <= r.end && r.end <= n_rows);
+                    let gs = bpr * CELL;
+                    let g0 = r.start / GROUP;
+                    let cells = &cells[g0 * gs..r.end.div_ceil(GROUP) * gs];
+                    packed_one_token(cells, bpr, r.len(), &p, x, (0, 0), out.add(r.start));
+                }
+            });
+        }
+
         /// out (n_tokens, n_rows) = packed w (n_rows, bpr) × x (n_tokens, bpr); `cells` are
         /// the groups of these rows (`PackedQ40::groups`), the last one possibly partial.
         ///
@@ -212,52 +319,7 @@ macro_rules! q40_q80_kernels {
                     }
                 };
                 if n_tokens == 1 {
-                    // generation: $gen_groups groups (as many streams) share each input block's
-                    // broadcasts; the last few groups go 2 or 1 at a time. Groups smaller than
-                    // a 4 KiB page (an expert's w2 slice: 12 or 24 blocks a row) share their
-                    // pages, and go one at a time: the cells are then read as one stream, in
-                    // order, which the prefetchers follow best (45% faster at 12 blocks).
-                    const G: usize = $gen_groups;
-                    const AHEAD: usize = $gen_ahead;
-                    let gstride = bpr * CELL;
-                    let streams = Streams {
-                        gstride,
-                        end: cells.as_ptr() as usize + cells.len(),
-                        next,
-                    };
-                    let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
-                    let mut g = 0;
-                    if gstride < ONE_STREAM_BELOW {
-                        while g < n_groups {
-                            let gc = cells.as_ptr().add(g * gstride);
-                            let v = packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc);
-                            store(0, g, v[0]);
-                            g += 1;
-                        }
-                    }
-                    while g + G <= n_groups {
-                        let gc = cells.as_ptr().add(g * gstride);
-                        let v = packed_groups::<G, AHEAD>(gc, &streams, bpr, xp, dx, nc);
-                        for (k, &vk) in v.iter().enumerate() {
-                            store(0, g + k, vk);
-                        }
-                        g += G;
-                    }
-                    if G > 2 && g + 2 <= n_groups {
-                        let gc = cells.as_ptr().add(g * gstride);
-                        let v = packed_groups::<2, AHEAD>(gc, &streams, bpr, xp, dx, nc);
-                        store(0, g, v[0]);
-                        store(0, g + 1, v[1]);
-                        g += 2;
-                    }
-                    if g < n_groups {
-                        let gc = cells.as_ptr().add(g * gstride);
-                        store(
-                            0,
-                            g,
-                            packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc)[0],
-                        );
-                    }
+                    packed_one_token(cells, bpr, n_rows, &p, x, next, out.as_mut_ptr());
                     return;
                 }
                 for g in 0..n_groups {

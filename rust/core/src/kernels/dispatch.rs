@@ -4,9 +4,11 @@
 //! that also has VNNI (for tests and measurements); `neon` forces NEON without `dotprod`.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::block::{BlockQ40, BlockQ80};
+use super::packed::{CELL, GROUP};
 use super::scalar;
 use crate::{Error, Result};
 
@@ -95,6 +97,9 @@ impl fmt::Display for KernelPath {
 type Q40Q80 = unsafe fn(&[BlockQ40], &[BlockQ80], &mut [f32], usize);
 #[cfg(target_arch = "x86_64")]
 type PackedQ40Q80 = unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize);
+/// Packed Q40 × one Q80 token over claimed row ranges (`Kernels::matmul_q40x8_q80_claimed`).
+type PackedQ40Q80Claimed =
+    unsafe fn(&[u8], usize, &[BlockQ80], *mut f32, usize, &mut dyn FnMut() -> Option<Range<usize>>);
 
 /// Kernel entry points of one path. Shapes as in `scalar`: w (n_rows, bpr or cols),
 /// x (n_tokens, ...), out (n_tokens, n_rows); the last argument is n_tokens.
@@ -108,6 +113,9 @@ pub struct Kernels {
     /// VNNI path streams one 256-bit group at a time for one token, 512-bit pairs for several.
     matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
     matmul_q40x8_q80_batch: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
+    /// One token over the row ranges a claim function hands out, the input prepared once
+    /// (x86); `None`: one `matmul_q40x8_q80` call per range.
+    matmul_q40x8_q80_claimed: Option<PackedQ40Q80Claimed>,
     matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
@@ -137,15 +145,28 @@ impl Kernels {
                 // faster than the EVEX one on Zen 5, so the AVX-512 VNNI path takes it too
                 // when the CPU has both
                 let vex = KernelPath::AvxVnni.supported();
-                let (q40, q40x8): (Q40Q80, PackedQ40Q80) = match path {
-                    KernelPath::AvxVnni => (avxvnni::matmul_q40_q80, avxvnni::matmul_q40x8_q80),
-                    KernelPath::Avx512Vnni if vex => {
-                        (avxvnni::matmul_q40_q80, avxvnni::matmul_q40x8_q80)
-                    }
-                    KernelPath::Avx512Vnni => {
-                        (avx512vnni::matmul_q40_q80, avx512vnni::matmul_q40x8_q80)
-                    }
-                    _ => (maddubs::matmul_q40_q80, maddubs::matmul_q40x8_q80),
+                let (q40, q40x8, claimed): (Q40Q80, PackedQ40Q80, PackedQ40Q80Claimed) = match path
+                {
+                    KernelPath::AvxVnni => (
+                        avxvnni::matmul_q40_q80,
+                        avxvnni::matmul_q40x8_q80,
+                        avxvnni::matmul_q40x8_q80_claimed,
+                    ),
+                    KernelPath::Avx512Vnni if vex => (
+                        avxvnni::matmul_q40_q80,
+                        avxvnni::matmul_q40x8_q80,
+                        avxvnni::matmul_q40x8_q80_claimed,
+                    ),
+                    KernelPath::Avx512Vnni => (
+                        avx512vnni::matmul_q40_q80,
+                        avx512vnni::matmul_q40x8_q80,
+                        avx512vnni::matmul_q40x8_q80_claimed,
+                    ),
+                    _ => (
+                        maddubs::matmul_q40_q80,
+                        maddubs::matmul_q40x8_q80,
+                        maddubs::matmul_q40x8_q80_claimed,
+                    ),
                 };
                 // several tokens: the 512-bit kernel (16 rows per register) is about 2x faster;
                 // one token is memory-bound and the 256-bit one streams better there
@@ -160,6 +181,7 @@ impl Kernels {
                     matmul_q80_q80: avx2::matmul_q80_q80,
                     matmul_q40x8_q80: q40x8,
                     matmul_q40x8_q80_batch: q40x8_batch,
+                    matmul_q40x8_q80_claimed: Some(claimed),
                     matmul_q40_f32: super::avx2_vnni::matmul_q40_f32,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
@@ -193,6 +215,7 @@ impl Kernels {
                     matmul_q80_q80: q80,
                     matmul_q40x8_q80: q40x8,
                     matmul_q40x8_q80_batch: q40x8,
+                    matmul_q40x8_q80_claimed: None,
                     matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
@@ -238,6 +261,7 @@ impl Kernels {
             matmul_q80_q80: scalar::matmul_q80_q80,
             matmul_q40x8_q80: scalar::matmul_q40x8_q80,
             matmul_q40x8_q80_batch: scalar::matmul_q40x8_q80,
+            matmul_q40x8_q80_claimed: None,
             matmul_q40_f32: scalar::matmul_q40_f32,
             matmul_f32: scalar::matmul_f32,
             matmul_f16: scalar::matmul_f16,
@@ -285,6 +309,33 @@ impl Kernels {
             unsafe { (self.matmul_q40x8_q80)(cells, bpr, x, out, n_tokens) }
         } else {
             unsafe { (self.matmul_q40x8_q80_batch)(cells, bpr, x, out, n_tokens) }
+        }
+    }
+    /// Packed Q40 (`cells`: all the groups of a matrix of `n_rows` rows, `bpr` blocks per
+    /// row) × one Q80 token, over the row ranges `claim` hands out until it returns `None`
+    /// (each starting on a multiple of 8): out[r] for the rows r of those ranges.
+    ///
+    /// # Safety
+    /// `out` holds `n_rows` values, and no other thread touches the rows `claim` gives this
+    /// one while the call runs.
+    pub unsafe fn matmul_q40x8_q80_claimed(
+        &self,
+        cells: &[u8],
+        bpr: usize,
+        x: &[BlockQ80],
+        out: *mut f32,
+        n_rows: usize,
+        claim: &mut dyn FnMut() -> Option<Range<usize>>,
+    ) {
+        if let Some(f) = self.matmul_q40x8_q80_claimed {
+            return f(cells, bpr, x, out, n_rows, claim);
+        }
+        let gs = bpr * CELL;
+        while let Some(r) = claim() {
+            assert!(r.start.is_multiple_of(GROUP) && r.start <= r.end && r.end <= n_rows);
+            let cells = &cells[r.start / GROUP * gs..r.end.div_ceil(GROUP) * gs];
+            let out = std::slice::from_raw_parts_mut(out.add(r.start), r.len());
+            (self.matmul_q40x8_q80)(cells, bpr, x, out, 1);
         }
     }
     /// Q40 weights × f32 input (the f32-buffer mode).

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use super::block::{BlockQ40, BlockQ80, QK};
 use super::dispatch::Kernels;
-use super::packed::{PackedQ40, GROUP};
+use super::packed::{PackedQ40, CELL, GROUP};
 use super::scalar;
 use crate::pool::{SharedOut, ThreadPool, ROW_ALIGN};
 use crate::{Error, Result};
@@ -195,6 +195,19 @@ thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Rows of the chunks a one-token packed matmul is handed out in (`split_rows_claimed`): about
+/// an eighth of a thread's share, at least `MIN_CLAIM_BYTES` of weights, whole passes of 4
+/// groups (32 rows).
+fn claim_chunk_rows(n_rows: usize, bpr: usize, n_threads: usize) -> usize {
+    let row_bytes = bpr * CELL / GROUP;
+    let rows = (n_rows / n_threads / 8).max(MIN_CLAIM_BYTES.div_ceil(row_bytes.max(1)));
+    rows.div_ceil(4 * GROUP) * 4 * GROUP
+}
+
+/// The smallest chunk of a one-token packed matmul, in bytes of weights: each chunk's first
+/// cells come in before its stream is under way.
+const MIN_CLAIM_BYTES: usize = 64 << 10;
+
 /// out (n_tokens, n_rows) = w (n_rows, cols) × x (n_tokens, cols)ᵀ, split across the pool.
 pub fn matmul(
     pool: &mut ThreadPool,
@@ -212,6 +225,20 @@ pub fn matmul(
     let k = Kernels::get();
     if pool.n_threads() == 1 {
         run_rows(k, &w, &x, cols, 0..n_rows, n_tokens, out);
+        return Ok(());
+    }
+    if let (Matrix::Q40Packed(p), Input::Q80(xq), 1) = (&w, &x, n_tokens) {
+        // one token: each thread streams its own rows in chunks and then takes the last
+        // chunks of a thread that lags (a core shared with another process)
+        let bpr = cols / QK;
+        let cells = p.groups(0, p.n_groups());
+        let chunk = claim_chunk_rows(n_rows, bpr, pool.n_threads());
+        let shared = SharedOut::new(out);
+        pool.split_rows_claimed(n_rows, chunk, |_, claim| {
+            // SAFETY: `split_rows_claimed` hands every row to one thread only; `out` outlives
+            // the call and holds n_rows values (checked above).
+            unsafe { k.matmul_q40x8_q80_claimed(cells, bpr, xq, shared.ptr(), n_rows, claim) }
+        });
         return Ok(());
     }
     let shared = SharedOut::new(out);
