@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
-use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+use super::block::{BlockQ40, BlockQ80, QK};
 use super::packed::{
     take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, ONE_STREAM_BELOW, PREFETCH_AHEAD,
 };
@@ -64,18 +64,23 @@ thread_local! {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
-    p.dx.clear();
-    p.corr.clear();
-    p.ncorr.clear();
+    let n = x.len();
+    p.dx.resize(n, 0.0);
+    p.corr.resize(n, _mm256_setzero_si256());
+    p.ncorr.resize(n, 0);
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);
-    for b in x {
-        p.dx.push(f16_to_f32(b.d));
-        p.ncorr
-            .push(-8 * b.qs.iter().map(|&q| q as i32).sum::<i32>());
+    for (i, b) in x.iter().enumerate() {
+        // 8 · (sums of 4 consecutive values), and -8 · sum x as their sum, negated (exact)
         let xv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        p.corr
-            .push(_mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones));
+        let c = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, xv), ones);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        p.corr[i] = c;
+        p.ncorr[i] = -_mm_cvtsi128_si32(s);
+        // the f16 scale, converted exactly (F16C)
+        p.dx[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b.d as i32)));
     }
 }
 
