@@ -130,38 +130,35 @@ macro_rules! q40_q80_kernels {
             acc
         }
 
-        /// G packed groups (8·G rows, `gstride` bytes apart) × one token: each input block's
-        /// 8 broadcasts, its scale and its correction are shared by the G cells of a block
-        /// column; lane j of `acc[g]` is row j of group g. Per row the same integer sums and
-        /// f32 operations as `packed_tile::<1>`. Each group is a stream read `AHEAD` bytes
-        /// behind its prefetches.
+        /// Columns `b0..b1` of G packed groups (8·G rows, `gstride` bytes apart) × one token,
+        /// added into `acc`: each input block's 8 broadcasts, its scale and its correction
+        /// are shared by the G cells of a block column; lane j of `acc[g]` is row j of group
+        /// g. Per row the same integer sums and f32 operations as `packed_tile::<1>`. Each
+        /// group is a stream read `AHEAD` bytes behind its prefetches, which are `skip` bytes
+        /// further on still. `CHECKED`: some of these prefetches may lie past the end of the
+        /// cells and go through `Streams::ahead`; otherwise none does, and the addresses are
+        /// used as they are (the same addresses, fewer instructions).
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn packed_groups<const G: usize, const AHEAD: usize>(
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn packed_columns<const G: usize, const AHEAD: usize, const CHECKED: bool>(
             gc: *const u8,
             s: &Streams,
-            bpr: usize,
+            (b0, b1, skip): (usize, usize, usize),
             x: *const BlockQ80,
             dx: *const f32,
             nc: *const i32,
-        ) -> [__m256; G] {
+            acc: &mut [__m256; G],
+        ) {
             let gstride = s.gstride;
             let m4 = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); G];
-            for b in 0..bpr {
+            for b in b0..b1 {
                 let xq = (*x.add(b)).qs.as_ptr() as *const i32;
                 let mut sums = [[_mm256_setzero_si256(); 2]; G];
-                // AHEAD further along each group's stream; past a group's end, into the group
-                // the next pass reads in its place (not the neighbour that this pass is
-                // reading already)
-                let ahead = b * CELL + AHEAD;
-                let skip = if ahead < gstride {
-                    0
-                } else {
-                    (G - 1) * gstride
-                };
+                let t = gc as usize + b * CELL + AHEAD + skip;
                 for g in 0..G {
-                    prefetch(s.ahead(gc as usize + g * gstride + ahead + skip), CELL);
+                    let a = t + g * gstride;
+                    prefetch(if CHECKED { s.ahead(a) } else { a as *const u8 }, CELL);
                 }
                 for q in 0..4 {
                     let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
@@ -181,6 +178,38 @@ macro_rules! q40_q80_kernels {
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
                     acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, d), acc[g]);
                 }
+            }
+        }
+
+        /// G packed groups (8·G rows from `gc`, `s.gstride` bytes apart) × one token, all
+        /// `bpr` columns (`packed_columns`): the prefetches run AHEAD along each group's
+        /// stream; from the column where that passes the group's end, into the group the
+        /// next pass reads in its place (not the neighbour that this pass reads already).
+        /// Only the columns whose prefetches may reach past the end of the cells check them.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn packed_groups<const G: usize, const AHEAD: usize>(
+            gc: *const u8,
+            s: &Streams,
+            bpr: usize,
+            x: *const BlockQ80,
+            dx: *const f32,
+            nc: *const i32,
+        ) -> [__m256; G] {
+            let gstride = s.gstride;
+            let mut acc = [_mm256_setzero_ps(); G];
+            let b_skip = gstride.saturating_sub(AHEAD).div_ceil(CELL).min(bpr);
+            for (b0, b1, skip) in [(0, b_skip, 0), (b_skip, bpr, (G - 1) * gstride)] {
+                // the first column whose farthest prefetch (group G - 1, CELL bytes) ends
+                // past the cells
+                let far = gc as usize + AHEAD + skip + (G - 1) * gstride + CELL;
+                let bc = if far > s.end {
+                    b0
+                } else {
+                    ((s.end - far) / CELL + 1).clamp(b0, b1)
+                };
+                packed_columns::<G, AHEAD, false>(gc, s, (b0, bc, skip), x, dx, nc, &mut acc);
+                packed_columns::<G, AHEAD, true>(gc, s, (bc, b1, skip), x, dx, nc, &mut acc);
             }
             acc
         }
