@@ -217,6 +217,10 @@ fn f32_and_f16_every_path() {
         (9, 100, 3),
         (4, 4096, 1),
         (17, 257, 5),
+        // one token: 4 rows at a time from the 4 quarters, then the rows left over; the
+        // columns past the last multiple of 16; a MoE router's shape, and 2 rows more
+        (11, 37, 1),
+        (130, 2048, 1),
     ] {
         let w = random_values(&mut rng, n_rows * cols, 1.0);
         let x = random_values(&mut rng, n_tokens * cols, 1.0);

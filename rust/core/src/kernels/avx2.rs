@@ -215,7 +215,48 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f32(w, x))
+    if n_tokens == 1 {
+        let (n_rows, cols, _) = kernel_shape(w.len(), x.len(), out.len(), 1, 1);
+        matmul_f32_streams(w, x, out, n_rows, cols);
+    } else {
+        matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f32(w, x))
+    }
+}
+
+/// One token through f32 rows (a MoE router: 128 × 2048, 1 MB a layer): 4 rows at once, one
+/// from each quarter of the matrix, so that the weights are read as 4 streams (one stream
+/// reads at about half the memory bandwidth), each row summed in 2 lanes-of-8 accumulators;
+/// the rows left over one at a time (`dot_f32`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_f32_streams(w: &[f32], x: &[f32], out: &mut [f32], n_rows: usize, cols: usize) {
+    let quarter = n_rows / 4;
+    let full = cols / 16 * 16;
+    let xp = x.as_ptr();
+    for r in 0..quarter {
+        let rows: [usize; 4] = std::array::from_fn(|k| r + k * quarter);
+        let wp: [*const f32; 4] = rows.map(|row| w.as_ptr().add(row * cols));
+        let mut a = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i < full {
+            let x0 = _mm256_loadu_ps(xp.add(i));
+            let x1 = _mm256_loadu_ps(xp.add(i + 8));
+            for k in 0..4 {
+                a[k][0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i)), x0, a[k][0]);
+                a[k][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i + 8)), x1, a[k][1]);
+            }
+            i += 16;
+        }
+        for k in 0..4 {
+            let mut sum = hsum(_mm256_add_ps(a[k][0], a[k][1]));
+            for j in full..cols {
+                sum += *wp[k].add(j) * x[j];
+            }
+            out[rows[k]] = sum;
+        }
+    }
+    for row in 4 * quarter..n_rows {
+        out[row] = dot_f32(&w[row * cols..(row + 1) * cols], x);
+    }
 }
 
 /// # Safety
