@@ -796,7 +796,7 @@ pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let mut i = 0;
     while i + 16 <= n {
         let v: [float32x4_t; 4] = std::array::from_fn(|k| vld1q_f32(gp.add(i + 4 * k)));
-        let e = exp4(v.map(vnegq_f32));
+        let e = exp4(v.map(|a| vnegq_f32(a)));
         for k in 0..4 {
             let s = vdivq_f32(v[k], vaddq_f32(one, e[k]));
             vst1q_f32(
