@@ -1,7 +1,8 @@
 //! Q40 × Q80 matmul speed against the machine's memory read bandwidth, and the cost of one
 //! pool dispatch. `cargo run --release --example matmul_bench [-- rows cols]`
 //! `BENCH_THREADS=1,2` (the default) picks the thread counts, `BENCH_ONLY=avx2` one kernel
-//! path (`KernelPath::name`), `BENCH_HOT=1` one matrix only (cache-resident when small).
+//! path (`KernelPath::name`), `BENCH_HOT=1` one matrix only (cache-resident when small),
+//! `BENCH_F32=1` also f32 weights of the same shape × one token (the engine's entry).
 //!
 //! The weights are several distinct (rows, cols) matrices, together far larger than the
 //! caches, used in turn, so every matmul streams its weights from memory as in generation.
@@ -106,6 +107,17 @@ fn main() {
     kernels::quantize_q80(&x, &mut xq).unwrap();
     let mut out = vec![0.0f32; rows];
 
+    let f32_mats: Option<Vec<Vec<f32>>> =
+        std::env::var("BENCH_F32").is_ok_and(|v| v == "1").then(|| {
+            let n = (256 << 20) / (rows * cols * 4) + 1;
+            (0..n)
+                .map(|m| {
+                    (0..rows * cols)
+                        .map(|i| ((i * 7 + m) % 13) as f32 * 0.01 - 0.06)
+                        .collect()
+                })
+                .collect()
+        });
     println!("active kernels: {}", kernels::active_path());
     let thread_counts: Vec<usize> = std::env::var("BENCH_THREADS")
         .ok()
@@ -233,6 +245,27 @@ fn main() {
             t * 1e3,
             mat_bytes as f64 / t / 1e9
         );
+        // BENCH_F32=1: f32 weights of the same shape (a MoE router is 128 × 2048) × one
+        // token through the engine's entry, > 256 MB of them in turn
+        if let Some(fm) = &f32_mats {
+            let t = timed(3 * fm.len(), |it| {
+                matmul(
+                    &mut pool,
+                    Matrix::F32(&fm[it % fm.len()]),
+                    Input::F32(&x),
+                    &mut out,
+                    rows,
+                    cols,
+                    1,
+                )
+                .unwrap();
+            });
+            println!(
+                "threads {threads}: kernels::matmul f32 (active path) {:7.3} ms  {:5.1} GB/s",
+                t * 1e3,
+                (rows * cols * 4) as f64 / t / 1e9
+            );
+        }
         // f32-buffer mode: Q40 weights × f32 input, active path and scalar
         for k in [
             Kernels::get(),
