@@ -239,45 +239,16 @@ impl ThreadPool {
             let mut claim = || {
                 if own {
                     // the front of our own range
-                    let c = &claims[i];
-                    let mut cur = c.load(Ordering::Acquire);
-                    loop {
-                        let (a, b) = unpack(cur);
-                        if a >= b {
-                            own = false;
-                            break;
-                        }
-                        let t = (a + step).min(b);
-                        match c.compare_exchange_weak(
-                            cur,
-                            pack(t, b),
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        ) {
-                            Ok(_) => return Some(rows(a, t)),
-                            Err(v) => cur = v,
-                        }
+                    match take(&claims[i], |a, b| (a + step).min(b), true) {
+                        Some((a, t)) => return Some(rows(a, t)),
+                        None => own = false,
                     }
                 }
                 // the back of the others' ranges, the next thread's first
                 while victim < n {
                     let c = &claims[(i + victim) % n];
-                    let mut cur = c.load(Ordering::Acquire);
-                    loop {
-                        let (a, b) = unpack(cur);
-                        if a >= b {
-                            break;
-                        }
-                        let s = b.saturating_sub(step).max(a);
-                        match c.compare_exchange_weak(
-                            cur,
-                            pack(a, s),
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        ) {
-                            Ok(_) => return Some(rows(s, b)),
-                            Err(v) => cur = v,
-                        }
+                    if let Some((s, b)) = take(c, |a, b| b.saturating_sub(step).max(a), false) {
+                        return Some(rows(s, b));
                     }
                     victim += 1;
                 }
@@ -285,6 +256,34 @@ impl ThreadPool {
             };
             f(i, &mut claim);
         });
+    }
+}
+
+/// Take a chunk of the range (start, end) packed in `c`, with one compare-exchange (retried
+/// while another thread changes it): `cut(start, end)` is where the chunk ends (from the
+/// front) or begins (from the back); the chunk taken, or `None` once the range is empty.
+fn take(c: &AtomicU64, cut: impl Fn(usize, usize) -> usize, front: bool) -> Option<(usize, usize)> {
+    let mut cur = c.load(Ordering::Acquire);
+    loop {
+        let (a, b) = unpack(cur);
+        if a >= b {
+            return None;
+        }
+        let m = cut(a, b);
+        let (chunk, left) = if front {
+            ((a, m), (m, b))
+        } else {
+            ((m, b), (a, m))
+        };
+        match c.compare_exchange_weak(
+            cur,
+            pack(left.0, left.1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Some(chunk),
+            Err(v) => cur = v,
+        }
     }
 }
 
