@@ -20,7 +20,8 @@ use std::cell::RefCell;
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{BlockQ40, BlockQ80, QK};
 use super::packed::{
-    take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, ONE_STREAM_BELOW, PREFETCH_AHEAD,
+    claimed_cells, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, ONE_STREAM_BELOW,
+    PREFETCH_AHEAD,
 };
 use super::shape::matmul_rows;
 
@@ -312,10 +313,7 @@ macro_rules! q40_q80_kernels {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
                 while let Some(r) = claim() {
-                    assert!(r.start % GROUP == 0 && r.start <= r.end && r.end <= n_rows);
-                    let gs = bpr * CELL;
-                    let g0 = r.start / GROUP;
-                    let cells = &cells[g0 * gs..r.end.div_ceil(GROUP) * gs];
+                    let cells = claimed_cells(cells, bpr, &r, n_rows);
                     packed_one_token(cells, bpr, r.len(), &p, x, (0, 0), out.add(r.start));
                 }
             });

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::block::{BlockQ40, BlockQ80};
-use super::packed::{CELL, GROUP};
+use super::packed::claimed_cells;
 use super::scalar;
 use crate::{Error, Result};
 
@@ -330,10 +330,8 @@ impl Kernels {
         if let Some(f) = self.matmul_q40x8_q80_claimed {
             return f(cells, bpr, x, out, n_rows, claim);
         }
-        let gs = bpr * CELL;
         while let Some(r) = claim() {
-            assert!(r.start.is_multiple_of(GROUP) && r.start <= r.end && r.end <= n_rows);
-            let cells = &cells[r.start / GROUP * gs..r.end.div_ceil(GROUP) * gs];
+            let cells = claimed_cells(cells, bpr, &r, n_rows);
             let out = std::slice::from_raw_parts_mut(out.add(r.start), r.len());
             (self.matmul_q40x8_q80)(cells, bpr, x, out, 1);
         }

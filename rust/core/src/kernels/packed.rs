@@ -58,6 +58,22 @@ pub(crate) fn take_next_stream() -> (usize, usize) {
     NEXT_STREAM.with(|n| n.replace((0, 0)))
 }
 
+/// The cells of the claimed rows `rows` (starting on a group, ending at or before `n_rows`)
+/// among `cells`, all the groups of a packed matrix of `bpr` blocks a row (the claimed
+/// kernel entries, `Kernels::matmul_q40x8_q80_claimed`); panics on a range that breaks that.
+pub(crate) fn claimed_cells<'a>(
+    cells: &'a [u8],
+    bpr: usize,
+    rows: &std::ops::Range<usize>,
+    n_rows: usize,
+) -> &'a [u8] {
+    assert!(
+        rows.start.is_multiple_of(GROUP) && rows.start <= rows.end && rows.end <= n_rows,
+        "claimed rows {rows:?} of {n_rows}"
+    );
+    &cells[rows.start / GROUP * bpr * CELL..rows.end.div_ceil(GROUP) * bpr * CELL]
+}
+
 pub struct PackedQ40 {
     n_rows: usize,
     bpr: usize,
