@@ -7,13 +7,15 @@
 #   scripts/test-aarch64.sh            # install what is missing (needs root + apt), then test
 #   TEST_ARGS="kernels" scripts/...    # extra arguments for the test binaries (a filter)
 #
-# Installs with apt, only when missing: rustc-web, gcc-aarch64-linux-gnu, qemu-user (and
-# unpacks libstd-rust-web-dev:arm64 into a cache unless installed, see aarch64-rust.sh).
+# Installs with apt, only when missing: rustc-web, gcc-aarch64-linux-gnu with the cross glibc
+# it links against (libc6-dev-arm64-cross: only a Recommends of the gcc, which apt_install
+# leaves out) and qemu-user; it unpacks libstd-rust-web-dev:arm64 into a cache unless
+# installed (see aarch64-rust.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/aarch64-rust.sh
 
-apt_install gcc-aarch64-linux-gnu qemu-user
+apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 aarch64_rust
 "$RUSTC" --version
 
