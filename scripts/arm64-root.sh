@@ -89,8 +89,11 @@ in_root() {
     # the host's DNS, and its CA bundle (which has the certificate of a TLS-intercepting
     # proxy, where the host goes through one)
     cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
-    [ ! -s /etc/ssl/certs/ca-certificates.crt ] \
-        || cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    # (before debootstrap's second stage the root has no /etc/ssl/certs yet)
+    if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+        mkdir -p "$root/etc/ssl/certs"
+        cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    fi
     unshare --mount --propagation private -- bash -euc '
         root=$1; binds=$2; wheel=$3; shift 3
         mount -t proc proc "$root/proc"
