@@ -571,6 +571,13 @@ fn packed_q40_every_path() {
         (33, 4, 1),
         (48, 24, 1),
         (56, 3, 1),
+        // small groups from the 4 quarters of the matrix (2 and more groups a quarter), the
+        // last group padded in the last quarter or among those left over
+        (31, 5, 1),
+        (75, 12, 1),
+        (96, 18, 1),
+        (2043, 24, 1),
+        (2048, 12, 1),
         // one token in several chunks per thread (`split_rows_claimed`), the last group
         // padded
         (512, 64, 1),
@@ -605,10 +612,10 @@ fn packed_q40_every_path() {
             |k, out| k.matmul_q40x8_q80(all, bpr, &x, out, n_tokens),
         );
         if n_tokens == 1 {
-            // the claimed entry over ranges of 1, 2, 3, 5, ... groups, handed out last first
+            // the claimed entry over ranges of 1, 2, 3, 5, 9, ... groups, handed out last first
             let mut bounds = vec![0];
             let mut g = 0;
-            for size in [1, 2, 3, 5].iter().cycle() {
+            for size in [1, 2, 3, 5, 9].iter().cycle() {
                 g += size;
                 if g * 8 >= n_rows {
                     break;

@@ -27,14 +27,15 @@ pub const CELL: usize = 16 + GROUP * 16;
 /// and let it run dry. 8 KiB was the best distance swept with the benchmarks (figures in
 /// benchmarks/README.md).
 pub const PREFETCH_AHEAD: usize = 8192;
-/// How far ahead along each of its 4 streams (groups) the AVX2 one-token kernel prefetches:
+/// How far ahead along each of its 4 streams (groups) the x86 one-token kernels prefetch:
 /// 128 KiB in flight in all. Swept with `matmul_bench` and end to end on Zen 3 (8, 16, 24,
-/// 32, 64 KiB; benchmarks/README.md, "Four streams").
+/// 32, 64 KiB; benchmarks/README.md, "Four streams"), and again on a Sapphire Rapids-class
+/// Xeon (16–64 KiB alike).
 pub const GEN_PREFETCH_AHEAD: usize = 32 << 10;
-/// Groups smaller than this (a 4 KiB page; rows of fewer than 29 blocks) are read one at a
-/// time by the one-token kernels, as a single stream in memory order, rather than several
-/// groups per pass (benchmarks/README.md, "Four streams").
-pub const ONE_STREAM_BELOW: usize = 4096;
+/// Groups smaller than this (a 4 KiB page; rows of fewer than 29 blocks) are not read as
+/// neighbours in one pass by the x86 one-token kernels, whose 4 streams then come from the 4
+/// quarters of the matrix, each in memory order (benchmarks/README.md).
+pub const QUARTER_STREAMS_BELOW: usize = 4096;
 
 thread_local! {
     /// (address, length) of the cells this thread multiplies after its next one-token packed
