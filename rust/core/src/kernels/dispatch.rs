@@ -114,7 +114,7 @@ pub struct Kernels {
     matmul_q40x8_q80: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
     matmul_q40x8_q80_batch: unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize),
     /// One token over the row ranges a claim function hands out, the input prepared once
-    /// (x86); `None`: one `matmul_q40x8_q80` call per range.
+    /// (x86, NEON); `None` (scalar): one `matmul_q40x8_q80` call per range.
     matmul_q40x8_q80_claimed: Option<PackedQ40Q80Claimed>,
     matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
@@ -208,6 +208,10 @@ impl Kernels {
                     KernelPath::NeonDotprod => neon::dotprod::matmul_q40x8_q80,
                     _ => neon::plain::matmul_q40x8_q80,
                 };
+                let claimed: PackedQ40Q80Claimed = match path {
+                    KernelPath::NeonDotprod => neon::dotprod::matmul_q40x8_q80_claimed,
+                    _ => neon::plain::matmul_q40x8_q80_claimed,
+                };
                 Some(Kernels {
                     path,
                     quantize_q80: neon::quantize_q80,
@@ -215,7 +219,7 @@ impl Kernels {
                     matmul_q80_q80: q80,
                     matmul_q40x8_q80: q40x8,
                     matmul_q40x8_q80_batch: q40x8,
-                    matmul_q40x8_q80_claimed: None,
+                    matmul_q40x8_q80_claimed: Some(claimed),
                     matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,

@@ -11,7 +11,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
-use super::packed::{CELL, GROUP, PREFETCH_AHEAD};
+use super::packed::{claimed_cells, CELL, GROUP, PREFETCH_AHEAD};
 use super::shape::{assert_q80_blocks, matmul_rows, packed_shape};
 
 #[target_feature(enable = "neon")]
@@ -415,16 +415,67 @@ macro_rules! packed_kernels {
             out: &mut [f32],
             n_tokens: usize,
         ) {
-            let (n_rows, n_groups) = packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
+            let (n_rows, _) = packed_shape(cells.len(), bpr, x.len(), out.len(), n_tokens);
             let (dx, s8) = q80_scales_sums(x);
+            packed_rows(
+                cells,
+                bpr,
+                n_rows,
+                x,
+                (&dx, &s8),
+                out.as_mut_ptr(),
+                n_tokens,
+            );
+        }
+
+        /// One token, the rows handed out by `claim` (ranges of rows starting on a multiple
+        /// of 8, until it returns `None`): out[r] = row r of the packed `cells` (all the
+        /// groups of a matrix of `n_rows` rows) × x. The input's scales and sums are
+        /// computed once for all the claimed ranges.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`; `out` holds `n_rows`
+        /// values, and no other thread touches the rows `claim` gives this one.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80_claimed(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: *mut f32,
+            n_rows: usize,
+            claim: &mut dyn FnMut() -> Option<std::ops::Range<usize>>,
+        ) {
+            packed_shape(cells.len(), bpr, x.len(), n_rows, 1);
+            let (dx, s8) = q80_scales_sums(x);
+            while let Some(r) = claim() {
+                let cells = claimed_cells(cells, bpr, &r, n_rows);
+                packed_rows(cells, bpr, r.len(), x, (&dx, &s8), out.add(r.start), 1);
+            }
+        }
+
+        /// out[t · n_rows + r] = row r of the packed `cells` (`n_rows` rows, `bpr` blocks a
+        /// row; shapes checked by the caller) × token t of x, whose scales and sums
+        /// (`q80_scales_sums`) are `xs`.
+        #[target_feature(enable = $features)]
+        unsafe fn packed_rows(
+            cells: &[u8],
+            bpr: usize,
+            n_rows: usize,
+            x: &[BlockQ80],
+            (dx, s8): (&[f32], &[i32]),
+            out: *mut f32,
+            n_tokens: usize,
+        ) {
+            let n_groups = n_rows.div_ceil(GROUP);
+            debug_assert!(cells.len() >= n_groups * bpr * CELL && x.len() >= n_tokens * bpr);
             let (xp, dp, sp) = (x.as_ptr(), dx.as_ptr(), s8.as_ptr());
-            let mut put = |t: usize, g: usize, v: &[float32x4_t; 2]| {
+            let put = |t: usize, g: usize, v: &[float32x4_t; 2]| {
                 let mut o = [0.0f32; GROUP];
                 vst1q_f32(o.as_mut_ptr(), v[0]);
                 vst1q_f32(o.as_mut_ptr().add(4), v[1]);
                 let r0 = g * GROUP;
                 let n = GROUP.min(n_rows - r0);
-                out[t * n_rows + r0..t * n_rows + r0 + n].copy_from_slice(&o[..n]);
+                std::ptr::copy_nonoverlapping(o.as_ptr(), out.add(t * n_rows + r0), n);
             };
             for g in 0..n_groups {
                 let c = cells.as_ptr().add(g * bpr * CELL);
