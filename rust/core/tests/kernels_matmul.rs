@@ -575,6 +575,7 @@ fn packed_q40_every_path() {
         // last group padded in the last quarter or among those left over
         (31, 5, 1),
         (75, 12, 1),
+        (95, 7, 1),
         (96, 18, 1),
         (2043, 24, 1),
         (2048, 12, 1),
