@@ -428,14 +428,12 @@ macro_rules! packed_kernels {
             );
         }
 
-        /// One token, the rows handed out by `claim` (ranges of rows starting on a multiple
-        /// of 8, until it returns `None`): out[r] = row r of the packed `cells` (all the
-        /// groups of a matrix of `n_rows` rows) × x. The input's scales and sums are
-        /// computed once for all the claimed ranges.
+        /// `Kernels::matmul_q40x8_q80_claimed` on this path (its contract): the input's
+        /// scales and sums are computed once for all the ranges `claim` hands out.
         ///
         /// # Safety
-        /// The CPU has the features of this function's `target_feature`; `out` holds `n_rows`
-        /// values, and no other thread touches the rows `claim` gives this one.
+        /// As `Kernels::matmul_q40x8_q80_claimed`, and the CPU has the features of this
+        /// function's `target_feature`.
         #[target_feature(enable = $features)]
         pub unsafe fn matmul_q40x8_q80_claimed(
             cells: &[u8],
