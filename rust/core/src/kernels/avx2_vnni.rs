@@ -219,8 +219,9 @@ macro_rules! q40_q80_kernels {
         /// few groups go 2 or 1 at a time. Groups smaller than a 4 KiB page (an expert's w2
         /// slice: 12 or 24 blocks a row; SmolLM2's 18) would share their pages as neighbours,
         /// so there the 4 groups of a pass come from the 4 quarters of the matrix instead:
-        /// 4 streams, each in memory order (45% faster than 4 neighbouring groups on Zen 3,
-        /// and 15–20% faster than one group at a time on a Sapphire Rapids-class Xeon;
+        /// 4 streams, each in memory order (on Zen 3 one group at a time was 45% faster
+        /// than 4 neighbouring groups; on a Sapphire Rapids-class Xeon the quarters are
+        /// 15–20% faster than one group at a time; quarters not measured on Zen 3:
         /// benchmarks/README.md). `next`: where the prefetches past the end go
         /// (`set_next_stream`).
         #[target_feature(enable = $features)]

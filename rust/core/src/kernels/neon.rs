@@ -452,8 +452,8 @@ macro_rules! packed_kernels {
         }
 
         /// out[t · n_rows + r] = row r of the packed `cells` (`n_rows` rows, `bpr` blocks a
-        /// row; shapes checked by the caller) × token t of x, whose scales and sums
-        /// (`q80_scales_sums`) are `xs`.
+        /// row; shapes checked by the caller) × token t of x, whose scales and sums are
+        /// (dx, s8) (`q80_scales_sums`).
         #[target_feature(enable = $features)]
         unsafe fn packed_rows(
             cells: &[u8],
