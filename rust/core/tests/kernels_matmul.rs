@@ -559,10 +559,9 @@ fn packed_q40_every_path() {
         (23, 7, 1),
         (40, 129, 2),
         (64, 344, 1),
-        // one token over 4, 5, 6, 7 groups: the 4-group passes of the AVX2 kernel and
-        // what is left after them (2 groups, 1, both), the last group padded or not; with
-        // groups of at least 4 KiB (29 blocks and more a row) and smaller ones (one group
-        // at a time)
+        // one token over 4, 5, 6, 7 groups: one pass of 4 streams and what is left after it
+        // (1, 2, 3 groups one at a time), the last group padded or not, large groups and
+        // small ones
         (32, 29, 1),
         (40, 33, 1),
         (48, 30, 1),
@@ -571,14 +570,17 @@ fn packed_q40_every_path() {
         (33, 4, 1),
         (48, 24, 1),
         (56, 3, 1),
-        // small groups from the 4 quarters of the matrix (2 and more groups a quarter), the
-        // last group padded in the last quarter or among those left over
+        // 4 parts of 2 and more groups, and the groups left over cut again, the last group
+        // padded in the last part or among those left over
         (31, 5, 1),
         (75, 12, 1),
         (95, 7, 1),
         (96, 18, 1),
         (2043, 24, 1),
         (2048, 12, 1),
+        // 8 parts (each at least `LONG_PARTS` bytes), then 4 parts of what is left, then 1
+        // group alone, the last one padded
+        (421, 344, 1),
         // one token in several chunks per thread (`split_rows_claimed`), the last group
         // padded
         (512, 64, 1),

@@ -19,9 +19,7 @@ use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{BlockQ40, BlockQ80, QK};
-use super::packed::{
-    claimed_cells, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, QUARTER_STREAMS_BELOW,
-};
+use super::packed::{claimed_cells, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, LONG_PARTS};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -88,7 +86,7 @@ unsafe fn prepare_x(x: &[BlockQ80], p: &mut XPrep) {
 // Q40 × Q80, generated for each int8 dot instruction
 
 macro_rules! q40_q80_kernels {
-    ($features:literal, $dot:ident, $dot8:ident, $step8:ident, $gen_groups:literal, $gen_ahead:expr) => {
+    ($features:literal, $dot:ident, $dot8:ident, $step8:ident, $gen_ahead:expr) => {
         /// 8 rows (one packed group) × T tokens: each cell is expanded once for the T tokens;
         /// lane j of `acc[t]` is row j's output for token t.
         #[target_feature(enable = $features)]
@@ -214,16 +212,17 @@ macro_rules! q40_q80_kernels {
             acc
         }
 
-        /// One token through `n_rows` rows of packed groups `cells`, into `out[..n_rows]`:
-        /// $gen_groups groups (as many streams) share each input block's broadcasts; the last
-        /// few groups go 2 or 1 at a time. Groups smaller than a 4 KiB page (an expert's w2
-        /// slice: 12 or 24 blocks a row; SmolLM2's 18) would share their pages as neighbours,
-        /// so there the 4 groups of a pass come from the 4 quarters of the matrix instead:
-        /// 4 streams, each in memory order (on Zen 3 one group at a time was 45% faster
-        /// than 4 neighbouring groups; on a Sapphire Rapids-class Xeon the quarters are
-        /// 15–20% faster than one group at a time; quarters not measured on Zen 3:
-        /// benchmarks/README.md). `next`: where the prefetches past the end go
-        /// (`set_next_stream`).
+        /// One token through `n_rows` rows of packed groups `cells`, into `out[..n_rows]`,
+        /// read as S streams: the groups are cut into S parts of k consecutive groups, and
+        /// pass i multiplies group i of every part (`packed_groups::<S>`), so each stream
+        /// reads its part in memory order, its prefetches AHEAD bytes ahead running on into
+        /// the part's next group. S = 8 where a part holds at least `LONG_PARTS` bytes, else
+        /// 4. k is odd, so the streams' distance k · gstride is no multiple of 4 KiB unless
+        /// bpr is a multiple of 256 (gstride = bpr · 2^4 · 9): streams a multiple of 4 KiB
+        /// apart share cache sets and DRAM banks. The groups left over are cut the same way;
+        /// the last 3 or fewer go one at a time. `next`: where the prefetches past the end go
+        /// (`set_next_stream`). On a Sapphire Rapids-class Xeon 12–17% faster at one thread
+        /// than 4 neighbouring groups a pass prefetched 32 KiB ahead (benchmarks/README.md).
         #[target_feature(enable = $features)]
         #[inline]
         unsafe fn packed_one_token(
@@ -247,7 +246,6 @@ macro_rules! q40_q80_kernels {
                     std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(g * GROUP), rows);
                 }
             };
-            const G: usize = $gen_groups;
             const AHEAD: usize = $gen_ahead;
             let gstride = bpr * CELL;
             let streams = Streams {
@@ -257,59 +255,40 @@ macro_rules! q40_q80_kernels {
             };
             let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
             let mut g = 0;
-            if gstride < QUARTER_STREAMS_BELOW {
-                // small groups: 4 streams, one from each quarter of the matrix, each read in
-                // memory order (pass i: groups i, k + i, 2k + i, 3k + i); then the groups
-                // left over one at a time. k is odd, so that the streams' distance k ·
-                // gstride is no multiple of 4 KiB (gstride = bpr · 144 with bpr < 29 has at
-                // most 2^8 in it): streams a multiple of 4 KiB apart share cache sets and
-                // DRAM banks (4–7% slower at 2048 × 384 and 2048 × 768)
-                let k = n_groups / 4;
-                let k = if k % 2 == 0 { k.saturating_sub(1) } else { k };
-                if k > 0 {
-                    let quarters = Streams {
-                        gstride: k * gstride,
-                        ..streams
-                    };
-                    for i in 0..k {
-                        let gc = cells.as_ptr().add(i * gstride);
-                        let v = packed_groups::<4, AHEAD>(gc, &quarters, bpr, xp, dx, nc);
+            while n_groups - g >= 4 {
+                let rest = n_groups - g;
+                let eight = rest / 8 * gstride >= LONG_PARTS;
+                let s = if eight { 8 } else { 4 };
+                let k = rest / s;
+                let k = if k % 2 == 0 { k - 1 } else { k };
+                let parts = Streams {
+                    gstride: k * gstride,
+                    ..streams
+                };
+                let base = cells.as_ptr().add(g * gstride);
+                for i in 0..k {
+                    let gc = base.add(i * gstride);
+                    if eight {
+                        let v = packed_groups::<8, AHEAD>(gc, &parts, bpr, xp, dx, nc);
                         for (q, &vq) in v.iter().enumerate() {
-                            store(q * k + i, vq);
+                            store(g + q * k + i, vq);
+                        }
+                    } else {
+                        let v = packed_groups::<4, AHEAD>(gc, &parts, bpr, xp, dx, nc);
+                        for (q, &vq) in v.iter().enumerate() {
+                            store(g + q * k + i, vq);
                         }
                     }
-                    g = 4 * k;
                 }
-                while g < n_groups {
-                    let gc = cells.as_ptr().add(g * gstride);
-                    store(
-                        g,
-                        packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc)[0],
-                    );
-                    g += 1;
-                }
+                g += s * k;
             }
-            while g + G <= n_groups {
-                let gc = cells.as_ptr().add(g * gstride);
-                let v = packed_groups::<G, AHEAD>(gc, &streams, bpr, xp, dx, nc);
-                for (k, &vk) in v.iter().enumerate() {
-                    store(g + k, vk);
-                }
-                g += G;
-            }
-            if G > 2 && g + 2 <= n_groups {
-                let gc = cells.as_ptr().add(g * gstride);
-                let v = packed_groups::<2, AHEAD>(gc, &streams, bpr, xp, dx, nc);
-                store(g, v[0]);
-                store(g + 1, v[1]);
-                g += 2;
-            }
-            if g < n_groups {
+            while g < n_groups {
                 let gc = cells.as_ptr().add(g * gstride);
                 store(
                     g,
                     packed_groups::<1, AHEAD>(gc, &streams, bpr, xp, dx, nc)[0],
                 );
+                g += 1;
             }
         }
 
@@ -601,14 +580,11 @@ unsafe fn dot_maddubs(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod maddubs {
     use super::*;
-    // 4 streams, each prefetched 32 KiB ahead: 9–23% faster at 1 thread and 5–11% at 2 than
-    // 2 streams 8 KiB ahead, on Zen 3 (benchmarks/README.md, "Four streams")
     q40_q80_kernels!(
         "avx2,fma,f16c",
         dot_maddubs,
         dot8_maddubs,
         step8_maddubs,
-        4,
         GEN_PREFETCH_AHEAD
     );
 }
@@ -622,14 +598,11 @@ unsafe fn dot_avxvnni(nib: __m256i, xv: __m256i, corr: __m256i) -> __m256i {
 
 pub mod avxvnni {
     use super::*;
-    // 4 streams, 32 KiB ahead, as `maddubs`: 5–7% faster at 1 thread than the 2 streams
-    // 8 KiB ahead of before on a Sapphire Rapids-class Xeon (benchmarks/README.md)
     q40_q80_kernels!(
         "avx2,fma,f16c,avxvnni",
         dot_avxvnni,
         dot8_avxvnni,
         step8_avxvnni,
-        4,
         GEN_PREFETCH_AHEAD
     );
 }
@@ -648,7 +621,6 @@ pub mod avx512vnni {
         dot_avx512vnni,
         dot8_avx512vnni,
         step8_avx512vnni,
-        4,
         GEN_PREFETCH_AHEAD
     );
 }
