@@ -9,8 +9,9 @@ TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
    has threads, right before each dllama run (the two-thread bandwidth of these VMs jumps
    between two levels from one minute to the next, so each run gets its own floor), with two
    readers, the higher one counts: numpy processes taking the max of a float32 array, and
-   `dllama._core.read_bandwidth` (AVX2 loads over 4 interleaved streams per thread, in a
-   buffer allocated as the packed weights, transparent huge pages where the system allows),
+   `dllama._core.read_bandwidth` (AVX2 loads over 4 or 8 interleaved streams per thread,
+   with and without prefetch, the fastest kept, in a buffer allocated as the packed weights,
+   transparent huge pages where the system allows),
 4. times dllama (`dllama._core.Node.forward`, one token at a time after a short prompt):
    median ms/token over --tokens generated tokens, at each thread count,
 5. times llama.cpp on the GGUF through the `xllamacpp` wheel (its own timing of the generated
