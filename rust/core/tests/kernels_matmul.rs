@@ -578,8 +578,7 @@ fn packed_q40_every_path() {
         (96, 18, 1),
         (2043, 24, 1),
         (2048, 12, 1),
-        // 8 parts (each at least `LONG_PARTS` bytes), then 4 parts of what is left, then 1
-        // group alone, the last one padded
+        // long parts (4 of 13 groups of 49536 bytes), then 1 group alone, padded
         (421, 344, 1),
         // one token in several chunks per thread (`split_rows_claimed`), the last group
         // padded

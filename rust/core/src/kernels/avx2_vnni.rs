@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{BlockQ40, BlockQ80, QK};
-use super::packed::{claimed_cells, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP, LONG_PARTS};
+use super::packed::{claimed_cells, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -213,16 +213,16 @@ macro_rules! q40_q80_kernels {
         }
 
         /// One token through `n_rows` rows of packed groups `cells`, into `out[..n_rows]`,
-        /// read as S streams: the groups are cut into S parts of k consecutive groups, and
-        /// pass i multiplies group i of every part (`packed_groups::<S>`), so each stream
+        /// read as 4 streams: the groups are cut into 4 parts of k consecutive groups, and
+        /// pass i multiplies group i of every part (`packed_groups::<4>`), so each stream
         /// reads its part in memory order, its prefetches AHEAD bytes ahead running on into
-        /// the part's next group. S = 8 where a part holds at least `LONG_PARTS` bytes, else
-        /// 4. k is odd, so the streams' distance k · gstride is no multiple of 4 KiB unless
-        /// bpr is a multiple of 256 (gstride = bpr · 2^4 · 9): streams a multiple of 4 KiB
-        /// apart share cache sets and DRAM banks. The groups left over are cut the same way;
-        /// the last 3 or fewer go one at a time. `next`: where the prefetches past the end go
-        /// (`set_next_stream`). On a Sapphire Rapids-class Xeon 12–17% faster at one thread
-        /// than 4 neighbouring groups a pass prefetched 32 KiB ahead (benchmarks/README.md).
+        /// the part's next group. k is odd, so the streams' distance k · gstride is no
+        /// multiple of 4 KiB unless bpr is a multiple of 256 (gstride = bpr · 2^4 · 9):
+        /// streams a multiple of 4 KiB apart share cache sets and DRAM banks. The groups left
+        /// over are cut the same way; the last 3 or fewer go one at a time. `next`: where the
+        /// prefetches past the end go (`set_next_stream`). On a Sapphire Rapids-class Xeon
+        /// 10–20% faster at one thread than 4 neighbouring groups a pass prefetched 32 KiB
+        /// ahead, and faster than 8 parts (benchmarks/README.md).
         #[target_feature(enable = $features)]
         #[inline]
         unsafe fn packed_one_token(
@@ -256,10 +256,7 @@ macro_rules! q40_q80_kernels {
             let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
             let mut g = 0;
             while n_groups - g >= 4 {
-                let rest = n_groups - g;
-                let eight = rest / 8 * gstride >= LONG_PARTS;
-                let s = if eight { 8 } else { 4 };
-                let k = rest / s;
+                let k = (n_groups - g) / 4;
                 let k = if k % 2 == 0 { k - 1 } else { k };
                 let parts = Streams {
                     gstride: k * gstride,
@@ -268,19 +265,12 @@ macro_rules! q40_q80_kernels {
                 let base = cells.as_ptr().add(g * gstride);
                 for i in 0..k {
                     let gc = base.add(i * gstride);
-                    if eight {
-                        let v = packed_groups::<8, AHEAD>(gc, &parts, bpr, xp, dx, nc);
-                        for (q, &vq) in v.iter().enumerate() {
-                            store(g + q * k + i, vq);
-                        }
-                    } else {
-                        let v = packed_groups::<4, AHEAD>(gc, &parts, bpr, xp, dx, nc);
-                        for (q, &vq) in v.iter().enumerate() {
-                            store(g + q * k + i, vq);
-                        }
+                    let v = packed_groups::<4, AHEAD>(gc, &parts, bpr, xp, dx, nc);
+                    for (q, &vq) in v.iter().enumerate() {
+                        store(g + q * k + i, vq);
                     }
                 }
-                g += s * k;
+                g += 4 * k;
             }
             while g < n_groups {
                 let gc = cells.as_ptr().add(g * gstride);

@@ -27,15 +27,11 @@ pub const CELL: usize = 16 + GROUP * 16;
 /// and let it run dry. 8 KiB was the best distance swept with the benchmarks (figures in
 /// benchmarks/README.md).
 pub const PREFETCH_AHEAD: usize = 8192;
-/// How far ahead along each of its streams the x86 one-token kernels prefetch. On a Sapphire
-/// Rapids-class Xeon with the streams in parts of the matrix (`LONG_PARTS`), 2–3 KiB read
-/// fastest (1 KiB and 4 KiB 3–8% slower; the 32 KiB of the earlier 4-neighbouring-group passes,
-/// swept on Zen 3, 12–17% slower: benchmarks/README.md).
+/// How far ahead along each of its 4 streams (the 4 parts of the matrix) the x86 one-token
+/// kernels prefetch. On a Sapphire Rapids-class Xeon 2–3 KiB read fastest (1 KiB and 4 KiB
+/// 3–8% slower; the 32 KiB of the earlier 4-neighbouring-group passes, swept on Zen 3, 10–20%
+/// slower: benchmarks/README.md).
 pub const GEN_PREFETCH_AHEAD: usize = 2048;
-/// The x86 one-token kernels read a matrix as 8 streams (8 parts of consecutive groups) where
-/// each part holds at least this many bytes, else as 4: 8 streams read the long parts 3–6%
-/// faster on the Xeon above, and short ones (TinyLlama's 256 × 2048 k and v) 5–10% slower.
-pub const LONG_PARTS: usize = 256 << 10;
 
 thread_local! {
     /// (address, length) of the cells this thread multiplies after its next one-token packed
