@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{BlockQ40, BlockQ80, QK};
-use super::packed::{claimed_cells, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP};
+use super::packed::{for_each_claimed, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -305,10 +305,9 @@ macro_rules! q40_q80_kernels {
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
-                while let Some(r) = claim() {
-                    let cells = claimed_cells(cells, bpr, &r, n_rows);
+                for_each_claimed(cells, bpr, n_rows, claim, |cells, r| {
                     packed_one_token(cells, bpr, r.len(), &p, x, (0, 0), out.add(r.start));
-                }
+                });
             });
         }
 

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::block::{BlockQ40, BlockQ80};
-use super::packed::claimed_cells;
+use super::packed::for_each_claimed;
 use super::scalar;
 use crate::{Error, Result};
 
@@ -334,11 +334,10 @@ impl Kernels {
         if let Some(f) = self.matmul_q40x8_q80_claimed {
             return f(cells, bpr, x, out, n_rows, claim);
         }
-        while let Some(r) = claim() {
-            let cells = claimed_cells(cells, bpr, &r, n_rows);
+        for_each_claimed(cells, bpr, n_rows, claim, |cells, r| {
             let out = std::slice::from_raw_parts_mut(out.add(r.start), r.len());
             (self.matmul_q40x8_q80)(cells, bpr, x, out, 1);
-        }
+        });
     }
     /// Q40 weights × f32 input (the f32-buffer mode).
     pub fn matmul_q40_f32(&self, w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {

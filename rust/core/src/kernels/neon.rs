@@ -11,7 +11,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
-use super::packed::{claimed_cells, CELL, GROUP, PREFETCH_AHEAD};
+use super::packed::{for_each_claimed, CELL, GROUP, PREFETCH_AHEAD};
 use super::shape::{assert_q80_blocks, matmul_rows, packed_shape};
 
 #[target_feature(enable = "neon")]
@@ -445,10 +445,9 @@ macro_rules! packed_kernels {
         ) {
             packed_shape(cells.len(), bpr, x.len(), n_rows, 1);
             let (dx, s8) = q80_scales_sums(x);
-            while let Some(r) = claim() {
-                let cells = claimed_cells(cells, bpr, &r, n_rows);
+            for_each_claimed(cells, bpr, n_rows, claim, |cells, r| {
                 packed_rows(cells, bpr, r.len(), x, (&dx, &s8), out.add(r.start), 1);
-            }
+            });
         }
 
         /// out[t · n_rows + r] = row r of the packed `cells` (`n_rows` rows, `bpr` blocks a

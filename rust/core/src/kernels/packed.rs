@@ -55,20 +55,28 @@ pub(crate) fn take_next_stream() -> (usize, usize) {
     NEXT_STREAM.with(|n| n.replace((0, 0)))
 }
 
-/// The cells of the claimed rows `rows` (starting on a group, ending at or before `n_rows`)
-/// among `cells`, all the groups of a packed matrix of `bpr` blocks a row (the claimed
-/// kernel entries, `Kernels::matmul_q40x8_q80_claimed`); panics on a range that breaks that.
-pub(crate) fn claimed_cells<'a>(
-    cells: &'a [u8],
+/// Run `f(rows_cells, rows)` for every range of rows `claim` hands out until it returns
+/// `None`, `rows_cells` being the cells of those rows among `cells`, all the groups of a
+/// packed matrix of `n_rows` rows of `bpr` blocks (the claimed kernel entries,
+/// `Kernels::matmul_q40x8_q80_claimed`); panics on a range that does not start on a group or
+/// ends past `n_rows`.
+pub(crate) fn for_each_claimed(
+    cells: &[u8],
     bpr: usize,
-    rows: &std::ops::Range<usize>,
     n_rows: usize,
-) -> &'a [u8] {
-    assert!(
-        rows.start.is_multiple_of(GROUP) && rows.start <= rows.end && rows.end <= n_rows,
-        "claimed rows {rows:?} of {n_rows}"
-    );
-    &cells[rows.start / GROUP * bpr * CELL..rows.end.div_ceil(GROUP) * bpr * CELL]
+    claim: &mut dyn FnMut() -> Option<std::ops::Range<usize>>,
+    mut f: impl FnMut(&[u8], std::ops::Range<usize>),
+) {
+    while let Some(rows) = claim() {
+        assert!(
+            rows.start.is_multiple_of(GROUP) && rows.start <= rows.end && rows.end <= n_rows,
+            "claimed rows {rows:?} of {n_rows}"
+        );
+        f(
+            &cells[rows.start / GROUP * bpr * CELL..rows.end.div_ceil(GROUP) * bpr * CELL],
+            rows,
+        );
+    }
 }
 
 pub struct PackedQ40 {
