@@ -141,7 +141,16 @@ pub fn read_bandwidth(nbytes: usize, n_threads: usize, rounds: usize) -> crate::
 pub const READ_PATTERNS: &[(usize, usize)] = &[(4, 0), (4, 2048), (8, 2048)];
 
 /// The most streams a thread reads in [`READ_PATTERNS`].
-pub const MAX_READ_STREAMS: usize = 8;
+pub const MAX_READ_STREAMS: usize = {
+    let (mut most, mut i) = (0, 0);
+    while i < READ_PATTERNS.len() {
+        if READ_PATTERNS[i].0 > most {
+            most = READ_PATTERNS[i].0;
+        }
+        i += 1;
+    }
+    most
+};
 
 /// Extra distance between consecutive streams of [`read_bandwidth`], past an even split.
 pub const STREAM_SKEW: usize = 17 * 64;
@@ -155,8 +164,9 @@ fn stream_layout(nbytes: usize, n: usize) -> (Vec<usize>, usize) {
 }
 
 /// A checksum of the `len` bytes (a multiple of 64) from each of `starts` (at most
-/// [`MAX_READ_STREAMS`]) in `b`, read as interleaved streams, each prefetched `ahead` bytes
-/// ahead (0: not at all; the prefetches may reach past the buffer, which is harmless).
+/// [`MAX_READ_STREAMS`]) in `b`, read as interleaved streams; the AVX2 reader (4 or 8
+/// streams) prefetches each `ahead` bytes ahead (0: not at all; the prefetches may reach past
+/// the buffer, which is harmless), the portable one does not prefetch.
 fn sum_streams(b: &[u8], starts: &[usize], len: usize, ahead: usize) -> u64 {
     assert!(len.is_multiple_of(64) && starts.iter().all(|&s| s + len <= b.len()));
     assert!(starts.len() <= MAX_READ_STREAMS);
