@@ -128,7 +128,7 @@ macro_rules! q40_q80_kernels {
             acc
         }
 
-        /// Columns `b0..b1` of G packed groups (8·G rows, `gstride` bytes apart) × one token,
+        /// Columns `b0..b1` of G packed groups (8·G rows, `s.apart` bytes apart) × one token,
         /// added into `acc`: each input block's 8 broadcasts, its scale and its correction
         /// are shared by the G cells of a block column; lane j of `acc[g]` is row j of group
         /// g. Per row the same integer sums and f32 operations as `packed_tile::<1>`. Each
@@ -148,21 +148,21 @@ macro_rules! q40_q80_kernels {
             nc: *const i32,
             acc: &mut [__m256; G],
         ) {
-            let gstride = s.gstride;
+            let apart = s.apart;
             let m4 = _mm256_set1_epi8(0x0F);
             for b in b0..b1 {
                 let xq = (*x.add(b)).qs.as_ptr() as *const i32;
                 let mut sums = [[_mm256_setzero_si256(); 2]; G];
                 let t = gc as usize + b * CELL + AHEAD + skip;
                 for g in 0..G {
-                    let a = t + g * gstride;
+                    let a = t + g * apart;
                     prefetch(if CHECKED { s.ahead(a) } else { a as *const u8 }, CELL);
                 }
                 for q in 0..4 {
                     let xl = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(q)));
                     let xh = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 + q)));
                     for g in 0..G {
-                        let c = gc.add(g * gstride + b * CELL);
+                        let c = gc.add(g * apart + b * CELL);
                         let v = _mm256_loadu_si256(c.add(16 + 32 * q) as *const __m256i);
                         let lo = _mm256_and_si256(v, m4);
                         let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -171,7 +171,7 @@ macro_rules! q40_q80_kernels {
                 }
                 let d = _mm256_broadcast_ss(&*dx.add(b));
                 for g in 0..G {
-                    let c = gc.add(g * gstride + b * CELL);
+                    let c = gc.add(g * apart + b * CELL);
                     let p = $dot8(sums[g], *nc.add(b));
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(c as *const __m128i));
                     acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, d), acc[g]);
@@ -179,7 +179,7 @@ macro_rules! q40_q80_kernels {
             }
         }
 
-        /// G packed groups (8·G rows from `gc`, `s.gstride` bytes apart) × one token, all
+        /// G packed groups (8·G rows from `gc`, `s.apart` bytes apart) × one token, all
         /// `bpr` columns (`packed_columns`): the prefetches run AHEAD along each group's
         /// stream; from the column where that passes the group's end, into the group the
         /// next pass reads in its place (not the neighbour that this pass reads already).
@@ -194,13 +194,13 @@ macro_rules! q40_q80_kernels {
             dx: *const f32,
             nc: *const i32,
         ) -> [__m256; G] {
-            let gstride = s.gstride;
+            let apart = s.apart;
             let mut acc = [_mm256_setzero_ps(); G];
-            let b_skip = gstride.saturating_sub(AHEAD).div_ceil(CELL).min(bpr);
-            for (b0, b1, skip) in [(0, b_skip, 0), (b_skip, bpr, (G - 1) * gstride)] {
+            let b_skip = apart.saturating_sub(AHEAD).div_ceil(CELL).min(bpr);
+            for (b0, b1, skip) in [(0, b_skip, 0), (b_skip, bpr, (G - 1) * apart)] {
                 // the first column whose farthest prefetch (group G - 1, CELL bytes) ends
                 // past the cells
-                let far = gc as usize + AHEAD + skip + (G - 1) * gstride + CELL;
+                let far = gc as usize + AHEAD + skip + (G - 1) * apart + CELL;
                 let bc = if far > s.end {
                     b0
                 } else {
@@ -249,7 +249,7 @@ macro_rules! q40_q80_kernels {
             const AHEAD: usize = $gen_ahead;
             let gstride = bpr * CELL;
             let streams = Streams {
-                gstride,
+                apart: gstride,
                 end: cells.as_ptr() as usize + n_groups * gstride,
                 next,
             };
@@ -259,7 +259,7 @@ macro_rules! q40_q80_kernels {
                 let k = (n_groups - g) / 4;
                 let k = if k % 2 == 0 { k - 1 } else { k };
                 let parts = Streams {
-                    gstride: k * gstride,
+                    apart: k * gstride,
                     ..streams
                 };
                 let base = cells.as_ptr().add(g * gstride);
@@ -484,10 +484,12 @@ macro_rules! q40_q80_kernels {
     };
 }
 
-/// Where the one-token packed kernels' prefetches go: `gstride` bytes per group; past `end`
-/// (the end of this matmul's cells), into `next` (address, length: `set_next_stream`).
+/// Where the one-token packed kernels' streams and prefetches go: the G streams of a pass
+/// start `apart` bytes from each other (neighbouring groups, or the parts of a matrix); past
+/// `end` (the end of this matmul's cells), prefetches go into `next` (address, length:
+/// `set_next_stream`).
 struct Streams {
-    gstride: usize,
+    apart: usize,
     end: usize,
     next: (usize, usize),
 }
