@@ -9,7 +9,8 @@ CPU models (llvm-mca of LLVM 22): `neoverse-n1` is a real model of the Pi 5's co
 (Cortex-A76 and Neoverse N1 share the microarchitecture); `cortex-a72` and `cortex-a76` fall
 back to the Cortex-A57 model (its resources are named `A57Unit*`), the closest there is to the
 Pi 4's A72 (same pipeline family, A72 clocks higher and has a few shorter latencies). On x86
-`znver3` (this machine's Zen 3) and `znver4`.
+`znver3`, `znver4` (no hardware of either here now) and `sapphirerapids` (the Xeon of 7 Dec
+2026).
 
     python benchmarks/kernel_cycles.py                 # the tables, markdown
     python benchmarks/kernel_cycles.py --asm-only out  # keep the loop bodies fed to llvm-mca
@@ -66,6 +67,9 @@ AARCH64_KERNELS = [
 X86_KERNELS = [
     ("Q40×Q80 AVX2", r"maddubs::matmul_q40_q80$", r"vpmaddubsw", 1),
     ("Q40×Q80 AVX2 packed", r"maddubs::matmul_q40x8_q80$", r"vpmaddubsw", 1),
+    # the VNNI packed kernels: the 1-token loop (4 groups a pass) is generation's
+    ("Q40×Q80 AVX-VNNI packed", r"avxvnni::matmul_q40x8_q80$", r"vpdpbusd", 1),
+    ("Q40×Q80 AVX-512 VNNI packed (256-bit)", r"avx512vnni::matmul_q40x8_q80$", r"vpdpbusd", 1),
     ("Q80×Q80 AVX2", r"avx2::matmul_q80_q80$", r"vpmaddubsw|vpdpbusd", 1),
     ("F32 matmul", r"avx2::matmul_f32$", r"vfmadd\w+ps", 4),
     ("softmax (per 32 scores)", r"avx2::softmax$", r"vfmadd\w+ps|vmulps", 0),
@@ -116,7 +120,8 @@ def instructions(lines: list[str]) -> list[str]:
     out = []
     for ln in lines:
         s = ln.split("//")[0]
-        if re.match(r"^\s+[a-z]", s) and not re.match(r"^\s+\.", s):
+        # a mnemonic, or an encoding prefix before one (`{vex}`)
+        if re.match(r"^\s+([a-z]|\{)", s) and not re.match(r"^\s+\.", s):
             out.append(s.rstrip())
     return out
 
@@ -182,6 +187,9 @@ def build_asm(target: str) -> str:
         env["CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS"] = out
     for old in glob.glob(str(tdir / target / "fastbuild" / "deps" / "dllama_core-*.s")):
         os.unlink(old)
+    # cargo emits the assembly only when it compiles the crate: forget the last build
+    for fp in glob.glob(str(tdir / target / "fastbuild" / ".fingerprint" / "dllama-core-*")):
+        shutil.rmtree(fp)
     subprocess.run(
         [
             "cargo",
@@ -233,7 +241,8 @@ def measure(
             continue
         for name in names:
             for k, loop in enumerate(innermost_loops(funcs[name])):
-                mnems = [ln.split()[0] for ln in loop.body]
+                # the mnemonic, past an encoding prefix such as `{vex}`
+                mnems = [ln.split()[1 if ln.split()[0].startswith("{") else 0] for ln in loop.body]
                 n_sig = sum(1 for m in mnems if re.fullmatch(sig, m))
                 if n_sig == 0:
                     continue
@@ -314,17 +323,23 @@ def main() -> None:
     )
     ap.add_argument("--asm-only", type=Path, default=None, help="also write each loop body here")
     ap.add_argument("--no-x86", action="store_true")
+    ap.add_argument("--no-aarch64", action="store_true")
     args = ap.parse_args()
     if not shutil.which(MCA):
         sys.exit(f"{MCA} not found: apt-get install llvm-22")
-    print("## aarch64 (llvm-mca; A57 = the Cortex-A57 model cortex-a72/-a76 fall back to)\n")
-    asm = build_asm("aarch64-unknown-linux-gnu")
-    rows = measure(asm, AARCH64_KERNELS, "aarch64-linux-gnu", AARCH64_CPUS, args.asm_only)
-    print("\n".join(table(rows, AARCH64_CPUS)))
+    if not args.no_aarch64:
+        print("## aarch64 (llvm-mca; A57 = the Cortex-A57 model cortex-a72/-a76 fall back to)\n")
+        asm = build_asm("aarch64-unknown-linux-gnu")
+        rows = measure(asm, AARCH64_KERNELS, "aarch64-linux-gnu", AARCH64_CPUS, args.asm_only)
+        print("\n".join(table(rows, AARCH64_CPUS)))
     if not args.no_x86:
         print("\n## x86_64 (llvm-mca)\n")
         asm = build_asm("x86_64-unknown-linux-gnu")
-        cpus = [("Zen 3 (znver3)", "znver3", ""), ("Zen 4 (znver4)", "znver4", "")]
+        cpus = [
+            ("Zen 3 (znver3)", "znver3", ""),
+            ("Zen 4 (znver4)", "znver4", ""),
+            ("Sapphire Rapids (sapphirerapids)", "sapphirerapids", ""),
+        ]
         rows = measure(asm, X86_KERNELS, "x86_64-unknown-linux-gnu", cpus, args.asm_only)
         print("\n".join(table(rows, cpus)))
 
