@@ -446,6 +446,10 @@ impl Model {
             &bufs.xb[..dim],
             &mut bufs.xq,
         )?;
+        if collective.n_nodes() == 1 && weights.wcls.rows == logits.len() {
+            // one node holding every row: the logits are written in place (no gathering copy)
+            return compute::matmul(pool, &weights.wcls, xin, 1, logits);
+        }
         compute::matmul(pool, &weights.wcls, xin, 1, &mut bufs.logits_local)?;
         collective.gather_logits(&bufs.logits_local, logits)
     }
