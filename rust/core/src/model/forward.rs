@@ -73,7 +73,7 @@ struct Buffers {
     proj: Vec<f32>,         // (batch, dim) partial output of wo / w2
     h1: Vec<f32>,           // (batch, hidden_local) gate, then silu(gate) * up
     h3: Vec<f32>,           // (batch, hidden_local) up
-    logits_local: Vec<f32>, // (vocab_local)
+    logits_local: Vec<f32>, // (vocab_local) before gathering; empty on a node alone
     fused: Vec<f32>,        // (batch, max(q_local + 2 kv_local, 2 hidden_local)) fused matmul out
     router: Vec<f32>,       // (batch, n_experts) router logits, then probabilities (MoE)
     ye: Vec<f32>,           // (batch · n_active, dim) each picked expert's outputs (MoE)
@@ -134,6 +134,12 @@ impl Model {
         let rope = RopeTable::new(cfg.rope, seq)?;
         let pool = ThreadPool::new(nthreads)?;
         let xq_cols = cfg.dim.max(q_local).max(hid);
+        // a node alone writes its logits in place (`classify`)
+        let logits_local = if slice.n_nodes == 1 {
+            0
+        } else {
+            slice.vocab.len()
+        };
         let bufs = Buffers {
             xb: vec![0.0; b * cfg.dim],
             xq: vec![BlockQ80::default(); b * xq_cols.div_ceil(QK)],
@@ -144,7 +150,7 @@ impl Model {
             proj: vec![0.0; b * cfg.dim],
             h1: vec![0.0; b * hid],
             h3: vec![0.0; b * hid],
-            logits_local: vec![0.0; slice.vocab.len()],
+            logits_local: vec![0.0; logits_local],
             fused: vec![0.0; b * (q_local + 2 * kv_local).max(2 * hid)],
             router: vec![0.0; cfg.moe.map_or(0, |m| b * m.n_experts)],
             ye: vec![0.0; cfg.moe.map_or(0, |m| b * m.n_active * cfg.dim)],
@@ -431,6 +437,7 @@ impl Model {
     fn classify(&mut self, x: &[f32], collective: &mut dyn Collective) -> Result<()> {
         let Model {
             cfg,
+            slice,
             weights,
             bufs,
             pool,
@@ -446,8 +453,8 @@ impl Model {
             &bufs.xb[..dim],
             &mut bufs.xq,
         )?;
-        if collective.n_nodes() == 1 && weights.wcls.rows == logits.len() {
-            // one node holding every row: the logits are written in place (no gathering copy)
+        if slice.n_nodes == 1 && collective.n_nodes() == 1 {
+            // a node alone holds every row: the logits are written in place, nothing to gather
             return compute::matmul(pool, &weights.wcls, xin, 1, logits);
         }
         compute::matmul(pool, &weights.wcls, xin, 1, &mut bufs.logits_local)?;
