@@ -126,6 +126,12 @@ def instructions(lines: list[str]) -> list[str]:
     return out
 
 
+def mnemonic(line: str) -> str:
+    """An instruction line's mnemonic, past an encoding prefix such as `{vex}`."""
+    words = line.split()
+    return words[1] if words[0].startswith("{") else words[0]
+
+
 @dataclass
 class Loop:
     body: list[str]  # instruction lines, label to backward branch inclusive
@@ -241,13 +247,12 @@ def measure(
             continue
         for name in names:
             for k, loop in enumerate(innermost_loops(funcs[name])):
-                # the mnemonic, past an encoding prefix such as `{vex}`
-                mnems = [ln.split()[1 if ln.split()[0].startswith("{") else 0] for ln in loop.body]
+                mnems = [mnemonic(ln) for ln in loop.body]
                 n_sig = sum(1 for m in mnems if re.fullmatch(sig, m))
                 if n_sig == 0:
                     continue
                 calls = [
-                    ln.split()[-1] for ln in loop.body if ln.split()[0] in ("bl", "call", "callq")
+                    ln.split()[-1] for ln in loop.body if mnemonic(ln) in ("bl", "call", "callq")
                 ]
                 if per_block == 0:  # an elementwise loop: elements per iteration / 32
                     blocks = _elements_per_iter(loop.body) / 32

@@ -546,9 +546,9 @@ unsafe fn expand8_high_in_place(v: __m256i, m4: __m256i) -> (__m256i, __m256i) {
 /// One step of the 8 rows' integer dot products of a packed cell with an input block: `lo`,
 /// `hi` = the cell's vector V_q expanded (`expand8_nibbles`), `xl`, `xh` = input bytes
 /// 4q..4q+4 and 16+4q..16+4q+4 broadcast; `s` partial sums (from `init8_maddubs`, finished
-/// by `dot8_maddubs`). With `vpmaddubsw`: 8 · 2 products of at most 15 · 128 summed in i16 over the 4 steps stay below 32768, so
-/// one accumulator holds them all (`s[1]` stays 0; with 4 groups per pass the registers
-/// then suffice).
+/// by `dot8_maddubs`). With `vpmaddubsw`: 8 · 2 products of at most 15 · 128 summed in i16
+/// over the 4 steps stay below 32768, so one accumulator holds them all (`s[1]` stays 0;
+/// with 4 groups per pass the registers then suffice).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn step8_maddubs(s: &mut [__m256i; 2], lo: __m256i, hi: __m256i, xl: __m256i, xh: __m256i) {
