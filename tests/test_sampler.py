@@ -66,6 +66,23 @@ def test_bad_logits() -> None:
         Sampler(1.0).sample(np.array([0.0, np.nan], dtype=np.float32))
     with pytest.raises(ValueError, match="1-D"):
         Sampler(0.0).sample(np.zeros((2, 2), dtype=np.float32))
+    # one bad value anywhere, at either temperature, greedy or not
+    for bad in (np.nan, np.inf, -np.inf):
+        for t in (0.0, 0.7):
+            for at in (0, 4, 9):
+                z = np.linspace(-3, 3, 10, dtype=np.float32)
+                z[at] = bad
+                with pytest.raises(ValueError, match="NaN or infinity"):
+                    Sampler(t).sample(z)
+
+
+def test_greedy_takes_the_first_maximum_with_and_without_penalties() -> None:
+    z = np.array([1.0, 5.0, -2.0, 5.0, 4.9], dtype=np.float32)
+    s = Sampler(0.0, repetition_penalty=1.5)
+    assert s.sample(z) == 1  # nothing seen yet: the logits as they are, first of the tie
+    s.accept(1)
+    assert s.sample(z) == 3  # 5.0 / 1.5 for token 1 now
+    assert Sampler(0.0, logit_bias={4: 0.2}).sample(z) == 4
 
 
 def test_top_p_candidates_filter_changes_nothing() -> None:

@@ -140,6 +140,15 @@ class Sampler:
         self._seen.add(token)
         self._generated[token] += 1
 
+    def _unchanged(self) -> bool:
+        """Whether steps 1-3 leave every logit as it is (no bias, no penalty in effect)."""
+        p = self.params
+        return (
+            not p.logit_bias
+            and (p.repetition_penalty == 1.0 or not self._seen)
+            and (not (p.presence_penalty or p.frequency_penalty) or not self._generated)
+        )
+
     def processed_logits(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """The logits after the bias and the penalties (steps 1-3), in float64."""
         p = self.params
@@ -171,10 +180,15 @@ class Sampler:
         for the penalties to see it (``generate`` does)."""
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError(f"logits must be a non-empty 1-D array, got shape {logits.shape}")
-        if not np.all(np.isfinite(logits)):
+        # all finite iff the least and the greatest are (a NaN propagates to both): two
+        # reductions, no temporary array of the vocabulary's size
+        if not (np.isfinite(logits.min()) and np.isfinite(logits.max())):
             raise ValueError("logits contain NaN or infinity")
         p_ = self.params
         if p_.temperature == 0.0:
+            if self._unchanged():
+                # float32 -> float64 is exact and keeps the order: the same first maximum
+                return int(np.argmax(logits))
             return int(np.argmax(self.processed_logits(logits)))
         p = self.probabilities(logits)
         u = float(self._rng.random())

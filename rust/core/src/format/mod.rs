@@ -22,6 +22,7 @@ pub use tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::kernels::block::{self, BlockQ40, BlockQ80, QK};
+use half::{f16, slice::HalfFloatSliceExt};
 
 /// How the numbers of a tensor are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -211,15 +212,20 @@ pub fn quantize_into(x: &[f32], ft: FloatType, out: &mut [u8]) -> Result<()> {
 /// ggml's rule: halves away from zero), not as the converter rounds weights: what the nodes of
 /// a cluster send each other. The other types encode as in a file.
 pub fn quantize_activations_into(x: &[f32], ft: FloatType, out: &mut [u8]) -> Result<()> {
-    encode_into(x, ft, out, block::quantize_q80)
+    // the active SIMD kernel: bit-identical to `block::quantize_q80` (kernel tests)
+    let kernels = crate::kernels::Kernels::get();
+    encode_into(x, ft, out, |x, b| kernels.quantize_q80(x, b))
 }
+
+/// Values a batch of the F16 and Q80 codecs converts at once (on the stack).
+const BATCH: usize = 64 * QK;
 
 /// The one encoder; `q80` is the rounding rule of Q80 blocks (weights or activations).
 fn encode_into(
     x: &[f32],
     ft: FloatType,
     out: &mut [u8],
-    q80: fn(&[f32], &mut [BlockQ80]),
+    q80: impl Fn(&[f32], &mut [BlockQ80]),
 ) -> Result<()> {
     let nbytes = ft.bytes_for(x.len() as u64)? as usize;
     if out.len() != nbytes {
@@ -236,8 +242,15 @@ fn encode_into(
             }
         }
         FloatType::F16 => {
-            for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&block::f32_to_f16(*v).to_le_bytes());
+            // a batch at a time through `half`'s slice conversion (F16C / NEON where present,
+            // the same rounding as one value at a time)
+            let mut h = [f16::ZERO; BATCH];
+            for (xs, os) in x.chunks(BATCH).zip(out.chunks_mut(2 * BATCH)) {
+                let h = &mut h[..xs.len()];
+                h.convert_from_f32_slice(xs);
+                for (v, o) in h.iter().zip(os.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&v.to_bits().to_le_bytes());
+                }
             }
         }
         FloatType::Q40 => {
@@ -249,12 +262,15 @@ fn encode_into(
             }
         }
         FloatType::Q80 => {
-            let mut b = [BlockQ80::default()];
-            for (xb, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
-                q80(xb, &mut b);
-                o[..2].copy_from_slice(&b[0].d.to_le_bytes());
-                for (dst, q) in o[2..].iter_mut().zip(b[0].qs) {
-                    *dst = q as u8;
+            let mut b = [BlockQ80::default(); BATCH / QK];
+            for (xs, os) in x.chunks(BATCH).zip(out.chunks_mut(BATCH / QK * 34)) {
+                let b = &mut b[..xs.len() / QK];
+                q80(xs, b);
+                for (blk, o) in b.iter().zip(os.chunks_exact_mut(34)) {
+                    o[..2].copy_from_slice(&blk.d.to_le_bytes());
+                    for (dst, &q) in o[2..].iter_mut().zip(&blk.qs) {
+                        *dst = q as u8;
+                    }
                 }
             }
         }
@@ -293,8 +309,13 @@ pub fn dequantize_into(data: &[u8], ft: FloatType, out: &mut [f32]) -> Result<()
             }
         }
         FloatType::F16 => {
-            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
-                *o = block::f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            let mut h = [f16::ZERO; BATCH];
+            for (os, bs) in out.chunks_mut(BATCH).zip(data.chunks(2 * BATCH)) {
+                let h = &mut h[..os.len()];
+                for (v, b) in h.iter_mut().zip(bs.chunks_exact(2)) {
+                    *v = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+                h.convert_to_f32_slice(os);
             }
         }
         FloatType::Q40 => {

@@ -127,6 +127,56 @@ mod tests {
     }
 
     #[test]
+    fn batched_codecs_equal_one_value_at_a_time() {
+        use crate::kernels::block::{f16_to_f32, f32_to_f16};
+        // 150 blocks: two whole batches of the codec and a partial one; f16 edge values
+        // (overflow, the largest finite, a tie, subnormals, signed zero) and Q80 halves
+        let mut x: Vec<f32> = (0..150 * 32)
+            .map(|i| ((i * 7919 % 4001) as f32 - 2000.0) * 0.013)
+            .collect();
+        let edges = [
+            65520.0,
+            65504.0,
+            1.0 + 2f32.powi(-11),
+            1e-7,
+            -3e-8,
+            -0.0,
+            2.5,
+            -4.5,
+        ];
+        x[..edges.len()].copy_from_slice(&edges);
+        x[100 * 32] = 127.0; // the block of a batch-crossing index: its halves are exact
+        x[100 * 32 + 1] = 2.5;
+        let mut got = Vec::new();
+        F16.encode(&x, &mut got).unwrap();
+        let want: Vec<u8> = x
+            .iter()
+            .flat_map(|&v| f32_to_f16(v).to_le_bytes())
+            .collect();
+        assert_eq!(got, want);
+        got.clear();
+        Q80.encode(&x, &mut got).unwrap();
+        let mut blocks = vec![BlockQ80::default(); 150];
+        quantize_q80(&x, &mut blocks);
+        let want: Vec<u8> = blocks
+            .iter()
+            .flat_map(|b| b.d.to_le_bytes().into_iter().chain(b.qs.map(|q| q as u8)))
+            .collect();
+        assert_eq!(got, want);
+        // every f16 bit pattern decodes as one at a time (NaN as NaN)
+        let bits: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let mut y = vec![0.0f32; 1 << 16];
+        F16.decode(&bits, &mut y).unwrap();
+        for (b, v) in (0..=u16::MAX).zip(&y) {
+            let w = f16_to_f32(b);
+            assert!(
+                v.to_bits() == w.to_bits() || (v.is_nan() && w.is_nan()),
+                "{b:#x}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_wrong_sizes() {
         let mut y = vec![0.0; 32];
         assert!(Q80.decode(&[0u8; 33], &mut y).is_err());
