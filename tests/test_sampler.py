@@ -97,8 +97,12 @@ def test_top_p_candidates_filter_changes_nothing() -> None:
         return int(order[min(i, last - 1)])
 
     rng = np.random.default_rng(5)
-    for trial in range(200):
-        logits = (rng.normal(size=500) * rng.uniform(0.5, 5)).astype(np.float32)
+    for trial in range(300):
+        n = (500, 5000)[trial % 2]
+        logits = (rng.normal(size=n) * rng.uniform(0.5, 5)).astype(np.float32)
+        if trial % 3 == 0:
+            # coarse logits: ties everywhere, also where the sampler's partial sort cuts
+            logits = np.round(logits * 2) / 2
         topp = float(rng.uniform(0.05, 0.99))
         s = Sampler(temperature=0.9, top_p=topp, seed=trial)
         u = float(np.random.default_rng(trial).random())  # the sampler's first draw

@@ -111,6 +111,10 @@ class Sampler:
         #: tokens of the prompt (repetition penalty only) and generated (all penalties)
         self._seen: set[int] = set()
         self._generated: Counter[int] = Counter()
+        #: float64 work arrays of the vocabulary's size, reused from step to step: a fresh
+        #: array of a 150k vocabulary is a fresh mapping, and its page faults cost more than
+        #: the arithmetic
+        self._work: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
 
     @classmethod
     def from_params(cls, p: SamplingParams, vocab_size: int | None = None) -> Sampler:
@@ -149,10 +153,22 @@ class Sampler:
             and (not (p.presence_penalty or p.frequency_penalty) or not self._generated)
         )
 
-    def processed_logits(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """The logits after the bias and the penalties (steps 1-3), in float64."""
+    def _buffers(self, n: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        if self._work is None or self._work[0].size != n:
+            self._work = (np.empty(n, np.float64), np.empty(n, np.float64))
+        return self._work
+
+    def processed_logits(
+        self, logits: npt.NDArray[np.float32], out: npt.NDArray[np.float64] | None = None
+    ) -> npt.NDArray[np.float64]:
+        """The logits after the bias and the penalties (steps 1-3), in float64 (into
+        ``out`` when given)."""
         p = self.params
-        z = logits.astype(np.float64)
+        if out is None:
+            z = logits.astype(np.float64)
+        else:
+            z = out
+            np.copyto(z, logits)
         for tok, bias in p.logit_bias.items():
             if tok < z.size:
                 z[tok] += bias
@@ -170,10 +186,18 @@ class Sampler:
 
     def probabilities(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """Softmax of the processed logits over the temperature (temperature > 0)."""
-        z = self.processed_logits(logits) / self.params.temperature
+        return self._probabilities(logits, np.empty(logits.size, np.float64))
+
+    def _probabilities(
+        self, logits: npt.NDArray[np.float32], out: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """:meth:`probabilities` computed in ``out``, operation for operation."""
+        z = self.processed_logits(logits, out)
+        np.divide(z, self.params.temperature, out=z)
         z -= z.max()
-        e = np.exp(z)
-        return e / e.sum()  # type: ignore[no-any-return]
+        np.exp(z, out=z)
+        np.divide(z, z.sum(), out=z)
+        return z
 
     def sample(self, logits: npt.NDArray[np.float32]) -> int:
         """The next token id for these logits (1-D, vocab_size); call :meth:`accept` with it
@@ -190,25 +214,29 @@ class Sampler:
                 # float32 -> float64 is exact and keeps the order: the same first maximum
                 return int(np.argmax(logits))
             return int(np.argmax(self.processed_logits(logits)))
-        p = self.probabilities(logits)
+        work, spare = self._buffers(logits.size)
+        p = self._probabilities(logits, work)
         u = float(self._rng.random())
         n = p.size
         truncate = 0.0 < p_.top_p < 1.0 or 0 < p_.top_k < n or p_.min_p > 0.0
         if not truncate or n == 1:
-            i = int(np.searchsorted(np.cumsum(p), u, side="right"))
+            i = int(np.searchsorted(np.cumsum(p, out=spare), u, side="right"))
             return min(i, n - 1)
         # candidates, most likely first. Only tokens with p >= (1 - top_p) / (n - 1) can be in
         # the nucleus (the others together hold less than 1 - top_p), so only those are sorted
+        nucleus = 0.0 < p_.top_p < 1.0
         if 0 < p_.top_k < n:
-            cand = np.argpartition(-p, p_.top_k - 1)[: p_.top_k]
-        elif 0.0 < p_.top_p < 1.0:
+            cand = np.argpartition(np.negative(p, out=spare), p_.top_k - 1)[: p_.top_k]
+            order = cand[np.argsort(-p[cand], kind="stable")]
+        elif nucleus:
             cand = np.flatnonzero(p >= (1.0 - p_.top_p) / (n - 1))
+            order = _nucleus_order(p, cand, p_.top_p)
         else:
             cand = np.flatnonzero(p >= p_.min_p * p.max())
-        order = cand[np.argsort(-p[cand], kind="stable")]
+            order = cand[np.argsort(-p[cand], kind="stable")]
         kept = p[order]
         last = kept.size
-        if 0.0 < p_.top_p < 1.0:
+        if nucleus:
             # the smallest prefix whose mass reaches top_p (of what top_k left, renormalised)
             mass = kept.sum() if 0 < p_.top_k < n else 1.0
             last = min(int(np.searchsorted(np.cumsum(kept), p_.top_p * mass)) + 1, last)
@@ -217,6 +245,32 @@ class Sampler:
         kept = kept[:last]
         i = int(np.searchsorted(np.cumsum(kept), u * kept.sum(), side="right"))
         return int(order[min(i, last - 1)])
+
+
+def _nucleus_order(
+    p: npt.NDArray[np.float64], cand: npt.NDArray[np.intp], top_p: float
+) -> npt.NDArray[np.intp]:
+    """The first entries of ``cand[np.argsort(-p[cand], kind="stable")]`` (candidates
+    ascending, most likely first, ties by index), as many as hold the nucleus of mass
+    ``top_p``: the m most likely are found by partition (m = 64, then 4 times more while
+    their mass falls short) and only they are sorted. Ties at the m-th probability keep
+    the lowest indices, as the stable sort does, so the prefix is the full sort's."""
+    pc = p[cand]
+    m = 64
+    while m < cand.size:
+        v = np.partition(pc, cand.size - m)[cand.size - m]  # the m-th largest
+        above = pc > v
+        tied = np.flatnonzero(pc == v)[: m - int(np.count_nonzero(above))]
+        above[tied] = True
+        top = cand[above]  # ascending, as cand
+        order: npt.NDArray[np.intp] = top[np.argsort(-p[top], kind="stable")]
+        # the prefix holds the nucleus when its mass reaches top_p before its end
+        cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+        if cut <= order.size:
+            return order
+        m *= 4
+    full: npt.NDArray[np.intp] = cand[np.argsort(-pc, kind="stable")]
+    return full
 
 
 def logprobs(
