@@ -12,7 +12,8 @@ TinyLlama 1.1B: 2048, 5632, 22 layers, 32 heads, 4 KV heads) the script
    `dllama._core.read_bandwidth` (AVX2 loads over 4 or 8 interleaved streams per thread,
    with and without prefetch, the fastest kept, in a buffer allocated as the packed weights,
    transparent huge pages where the system allows),
-4. times dllama (`dllama._core.Node.forward`, one token at a time after a short prompt):
+4. times dllama (`dllama._core.Node.forward`, one token at a time after a short prompt, the
+   logits written into one array as `dllama run` does):
    median ms/token over --tokens generated tokens, at each thread count,
 5. times llama.cpp on the GGUF through the `xllamacpp` wheel (its own timing of the generated
    tokens: mean ms/token over the same number of tokens), at each thread count,
@@ -244,14 +245,16 @@ def time_dllama(path: Path, nthreads: int, tokens: int) -> tuple[float, float, s
     """(median ms/token, prefill ms/token of a 16-token prompt, kernel path, bytes/token)."""
     node = _core.Node(str(path), nthreads=nthreads, max_seq_len=256)
     prompt = [(i * 7919) % node.vocab_size for i in range(16)]
+    # the logits land in one array every step, as in `Generator.generate`
+    out = np.empty(node.vocab_size, np.float32)
     t0 = time.perf_counter()
-    logits = node.forward(prompt, 0)
+    logits = node.forward(prompt, 0, out)
     prefill = (time.perf_counter() - t0) * 1000 / len(prompt)
     times = []
     for i in range(tokens + 2):
         tok = int(np.argmax(logits))
         t0 = time.perf_counter()
-        logits = node.forward([tok], len(prompt) + i)
+        logits = node.forward([tok], len(prompt) + i, out)
         times.append((time.perf_counter() - t0) * 1000)
     info = (node.kernels, node.weight_bytes_per_token)
     del node

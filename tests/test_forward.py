@@ -159,6 +159,34 @@ def test_bad_calls_raise_value_error(tmp_path: Path) -> None:
     assert node.forward([1, 2, 3], 0).shape == (128,)
 
 
+def test_forward_into_out(tmp_path: Path) -> None:
+    """`out` receives the logits a fresh array would hold; a wrong `out` is refused before
+    the step runs (the KV cache is left as it was)."""
+    model = random_llama(seed=6, max_pos=32)
+    path = tmp_path / "m.m"
+    write_m(model, path, "q40", 0)
+    a, b = _core.Node(str(path), nthreads=2), _core.Node(str(path), nthreads=2)
+    out = np.full(128, np.nan, np.float32)
+    for pos, toks in [(0, [1, 2, 3]), (3, [7]), (4, [9])]:
+        want = a.forward(toks, pos)
+        got = b.forward(toks, pos, out)
+        assert got is out
+        np.testing.assert_array_equal(out, want)
+    for bad, match in [
+        (np.zeros(127, np.float32), "127 values, the logits are 128"),
+        (np.zeros(256, np.float32)[::2], "contiguous"),
+        (np.zeros(128, np.float32), "not writeable|readonly|read-only"),
+    ]:
+        if "contiguous" not in match and bad.size == 128:
+            bad.flags.writeable = False
+        with pytest.raises(ValueError, match=match):
+            b.forward([5], 5, bad)
+    with pytest.raises(TypeError):
+        b.forward([5], 5, np.zeros(128, np.float64))  # type: ignore[arg-type]
+    # nothing ran: position 5 follows position 4 as on the other node
+    np.testing.assert_array_equal(b.forward([5], 5, out), a.forward([5], 5))
+
+
 def test_node_info(tmp_path: Path) -> None:
     model = random_llama(seed=4, heads=4, kv_heads=2, max_pos=8192)
     path = tmp_path / "m.m"

@@ -25,6 +25,8 @@ from collections.abc import Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dllama import _core
 from dllama.sampler import MAX_TOP_LOGPROBS, Sampler, SamplingParams, logprobs
 from dllama.tokenizer import Tokenizer
@@ -277,7 +279,9 @@ class LLM:
         cached = min(cached, len(tokens) - 1)
         self._cached = tokens[:cached]
         t0 = time.perf_counter()
-        logits = self.node.forward(tokens[cached:], cached)[: self.vocab_size]
+        # every step's logits land in this one array (no fresh array per token)
+        out = np.empty(self.node.vocab_size, np.float32)
+        logits = self.node.forward(tokens[cached:], cached, out)[: self.vocab_size]
         prompt_ms = (time.perf_counter() - t0) * 1000
         self._cached = list(tokens)
         pos = len(tokens)
@@ -323,7 +327,7 @@ class LLM:
                     stop_reason = "max_seq_len"
                     break
                 step_start = time.perf_counter()
-                logits = self.node.forward([token], pos)[: self.vocab_size]
+                logits = self.node.forward([token], pos, out)[: self.vocab_size]
                 self._cached.append(token)
                 inference_ms = self.node.last_inference_ms
                 transfer_ms, sent, recv = self._net_stats()

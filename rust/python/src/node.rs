@@ -6,7 +6,7 @@ use std::time::Instant;
 use dllama_core::format::FloatType;
 use dllama_core::model::{load, BufferType, Collective, Local, Model};
 use dllama_core::net::{start_root, RootCollective, Timeouts};
-use numpy::PyArray1;
+use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -107,13 +107,33 @@ impl PyNode {
         })
     }
 
-    /// Run `tokens` at positions `pos, pos + 1, ...`; the float32 logits of the last token.
+    /// Run `tokens` at positions `pos, pos + 1, ...`; the float32 logits of the last token,
+    /// in a new array, or written into `out` (a writable contiguous float32 array of
+    /// `vocab_size` values, checked before any work) and returned: a generation loop that
+    /// passes the same array each step allocates nothing per token.
+    #[pyo3(signature = (tokens, pos, out=None))]
     fn forward<'py>(
         &mut self,
         py: Python<'py>,
         tokens: Vec<i64>,
         pos: i64,
+        out: Option<Bound<'py, PyArray1<f32>>>,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        if let Some(a) = &out {
+            let n = self.model.logits.len();
+            let mut rw = a
+                .try_readwrite()
+                .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+            let len = rw
+                .as_slice_mut()
+                .map_err(|_| PyValueError::new_err("out must be a contiguous float32 array"))?
+                .len();
+            if len != n {
+                return Err(PyValueError::new_err(format!(
+                    "out holds {len} values, the logits are {n}"
+                )));
+            }
+        }
         // tokens and position are checked once, in the core, before any work
         let (model, peers) = (&mut self.model, &mut self.peers);
         let ms = py
@@ -133,7 +153,21 @@ impl PyNode {
             self.last_sent_bytes = s.sent;
             self.last_recv_bytes = s.received;
         }
-        Ok(PyArray1::from_slice(py, &self.model.logits))
+        match out {
+            Some(a) => {
+                {
+                    let mut rw = a
+                        .try_readwrite()
+                        .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+                    let s = rw.as_slice_mut().map_err(|_| {
+                        PyValueError::new_err("out must be a contiguous float32 array")
+                    })?;
+                    s.copy_from_slice(&self.model.logits);
+                }
+                Ok(a)
+            }
+            None => Ok(PyArray1::from_slice(py, &self.model.logits)),
+        }
     }
 
     /// Wall time of the last `forward`, ms.
