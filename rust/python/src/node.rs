@@ -121,18 +121,12 @@ impl PyNode {
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         if let Some(a) = &out {
             let n = self.model.logits.len();
-            let mut rw = a
-                .try_readwrite()
-                .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-            let len = rw
-                .as_slice_mut()
-                .map_err(|_| PyValueError::new_err("out must be a contiguous float32 array"))?
-                .len();
-            if len != n {
-                return Err(PyValueError::new_err(format!(
+            with_out(a, |s| match s.len() {
+                len if len == n => Ok(()),
+                len => Err(PyValueError::new_err(format!(
                     "out holds {len} values, the logits are {n}"
-                )));
-            }
+                ))),
+            })?;
         }
         // tokens and position are checked once, in the core, before any work
         let (model, peers) = (&mut self.model, &mut self.peers);
@@ -155,15 +149,10 @@ impl PyNode {
         }
         match out {
             Some(a) => {
-                {
-                    let mut rw = a
-                        .try_readwrite()
-                        .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-                    let s = rw.as_slice_mut().map_err(|_| {
-                        PyValueError::new_err("out must be a contiguous float32 array")
-                    })?;
+                with_out(&a, |s| {
                     s.copy_from_slice(&self.model.logits);
-                }
+                    Ok(())
+                })?;
                 Ok(a)
             }
             None => Ok(PyArray1::from_slice(py, &self.model.logits)),
@@ -273,6 +262,21 @@ impl PyNode {
             self.nthreads
         )
     }
+}
+
+/// `f` on the values of `forward`'s `out`, borrowed writable: a ValueError when it is
+/// read-only, borrowed elsewhere, or not contiguous.
+fn with_out<R>(
+    a: &Bound<'_, PyArray1<f32>>,
+    f: impl FnOnce(&mut [f32]) -> PyResult<R>,
+) -> PyResult<R> {
+    let mut rw = a
+        .try_readwrite()
+        .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+    let s = rw
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be a contiguous float32 array"))?;
+    f(s)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
