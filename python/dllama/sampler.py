@@ -227,13 +227,12 @@ class Sampler:
         nucleus = 0.0 < p_.top_p < 1.0
         if 0 < p_.top_k < n:
             cand = np.argpartition(np.negative(p, out=spare), p_.top_k - 1)[: p_.top_k]
-            order = cand[np.argsort(-p[cand], kind="stable")]
+            order = _most_likely_first(p, cand)
         elif nucleus:
             cand = np.flatnonzero(p >= (1.0 - p_.top_p) / (n - 1))
             order = _nucleus_order(p, cand, p_.top_p)
         else:
-            cand = np.flatnonzero(p >= p_.min_p * p.max())
-            order = cand[np.argsort(-p[cand], kind="stable")]
+            order = _most_likely_first(p, np.flatnonzero(p >= p_.min_p * p.max()))
         kept = p[order]
         last = kept.size
         if nucleus:
@@ -245,6 +244,14 @@ class Sampler:
         kept = kept[:last]
         i = int(np.searchsorted(np.cumsum(kept), u * kept.sum(), side="right"))
         return int(order[min(i, last - 1)])
+
+
+def _most_likely_first(
+    p: npt.NDArray[np.float64], cand: npt.NDArray[np.intp]
+) -> npt.NDArray[np.intp]:
+    """``cand`` ordered by probability, most likely first, equal ones kept in their order."""
+    order: npt.NDArray[np.intp] = cand[np.argsort(-p[cand], kind="stable")]
+    return order
 
 
 def _nucleus_order(
@@ -262,15 +269,13 @@ def _nucleus_order(
         above = pc > v
         tied = np.flatnonzero(pc == v)[: m - int(np.count_nonzero(above))]
         above[tied] = True
-        top = cand[above]  # ascending, as cand
-        order: npt.NDArray[np.intp] = top[np.argsort(-p[top], kind="stable")]
+        order = _most_likely_first(p, cand[above])  # cand[above] ascending, as cand
         # the prefix holds the nucleus when its mass reaches top_p before its end
         cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
         if cut <= order.size:
             return order
         m *= 4
-    full: npt.NDArray[np.intp] = cand[np.argsort(-pc, kind="stable")]
-    return full
+    return _most_likely_first(p, cand)
 
 
 def logprobs(
