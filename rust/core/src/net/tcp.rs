@@ -22,22 +22,41 @@ pub struct Conn {
     timeout: Duration,
     /// When set, every read also ends by then (a handshake's or a message's deadline).
     deadline: Option<Instant>,
-    /// How long a read polls the socket without sleeping before it blocks (see `spin_time`).
+    /// How long a read polls the socket before it blocks (see `spin_time`).
     spin: Duration,
 }
 
-/// How long a read keeps polling before it blocks: `$DLLAMA_NET_SPIN_US` microseconds,
-/// default 200. Waking a thread blocked in `read` costs tens to hundreds of microseconds on a
-/// busy machine, paid twice per layer; polling for a short while first catches most replies,
-/// which come within a layer's compute time. 0 disables it.
+/// How long a read stays awake polling the socket before it blocks: `$DLLAMA_NET_SPIN_US`
+/// microseconds, default 2000 (0: block at once). The first `PURE_SPIN` of it is a busy poll;
+/// after that every empty poll yields the core (`yield_now`), so that on a machine with more
+/// runnable threads than cores the peer or the pool gets it first. Waking a thread blocked in
+/// `read` costs tens to hundreds of microseconds on a busy machine, and a node waits twice a
+/// layer for its peers, which are seldom in step within 200 µs: root + 1 worker on loopback
+/// (the 8-layer Qwen3-MoE, 1 thread each, medians of 4 alternating runs), 20.4 ms a token
+/// awake 200 µs, 19.6–19.9 ms awake 2 ms (benchmarks/README.md).
 pub fn spin_time() -> Duration {
     static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *SPIN.get_or_init(|| {
         let us = std::env::var("DLLAMA_NET_SPIN_US")
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
-        Duration::from_micros(us.unwrap_or(200))
+        Duration::from_micros(us.unwrap_or(2000))
     })
+}
+
+/// The first part of `spin_time`, polled without yielding: the short waits (a peer a few
+/// microseconds behind) cost no system call beyond the polls.
+const PURE_SPIN: Duration = Duration::from_micros(200);
+
+/// Between two empty polls `waited` into a read's awake time: spin, or yield the core once the
+/// pure spin is over.
+#[inline]
+fn pause(waited: Duration) {
+    if waited < PURE_SPIN {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
 }
 
 impl Conn {
@@ -223,7 +242,7 @@ impl Conn {
                 continue;
             }
             if now - start < self.spin {
-                std::hint::spin_loop();
+                pause(now - start);
                 continue;
             }
             let left = self.timeout.saturating_sub(now - last_progress);
@@ -265,13 +284,16 @@ impl Conn {
     #[cfg(unix)]
     fn spin_read(&mut self, buf: &mut [u8], start: Instant, what: &str) -> Result<usize> {
         let mut done = 0;
-        while done < buf.len() && start.elapsed() < self.spin {
+        loop {
+            let waited = start.elapsed();
+            if done == buf.len() || waited >= self.spin {
+                return Ok(done);
+            }
             match self.recv_some(&mut buf[done..], what)? {
-                0 => std::hint::spin_loop(),
+                0 => pause(waited),
                 n => done += n,
             }
         }
-        Ok(done)
     }
 
     #[cfg(not(unix))]
