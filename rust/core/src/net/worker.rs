@@ -77,22 +77,27 @@ pub struct WorkerCollective<'a> {
     n_nodes: usize,
     buffers: Wire,
     vectors: Wire,
+    bufs: &'a mut WireBuffers,
+}
+
+/// A worker's encoded messages and decoding scratch, kept from step to step: a step's logits
+/// alone take hundreds of KB, which allocated afresh each step come back as new pages.
+#[derive(Default)]
+pub struct WireBuffers {
     out: Vec<u8>,
     recv: Vec<u8>,
     scratch: Vec<f32>,
 }
 
 impl<'a> WorkerCollective<'a> {
-    pub fn new(conn: &'a mut Conn, setup: &Setup) -> Self {
+    pub fn new(conn: &'a mut Conn, setup: &Setup, bufs: &'a mut WireBuffers) -> Self {
         WorkerCollective {
             conn,
             node_index: setup.node_index as usize,
             n_nodes: setup.n_nodes as usize,
             buffers: Wire::for_buffers(setup.buffer_type),
             vectors: Wire::for_vectors(setup.buffer_type),
-            out: Vec::new(),
-            recv: Vec::new(),
-            scratch: Vec::new(),
+            bufs,
         }
     }
 }
@@ -105,26 +110,27 @@ impl Collective for WorkerCollective<'_> {
         self.n_nodes
     }
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()> {
-        self.out.clear();
-        self.buffers.encode(x, &mut self.out)?;
-        self.recv.resize(self.out.len(), 0);
+        let WireBuffers { out, recv, scratch } = &mut *self.bufs;
+        out.clear();
+        self.buffers.encode(x, out)?;
+        recv.resize(out.len(), 0);
         if self.n_nodes == 2 {
             // both nodes send their partial at once and add the two (see the root's side)
-            self.conn
-                .exchange(&self.out, &mut self.recv, "partial sums")?;
+            self.conn.exchange(out, recv, "partial sums")?;
             if !self.buffers.is_exact() {
-                self.buffers.decode(&self.out, x)?;
+                self.buffers.decode(out, x)?;
             }
-            return self.buffers.decode_add(&self.recv, x, &mut self.scratch);
+            return self.buffers.decode_add(recv, x, scratch);
         }
-        self.conn.write_all(&self.out, "our partial sums")?;
-        self.conn.read_exact(&mut self.recv, "the summed buffer")?;
-        self.buffers.decode(&self.recv, x)
+        self.conn.write_all(out, "our partial sums")?;
+        self.conn.read_exact(recv, "the summed buffer")?;
+        self.buffers.decode(recv, x)
     }
     fn gather_logits(&mut self, local: &[f32], _out: &mut [f32]) -> Result<()> {
-        self.out.clear();
-        self.vectors.encode(local, &mut self.out)?;
-        self.conn.write_all(&self.out, "our logits")
+        let out = &mut self.bufs.out;
+        out.clear();
+        self.vectors.encode(local, out)?;
+        self.conn.write_all(out, "our logits")
     }
 }
 
@@ -489,6 +495,8 @@ fn run_steps(
     let vectors = Wire::for_vectors(setup.buffer_type);
     let max_tokens = (setup.max_seq_len as usize).clamp(1, model.max_seq_len().max(1));
     let mut x: Vec<f32> = Vec::new();
+    let mut input: Vec<u8> = Vec::new();
+    let mut wire_bufs = WireBuffers::default();
     loop {
         conn.set_timeout(t.idle)?;
         let (kind, len) = read_frame_header(
@@ -500,13 +508,13 @@ fn run_steps(
         match kind {
             Kind::Stop => return Ok(()),
             Kind::Step => {
-                let mut p = vec![0u8; len];
-                conn.read_exact(&mut p, "the step input")?;
-                let (step, input) = StepHeader::decode(&p, max_tokens)?;
+                input.resize(len, 0);
+                conn.read_exact(&mut input, "the step input")?;
+                let (step, values) = StepHeader::decode(&input, max_tokens)?;
                 let (pos, n_tokens) = (step.pos as usize, step.n_tokens as usize);
                 x.resize(n_tokens * dim, 0.0);
-                vectors.decode(input, &mut x)?;
-                let mut coll = WorkerCollective::new(conn, setup);
+                vectors.decode(values, &mut x)?;
+                let mut coll = WorkerCollective::new(conn, setup, &mut wire_bufs);
                 model.forward(&mut x, pos, &mut coll)?;
                 *steps += 1;
             }
