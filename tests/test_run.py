@@ -121,6 +121,38 @@ def test_seed_makes_sampling_reproducible(smol: tuple[Path, Path]) -> None:
 
 
 @needs_smollm2
+def test_a_long_prefill_runs_in_slices_and_can_be_cancelled(smol: tuple[Path, Path]) -> None:
+    from dllama.generate import PREFILL_SLICE
+    from dllama.sampler import logprobs
+
+    model, tok = smol
+    llm = LLM(model, tok, nthreads=2)
+    prompt = llm.encode("The river flows past the old mill, and the miller counts. " * 60)
+    assert 2 * PREFILL_SLICE < len(prompt) < llm.node.max_seq_len - 8
+    # cancelled after the first slice: nothing generated, that slice stays in the KV cache
+    asked: list[int] = []
+
+    def cancel() -> bool:
+        asked.append(1)
+        return True
+
+    assert list(llm.generate(prompt, 4, temperature=0.0, cancel=cancel)) == []
+    s = llm.last_summary
+    assert s is not None and s.stop_reason == "cancelled" and s.generated_tokens == 0
+    assert len(asked) == 1
+    # the same prompt again: the slice is reused, the rest runs in slices, and the first
+    # token's logits are those of the whole prompt in one forward pass
+    pieces = list(llm.generate(prompt, 4, temperature=0.0, top_logprobs=0, cancel=lambda: False))
+    s = llm.last_summary
+    assert s is not None and s.cached_tokens == PREFILL_SLICE and s.generated_tokens == 4
+    alone = LLM(model, tok, nthreads=2)
+    logits = alone.node.forward(prompt, 0)[: alone.vocab_size]
+    first = int(np.argmax(logits))
+    assert pieces[0].token == first
+    assert pieces[0].logprob == pytest.approx(logprobs(logits, first, 0)[0], abs=1e-6)
+
+
+@needs_smollm2
 def test_stats_lines_and_summary(smol: tuple[Path, Path]) -> None:
     model, tok = smol
     r = dllama_model(

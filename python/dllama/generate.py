@@ -21,7 +21,7 @@ are built on this API.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +30,11 @@ import numpy as np
 from dllama import _core
 from dllama.sampler import MAX_TOP_LOGPROBS, Sampler, SamplingParams, logprobs
 from dllama.tokenizer import Tokenizer
+
+#: Prompt tokens per forward pass of a prefill (a multiple of the core's batch of 32, so the
+#: result is the same as in one pass): between two, ``generate`` asks its ``cancel`` callback
+#: whether to go on, so a long prompt can be abandoned (a server's client gone, its time up).
+PREFILL_SLICE = 256
 
 
 class StopStrings:
@@ -236,6 +241,7 @@ class LLM:
         stop_tokens: Iterable[int] = (),
         top_logprobs: int | None = None,
         parse_special: bool = False,
+        cancel: Callable[[], bool] | None = None,
     ) -> Generator[Piece, None, None]:
         """Generate up to ``steps`` tokens after ``prompt`` (text, or token ids), one
         :class:`Piece` at a time.
@@ -243,8 +249,9 @@ class LLM:
         ``sampling`` (all the sampler's options) replaces ``temperature``, ``topp`` and
         ``seed``; ``stop``: strings that end the text (not included); ``stop_tokens``: ids that
         end it besides the end-of-sequence ones (a chat template's end of turn);
-        ``top_logprobs``: give each piece its log-probability and that many alternatives.
-        After the iterator ends, ``self.last_summary`` holds the totals.
+        ``top_logprobs``: give each piece its log-probability and that many alternatives;
+        ``cancel``: asked between the prefill's slices of ``PREFILL_SLICE`` tokens, True ends
+        the call before its first piece (stop reason "cancelled"). After the iterator ends, ``self.last_summary`` holds the totals.
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -274,14 +281,25 @@ class LLM:
         self.last_summary = None
 
         # prefill: the prompt's tokens after the longest prefix already in the KV cache (at
-        # least its last token, whose logits give the first generated one), in one call
+        # least its last token, whose logits give the first generated one), in slices
         cached = _common_prefix(self._cached, tokens)
         cached = min(cached, len(tokens) - 1)
-        self._cached = tokens[:cached]
         t0 = time.perf_counter()
         # every step's logits land in this one array (no fresh array per token)
         out = np.empty(self.node.vocab_size, np.float32)
-        logits = self.node.forward(tokens[cached:], cached, out)[: self.vocab_size]
+        done = cached
+        while True:
+            end = min(done + PREFILL_SLICE, len(tokens))
+            self._cached = tokens[:done]  # all the cache holds if this pass fails
+            logits = self.node.forward(tokens[done:end], done, out)[: self.vocab_size]
+            done = end
+            if done == len(tokens):
+                break
+            if cancel is not None and cancel():
+                self._cached = tokens[:done]
+                prompt_ms = (time.perf_counter() - t0) * 1000
+                self.last_summary = Summary(len(tokens), prompt_ms, 0, 0, 0.0, "cancelled", cached)
+                return
         prompt_ms = (time.perf_counter() - t0) * 1000
         self._cached = list(tokens)
         pos = len(tokens)

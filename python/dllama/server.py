@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dllama import __version__
@@ -55,7 +55,7 @@ class _Request(BaseModel):
     """The sampling fields both endpoints take (OpenAI's, and top_k, min_p,
     repetition_penalty as vLLM and llama.cpp's server take them)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -69,7 +69,7 @@ class _Request(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     max_tokens: int | None = Field(None, ge=1)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
     user: str | None = None
@@ -166,6 +166,12 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: set when the engine takes the job off the queue
+    started: bool = False
+
+    def stop_now(self) -> bool:
+        """Whether the engine should drop the job: its client went away or its time is up."""
+        return self.cancelled.is_set() or time.monotonic() > self.deadline
 
     def post(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -229,8 +235,9 @@ class Engine:
             if job.cancelled.is_set():
                 continue
             if time.monotonic() > job.deadline:
-                job.post("error", ApiError(504, "timed out waiting in the queue", "timeout"))
+                job.post("error", _timed_out(job))
                 continue
+            job.started = True
             self._busy = True
             t0 = time.monotonic()
             try:
@@ -250,13 +257,10 @@ class Engine:
             stop=job.stop,
             stop_tokens=self.template.end_of_turn_ids,
             top_logprobs=job.top_logprobs,
+            cancel=job.stop_now,  # between the slices of a long prompt's prefill
         )
-        timed_out = False
         for piece in pieces:
-            if job.cancelled.is_set():
-                break
-            if time.monotonic() > job.deadline:
-                timed_out = True
+            if job.stop_now():
                 break
             job.post("piece", piece)
         pieces.close()
@@ -265,10 +269,17 @@ class Engine:
             self.requests += 1
             self.prompt_tokens += summary.prompt_tokens
             self.cached_tokens += summary.cached_tokens
-        if timed_out:
-            job.post("error", ApiError(504, "the request timed out", "timeout"))
+        if summary is None or summary.stop_reason == "cancelled":
+            job.post("error", _timed_out(job))
         else:
             job.post("done", summary)
+
+
+def _timed_out(job: Job) -> ApiError:
+    """The error of a job whose time ran out (in the queue, or running)."""
+    if job.started:
+        return ApiError(504, "the request timed out", "timeout")
+    return ApiError(504, "timed out waiting in the queue", "timeout")
 
 
 # ------------------------------------------------------------------------ middleware -----
@@ -297,25 +308,36 @@ class BodyLimit:
                 if declared > self.max_bytes:
                     await too_big.response()(scope, receive, send)
                     return
+        # the whole body is read here, before the app sees it: a body sent in chunks that
+        # grows past the limit gets the same 413 (and the app, not a half-read stream)
+        parts: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away before its body was in
+            body = msg.get("body", b"")
+            seen += len(body)
+            if seen > self.max_bytes:
+                await too_big.response()(scope, receive, send)
+                return
+            parts.append(body)
+            if not msg.get("more_body", False):
+                break
+        whole: Message | None = {
+            "type": "http.request",
+            "body": b"".join(parts),
+            "more_body": False,
+        }
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await too_big.response()(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal whole
+            if whole is not None:
+                msg, whole = whole, None
+                return msg
+            return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 # ----------------------------------------------------------------------------- app -----
@@ -331,9 +353,43 @@ class ServerConfig:
     timeout_s: float = 600.0
 
 
+def _text(s: str, param: str) -> str:
+    """``s``, checked to be Unicode text (JSON can carry lone UTF-16 surrogates, which no
+    tokenizer can encode)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400,
+            f"{param}: holds a lone UTF-16 surrogate (U+{ord(s[e.start]):04X} at {e.start}), "
+            "which is not Unicode text",
+            param=param,
+            code="invalid_value",
+        ) from None
+    return s
+
+
 def _param_of(loc: Any) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    # pydantic names the member of a union it tried ("str", "list[TextPart]"): not a field
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _union_member(p))]
     return ".".join(parts) or None
+
+
+def _union_member(p: str) -> bool:
+    return "[" in p or p in ("str", "int", "float", "bool")
+
+
+def _most_telling(errs: Sequence[Any]) -> dict[str, Any]:
+    """The error to report of a request's validation errors: a union (``stop``: a string or
+    a list) fails once per member, and the member of the input's own type says what is wrong
+    (a list too long), where the others only say it is not of their type."""
+    if not errs:
+        return {}
+    for e in errs:
+        t = str(e.get("type", ""))
+        if not t.endswith(("_type", "_parsing")):
+            return dict(e)
+    return dict(errs[0])
 
 
 def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
@@ -352,7 +408,10 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
-        first = errs[0] if errs else {}
+        if errs and errs[0].get("type") == "json_invalid":
+            first = dict(errs[0])
+        else:
+            first = _most_telling(errs)
         if first.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
             return ApiError(400, msg.rstrip(": "), code="invalid_json").response()
@@ -386,12 +445,14 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
     auth = [Depends(authorized)]
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route(
+        "/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False
+    )
     async def page() -> HTMLResponse:
         html = resources.files("dllama").joinpath("web/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -411,6 +472,17 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                 {"id": cfg.model_name, "object": "model", "created": created, "owned_by": "dllama"}
             ],
         }
+
+    @app.get("/v1/models/{model_id}", dependencies=auth)
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != cfg.model_name:
+            raise ApiError(
+                404,
+                f"the model {model_id!r} does not exist: this server runs {cfg.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return {"id": cfg.model_name, "object": "model", "created": created, "owned_by": "dllama"}
 
     def prompt_param(req: _Request) -> str:
         return "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -454,8 +526,11 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                     code="invalid_value",
                 )
             bias[tok] = v
+        # top_p 0 keeps only the most likely token, as in OpenAI's API (the sampler's own 0,
+        # as llama2.c's, means no cut at all)
+        greedy = req.top_p == 0
         sampling = SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
+            temperature=0.0 if greedy else 1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
             min_p=req.min_p or 0.0,
@@ -470,6 +545,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        for s in stop:
+            _text(s, "stop")
         room = limit - len(prompt)
         return Job(
             prompt=prompt,
@@ -516,8 +593,15 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         """The job's events; cancels it when the client goes away or the caller stops."""
         try:
             while True:
+                # the deadline holds even while the engine is busy elsewhere (another job, a
+                # long prefill): the engine drops the job at its next look (`Job.stop_now`)
+                left = job.deadline - time.monotonic()
+                if left <= 0 and job.events.empty():
+                    raise _timed_out(job)
                 try:
-                    kind, value = await asyncio.wait_for(job.events.get(), 0.5)
+                    kind, value = await asyncio.wait_for(
+                        job.events.get(), min(0.5, max(left, 0.01))
+                    )
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
@@ -574,14 +658,35 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [
+            {"role": m.role, "content": _text(m.text(), f"messages.{i}.content")}
+            for i, m in enumerate(req.messages)
+        ]
         for m in messages:
             if m["role"] == "developer":
                 m["role"] = "system"
+        extra = req.chat_template_kwargs or {}
+        for k, v in extra.items():
+            if k in ChatTemplate.VARIABLES:
+                raise ApiError(
+                    400,
+                    f"chat_template_kwargs: {k!r} is set by the server, not by the request",
+                    param="chat_template_kwargs",
+                    code="invalid_value",
+                )
+            if isinstance(v, str):
+                _text(v, f"chat_template_kwargs.{k}")
         try:
-            prompt = engine.template.encode(messages, True, **(req.chat_template_kwargs or {}))
+            prompt = engine.template.encode(messages, True, **extra)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(
+                400,
+                "top_logprobs needs logprobs: true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         top = (req.top_logprobs or 0) if req.logprobs else None
         job = job_for(
             req,
@@ -650,7 +755,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                 raise ApiError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
         else:
             text = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
-            prompt = tok.encode(text, parse_special=True)
+            prompt = tok.encode(_text(text, "prompt"), parse_special=True)
         job = job_for(req, prompt, req.max_tokens or 16, req.logprobs, asyncio.get_running_loop())
         start(job)
         base = {
@@ -663,12 +768,15 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
         def completion_logprobs(ps: list[Piece], offset: int) -> dict[str, Any]:
             ps = [p for p in ps if p.logprob is not None]
+            tokens = [token_text(p.token)[0] for p in ps]
+            # each token's place in the text its tokens spell (as OpenAI counts: the pieces'
+            # own texts, not what the stop-string matcher let through at that step)
             offsets = []
-            for p in ps:
+            for t in tokens:
                 offsets.append(offset)
-                offset += len(p.text)
+                offset += len(t)
             return {
-                "tokens": [token_text(p.token)[0] for p in ps],
+                "tokens": tokens,
                 "token_logprobs": [p.logprob for p in ps],
                 "top_logprobs": [
                     {token_text(t)[0]: lp for t, lp in (p.top_logprobs or ())} for p in ps
@@ -683,7 +791,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                 lp = None
                 if p is not None and p.logprob is not None:
                     lp = completion_logprobs([p], offset[0])
-                offset[0] += len(text)
+                    offset[0] += len(lp["tokens"][0])
                 return {
                     **base,
                     "choices": [
@@ -713,6 +821,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             }
         )
 
+    # the body limit inside CORS, so that a browser also reads a 413 (its CORS headers)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -722,5 +832,4 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["authorization", "content-type"],
         )
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     return app
