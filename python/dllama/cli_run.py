@@ -49,8 +49,16 @@ TokenizerPath = Annotated[
     typer.Option("--tokenizer", "-t", help="Tokenizer (.t or SentencePiece .model)."),
 ]
 
+#: the most threads a node's pool takes
+MAX_THREADS = 1024
+
 NThreads = Annotated[
-    int, typer.Option(min=1, help="Threads for the matmuls (default: this machine's cores).")
+    int,
+    typer.Option(
+        min=1,
+        max=MAX_THREADS,
+        help=f"Threads for the matmuls, 1 to {MAX_THREADS} (default: this machine's cores).",
+    ),
 ]
 
 BufferFloatType = Annotated[
@@ -59,7 +67,12 @@ BufferFloatType = Annotated[
 ]
 
 MaxSeqLen = Annotated[
-    int, typer.Option(min=0, help="KV cache length; 0 = the model's, capped at 4096.")
+    int,
+    typer.Option(
+        min=0,
+        max=2**31 - 1,
+        help="KV cache length; 0 = the model's, capped at 4096 (and never more than the model's).",
+    ),
 ]
 
 WeightsFloatType = Annotated[
@@ -150,6 +163,9 @@ def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
         except models.NoModelError as e:
             _err(str(e))
             raise typer.Exit(2) from None
+        except OSError as e:  # the cache cannot be written
+            _err(str(e))
+            raise typer.Exit(1) from None
         if tokenizer is None:
             tokenizer = default_tok
     if tokenizer is None:
@@ -277,6 +293,8 @@ def run(
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): click ends quietly
     except (ValueError, OSError) as e:
         _err(str(e))
         raise typer.Exit(1) from None

@@ -32,7 +32,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every interface, the LAN).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 9990,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 9990,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -88,11 +88,13 @@ def serve(
         ("--max-queue", max_queue, 1),
         ("--max-body", max_body, 1024),
         ("--max-tokens-limit", max_tokens_limit, 1),
-        ("--port", port, 0),
     ]:
         if value < low:
             _err(f"{name} must be at least {low}, got {value}")
             raise typer.Exit(2)
+    if not 0 <= port <= 65535:
+        _err(f"--port {port} is not a TCP port (1-65535, or 0 for any free one)")
+        raise typer.Exit(2)
     if not timeout > 0:
         _err(f"--timeout must be > 0, got {timeout}")
         raise typer.Exit(2)
@@ -106,6 +108,17 @@ def serve(
     except ImportError as e:
         _err(f"dllama serve needs fastapi and uvicorn ({e}): pip install fastapi uvicorn")
         raise typer.Exit(2) from None
+    # listen first: a port in use or a bad address fails before the model loads, and the
+    # address announced below is the one bound (the real port of --port 0)
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        _err(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        raise typer.Exit(1) from None
+    port = sock.getsockname()[1]
     llm = load_llm(locals())
     try:
         template = ChatTemplate(llm.tokenizer, chat_template)
@@ -130,10 +143,12 @@ def serve(
         f"{', API key required' if api_key else ''})",
         err=True,
     )
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.close()
+        sock.close()
 
 
 def register(app: typer.Typer) -> None:

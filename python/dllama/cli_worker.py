@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from dllama import _core
-from dllama.cli_run import CORES, parse_size, warn_threads
+from dllama.cli_run import CORES, MAX_THREADS, parse_size, warn_threads
 
 
 def serve_worker(
@@ -17,7 +17,10 @@ def serve_worker(
     nthreads: Annotated[
         int,
         typer.Option(
-            min=1, help="Threads for this worker's slice (default: this machine's cores)."
+            min=1,
+            max=MAX_THREADS,
+            help=f"Threads for this worker's slice, 1 to {MAX_THREADS} (default: this machine's "
+            "cores).",
         ),
     ] = CORES,
     model: Annotated[

