@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from assets import mistral_sp_model
-from cluster_utils import Workers, write_random_model
+from cluster_utils import Worker, Workers, write_random_model
 from forward_utils import smollm2_gguf
 from serve_utils import Server
 
@@ -345,6 +345,22 @@ def test_serve_with_workers(random_model: tuple[Path, Path]) -> None:
             )
             assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
             assert r.usage.completion_tokens == 8
+            # the worker dies: 503 and an unhealthy /health, until it is back; then the next
+            # request reconnects and the cluster serves as before
+            port = ws.items[0].port
+            ws.items[0].stop()
+            hello = {"prompt": "Hello", "temperature": 0, "max_tokens": 8}
+            down = httpx.post(s.url + "/v1/completions", json=hello, timeout=120)
+            assert down.status_code == 503, down.text
+            assert down.json()["error"]["code"] == "cluster_down"
+            health = httpx.get(s.url + "/health", timeout=30)
+            assert health.status_code == 503 and health.json()["status"] == "cluster_down"
+            still = httpx.post(s.url + "/v1/completions", json=hello, timeout=120)
+            assert still.status_code == 503 and "reconnecting failed" in still.text
+            ws.items[0] = Worker(port=port)
+            back = c.completions.create(model="x", prompt="Hello", temperature=0, max_tokens=8)
+            assert back.choices[0].text == r.choices[0].text
+            assert httpx.get(s.url + "/health", timeout=30).json()["status"] == "ok"
     # one machine alone gives the same greedy text
     with Server("-m", str(model), "-t", str(tok), "--nthreads", "2") as s:
         alone = client(s).completions.create(model="x", prompt="Hello", temperature=0, max_tokens=8)

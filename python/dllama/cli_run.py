@@ -145,6 +145,21 @@ def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
     one-line error and exit on failure. `options` are the command's own parameters (its
     ``locals()``), which declare `model`, `tokenizer` and the load options under these names,
     so that every command forwards all of them."""
+    return start_llm(llm_args(options, progress=progress))
+
+
+def start_llm(args: Mapping[str, Any]) -> LLM:
+    """`LLM(**args)`; a one-line error and exit on failure."""
+    try:
+        return LLM(**args)
+    except (ValueError, OSError) as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+
+
+def llm_args(options: Mapping[str, Any], *, progress: bool = True) -> dict[str, Any]:
+    """The arguments of `LLM` for a command's `options` (see `load_llm`), the default model
+    converted first if needed; a one-line error and exit on a bad option."""
     model: Path | None = options["model"]
     tokenizer: Path | None = options["tokenizer"]
     nthreads: int = options["nthreads"]
@@ -171,22 +186,18 @@ def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
     if tokenizer is None:
         _err("--tokenizer is required with --model (a .t file or a SentencePiece .model)")
         raise typer.Exit(2)
-    try:
-        return LLM(
-            model,
-            tokenizer,
-            nthreads=nthreads,
-            buffer_float_type=options["buffer_float_type"].value,
-            max_seq_len=options["max_seq_len"],
-            weights_float_type=options["weights_float_type"],
-            workers=options["workers"] or None,
-            secret=options["secret"],
-            ready_timeout=options["ready_timeout"],
-            max_memory=budget,
-        )
-    except (ValueError, OSError) as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "nthreads": nthreads,
+        "buffer_float_type": options["buffer_float_type"].value,
+        "max_seq_len": options["max_seq_len"],
+        "weights_float_type": options["weights_float_type"],
+        "workers": options["workers"] or None,
+        "secret": options["secret"],
+        "ready_timeout": options["ready_timeout"],
+        "max_memory": budget,
+    }
 
 
 def model_line(llm: LLM) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import typer
@@ -21,9 +22,11 @@ from dllama.cli_run import (
     WeightsFloatType,
     Workers,
     _err,
-    load_llm,
+    llm_args,
     model_line,
+    start_llm,
 )
+from dllama.generate import LLM
 
 
 def serve(
@@ -119,14 +122,17 @@ def serve(
         _err(f"cannot listen on {host}:{port}: {e.strerror or e}")
         raise typer.Exit(1) from None
     port = sock.getsockname()[1]
-    llm = load_llm(locals())
+    args = llm_args(locals())
+    llm = start_llm(args)
     try:
         template = ChatTemplate(llm.tokenizer, chat_template)
     except ValueError as e:
         _err(str(e))
         raise typer.Exit(2) from None
     name = model_name or (model.stem if model else "smollm2-135m-instruct")
-    engine = Engine(llm, template, max_queue=max_queue)
+    # a cluster's root loads again (reconnects) after losing a node, at the next request
+    reload = functools.partial(LLM, **args) if workers else None
+    engine = Engine(llm, template, max_queue=max_queue, reload=reload)
     cfg = ServerConfig(
         model_name=name,
         api_key=api_key,

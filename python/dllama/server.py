@@ -178,10 +178,24 @@ class Job:
 
 
 class Engine:
-    """The model's only user: a thread that runs the queued jobs one after the other."""
+    """The model's only user: a thread that runs the queued jobs one after the other.
 
-    def __init__(self, llm: LLM, template: ChatTemplate, max_queue: int = 16) -> None:
+    With ``reload`` (how the model was loaded: a cluster's root), a cluster that loses a node
+    is not the end of the server: the request gets 503, /health says the cluster is down, and
+    the next request loads the model again (the workers reconnected, their slices shipped
+    again if they have no copy of their own), or gets 503 while a node is still away."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        template: ChatTemplate,
+        max_queue: int = 16,
+        reload: Callable[[], LLM] | None = None,
+    ) -> None:
         self.llm = llm
+        self.reload = reload
+        #: why the model cannot run (its cluster lost a node), until a reload succeeds
+        self.down: str | None = None
         self.template = template
         # read once: the node is busy (mutably borrowed) in the engine thread while it runs a
         # forward pass, so the request handlers must not touch it
@@ -241,12 +255,42 @@ class Engine:
             self._busy = True
             t0 = time.monotonic()
             try:
-                self._generate(job)
+                if self.down is None or self._revive():
+                    self._generate(job)
+                else:
+                    job.post("error", self._down_error())
+            except OSError as e:  # dllama._core.ProtocolError and every socket error
+                if self.reload is None:
+                    raise
+                # a node of the cluster went away (its process, its machine, the network)
+                self.down = str(e)
+                job.post("error", self._down_error())
             except Exception as e:  # noqa: BLE001 - the request gets the error, the server lives
                 job.post("error", ApiError(500, f"generation failed: {e}", "server_error"))
             finally:
                 self._busy = False
                 self._recent_s = [*self._recent_s[-9:], time.monotonic() - t0]
+
+    def _revive(self) -> bool:
+        """Load the model again after its cluster went down; whether it worked."""
+        assert self.reload is not None
+        del self.llm  # the old root's memory and sockets go first
+        try:
+            self.llm = self.reload()
+        except Exception as e:  # noqa: BLE001 - said by the request's 503 and /health
+            self.down = f"{self.down}; reconnecting failed: {e}"
+            self.llm = _Gone()  # type: ignore[assignment]
+            return False
+        self.down = None
+        return True
+
+    def _down_error(self) -> ApiError:
+        return ApiError(
+            503,
+            f"the cluster is down: {self.down} (the next request tries to reconnect)",
+            "server_error",
+            code="cluster_down",
+        )
 
     def _generate(self, job: Job) -> None:
         llm = self.llm
@@ -273,6 +317,10 @@ class Engine:
             job.post("error", _timed_out(job))
         else:
             job.post("done", summary)
+
+
+class _Gone:
+    """Stands for a model that could not be loaded again (see `Engine._revive`)."""
 
 
 def _timed_out(job: Job) -> ApiError:
@@ -453,9 +501,9 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         return HTMLResponse(html)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        body: dict[str, Any] = {
+            "status": "ok" if engine.down is None else "cluster_down",
             "model": cfg.model_name,
             "busy": engine.busy,
             "queued": engine.queued,
@@ -463,6 +511,9 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             "prompt_tokens": engine.prompt_tokens,
             "cached_prompt_tokens": engine.cached_tokens,
         }
+        if engine.down is not None:
+            body["error"] = engine.down
+        return JSONResponse(body, status_code=200 if engine.down is None else 503)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:

@@ -281,25 +281,38 @@ fn a_slow_loris_handshake_is_dropped_within_the_handshake_deadline() {
 }
 
 #[test]
-fn connections_beyond_the_pre_auth_cap_are_refused_at_once() {
+fn silent_connections_filling_the_pre_auth_slots_do_not_keep_a_root_out() {
     use dllama_core::net::worker::MAX_UNAUTHENTICATED;
     let w = TestWorker::start(FakeFactory::plain(1), None);
-    // idle connections that never send the preamble hold their handshake slot
-    let idle: Vec<TcpStream> = (0..MAX_UNAUTHENTICATED)
+    // idle connections that never send the preamble hold every handshake slot
+    let mut idle: Vec<TcpStream> = (0..MAX_UNAUTHENTICATED)
         .map(|_| TcpStream::connect(&w.addr).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(300)); // accepted and counted
-    let mut extra = TcpStream::connect(&w.addr).unwrap();
-    let (kind, reason) = raw_frame(&mut extra);
-    assert_eq!(kind, Kind::Refuse as u8);
-    assert!(
-        String::from_utf8_lossy(&reason).contains("too many connections"),
-        "{reason:?}"
-    );
-    drop(idle);
-    // the slots free as the idle ones go (or time out): a real root is served again
-    std::thread::sleep(Duration::from_millis(300));
+                                                    // a real root is served (once refused: "too many connections"): the connection that
+                                                    // waited longest made room
     still_serves(&w);
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let got = idle[0].read(&mut byte);
+    assert!(
+        matches!(got, Ok(0)) || got.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the oldest idle connection is still open"
+    );
+    // the others are still waiting (a later one was not dropped instead)
+    idle[MAX_UNAUTHENTICATED - 1]
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let got = idle[MAX_UNAUTHENTICATED - 1].read(&mut byte);
+    assert!(
+        got.is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "the newest idle connection was dropped"
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! which model), weights (mapped from the worker's own copy or shipped by the root), `Ready`,
 //! then steps until the root sends `Stop` or goes away; then the worker listens again.
 
+use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::net::{TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -149,24 +150,37 @@ struct Shared<'a> {
     stopping: AtomicBool,
     /// Connections that have not yet proven themselves (handshake not done).
     unauthenticated: AtomicUsize,
+    /// Those connections, oldest first (the one dropped to make room for a new one).
+    pending: Mutex<VecDeque<(u64, TcpStream)>>,
 }
 
-/// Most connections in their handshake at once; more are refused at once (each holds a thread
-/// and up to a control frame of memory).
+/// Most connections in their handshake at once (each holds a thread and up to a control frame
+/// of memory). When a new one comes beyond it, the one that has waited longest is dropped to
+/// make room: a root's handshake takes milliseconds, so connections that stay silent cannot
+/// keep it out. Past twice as many (the dropped ones take a moment to end) a new one is
+/// refused at once.
 pub const MAX_UNAUTHENTICATED: usize = 16;
 
-/// Counts a connection as unauthenticated until dropped or `done()`.
-struct PreAuth<'a>(Option<&'a AtomicUsize>);
+/// Counts connection `id` as unauthenticated until dropped or `done()`.
+struct PreAuth<'s, 'a> {
+    shared: Option<&'s Shared<'a>>,
+    id: u64,
+}
 
-impl PreAuth<'_> {
+impl PreAuth<'_, '_> {
     fn done(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.fetch_sub(1, Ordering::Relaxed);
+        if let Some(s) = self.shared.take() {
+            s.unauthenticated.fetch_sub(1, Ordering::Relaxed);
+            lock(&s.pending).retain(|(i, _)| *i != self.id);
         }
     }
 }
 
-impl Drop for PreAuth<'_> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for PreAuth<'_, '_> {
     fn drop(&mut self) {
         self.done();
     }
@@ -193,6 +207,7 @@ pub fn serve(
         next_id: AtomicU64::new(0),
         stopping: AtomicBool::new(false),
         unauthenticated: AtomicUsize::new(0),
+        pending: Mutex::new(VecDeque::new()),
     };
     let result = std::thread::scope(|scope| -> Result<()> {
         let r = loop {
@@ -201,8 +216,8 @@ pub fn serve(
             }
             match listener.accept() {
                 Ok((stream, addr)) => {
-                    if shared.unauthenticated.fetch_add(1, Ordering::Relaxed) >= MAX_UNAUTHENTICATED
-                    {
+                    let waiting = shared.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                    if waiting >= 2 * MAX_UNAUTHENTICATED {
                         shared.unauthenticated.fetch_sub(1, Ordering::Relaxed);
                         refuse_at_once(
                             stream,
@@ -210,19 +225,28 @@ pub fn serve(
                         );
                         continue;
                     }
+                    if waiting >= MAX_UNAUTHENTICATED {
+                        // make room: the connection that has waited longest goes (its thread
+                        // ends at once, and with it its count)
+                        if let Some((_, oldest)) = lock(&shared.pending).pop_front() {
+                            let _ = oldest.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
                     let _ = stream.set_nonblocking(false);
                     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                     if let Ok(clone) = stream.try_clone() {
-                        shared
-                            .open
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((id, clone));
+                        lock(&shared.open).push((id, clone));
+                    }
+                    if let Ok(clone) = stream.try_clone() {
+                        lock(&shared.pending).push_back((id, clone));
                     }
                     let shared = &shared;
                     scope.spawn(move || {
                         let peer = format!("root {addr}");
-                        let pre = PreAuth(Some(&shared.unauthenticated));
+                        let pre = PreAuth {
+                            shared: Some(shared),
+                            id,
+                        };
                         let r =
                             catch_unwind(AssertUnwindSafe(|| handle(shared, stream, &peer, pre)));
                         match r {
@@ -283,7 +307,7 @@ fn handle(
     shared: &Shared<'_>,
     stream: TcpStream,
     peer: &str,
-    mut unauthenticated: PreAuth<'_>,
+    mut unauthenticated: PreAuth<'_, '_>,
 ) -> Result<()> {
     let t = shared.opts.timeouts;
     let mut conn = Conn::new(stream, peer.to_string(), t.handshake)?;
