@@ -139,7 +139,7 @@ def test_context_overflow(smol: tuple[Path, Path]) -> None:
     tpl = ChatTemplate(small.tokenizer)
     greedy = SamplingParams(temperature=0.0)
     stop = Chat(small, tpl, sampling=greedy, overflow="stop")
-    with pytest.raises(ContextFullError, match="more than the context of 96"):
+    with pytest.raises(ContextFullError, match="more than the context of 96: write a shorter"):
         list(stop.say("word " * 120, Turn()))
     assert stop.messages == []
     turn = Turn()
@@ -151,7 +151,7 @@ def test_context_overflow(smol: tuple[Path, Path]) -> None:
     for q in ["Tell me about cats.", "And dogs?", "And birds?", "And fish?"]:
         t = Turn()
         list(shift.say(q, t))
-        dropped += t.dropped_messages
+        dropped += t.dropped_exchanges
         assert not t.context_full
     assert dropped > 0 and shift.messages[0] == {"role": "system", "content": "Be brief."}
     assert len(tpl.encode(shift.messages)) < 96

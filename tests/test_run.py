@@ -497,6 +497,13 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
             assert args[0] in r.stderr and "Traceback" not in r.stderr, (command, args, r.stderr)
     r = dllama_model("run", model, tok, "-p", "hi", "--stats", "--json")
     assert r.returncode == 2 and "--stats and --json" in r.stderr
+    r = dllama_model("run", model, tok, "-p", "hi", "--logprobs", "2")
+    assert r.returncode == 2 and "--logprobs goes with --json" in r.stderr
+    # a tokenizer path that is a folder; a prompt of bytes that are not UTF-8
+    r = dllama_model("run", model, tmp_path, "-p", "hi")
+    assert r.returncode == 1 and "is not a regular file" in r.stderr, r.stderr
+    r = dllama_model("run", model, tok, "-p", os.fsdecode(b"caf\xe9"))
+    assert r.returncode == 1 and "not valid Unicode at character 3" in r.stderr, r.stderr
     # a port out of range, or taken: said before the model loads
     r = dllama_model("serve", model, tok, "--port", "99999")
     assert r.returncode == 2 and "not a TCP port" in r.stderr and "Traceback" not in r.stderr

@@ -31,7 +31,7 @@ class Turn:
     #: the answer was cut by a full context (overflow "stop")
     context_full: bool = False
     #: turns dropped to make room (overflow "shift")
-    dropped_messages: int = 0
+    dropped_exchanges: int = 0
     interrupted: bool = False
 
     @property
@@ -101,12 +101,18 @@ class Chat:
         while len(prompt) >= limit:
             if self.overflow != "shift" or not self._drop_oldest():
                 self.messages.pop()
+                first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+                if len(self.messages) == first:  # the message alone is too long
+                    raise ContextFullError(
+                        f"this message makes a prompt of {len(prompt)} tokens, more than the "
+                        f"context of {limit}: write a shorter one (or raise --max-seq-len)"
+                    )
                 raise ContextFullError(
                     f"the conversation is {len(prompt)} tokens, more than the context of "
                     f"{limit}: /reset to start over"
                     + ("" if self.overflow == "shift" else " (or --context-overflow shift)")
                 )
-            turn.dropped_messages += 1
+            turn.dropped_exchanges += 1
             prompt = self._prompt()
         answer_ids: list[int] = []
         answer = ""
@@ -143,7 +149,7 @@ class Chat:
                 while len(prompt) + len(answer_ids) > limit // 2 and self._drop_oldest():
                     dropped += 1
                     prompt = self._prompt()
-                turn.dropped_messages += dropped
+                turn.dropped_exchanges += dropped
                 if dropped == 0 or len(prompt) + len(answer_ids) >= limit:
                     turn.context_full = True
                     break

@@ -186,8 +186,12 @@ def chat(
         sys.stdout.flush()
         if turn.interrupted:
             typer.echo("(stopped)", err=True)
-        if turn.dropped_messages:
-            typer.echo(f"(context full: dropped the {turn.dropped_messages} oldest messages)")
+        if turn.dropped_exchanges:
+            n = turn.dropped_exchanges
+            typer.echo(
+                f"(context full: dropped the {'oldest exchange' if n == 1 else f'{n} oldest exchanges'})",
+                err=True,
+            )
         if turn.context_full:
             typer.echo(
                 "(context full: the answer was cut; /reset to start over"

@@ -279,6 +279,9 @@ def run(
     except ValueError as e:
         _err(str(e))
         raise typer.Exit(2) from None
+    if logprobs is not None and not json_out:
+        _err("--logprobs goes with --json (its per-token objects carry them)")
+        raise typer.Exit(2)
     llm = load_llm(locals(), progress=not json_out)
     if not json_out:
         typer.echo(model_line(llm), err=True)

@@ -138,8 +138,10 @@ class Tokenizer:
         """A `.t` file, a SentencePiece `.model` (through sentencepiece), or any source the
         converter reads (tokenizer.json, Llama 3 tiktoken `tokenizer.model`, a GGUF)."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
+        if not path.is_file():
+            raise ValueError(f"tokenizer path {path} is not a regular file")
         with open(path, "rb") as f:
             head = f.read(64)
         if head[:4] == b"GGUF" or head[:1] == b"{" or _TIKTOKEN_LINE.match(head):
@@ -321,6 +323,15 @@ class Tokenizer:
         self, text: str, add_bos: bool | None = None, parse_special: bool = False
     ) -> list[int]:
         """Token ids of `text`; a bos id first when `add_bos` (default: the tokenizer's)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # lone surrogates: bytes that were not UTF-8 (a command line's, kept by Python as
+            # U+DC80..U+DCFF) or a JSON string's unpaired \ud800
+            raise ValueError(
+                f"the text is not valid Unicode at character {e.start} (U+{ord(text[e.start]):04X}): "
+                "not UTF-8 bytes, or half of a surrogate pair"
+            ) from None
         ids: list[int] = []
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id >= 0:
             ids.append(self.bos_id)
