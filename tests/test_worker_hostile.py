@@ -245,6 +245,29 @@ def announce(w: Worker, header: bytes, nbytes: int) -> RawRoot:
     return r
 
 
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (struct.pack("<BI", ROOT_HELLO, (1 << 32) - 1), "more than the 128 allowed"),
+        (frame(SETUP, b"x"), "sent Setup where we expected the root's hello"),
+        (frame(ROOT_HELLO, b"short"), "RootHello"),
+    ],
+)
+def test_a_bad_root_hello_gets_its_reason(
+    worker: Worker, tiny: Path, single_node_tokens: list[int], message: bytes, reason: str
+) -> None:
+    # before: the worker logged the reason and closed; the root saw a bare EOF or a reset
+    r = RawRoot(worker.addr)
+    try:
+        assert r.read_frame()[0] == HELLO
+        r.sock.sendall(message)
+        kind, said = r.read_frame()
+        assert kind == REFUSE and reason in said.decode(), said
+    finally:
+        r.close()
+    assert_serves(worker, tiny, single_node_tokens)
+
+
 def test_a_tensor_frame_announcing_4_gib_is_refused_before_any_allocation(
     worker: Worker, tiny: Path, single_node_tokens: list[int]
 ) -> None:

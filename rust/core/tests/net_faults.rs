@@ -359,3 +359,27 @@ fn a_frame_of_another_kind_is_refused_before_its_body_is_read() {
     w.wait_log("sent Data where we expected the root's hello");
     still_serves(&w);
 }
+
+#[test]
+fn a_step_header_of_no_tokens_or_past_the_cache_is_refused_naming_the_fault() {
+    use dllama_core::net::protocol::StepHeader;
+    let payload = |pos: u32, n: u32| {
+        let mut p = Vec::new();
+        StepHeader { pos, n_tokens: n }.encode_into(&mut p);
+        p
+    };
+    let err = StepHeader::decode(&payload(3, 0), 64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("step of 0 tokens at position 3 (a step holds at least one)"),
+        "{err}"
+    );
+    let err = StepHeader::decode(&payload(60, 5), 64)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exceeds max_seq_len 64"), "{err}");
+    let ok = payload(59, 5);
+    let (h, rest) = StepHeader::decode(&ok, 64).unwrap();
+    assert_eq!((h.pos, h.n_tokens, rest.len()), (59, 5, 0));
+}

@@ -411,7 +411,13 @@ impl StepHeader {
             pos: r.u32("pos")?,
             n_tokens: r.u32("n_tokens")?,
         };
-        if h.n_tokens == 0 || h.pos as u64 + h.n_tokens as u64 > max_tokens as u64 {
+        if h.n_tokens == 0 {
+            return Err(Error::Protocol(format!(
+                "step of 0 tokens at position {} (a step holds at least one)",
+                h.pos
+            )));
+        }
+        if h.pos as u64 + h.n_tokens as u64 > max_tokens as u64 {
             return Err(Error::Protocol(format!(
                 "step of {} tokens at position {} exceeds max_seq_len {max_tokens}",
                 h.n_tokens, h.pos

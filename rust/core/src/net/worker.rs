@@ -340,9 +340,17 @@ fn handle(
         nonce,
     };
     send_frame(&mut conn, Kind::Hello, &hello.encode(), "our hello")?;
-    let rh = expect_frame(&mut conn, Kind::RootHello, 128, "the root's hello")
+    let rh = match expect_frame(&mut conn, Kind::RootHello, 128, "the root's hello")
         .and_then(|p| RootHello::decode(&p))
-        .map_err(|e| Error::Protocol(format!("refused {peer}: {e}")))?;
+    {
+        Ok(rh) => rh,
+        Err(Error::Connection(m)) => return Err(Error::Protocol(format!("refused {peer}: {m}"))),
+        Err(e) => {
+            // a message of the wrong kind or size, or one that does not parse: say why
+            send_refusal(&mut conn, &e.to_string());
+            return Err(Error::Protocol(format!("refused {peer}: {e}")));
+        }
+    };
     let mut ok = Writer::default();
     if let Some(secret) = &shared.opts.secret {
         if rh.proof.is_empty() {
