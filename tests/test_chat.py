@@ -100,6 +100,25 @@ def test_template_is_sandboxed(smol_tok: Tokenizer, tmp_path: Path) -> None:
         ChatTemplate(smol_tok, str(evil)).render(MESSAGES[1:2])
 
 
+def test_a_template_that_cannot_render_a_question_is_refused_when_loaded(
+    smol_tok: Tokenizer, tmp_path: Path
+) -> None:
+    cases = {
+        "syntax.jinja": ("{% if x %}oops", "syntax.jinja: line 1: Unexpected end of template"),
+        "raise.jinja": ('{{ raise_exception("no system role") }}', "raise.jinja: no system role"),
+        "empty.jinja": ("", "empty.jinja renders a question as no text"),
+        "binary.jinja": (b"\x90\xff\x00", "binary.jinja: not UTF-8 text (byte 0)"),
+    }
+    for name, (source, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(source, bytes):
+            path.write_bytes(source)
+        else:
+            path.write_text(source)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ChatTemplate(smol_tok, str(path))
+
+
 def test_run_parses_special_tokens(smol_tok: Tokenizer, smol_ref: Any) -> None:
     prompt = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     want = smol_ref.encode(prompt, add_special_tokens=False)

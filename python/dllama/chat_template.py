@@ -144,11 +144,25 @@ class ChatTemplate:
                     f"--chat-template {template!r} is neither a built-in "
                     f"({', '.join(BUILTIN)}) nor a file"
                 )
-            self.name, source = str(path), path.read_text(encoding="utf-8")
+            try:
+                source = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"chat template {path}: not UTF-8 text (byte {e.start}); a Jinja template "
+                    "file is expected"
+                ) from None
+            self.name = str(path)
         self.source = source
-        self._template = _compile(source)
+        try:
+            self._template = _compile(source)
+        except ValueError as e:
+            raise ValueError(f"chat template {self.name}: {e}") from None
         self.bos_token = _piece(tok, tok.bos_id)
         self.eos_token = _piece(tok, tok.eos_ids[0]) if tok.eos_ids else ""
+        # one question, rendered now: a template that fails on it (a raise_exception, a
+        # variable it needs) fails here, not at the first message of a chat or a server
+        if not self.encode([{"role": "user", "content": "Hi"}]):
+            raise ValueError(f"chat template {self.name} renders a question as no text")
         # the end-of-turn tokens: the known ones this template writes and the vocabulary has
         specials = {p.decode("utf-8", "replace"): i for p, i in tok._specials.items()}
         self.end_of_turn_ids = [specials[t] for t in END_OF_TURN if t in source and t in specials]
@@ -237,4 +251,4 @@ def _compile(source: str) -> Any:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template: {e}") from e
+        raise ValueError(f"line {e.lineno}: {e.message}") from e
