@@ -17,6 +17,7 @@ from convert_fixtures import (
     meta_params,
     write_meta,
 )
+from dllama.convert import convert_model
 from dllama.convert.gguf_file import GGUFError, GGUFFile
 from dllama.convert.gguf_source import GGUFSource
 from dllama.convert.hf import HFSource
@@ -240,9 +241,16 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="not a GGUF file"):
         GGUFSource(notgguf)
     truncated = tmp_path / "t.gguf"
-    truncated.write_bytes(smollm2_gguf().read_bytes()[:2_000_000])
-    with pytest.raises(GGUFError, match="truncated"):
-        GGUFFile(truncated)
+    whole = smollm2_gguf().read_bytes()
+    # cut in the tensor data, in the header's lists, right after the counts: each a truncated
+    # file, not "absurd" lengths
+    for cut in (2_000_000, 5000, 1100, 24):
+        truncated.write_bytes(whole[:cut])
+        with pytest.raises(GGUFError, match="truncated GGUF file|past the end of the file"):
+            GGUFFile(truncated)
+    # converting it with its tokenizer: the model's fault is named, not a missing tokenizer
+    with pytest.raises((ConvertError, GGUFError), match="truncated"):
+        convert_model(truncated, tmp_path / "t.m", tokenizer_out=tmp_path / "t.t", progress=False)
 
 
 def test_meta_llama31_params(tmp_path: Path, checkpoints: Any) -> None:

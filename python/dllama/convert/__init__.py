@@ -131,15 +131,17 @@ def convert_model(
 ) -> ConvertResult:
     """Converts a checkpoint to `out` (and its tokenizer to `tokenizer_out`, if given)."""
     tok_path = None
-    if tokenizer_out is not None:
-        found = find_tokenizer(src)
-        if found is None:
-            raise ConvertError(
-                f"{src}: no tokenizer.json or tokenizer.model found next to the model"
-            )
-        convert_tokenizer(found, tokenizer_out)
-        tok_path = Path(tokenizer_out)
+    # the model's source first: a file that is no model (or a truncated one) says so, rather
+    # than that no tokenizer goes with it
     with open_source(src, max_seq_len) as source:
+        if tokenizer_out is not None:
+            found = find_tokenizer(src)
+            if found is None:
+                raise ConvertError(
+                    f"{src}: no tokenizer.json or tokenizer.model found next to the model"
+                )
+            convert_tokenizer(found, tokenizer_out)
+            tok_path = Path(tokenizer_out)
         stats = write_model(source, out, float_type, progress=progress)
         fields = dict(source.fields)
     return ConvertResult(stats, tok_path, fields)

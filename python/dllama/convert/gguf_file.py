@@ -130,9 +130,21 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.u64()
-        if n > len(self.buf):
-            raise GGUFError(f"{self.path}: absurd string length {n} at offset {self.pos - 8}")
+        self.check_length(n, 1, "a string")
         return self.take(n).decode("utf-8", errors="replace")
+
+    def check_length(self, n: int, size: int, what: str) -> None:
+        """`n` items of `size` bytes at the cursor fit in the file: a length past the end is
+        a truncated file when it is of a plausible size (an array of a large vocabulary, cut
+        short), garbage otherwise."""
+        if n * size <= len(self.buf) - self.pos:
+            return
+        if n < 1 << 32:
+            raise GGUFError(
+                f"{self.path}: truncated GGUF file ({what} of {n} items at offset "
+                f"{self.pos - 8} runs past its end at {len(self.buf)} bytes)"
+            )
+        raise GGUFError(f"{self.path}: absurd length {n} of {what} at offset {self.pos - 8}")
 
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
@@ -143,8 +155,8 @@ class _Cursor:
         if vtype == _ARRAY:
             itype = self.u32()
             n = self.u64()
-            if n > len(self.buf):
-                raise GGUFError(f"{self.path}: absurd array length {n} at offset {self.pos - 8}")
+            # every item takes at least a byte (a string its 8-byte length)
+            self.check_length(n, _SCALARS[itype][1] if itype in _SCALARS else 8, "an array")
             if itype in _NUMPY_SCALARS:
                 size = _SCALARS[itype][1]
                 arr = np.frombuffer(self.take(n * size), dtype=_NUMPY_SCALARS[itype])
@@ -179,8 +191,15 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: unsupported GGUF version {self.version} (2 or 3)")
         n_tensors = cur.u64()
         n_kv = cur.u64()
-        if n_tensors > size or n_kv > size:
+        # a key takes at least 12 bytes (length, type), a tensor's info 24 (name length,
+        # dimensions, type, offset)
+        if n_tensors >= 1 << 32 or n_kv >= 1 << 32:
             raise GGUFError(f"{self.path}: absurd counts ({n_tensors} tensors, {n_kv} keys)")
+        if 12 * n_kv + 24 * n_tensors > size - 24:
+            raise GGUFError(
+                f"{self.path}: truncated GGUF file (its header lists {n_kv} keys and "
+                f"{n_tensors} tensors, more than its {size} bytes hold)"
+            )
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()

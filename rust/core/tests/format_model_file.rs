@@ -277,6 +277,11 @@ fn legacy_size_and_header_errors() {
     match ModelFile::open_legacy(&p, FloatType::Q40) {
         Err(Error::Format(m)) => assert!(m.contains("truncated"), "{m}"),
         other => panic!("{other:?}"),
+    }    // a .m file opened as legacy: its header has the type, the option is for .bin files
+    let (m_path, _) = write_model("legacy-not.m", &h);
+    match ModelFile::open_legacy(&m_path, FloatType::Q40) {
+        Err(Error::Invalid(m)) => assert!(m.contains("only for legacy .bin files"), "{m}"),
+        other => panic!("{other:?}"),
     }
 }
 

@@ -108,6 +108,13 @@ impl ModelFile {
     /// Opens distributed-llama's legacy `.bin` (7 int32 header, no weights type: the caller gives it).
     pub fn open_legacy(path: &Path, weights_float_type: FloatType) -> Result<ModelFile> {
         let map = map_file(path)?;
+        if map.len() >= 4 && map[..4] == super::header::MODEL_MAGIC.to_le_bytes() {
+            return Err(Error::invalid(format!(
+                "{} is a .m model, whose header gives its weights type: the weights float type \
+                 (--weights-float-type) is only for legacy .bin files",
+                path.display()
+            )));
+        }
         let what = format!("legacy model file {}", path.display());
         let header = legacy::parse(&map, weights_float_type, &what)?;
         check_size(path, map.len() as u64, legacy::file_size(&header))?;
