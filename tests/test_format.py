@@ -231,7 +231,7 @@ def patched_header(fields: dict[str, int | float], pairs: dict[int, int]) -> byt
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b[:-1], "1 bytes short of the"),
+        (lambda b: b[:-1], "1 byte short of the"),
         (lambda b: b[:1000], "bytes short of the"),
         (lambda b: b + b"\x00" * 5, "has 5 extra bytes"),
         (lambda b: b"\x00\x00\x00\x00" + b[4:], "not a distributed-llama .m model"),

@@ -114,7 +114,10 @@ fn truncated_and_oversized_files() {
         match ModelFile::open(&p) {
             Err(Error::Format(m)) => {
                 assert!(
-                    m.contains(&format!("is {cut} bytes short of the {total} bytes")),
+                    m.contains(&format!(
+                        "is {cut} byte{} short of the {total} bytes",
+                        if cut == 1 { "" } else { "s" }
+                    )),
                     "{m}"
                 );
                 assert!(m.contains("truncated?") && m.contains("short-"), "{m}");
@@ -277,7 +280,7 @@ fn legacy_size_and_header_errors() {
     match ModelFile::open_legacy(&p, FloatType::Q40) {
         Err(Error::Format(m)) => assert!(m.contains("truncated"), "{m}"),
         other => panic!("{other:?}"),
-    }    // a .m file opened as legacy: its header has the type, the option is for .bin files
+    } // a .m file opened as legacy: its header has the type, the option is for .bin files
     let (m_path, _) = write_model("legacy-not.m", &h);
     match ModelFile::open_legacy(&m_path, FloatType::Q40) {
         Err(Error::Invalid(m)) => assert!(m.contains("only for legacy .bin files"), "{m}"),

@@ -76,18 +76,21 @@ fn map_file(path: &Path) -> Result<Mmap> {
 
 /// The exact-size check shared by both formats.
 fn check_size(path: &Path, actual: u64, expected: u64) -> Result<()> {
+    let s = |n: u64| if n == 1 { "" } else { "s" };
     if actual < expected {
         return Err(Error::format(format!(
-            "model file {} is {} bytes short of the {expected} bytes its header describes (truncated?)",
+            "model file {} is {} byte{} short of the {expected} bytes its header describes (truncated?)",
             path.display(),
-            expected - actual
+            expected - actual,
+            s(expected - actual)
         )));
     }
     if actual > expected {
         return Err(Error::format(format!(
-            "model file {} has {} extra bytes after the {expected} bytes its header describes",
+            "model file {} has {} extra byte{} after the {expected} bytes its header describes",
             path.display(),
-            actual - expected
+            actual - expected,
+            s(actual - expected)
         )));
     }
     Ok(())

@@ -223,7 +223,7 @@ impl Tokenizer {
         // Each token takes at least 8 bytes: check before allocating.
         if vocab_size > r.remaining() / 8 {
             return Err(bad(format!(
-                "is truncated: vocab_size {vocab_size} needs at least {} bytes of tokens, only {} remain",
+                "truncated: vocab_size {vocab_size} needs at least {} bytes of tokens, only {} remain",
                 vocab_size * 8,
                 r.remaining()
             )));
@@ -243,7 +243,7 @@ impl Tokenizer {
         }
         if r.remaining() > 0 {
             return Err(bad(format!(
-                "has {} extra bytes after the last of its {vocab_size} tokens",
+                "{} extra bytes after the last of its {vocab_size} tokens",
                 r.remaining()
             )));
         }
