@@ -281,6 +281,16 @@ def test_default_model_is_converted_once(tmp_path: Path) -> None:
         "run", "-p", "The capital of France is", "--steps", "3", "--temperature", "0", env=env
     )
     assert r.returncode == 0 and "Converting" not in r.stdout + r.stderr
+    # a damaged cached model (a disk that filled up) is converted again
+    model = tmp_path / "cache" / "smollm2-135m-instruct-q80.m"
+    with open(model, "r+b") as f:
+        f.truncate(1_000_000)
+    r = dllama(
+        "run", "-p", "The capital of France is", "--steps", "3", "--temperature", "0", env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert "bytes short" in r.stderr and "converting the default model again" in r.stderr
+    assert r.stdout.rstrip().endswith("Paris.")
 
 
 # ---- the generation loop with a scripted node: EOS and UTF-8 streaming ----

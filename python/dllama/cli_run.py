@@ -145,7 +145,22 @@ def load_llm(options: Mapping[str, Any], *, progress: bool = True) -> LLM:
     one-line error and exit on failure. `options` are the command's own parameters (its
     ``locals()``), which declare `model`, `tokenizer` and the load options under these names,
     so that every command forwards all of them."""
-    return start_llm(llm_args(options, progress=progress))
+    args = llm_args(options, progress=progress)
+    if options["model"] is None:
+        try:
+            return LLM(**args)
+        except _core.ModelFormatError as e:
+            # the cached default model is damaged (a disk that filled up, a file cut short):
+            # it is ours to convert again, once
+            typer.echo(f"warning: {e}; converting the default model again", err=True)
+            Path(args["model"]).unlink(missing_ok=True)
+            if options["tokenizer"] is None:
+                Path(args["tokenizer"]).unlink(missing_ok=True)
+            args = llm_args(options, progress=progress)
+        except (ValueError, OSError) as e:
+            _err(str(e))
+            raise typer.Exit(1) from None
+    return start_llm(args)
 
 
 def start_llm(args: Mapping[str, Any]) -> LLM:
