@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from assets import mistral_sp_model
@@ -49,12 +50,9 @@ def _chromedriver() -> str | None:
     return None
 
 
-def test_chat_page_streams_an_answer_in_chromium(server: Server) -> None:
+def _chromium() -> Any:
+    """A headless Chromium driven by selenium (the test is skipped without them)."""
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
     driver_path = _chromedriver()
     if driver_path is None:
         pytest.skip("chromium-driver is not installed (scripts/test.sh installs it)")
@@ -64,17 +62,30 @@ def test_chat_page_streams_an_answer_in_chromium(server: Server) -> None:
     if os.path.exists("/usr/bin/chromium"):
         opts.binary_location = "/usr/bin/chromium"
     service = webdriver.ChromeService(executable_path=driver_path)
-    driver = webdriver.Chrome(options=opts, service=service)
+    return webdriver.Chrome(options=opts, service=service)
+
+
+def test_chat_page_streams_an_answer_in_chromium(server: Server) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chromium()
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "random")
         box = driver.find_element(By.ID, "input")
         box.send_keys("Hello there", Keys.ENTER)
-        wait.until(lambda d: "tokens/s, first token after" in d.page_source)
+        # (the page's source holds these words in its script: wait on the element's text)
+        wait.until(
+            lambda d: (
+                "tokens/s, first token after" in d.find_element(By.CSS_SELECTOR, ".stats span").text
+            )
+        )
         answer = driver.find_elements(By.CSS_SELECTOR, ".assistant span")[0].text
+        assert answer.strip(), driver.find_element(By.ID, "log").get_attribute("innerHTML")
         stats = driver.find_elements(By.CSS_SELECTOR, ".stats span")[0].text
-        assert answer.strip(), driver.page_source
         assert stats.startswith("8 tokens,") and "prompt" in stats
         assert driver.find_elements(By.CSS_SELECTOR, ".user span")[0].text == "Hello there"
         # a second turn: the conversation goes on, its prompt mostly from the KV cache
@@ -91,21 +102,11 @@ def test_chat_page_history_after_an_error_and_a_new_chat(server: Server) -> None
     """A turn that failed is not sent again, and an answer stopped by "new chat" does not
     follow into the new conversation (the messages each request sends, recorded in the page;
     the first request is made to fail there)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver_path = _chromedriver()
-    if driver_path is None:
-        pytest.skip("chromium-driver is not installed (scripts/test.sh installs it)")
-    opts = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        opts.add_argument(flag)
-    if os.path.exists("/usr/bin/chromium"):
-        opts.binary_location = "/usr/bin/chromium"
-    service = webdriver.ChromeService(executable_path=driver_path)
-    driver = webdriver.Chrome(options=opts, service=service)
+    driver = _chromium()
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
