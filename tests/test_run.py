@@ -509,6 +509,19 @@ def test_cli_refuses_bad_values_with_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--stats and --json" in r.stderr
     r = dllama_model("run", model, tok, "-p", "hi", "--logprobs", "2")
     assert r.returncode == 2 and "--logprobs goes with --json" in r.stderr
+    # options that do nothing here say so
+    r = dllama_model("run", model, tok, "-p", "Hi", "--steps", "1", "--secret", "s")
+    assert r.returncode == 0 and "warning: --secret does nothing without --workers" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "dllama.cli", "chat", "-m", str(model), "-t", str(tok)]
+        + ["--no-think"],
+        input="/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0 and "--no-think does nothing here" in r.stderr, r.stderr
     # a tokenizer path that is a folder; a prompt of bytes that are not UTF-8
     r = dllama_model("run", model, tmp_path, "-p", "hi")
     assert r.returncode == 1 and "is not a regular file" in r.stderr, r.stderr

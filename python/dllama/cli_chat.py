@@ -82,7 +82,8 @@ def chat(
         bool | None,
         typer.Option(
             "--think/--no-think",
-            help="Qwen3-style templates: let the model think first (enable_thinking).",
+            help="Qwen3-style templates: let the model think first (enable_thinking; default: "
+            "the template's).",
             show_default=False,
         ),
     ] = None,
@@ -140,6 +141,12 @@ def chat(
     )
     typer.echo(model_line(llm), err=True)
     typer.echo(f"chat template: {template.name}. {HELP}.", err=True)
+    if think is not None and "enable_thinking" not in template.source:
+        typer.echo(
+            f"warning: --{'think' if think else 'no-think'} does nothing here: the template "
+            "has no enable_thinking switch",
+            err=True,
+        )
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover - not on every platform

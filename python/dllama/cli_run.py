@@ -201,6 +201,8 @@ def llm_args(options: Mapping[str, Any], *, progress: bool = True) -> dict[str, 
     if tokenizer is None:
         _err("--tokenizer is required with --model (a .t file or a SentencePiece .model)")
         raise typer.Exit(2)
+    if options["secret"] is not None and not options["workers"]:
+        typer.echo("warning: --secret does nothing without --workers (one machine)", err=True)
     return {
         "model": model,
         "tokenizer": tokenizer,
@@ -258,7 +260,8 @@ def run(
         int | None,
         typer.Option(
             "--logprobs",
-            help="With --json: each token's log-probability and its N best alternatives.",
+            help="With --json: each token's log-probability and its N best alternatives "
+            f"(0..{cs.MAX_TOP_LOGPROBS}).",
             show_default=False,
         ),
     ] = None,

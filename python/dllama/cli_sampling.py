@@ -22,17 +22,19 @@ TopP = Annotated[
         help="Top-p (nucleus) sampling mass; 1 keeps all tokens.",
     ),
 ]
-TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens; 0: all.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens (>= 0); 0: all.")]
 MinP = Annotated[
     float,
     typer.Option(
-        "--min-p", help="Keep tokens at least MIN_P times as likely as the best one; 0: all."
+        "--min-p",
+        help="Keep tokens at least MIN_P times as likely as the best one (0..1); 0: all.",
     ),
 ]
 RepetitionPenalty = Annotated[
     float,
     typer.Option(
-        "--repetition-penalty", help="Divide the logits of tokens already seen by this; 1: off."
+        "--repetition-penalty",
+        help="Divide the logits of tokens already seen by this (> 0); 1: off.",
     ),
 ]
 PresencePenalty = Annotated[
@@ -46,7 +48,12 @@ FrequencyPenalty = Annotated[
     ),
 ]
 Seed = Annotated[
-    int | None, typer.Option(min=0, help="Random seed: the same seed gives the same text.")
+    int | None,
+    typer.Option(
+        min=0,
+        help="Random seed: the same seed gives the same text (default: a fresh one each run).",
+        show_default=False,
+    ),
 ]
 Stop = Annotated[
     list[str] | None,

@@ -383,3 +383,18 @@ fn a_step_header_of_no_tokens_or_past_the_cache_is_refused_naming_the_fault() {
     let (h, rest) = StepHeader::decode(&ok, 64).unwrap();
     assert_eq!((h.pos, h.n_tokens, rest.len()), (59, 5, 0));
 }
+
+#[test]
+fn a_web_server_on_the_workers_port_is_named_as_such() {
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        let mut pre = [0u8; 8];
+        s.read_exact(&mut pre).unwrap();
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+    });
+    let err = refusal_of(&addr);
+    assert!(err.contains("answered in HTTP: not a dllama node"), "{err}");
+    server.join().unwrap();
+}

@@ -99,6 +99,13 @@ pub fn read_frame_header(conn: &mut Conn, max_len: usize, what: &str) -> Result<
     let mut h = [0u8; FRAME_HEADER];
     conn.read_exact(&mut h, what)?;
     let kind = Kind::from_u8(h[0]).ok_or_else(|| {
+        if h.starts_with(b"HTTP/") {
+            // a web server on that port answered our preamble
+            return Error::Protocol(format!(
+                "{} answered in HTTP: not a dllama node (a web server on that port?)",
+                conn.peer
+            ));
+        }
         Error::Protocol(format!(
             "{} sent an unknown message kind {} (expected {what})",
             conn.peer, h[0]
