@@ -357,6 +357,8 @@ def test_serve_with_workers(random_model: tuple[Path, Path]) -> None:
             assert health.status_code == 503 and health.json()["status"] == "cluster_down"
             still = httpx.post(s.url + "/v1/completions", json=hello, timeout=120)
             assert still.status_code == 503 and "reconnecting failed" in still.text
+            again = httpx.post(s.url + "/v1/completions", json=hello, timeout=120)
+            assert again.json() == still.json()  # the same reason, not one more each time
             ws.items[0] = Worker(port=port)
             back = c.completions.create(model="x", prompt="Hello", temperature=0, max_tokens=8)
             assert back.choices[0].text == r.choices[0].text

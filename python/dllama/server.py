@@ -196,6 +196,7 @@ class Engine:
         self.reload = reload
         #: why the model cannot run (its cluster lost a node), until a reload succeeds
         self.down: str | None = None
+        self._lost = ""  # how the cluster went down
         self.template = template
         # read once: the node is busy (mutably borrowed) in the engine thread while it runs a
         # forward pass, so the request handlers must not touch it
@@ -261,10 +262,11 @@ class Engine:
                     job.post("error", self._down_error())
             except OSError as e:  # dllama._core.ProtocolError and every socket error
                 if self.reload is None:
-                    raise
-                # a node of the cluster went away (its process, its machine, the network)
-                self.down = str(e)
-                job.post("error", self._down_error())
+                    job.post("error", ApiError(500, f"generation failed: {e}", "server_error"))
+                else:
+                    # a node of the cluster went away (its process, its machine, the network)
+                    self._lost = self.down = str(e)
+                    job.post("error", self._down_error())
             except Exception as e:  # noqa: BLE001 - the request gets the error, the server lives
                 job.post("error", ApiError(500, f"generation failed: {e}", "server_error"))
             finally:
@@ -278,7 +280,7 @@ class Engine:
         try:
             self.llm = self.reload()
         except Exception as e:  # noqa: BLE001 - said by the request's 503 and /health
-            self.down = f"{self.down}; reconnecting failed: {e}"
+            self.down = f"{self._lost}; reconnecting failed: {e}"
             self.llm = _Gone()  # type: ignore[assignment]
             return False
         self.down = None
