@@ -267,7 +267,7 @@ mod huge {
         if need >= ARENA_CHUNK / 4 {
             return Ok((map(need)?, 0));
         }
-        let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
+        let mut arena = crate::pool::lock(&ARENA);
         if let Some(chunk) = arena.0.upgrade() {
             let off = arena.1;
             if off + need <= chunk.len {

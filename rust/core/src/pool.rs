@@ -12,7 +12,7 @@ use std::cell::UnsafeCell;
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,12 @@ impl Spinner {
         }
         true
     }
+}
+
+/// `m`'s guard, also once a panic on another thread has poisoned it: every holder leaves the
+/// data whole between its statements, and a panic is reported where it happened.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Rows of f32 output per cache line: row ranges given to threads start on a multiple of it,
@@ -168,12 +174,7 @@ impl ThreadPool {
         if let Err(p) = mine {
             resume_unwind(p);
         }
-        let worker_panic = self
-            .shared
-            .panic
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let worker_panic = lock(&self.shared.panic).take();
         if let Some(p) = worker_panic {
             resume_unwind(p);
         }
@@ -319,7 +320,7 @@ fn worker_loop(shared: &Shared, index: usize) {
         if let Some(task) = task {
             let task: &Task = unsafe { &*task };
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| task(index, shared.n_threads))) {
-                *shared.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                *lock(&shared.panic) = Some(p);
             }
         }
         let finished = shared.done.fetch_add(1, Ordering::AcqRel) + 1;

@@ -17,7 +17,7 @@ use super::weights::SwiGlu;
 use crate::format::HiddenAct;
 use crate::kernels::{BlockQ80, QK};
 use crate::ops::Routes;
-use crate::pool::{SharedOut, ThreadPool};
+use crate::pool::{lock, SharedOut, ThreadPool};
 use crate::{Error, Result};
 
 /// The scratch buffers of one thread running experts, sized for `batch` tokens.
@@ -145,10 +145,6 @@ pub fn run_experts(
         Some(err) => Err(err),
         None => Ok(picked),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One expert on the tokens `chosen`, its matmuls split across `pool` (None: the lane's own

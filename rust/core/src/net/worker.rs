@@ -23,6 +23,7 @@ use super::ship::receive_tensors;
 use super::tcp::Conn;
 use super::Timeouts;
 use crate::model::{Collective, ShippedTensor};
+use crate::pool::lock;
 use crate::{Error, Result};
 
 /// A worker's slice of the model, able to run one forward step.
@@ -176,10 +177,6 @@ impl PreAuth<'_, '_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Drop for PreAuth<'_, '_> {
     fn drop(&mut self) {
         self.done();
@@ -260,11 +257,7 @@ pub fn serve(
                                 "internal error while serving {peer}; session dropped"
                             )),
                         }
-                        shared
-                            .open
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .retain(|(i, _)| *i != id);
+                        lock(&shared.open).retain(|(i, _)| *i != id);
                     });
                 }
                 Err(e)
@@ -276,7 +269,7 @@ pub fn serve(
             }
         };
         shared.stopping.store(true, Ordering::Relaxed);
-        for (_, s) in shared.open.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (_, s) in lock(&shared.open).iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         r
@@ -289,7 +282,7 @@ struct BusyGuard<'a>(&'a Mutex<Option<String>>);
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(self.0) = None;
     }
 }
 
@@ -375,7 +368,7 @@ fn handle(
 
     // one root at a time
     let _busy = {
-        let mut b = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = lock(&shared.busy);
         if let Some(other) = b.as_ref() {
             let why = format!("busy serving {other}");
             send_refusal(&mut conn, &why);
