@@ -251,7 +251,8 @@ class LLM:
         end it besides the end-of-sequence ones (a chat template's end of turn);
         ``top_logprobs``: give each piece its log-probability and that many alternatives;
         ``cancel``: asked between the prefill's slices of ``PREFILL_SLICE`` tokens, True ends
-        the call before its first piece (stop reason "cancelled"). After the iterator ends, ``self.last_summary`` holds the totals.
+        the call before its first piece (stop reason "cancelled"). After the iterator ends,
+        ``self.last_summary`` holds the totals.
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")

@@ -260,15 +260,14 @@ class Engine:
                     self._generate(job)
                 else:
                     job.post("error", self._down_error())
-            except OSError as e:  # dllama._core.ProtocolError and every socket error
-                if self.reload is None:
-                    job.post("error", ApiError(500, f"generation failed: {e}", "server_error"))
-                else:
-                    # a node of the cluster went away (its process, its machine, the network)
+            except Exception as e:  # noqa: BLE001 - the request gets the error, the server lives
+                if self.reload is not None and isinstance(e, OSError):
+                    # a node of the cluster went away (its process, its machine, the network:
+                    # dllama._core.ProtocolError and every socket error are OSErrors)
                     self._lost = self.down = str(e)
                     job.post("error", self._down_error())
-            except Exception as e:  # noqa: BLE001 - the request gets the error, the server lives
-                job.post("error", ApiError(500, f"generation failed: {e}", "server_error"))
+                else:
+                    job.post("error", ApiError(500, f"generation failed: {e}", "server_error"))
             finally:
                 self._busy = False
                 self._recent_s = [*self._recent_s[-9:], time.monotonic() - t0]
@@ -457,11 +456,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        if errs and errs[0].get("type") == "json_invalid":
-            first = dict(errs[0])
-        else:
-            first = _most_telling(errs)
+        first = _most_telling(exc.errors())
         if first.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
             return ApiError(400, msg.rstrip(": "), code="invalid_json").response()

@@ -191,10 +191,10 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: unsupported GGUF version {self.version} (2 or 3)")
         n_tensors = cur.u64()
         n_kv = cur.u64()
-        # a key takes at least 12 bytes (length, type), a tensor's info 24 (name length,
-        # dimensions, type, offset)
         if n_tensors >= 1 << 32 or n_kv >= 1 << 32:
             raise GGUFError(f"{self.path}: absurd counts ({n_tensors} tensors, {n_kv} keys)")
+        # a key takes at least 12 bytes (length, type), a tensor's info 24 (name length,
+        # dimensions, type, offset)
         if 12 * n_kv + 24 * n_tensors > size - 24:
             raise GGUFError(
                 f"{self.path}: truncated GGUF file (its header lists {n_kv} keys and "
