@@ -227,12 +227,41 @@ impl ThreadPool {
                 f(i, &mut || once.take())
             });
         }
+        let rows = |r: Range<usize>| r.start * ROW_ALIGN..(r.end * ROW_ALIGN).min(n_rows);
+        self.split_claimed(
+            |i| split_range(units, i, n, 1),
+            |_| step,
+            |_| step,
+            |i, claim| f(i, &mut || claim().map(|(_, r)| rows(r))),
+        );
+    }
+
+    /// Hand out the items `own(i)` of every thread i (each thread's own numbering; at most
+    /// [`MAX_CLAIMING_THREADS`] threads, fewer than 2^32 items each): `f(thread_index,
+    /// claim)` runs once on every thread, and each `claim()` gives that thread (owner,
+    /// items): first `own_step(left)` items from the front of its own range (`left`: its
+    /// items not handed out yet), then, once its own range is taken, `thief_step(left)`
+    /// items from the back of another thread's range (the next thread's first), then
+    /// `None`. So a thread that the machine slows down leaves its last items to the others
+    /// instead of keeping them waiting. Every item is given out exactly once. Steps are at
+    /// least 1.
+    pub fn split_claimed<F>(
+        &mut self,
+        own: impl Fn(usize) -> Range<usize>,
+        own_step: impl Fn(usize) -> usize + Sync,
+        thief_step: impl Fn(usize) -> usize + Sync,
+        f: F,
+    ) where
+        F: Fn(usize, &mut dyn FnMut() -> Option<(usize, Range<usize>)>) + Sync,
+    {
+        let n = self.shared.n_threads;
+        assert!(n <= MAX_CLAIMING_THREADS, "split_claimed: {n} threads");
         let claims: [AtomicU64; MAX_CLAIMING_THREADS] = std::array::from_fn(|_| AtomicU64::new(0));
         for (i, c) in claims.iter().enumerate().take(n) {
-            let r = split_range(units, i, n, 1);
+            let r = own(i);
+            assert!(r.end <= u32::MAX as usize, "split_claimed: {r:?}");
             c.store(pack(r.start, r.end), Ordering::Relaxed);
         }
-        let rows = |a: usize, b: usize| a * ROW_ALIGN..(b * ROW_ALIGN).min(n_rows);
         // published to the workers by `run`'s generation bump (release / acquire)
         self.run(|i, n| {
             let mut own = true;
@@ -240,16 +269,18 @@ impl ThreadPool {
             let mut claim = || {
                 if own {
                     // the front of our own range
-                    match take(&claims[i], |a, b| (a + step).min(b), true) {
-                        Some((a, t)) => return Some(rows(a, t)),
+                    match take(&claims[i], |a, b| (a + own_step(b - a).max(1)).min(b), true) {
+                        Some((a, t)) => return Some((i, a..t)),
                         None => own = false,
                     }
                 }
                 // the back of the others' ranges, the next thread's first
                 while victim < n {
-                    let c = &claims[(i + victim) % n];
-                    if let Some((s, b)) = take(c, |a, b| b.saturating_sub(step).max(a), false) {
-                        return Some(rows(s, b));
+                    let v = (i + victim) % n;
+                    let cut =
+                        |a: usize, b: usize| b.saturating_sub(thief_step(b - a).max(1)).max(a);
+                    if let Some((s, b)) = take(&claims[v], cut, false) {
+                        return Some((v, s..b));
                     }
                     victim += 1;
                 }

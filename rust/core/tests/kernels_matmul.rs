@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use dllama_core::kernels::block::{f16_to_f32, f32_to_f16};
 use dllama_core::kernels::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Matrix, QK};
-use dllama_core::pool::ThreadPool;
+use dllama_core::pool::{split_range, ThreadPool};
 use rand::rngs::StdRng;
 
 /// Scalar kernels against the f64 product of the same (already quantized) values, relative
@@ -646,6 +646,44 @@ fn packed_q40_every_path() {
                     }
                 },
             );
+        }
+        if n_tokens == 1 {
+            // the passes entry: the groups cut into 1, 2 or 3 shares (`PassPlan`), their
+            // items handed out a few at a time, the shares interleaved, the last items first
+            for shares in [1, 2, 3] {
+                let n_groups = packed.n_groups();
+                let plans: Vec<kernels::PassPlan> = (0..shares)
+                    .map(|i| kernels::PassPlan::new(split_range(n_groups, i, shares, 1)))
+                    .collect();
+                let mut claims = Vec::new();
+                for (i, p) in plans.iter().enumerate() {
+                    let cuts: Vec<usize> =
+                        (0..p.items()).step_by(2 + i).chain([p.items()]).collect();
+                    claims.extend(cuts.windows(2).map(|c| (*p, c[0]..c[1])));
+                }
+                claims.sort_by_key(|(p, r)| std::cmp::Reverse((r.start, p.g0)));
+                check_every_path(
+                    &format!("passes packed q40×q80 {n_rows}x{bpr}, {shares} shares"),
+                    n_rows,
+                    &base64,
+                    &mag,
+                    SIMD_REL,
+                    |k, out| {
+                        let mut it = claims.iter().cloned();
+                        // SAFETY: `out` holds n_rows values; one thread
+                        unsafe {
+                            k.matmul_q40x8_q80_passes(
+                                all,
+                                bpr,
+                                &x,
+                                out.as_mut_ptr(),
+                                n_rows,
+                                &mut || it.next(),
+                            )
+                        }
+                    },
+                );
+            }
         }
         for threads in [1, 2, 3] {
             let mut pool = ThreadPool::new(threads).unwrap();

@@ -107,6 +107,58 @@ fn split_rows_claimed_gives_each_row_once_and_lets_others_take_a_slow_threads_ro
 }
 
 #[test]
+fn split_claimed_gives_each_item_once_with_its_owner_and_the_steps_asked() {
+    for n in [1, 2, 3, 5] {
+        let mut pool = ThreadPool::new(n).unwrap();
+        for items in [0, 1, 7, 40, 1001] {
+            for slow in [false, true] {
+                // thread i owns items of its own numbering: `items + i` of them
+                let own = |i: usize| 0..items + i;
+                let seen = Mutex::new((0..n).map(|i| vec![0u8; own(i).len()]).collect::<Vec<_>>());
+                let taken = Mutex::new(vec![0usize; n]);
+                let finished = AtomicUsize::new(0);
+                pool.split_claimed(
+                    own,
+                    |left| left.div_ceil(4),
+                    |left| left.div_ceil(2),
+                    |i, claim| {
+                        if slow && i == 1 {
+                            let t0 = std::time::Instant::now();
+                            while finished.load(Ordering::Acquire) < n - 1 {
+                                assert!(t0.elapsed().as_secs() < 20, "the other threads hang");
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                        }
+                        while let Some((owner, r)) = claim() {
+                            assert!(owner < n && !r.is_empty() && r.end <= own(owner).end);
+                            // from its own range a thread takes a quarter of what is left
+                            // at most, from the others' half
+                            let most = if owner == i { 4 } else { 2 };
+                            assert!(r.len() <= own(owner).len().div_ceil(most), "{r:?}");
+                            let mut s = seen.lock().unwrap();
+                            for k in r.clone() {
+                                s[owner][k] += 1;
+                            }
+                            taken.lock().unwrap()[i] += r.len();
+                        }
+                        finished.fetch_add(1, Ordering::Release);
+                    },
+                );
+                let what = format!("{items} items, {n} threads, slow {slow}");
+                let seen = seen.into_inner().unwrap();
+                assert!(
+                    seen.iter().flatten().all(|&c| c == 1),
+                    "{what}: an item not given out once"
+                );
+                if slow && n >= 2 {
+                    assert_eq!(taken.into_inner().unwrap()[1], 0, "{what}: nothing taken");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn a_panic_in_a_task_reaches_the_caller_and_the_pool_survives() {
     let mut pool = ThreadPool::new(3).unwrap();
     for bad in [0, 2] {

@@ -19,7 +19,9 @@ use std::cell::RefCell;
 
 use super::avx2::{hsum, prefetch, prefetch_ahead, scale8};
 use super::block::{BlockQ40, BlockQ80, QK};
-use super::packed::{for_each_claimed, take_next_stream, CELL, GEN_PREFETCH_AHEAD, GROUP};
+use super::packed::{
+    for_each_claimed, take_next_stream, PassPlan, CELL, GEN_PREFETCH_AHEAD, GROUP,
+};
 use super::shape::matmul_rows;
 
 /// The 32 nibbles of a Q40 block as bytes 0..16: values 0..16 in the low lane (low nibbles),
@@ -318,6 +320,86 @@ macro_rules! q40_q80_kernels {
                 for_each_claimed(cells, bpr, n_rows, claim, |cells, r| {
                     packed_one_token(cells, bpr, r.len(), &p, x, (0, 0), out.add(r.start));
                 });
+            });
+        }
+
+        /// One token, the items handed out by `claim` ((plan, items) of some thread's
+        /// `PassPlan`, until it returns `None`): out[r] = row r of the packed `cells` (all
+        /// the groups of a matrix of `n_rows` rows) × x, for the rows of those items. A
+        /// thread's consecutive passes continue the same 4 streams, so its claims may be
+        /// small at no cost to the streams. The input is prepared once for all the items.
+        ///
+        /// # Safety
+        /// The CPU has the features of this function's `target_feature`; `out` holds `n_rows`
+        /// values, and no other thread touches the rows of the items `claim` gives this one.
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul_q40x8_q80_passes(
+            cells: &[u8],
+            bpr: usize,
+            x: &[BlockQ80],
+            out: *mut f32,
+            n_rows: usize,
+            claim: &mut dyn FnMut() -> Option<(PassPlan, std::ops::Range<usize>)>,
+        ) {
+            let n_groups =
+                crate::kernels::shape::packed_shape(cells.len(), bpr, x.len(), n_rows, 1).1;
+            take_next_stream();
+            const AHEAD: usize = $gen_ahead;
+            let gstride = bpr * CELL;
+            let base = cells.as_ptr();
+            let end = base as usize + n_groups * gstride;
+            let mut lanes = [0.0f32; GROUP];
+            let mut store = |g: usize, v: __m256| {
+                let rows = GROUP.min(n_rows - g * GROUP);
+                if rows == GROUP {
+                    _mm256_storeu_ps(out.add(g * GROUP), v);
+                } else {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(g * GROUP), rows);
+                }
+            };
+            XPREP.with(|p| {
+                let mut p = p.borrow_mut();
+                prepare_x(x, &mut p);
+                let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
+                while let Some((plan, items)) = claim() {
+                    assert!(
+                        plan.end() <= n_groups && items.end <= plan.items(),
+                        "claimed items {items:?} of {plan:?} in {n_groups} groups"
+                    );
+                    let parts = Streams {
+                        apart: plan.k * gstride,
+                        end,
+                        next: (0, 0),
+                    };
+                    for i in items.start..items.end.min(plan.k) {
+                        let g = plan.g0 + i;
+                        let v = packed_groups::<4, AHEAD>(
+                            base.add(g * gstride),
+                            &parts,
+                            bpr,
+                            xp,
+                            dx,
+                            nc,
+                        );
+                        for (s, &vs) in v.iter().enumerate() {
+                            store(g + s * plan.k, vs);
+                        }
+                    }
+                    let one = Streams {
+                        apart: gstride,
+                        end,
+                        next: (0, 0),
+                    };
+                    for i in items.start.max(plan.k)..items.end {
+                        let g = plan.g0 + 3 * plan.k + i;
+                        store(
+                            g,
+                            packed_groups::<1, AHEAD>(base.add(g * gstride), &one, bpr, xp, dx, nc)
+                                [0],
+                        );
+                    }
+                }
             });
         }
 

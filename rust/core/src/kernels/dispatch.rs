@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::block::{BlockQ40, BlockQ80};
-use super::packed::for_each_claimed;
+use super::packed::{for_each_claimed, PassPlan, GROUP};
 use super::scalar;
 use crate::{Error, Result};
 
@@ -100,6 +100,16 @@ type PackedQ40Q80 = unsafe fn(&[u8], usize, &[BlockQ80], &mut [f32], usize);
 /// Packed Q40 × one Q80 token over claimed row ranges (`Kernels::matmul_q40x8_q80_claimed`).
 type PackedQ40Q80Claimed =
     unsafe fn(&[u8], usize, &[BlockQ80], *mut f32, usize, &mut dyn FnMut() -> Option<Range<usize>>);
+/// Packed Q40 × one Q80 token over claimed items of pass plans
+/// (`Kernels::matmul_q40x8_q80_passes`).
+type PackedQ40Q80Passes = unsafe fn(
+    &[u8],
+    usize,
+    &[BlockQ80],
+    *mut f32,
+    usize,
+    &mut dyn FnMut() -> Option<(PassPlan, Range<usize>)>,
+);
 
 /// Kernel entry points of one path. Shapes as in `scalar`: w (n_rows, bpr or cols),
 /// x (n_tokens, ...), out (n_tokens, n_rows); the last argument is n_tokens.
@@ -116,6 +126,9 @@ pub struct Kernels {
     /// One token over the row ranges a claim function hands out, the input prepared once
     /// (x86, NEON); `None` (scalar): one `matmul_q40x8_q80` call per range.
     matmul_q40x8_q80_claimed: Option<PackedQ40Q80Claimed>,
+    /// One token over the items of pass plans a claim function hands out (x86; see
+    /// `PassPlan`); `None`: the engine hands out row ranges (`matmul_q40x8_q80_claimed`).
+    matmul_q40x8_q80_passes: Option<PackedQ40Q80Passes>,
     matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
@@ -145,27 +158,32 @@ impl Kernels {
                 // faster than the EVEX one on Zen 5, so the AVX-512 VNNI path takes it too
                 // when the CPU has both
                 let vex = KernelPath::AvxVnni.supported();
-                let (q40, q40x8, claimed): (Q40Q80, PackedQ40Q80, PackedQ40Q80Claimed) = match path
+                #[rustfmt::skip]
+                let (q40, q40x8, claimed, passes): (Q40Q80, PackedQ40Q80, PackedQ40Q80Claimed, PackedQ40Q80Passes) = match path
                 {
                     KernelPath::AvxVnni => (
                         avxvnni::matmul_q40_q80,
                         avxvnni::matmul_q40x8_q80,
                         avxvnni::matmul_q40x8_q80_claimed,
+                        avxvnni::matmul_q40x8_q80_passes,
                     ),
                     KernelPath::Avx512Vnni if vex => (
                         avxvnni::matmul_q40_q80,
                         avxvnni::matmul_q40x8_q80,
                         avxvnni::matmul_q40x8_q80_claimed,
+                        avxvnni::matmul_q40x8_q80_passes,
                     ),
                     KernelPath::Avx512Vnni => (
                         avx512vnni::matmul_q40_q80,
                         avx512vnni::matmul_q40x8_q80,
                         avx512vnni::matmul_q40x8_q80_claimed,
+                        avx512vnni::matmul_q40x8_q80_passes,
                     ),
                     _ => (
                         maddubs::matmul_q40_q80,
                         maddubs::matmul_q40x8_q80,
                         maddubs::matmul_q40x8_q80_claimed,
+                        maddubs::matmul_q40x8_q80_passes,
                     ),
                 };
                 // several tokens: the 512-bit kernel (16 rows per register) is about 2x faster;
@@ -182,6 +200,7 @@ impl Kernels {
                     matmul_q40x8_q80: q40x8,
                     matmul_q40x8_q80_batch: q40x8_batch,
                     matmul_q40x8_q80_claimed: Some(claimed),
+                    matmul_q40x8_q80_passes: Some(passes),
                     matmul_q40_f32: super::avx2_vnni::matmul_q40_f32,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
@@ -220,6 +239,7 @@ impl Kernels {
                     matmul_q40x8_q80: q40x8,
                     matmul_q40x8_q80_batch: q40x8,
                     matmul_q40x8_q80_claimed: Some(claimed),
+                    matmul_q40x8_q80_passes: None,
                     matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
@@ -266,6 +286,7 @@ impl Kernels {
             matmul_q40x8_q80: scalar::matmul_q40x8_q80,
             matmul_q40x8_q80_batch: scalar::matmul_q40x8_q80,
             matmul_q40x8_q80_claimed: None,
+            matmul_q40x8_q80_passes: None,
             matmul_q40_f32: scalar::matmul_q40_f32,
             matmul_f32: scalar::matmul_f32,
             matmul_f16: scalar::matmul_f16,
@@ -338,6 +359,41 @@ impl Kernels {
             let out = std::slice::from_raw_parts_mut(out.add(r.start), r.len());
             (self.matmul_q40x8_q80)(cells, bpr, x, out, 1);
         });
+    }
+    /// Whether this path multiplies one token by the items of pass plans
+    /// (`matmul_q40x8_q80_passes`); else the engine hands out row ranges.
+    pub fn has_passes(&self) -> bool {
+        self.matmul_q40x8_q80_passes.is_some()
+    }
+    /// Packed Q40 (`cells`: all the groups of a matrix of `n_rows` rows, `bpr` blocks per
+    /// row) × one Q80 token, over the items of the pass plans `claim` hands out until it
+    /// returns `None`: out[r] for the rows r of those items' groups. On a path without
+    /// such a kernel (`has_passes`), each item's groups one by one.
+    ///
+    /// # Safety
+    /// `out` holds `n_rows` values, and no other thread touches the rows of the items
+    /// `claim` gives this one while the call runs.
+    pub unsafe fn matmul_q40x8_q80_passes(
+        &self,
+        cells: &[u8],
+        bpr: usize,
+        x: &[BlockQ80],
+        out: *mut f32,
+        n_rows: usize,
+        claim: &mut dyn FnMut() -> Option<(PassPlan, Range<usize>)>,
+    ) {
+        if let Some(f) = self.matmul_q40x8_q80_passes {
+            return f(cells, bpr, x, out, n_rows, claim);
+        }
+        let mut groups = Vec::new();
+        while let Some((plan, items)) = claim() {
+            groups.clear();
+            plan.groups_of(items, &mut groups);
+            for &g in &groups {
+                let mut once = Some(g * GROUP..((g + 1) * GROUP).min(n_rows));
+                self.matmul_q40x8_q80_claimed(cells, bpr, x, out, n_rows, &mut || once.take());
+            }
+        }
     }
     /// Q40 weights × f32 input (the f32-buffer mode).
     pub fn matmul_q40_f32(&self, w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {

@@ -9,9 +9,9 @@ use std::cell::RefCell;
 
 use super::block::{BlockQ40, BlockQ80, QK};
 use super::dispatch::Kernels;
-use super::packed::{PackedQ40, CELL, GROUP};
+use super::packed::{PackedQ40, PassPlan, CELL, GROUP};
 use super::scalar;
-use crate::pool::{SharedOut, ThreadPool, ROW_ALIGN};
+use crate::pool::{split_range, SharedOut, ThreadPool, ROW_ALIGN};
 use crate::{Error, Result};
 
 /// The weight matrix of a matmul (n_rows, cols), row-major, as stored in the `.m` file.
@@ -204,6 +204,10 @@ fn claim_chunk_rows(n_rows: usize, bpr: usize, n_threads: usize) -> usize {
     rows.div_ceil(4 * GROUP) * 4 * GROUP
 }
 
+/// Threads up to which a one-token packed matmul hands out passes (`PassPlan`, the plans
+/// live on the stack); more get row ranges.
+const MAX_PLANS: usize = 16;
+
 /// The smallest chunk of a one-token packed matmul, in bytes of weights: each chunk's first
 /// cells come in before its stream is under way.
 const MIN_CLAIM_BYTES: usize = 64 << 10;
@@ -228,12 +232,37 @@ pub fn matmul(
         return Ok(());
     }
     if let (Matrix::Q40Packed(p), Input::Q80(xq), 1) = (&w, &x, n_tokens) {
-        // one token: each thread streams its own rows in chunks and then takes the last
-        // chunks of a thread that lags (a core shared with another process)
+        // one token: each thread streams its own rows and then takes the last ones of a
+        // thread that lags (a core shared with another process), in passes (x86) or in
+        // chunks of rows
         let bpr = cols / QK;
         let cells = p.groups(0, p.n_groups());
-        let chunk = claim_chunk_rows(n_rows, bpr, pool.n_threads());
         let shared = SharedOut::new(out);
+        if k.has_passes() && pool.n_threads() <= MAX_PLANS {
+            // each thread's share as passes over 4 streams: claims of a few passes keep
+            // the streams going, and the last passes go to whichever thread is free first
+            let n = pool.n_threads();
+            // shares of whole pairs of groups: no cache line of `out` is written by two threads
+            let plans: [PassPlan; MAX_PLANS] = std::array::from_fn(|i| match i < n {
+                true => PassPlan::new(split_range(p.n_groups(), i, n, ROW_ALIGN / GROUP)),
+                false => PassPlan::new(0..0),
+            });
+            pool.split_claimed(
+                |i| 0..plans[i].items(),
+                |left| left.div_ceil(4),
+                |left| left.div_ceil(2),
+                |_, claim| {
+                    let mut claim = || claim().map(|(owner, items)| (plans[owner], items));
+                    // SAFETY: `split_claimed` hands every item to one thread only, the plans'
+                    // groups are disjoint; `out` outlives the call and holds n_rows values.
+                    unsafe {
+                        k.matmul_q40x8_q80_passes(cells, bpr, xq, shared.ptr(), n_rows, &mut claim)
+                    }
+                },
+            );
+            return Ok(());
+        }
+        let chunk = claim_chunk_rows(n_rows, bpr, pool.n_threads());
         pool.split_rows_claimed(n_rows, chunk, |_, claim| {
             // SAFETY: `split_rows_claimed` hands every row to one thread only; `out` outlives
             // the call and holds n_rows values (checked above).

@@ -31,4 +31,4 @@ pub use block::{
 };
 pub use dispatch::{active_path, KernelPath, Kernels};
 pub use matmul::{matmul, prefers_packed_q40, quantize_q80, Input, Matrix};
-pub use packed::{set_next_stream, PackedQ40};
+pub use packed::{set_next_stream, PackedQ40, PassPlan};

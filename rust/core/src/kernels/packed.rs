@@ -79,6 +79,58 @@ pub(crate) fn for_each_claimed(
     }
 }
 
+/// One thread's share of a one-token packed matmul (groups `g0..g0 + 4k + singles`), cut
+/// into the items the x86 kernels claim (`Kernels::matmul_q40x8_q80_passes`): items `0..k`
+/// are passes, pass p reading groups g0 + p + s·k for s in 0..4 (4 streams, each going
+/// through its quarter of the share in memory order, so consecutive passes continue the
+/// same streams and their prefetches); items `k..` are the groups left over, one each.
+/// k is odd (see `packed_one_token`), so up to 7 groups are left over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassPlan {
+    pub g0: usize,
+    pub k: usize,
+    pub singles: usize,
+}
+
+impl PassPlan {
+    /// The plan of the groups `groups`.
+    pub fn new(groups: std::ops::Range<usize>) -> PassPlan {
+        let n = groups.len();
+        let k = n / 4;
+        let k = if k.is_multiple_of(2) {
+            k.saturating_sub(1)
+        } else {
+            k
+        };
+        PassPlan {
+            g0: groups.start,
+            k,
+            singles: n - 4 * k,
+        }
+    }
+
+    /// Items in all: passes, then single groups.
+    pub fn items(&self) -> usize {
+        self.k + self.singles
+    }
+
+    /// One past the last group.
+    pub fn end(&self) -> usize {
+        self.g0 + 4 * self.k + self.singles
+    }
+
+    /// The groups of `items`, appended to `out` (pass by pass, stream by stream).
+    pub fn groups_of(&self, items: std::ops::Range<usize>, out: &mut Vec<usize>) {
+        for i in items {
+            if i < self.k {
+                out.extend((0..4).map(|s| self.g0 + i + s * self.k));
+            } else {
+                out.push(self.g0 + 3 * self.k + i);
+            }
+        }
+    }
+}
+
 pub struct PackedQ40 {
     n_rows: usize,
     bpr: usize,
@@ -210,6 +262,32 @@ fn pack_groups(w: &[BlockQ40], n_rows: usize, bpr: usize, g0: usize, out: &mut [
                 }
             }
             cell.copy_from_slice(&c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PassPlan;
+
+    #[test]
+    fn a_pass_plan_covers_its_groups_once_in_4_streams_of_an_odd_length() {
+        for start in [0, 3, 64] {
+            for n in 0..70 {
+                let p = PassPlan::new(start..start + n);
+                assert!(p.k % 2 == 1 || p.k == 0, "{n}: k {}", p.k);
+                assert!(p.singles <= 7 && (n < 4 || p.k > 0), "{n}: {p:?}");
+                assert_eq!(p.end(), start + n);
+                let mut groups = Vec::new();
+                p.groups_of(0..p.items(), &mut groups);
+                // pass i: group i of each quarter
+                for i in 0..p.k {
+                    let s: Vec<usize> = (0..4).map(|q| start + i + q * p.k).collect();
+                    assert_eq!(groups[4 * i..4 * i + 4], s[..], "{n}: pass {i}");
+                }
+                groups.sort_unstable();
+                assert_eq!(groups, (start..start + n).collect::<Vec<_>>(), "{n}");
+            }
         }
     }
 }
