@@ -248,16 +248,7 @@ macro_rules! q40_q80_kernels {
         ) {
             let n_groups = n_rows.div_ceil(GROUP);
             debug_assert!(cells.len() >= n_groups * bpr * CELL);
-            let mut lanes = [0.0f32; GROUP];
-            let mut store = |g: usize, v: __m256| {
-                let rows = GROUP.min(n_rows - g * GROUP);
-                if rows == GROUP {
-                    _mm256_storeu_ps(out.add(g * GROUP), v);
-                } else {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(g * GROUP), rows);
-                }
-            };
+            let store = |g: usize, v: __m256| store_group(out, n_rows, g, v);
             const AHEAD: usize = $gen_ahead;
             let gstride = bpr * CELL;
             let streams = Streams {
@@ -348,16 +339,7 @@ macro_rules! q40_q80_kernels {
             let gstride = bpr * CELL;
             let base = cells.as_ptr();
             let end = base as usize + n_groups * gstride;
-            let mut lanes = [0.0f32; GROUP];
-            let mut store = |g: usize, v: __m256| {
-                let rows = GROUP.min(n_rows - g * GROUP);
-                if rows == GROUP {
-                    _mm256_storeu_ps(out.add(g * GROUP), v);
-                } else {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(g * GROUP), rows);
-                }
-            };
+            let store = |g: usize, v: __m256| store_group(out, n_rows, g, v);
             XPREP.with(|p| {
                 let mut p = p.borrow_mut();
                 prepare_x(x, &mut p);
@@ -574,6 +556,21 @@ macro_rules! q40_q80_kernels {
             });
         }
     };
+}
+
+/// Group g's 8 outputs (the lanes of `v`, row j in lane j) into out[8g..], those of rows
+/// below `n_rows` only (the last group may be partial).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store_group(out: *mut f32, n_rows: usize, g: usize, v: __m256) {
+    let rows = GROUP.min(n_rows - g * GROUP);
+    if rows == GROUP {
+        _mm256_storeu_ps(out.add(g * GROUP), v);
+    } else {
+        let mut lanes = [0.0f32; GROUP];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(g * GROUP), rows);
+    }
 }
 
 /// Where the one-token packed kernels' streams and prefetches go: the G streams of a pass
