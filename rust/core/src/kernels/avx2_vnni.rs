@@ -259,8 +259,7 @@ macro_rules! q40_q80_kernels {
             let (xp, dx, nc) = (x.as_ptr(), p.dx.as_ptr(), p.ncorr.as_ptr());
             let mut g = 0;
             while n_groups - g >= 4 {
-                let k = (n_groups - g) / 4;
-                let k = if k % 2 == 0 { k - 1 } else { k };
+                let k = PassPlan::new(g..n_groups).k;
                 let parts = Streams {
                     apart: k * gstride,
                     ..streams
@@ -374,7 +373,7 @@ macro_rules! q40_q80_kernels {
                         next: (0, 0),
                     };
                     for i in items.start.max(plan.k)..items.end {
-                        let g = plan.g0 + 3 * plan.k + i;
+                        let g = plan.single(i);
                         store(
                             g,
                             packed_groups::<1, AHEAD>(base.add(g * gstride), &one, bpr, xp, dx, nc)

@@ -119,13 +119,18 @@ impl PassPlan {
         self.g0 + 4 * self.k + self.singles
     }
 
+    /// The group of item `i >= k` (one of those left over after the passes).
+    pub fn single(&self, i: usize) -> usize {
+        self.g0 + 3 * self.k + i
+    }
+
     /// The groups of `items`, appended to `out` (pass by pass, stream by stream).
     pub fn groups_of(&self, items: std::ops::Range<usize>, out: &mut Vec<usize>) {
         for i in items {
             if i < self.k {
                 out.extend((0..4).map(|s| self.g0 + i + s * self.k));
             } else {
-                out.push(self.g0 + 3 * self.k + i);
+                out.push(self.single(i));
             }
         }
     }
