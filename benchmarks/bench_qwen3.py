@@ -5,7 +5,8 @@ moe_hidden 768, vocab 151 936; 48 layers, `--moe-layers` reduces them so two cop
 weights fit this machine's memory and disk next to other jobs) and Qwen3-8B (dense: dim 4096,
 36 layers, 32 heads, 8 KV heads, head_dim 128, hidden 12 288; `--dense-layers` likewise).
 
-For each shape the script writes a `.m` file of random Q40 weights (random F32 router), the very
+For each shape the script writes a `.m` file of random Q40 weights (random F32 router with
+bf16 values, as converted from a bf16 checkpoint: dllama holds it as bf16), the very
 same Q4_0 blocks as a llama.cpp GGUF (qwen3 / qwen3moe, the experts stacked into
 `ffn_{gate,up,down}_exps`), then per thread count alternates `--repeat` times: the memory
 bandwidth with as many reading processes as threads, dllama's median ms/token (one token at a

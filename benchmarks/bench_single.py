@@ -105,8 +105,8 @@ def write_model(s: Shape, path: Path) -> None:
 
 def write_random_model(f: dict[str, int | float], path: Path) -> None:
     """The `.m` file of header `f` with random weights (Q40 blocks of `random_q40`, norms ~ 1,
-    F32 matrices such as the embedding or a router ~ N(0, 0.02)); one of the right size is
-    kept."""
+    F32 matrices such as the embedding or a router ~ N(0, 0.02), a router's rounded to bf16
+    as in a file converted from a bf16 checkpoint); one of the right size is kept."""
     tensors = _core.model_tensors(f)
     header = _core.encode_model_header(f)
     size = len(header) + sum(t.nbytes for t in tensors)
@@ -123,7 +123,12 @@ def write_random_model(f: dict[str, int | float], path: Path) -> None:
             elif name.endswith("norm"):
                 data = (1.0 + 0.05 * rng.standard_normal(cols, dtype=np.float32)).tobytes()
             else:
-                data = (0.02 * rng.standard_normal(rows * cols, dtype=np.float32)).tobytes()
+                v = 0.02 * rng.standard_normal(rows * cols, dtype=np.float32)
+                if name.endswith("moe_gate"):  # to the nearest bf16, ties to even
+                    b = v.view(np.uint32).astype(np.uint64)
+                    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+                    v = b.astype(np.uint32).view(np.float32)
+                data = v.tobytes()
             assert len(data) == nbytes, name
             out.write(data)
     tmp.rename(path)

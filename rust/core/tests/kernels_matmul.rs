@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use dllama_core::kernels::block::{f16_to_f32, f32_to_f16};
+use dllama_core::kernels::block::{f16_to_f32, f32_to_bf16_exact, f32_to_f16};
 use dllama_core::kernels::{self, matmul, BlockQ80, Input, KernelPath, Kernels, Matrix, QK};
 use dllama_core::pool::{split_range, ThreadPool};
 use rand::rngs::StdRng;
@@ -254,6 +254,87 @@ fn f32_and_f16_every_path() {
         let what = format!("f16 {n_rows}x{cols}x{n_tokens}");
         check_every_path(&what, n_out, &want16, &mag16, SCALAR_REL_F16, run16);
     }
+}
+
+/// bf16 weights give bit for bit the outputs of the same values held as f32, on every path
+/// and through the pooled `matmul` (a MoE router held as bf16 routes exactly as the f32
+/// one): the shapes of `f32_and_f16_every_path`, weights rounded to bf16 first.
+#[test]
+fn bf16_equals_f32_of_the_same_values_every_path() {
+    let mut rng = rng(14);
+    for &(n_rows, cols, n_tokens) in &[
+        (1, 1, 1),
+        (3, 7, 1),
+        (5, 33, 2),
+        (9, 100, 3),
+        (4, 4096, 1),
+        (17, 257, 5),
+        (11, 37, 1),
+        (130, 2048, 1),
+        (128, 2048, 3),
+    ] {
+        let w: Vec<f32> = random_values(&mut rng, n_rows * cols, 1.0)
+            .iter()
+            .map(|&v| f32::from_bits(v.to_bits() & 0xFFFF_0000))
+            .collect();
+        let x = random_values(&mut rng, n_tokens * cols, 1.0);
+        let wb: Vec<u16> = w.iter().map(|&v| f32_to_bf16_exact(v).unwrap()).collect();
+        let n_out = n_tokens * n_rows;
+        for k in all_kernels() {
+            let (mut want, mut got) = (vec![f32::NAN; n_out], vec![f32::NAN; n_out]);
+            k.matmul_f32(&w, &x, &mut want, n_tokens);
+            k.matmul_bf16(&wb, &x, &mut got, n_tokens);
+            let (want, got) = (bits(&want), bits(&got));
+            assert_eq!(got, want, "{} {n_rows}x{cols}x{n_tokens}", k.path);
+        }
+        let mut pool = ThreadPool::new(2).unwrap();
+        let (mut want, mut got) = (vec![f32::NAN; n_out], vec![f32::NAN; n_out]);
+        let x_in = Input::F32(&x);
+        matmul(
+            &mut pool,
+            Matrix::F32(&w),
+            x_in,
+            &mut want,
+            n_rows,
+            cols,
+            n_tokens,
+        )
+        .unwrap();
+        matmul(
+            &mut pool,
+            Matrix::Bf16(&wb),
+            x_in,
+            &mut got,
+            n_rows,
+            cols,
+            n_tokens,
+        )
+        .unwrap();
+        assert_eq!(bits(&got), bits(&want), "pooled {n_rows}x{cols}x{n_tokens}");
+    }
+    // only f32 values with zero low halves have a bf16 twin
+    assert_eq!(f32_to_bf16_exact(1.5), Some(0x3FC0));
+    assert_eq!(f32_to_bf16_exact(0.1), None);
+    // and a bf16 matrix takes an f32 input only
+    let mut pool = ThreadPool::new(1).unwrap();
+    let xq = vec![BlockQ80::default(); 1];
+    let err = matmul(
+        &mut pool,
+        Matrix::Bf16(&[0; 32]),
+        Input::Q80(&xq),
+        &mut [0.0],
+        1,
+        32,
+        1,
+    );
+    assert!(err
+        .unwrap_err()
+        .to_string()
+        .contains("bf16 weights by a q80 input"));
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|v| v.to_bits()).collect()
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::block::{f16_to_f32, BlockQ80, QK};
+use super::block::{bf16_to_f32, f16_to_f32, BlockQ80, QK};
 use super::packed::PREFETCH_AHEAD;
 use super::shape::{assert_q80_blocks, kernel_shape, matmul_rows};
 
@@ -123,39 +123,126 @@ pub unsafe fn matmul_q80_q80(w: &[BlockQ80], x: &[BlockQ80], out: &mut [f32], n_
 // ---------------------------------------------------------------------------------------
 // F32 and F16 weights × F32 input
 
-/// # Safety
-/// The CPU has AVX2, FMA and F16C.
+/// Eight f32 weights at `p`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
-    let n = w.len().min(x.len());
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let mut a = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for k in 0..4 {
-            a[k] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(wp.add(i + 8 * k)),
-                _mm256_loadu_ps(xp.add(i + 8 * k)),
-                a[k],
-            );
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
-        i += 8;
-    }
-    let mut s = hsum(_mm256_add_ps(
-        _mm256_add_ps(a[0], a[1]),
-        _mm256_add_ps(a[2], a[3]),
-    ));
-    while i < n {
-        s += w[i] * x[i];
-        i += 1;
-    }
-    s
+unsafe fn load8_f32(p: *const f32) -> __m256 {
+    _mm256_loadu_ps(p)
 }
+
+/// Eight bf16 weights at `p` (bits), widened to the f32 values they are the high halves of.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_bf16(p: *const u16) -> __m256 {
+    let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+}
+
+/// The f32-input kernels for weights of element type `$t` read by `$load8` (8 at a time) and
+/// `$one` (1 at a time) as f32: one body for f32 and bf16 weights, so that bf16 weights give
+/// bit for bit the sums of the same values held as f32 (a MoE router held as bf16).
+macro_rules! float_weight_kernels {
+    ($t:ty, $load8:ident, $one:expr, $dot:ident, $matmul:ident, $streams:ident) => {
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        pub unsafe fn $dot(w: &[$t], x: &[f32]) -> f32 {
+            let n = w.len().min(x.len());
+            let (wp, xp) = (w.as_ptr(), x.as_ptr());
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for k in 0..4 {
+                    a[k] = _mm256_fmadd_ps(
+                        $load8(wp.add(i + 8 * k)),
+                        _mm256_loadu_ps(xp.add(i + 8 * k)),
+                        a[k],
+                    );
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                a[0] = _mm256_fmadd_ps($load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
+            while i < n {
+                s += $one(w[i]) * x[i];
+                i += 1;
+            }
+            s
+        }
+
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $matmul(w: &[$t], x: &[f32], out: &mut [f32], n_tokens: usize) {
+            if n_tokens == 1 {
+                let (n_rows, cols, _) = kernel_shape(w.len(), x.len(), out.len(), 1, 1);
+                $streams(w, x, out, n_rows, cols);
+            } else {
+                matmul_rows(w, x, out, n_tokens, 1, |w, x| $dot(w, x))
+            }
+        }
+
+        /// One token through the rows (a MoE router: 128 × 2048, 1 MB a layer in f32): 4 rows
+        /// at once, one from each quarter of the matrix, so that the weights are read as 4
+        /// streams (one stream reads at about half the memory bandwidth), each row summed in 2
+        /// lanes-of-8 accumulators; the rows left over one at a time (`$dot`).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $streams(w: &[$t], x: &[f32], out: &mut [f32], n_rows: usize, cols: usize) {
+            let quarter = n_rows / 4;
+            let full = cols / 16 * 16;
+            let xp = x.as_ptr();
+            for r in 0..quarter {
+                let rows: [usize; 4] = std::array::from_fn(|k| r + k * quarter);
+                let wp: [*const $t; 4] = rows.map(|row| w.as_ptr().add(row * cols));
+                let mut a = [[_mm256_setzero_ps(); 2]; 4];
+                let mut i = 0;
+                while i < full {
+                    let x0 = _mm256_loadu_ps(xp.add(i));
+                    let x1 = _mm256_loadu_ps(xp.add(i + 8));
+                    for k in 0..4 {
+                        a[k][0] = _mm256_fmadd_ps($load8(wp[k].add(i)), x0, a[k][0]);
+                        a[k][1] = _mm256_fmadd_ps($load8(wp[k].add(i + 8)), x1, a[k][1]);
+                    }
+                    i += 16;
+                }
+                for k in 0..4 {
+                    let mut sum = hsum(_mm256_add_ps(a[k][0], a[k][1]));
+                    for j in full..cols {
+                        sum += $one(*wp[k].add(j)) * x[j];
+                    }
+                    out[rows[k]] = sum;
+                }
+            }
+            for row in 4 * quarter..n_rows {
+                out[row] = $dot(&w[row * cols..(row + 1) * cols], x);
+            }
+        }
+    };
+}
+
+float_weight_kernels!(
+    f32,
+    load8_f32,
+    |v: f32| v,
+    dot_f32,
+    matmul_f32,
+    matmul_f32_streams
+);
+float_weight_kernels!(
+    u16,
+    load8_bf16,
+    bf16_to_f32,
+    dot_bf16,
+    matmul_bf16,
+    matmul_bf16_streams
+);
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -208,54 +295,6 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     while i < n {
         y[i] += a * x[i];
         i += 1;
-    }
-}
-
-/// # Safety
-/// The CPU has AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    if n_tokens == 1 {
-        let (n_rows, cols, _) = kernel_shape(w.len(), x.len(), out.len(), 1, 1);
-        matmul_f32_streams(w, x, out, n_rows, cols);
-    } else {
-        matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f32(w, x))
-    }
-}
-
-/// One token through f32 rows (a MoE router: 128 × 2048, 1 MB a layer): 4 rows at once, one
-/// from each quarter of the matrix, so that the weights are read as 4 streams (one stream
-/// reads at about half the memory bandwidth), each row summed in 2 lanes-of-8 accumulators;
-/// the rows left over one at a time (`dot_f32`).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_f32_streams(w: &[f32], x: &[f32], out: &mut [f32], n_rows: usize, cols: usize) {
-    let quarter = n_rows / 4;
-    let full = cols / 16 * 16;
-    let xp = x.as_ptr();
-    for r in 0..quarter {
-        let rows: [usize; 4] = std::array::from_fn(|k| r + k * quarter);
-        let wp: [*const f32; 4] = rows.map(|row| w.as_ptr().add(row * cols));
-        let mut a = [[_mm256_setzero_ps(); 2]; 4];
-        let mut i = 0;
-        while i < full {
-            let x0 = _mm256_loadu_ps(xp.add(i));
-            let x1 = _mm256_loadu_ps(xp.add(i + 8));
-            for k in 0..4 {
-                a[k][0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i)), x0, a[k][0]);
-                a[k][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i + 8)), x1, a[k][1]);
-            }
-            i += 16;
-        }
-        for k in 0..4 {
-            let mut sum = hsum(_mm256_add_ps(a[k][0], a[k][1]));
-            for j in full..cols {
-                sum += *wp[k].add(j) * x[j];
-            }
-            out[rows[k]] = sum;
-        }
-    }
-    for row in 4 * quarter..n_rows {
-        out[row] = dot_f32(&w[row * cols..(row + 1) * cols], x);
     }
 }
 

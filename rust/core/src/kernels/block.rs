@@ -47,6 +47,19 @@ pub fn f32_to_f16(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
+/// bf16 bits (the high half of an f32) to f32: exact.
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// `x` as bf16 bits when that loses nothing (its low 16 bits are zero), else `None`.
+#[inline]
+pub fn f32_to_bf16_exact(x: f32) -> Option<u16> {
+    let b = x.to_bits();
+    (b & 0xFFFF == 0).then_some((b >> 16) as u16)
+}
+
 /// Quantize `x` (a multiple of 32 values) into Q40 blocks as distributed-llama's converter
 /// writes `.m` files (`converter/writer.py`): d = m / -8, where m is the block's maximum if
 /// it is at least as large in magnitude as the minimum, else the minimum. This is ggml's

@@ -132,6 +132,8 @@ pub struct Kernels {
     matmul_q40_f32: unsafe fn(&[BlockQ40], &[f32], &mut [f32], usize),
     matmul_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize),
     matmul_f16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
+    /// bf16 bits: bit for bit `matmul_f32` of the same values.
+    matmul_bf16: unsafe fn(&[u16], &[f32], &mut [f32], usize),
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
     attn_scores: unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]),
@@ -204,6 +206,7 @@ impl Kernels {
                     matmul_q40_f32: super::avx2_vnni::matmul_q40_f32,
                     matmul_f32: avx2::matmul_f32,
                     matmul_f16: avx2::matmul_f16,
+                    matmul_bf16: avx2::matmul_bf16,
                     dot_f32: avx2::dot_f32,
                     axpy: avx2::axpy,
                     attn_scores: avx2::attn_scores,
@@ -243,6 +246,7 @@ impl Kernels {
                     matmul_q40_f32: scalar::matmul_q40_f32,
                     matmul_f32: neon::matmul_f32,
                     matmul_f16: neon::matmul_f16,
+                    matmul_bf16: neon::matmul_bf16,
                     dot_f32: neon::dot_f32,
                     axpy: neon::axpy,
                     attn_scores: neon::attn_scores,
@@ -290,6 +294,7 @@ impl Kernels {
             matmul_q40_f32: scalar::matmul_q40_f32,
             matmul_f32: scalar::matmul_f32,
             matmul_f16: scalar::matmul_f16,
+            matmul_bf16: scalar::matmul_bf16,
             dot_f32: scalar::dot_f32,
             axpy: scalar::axpy,
             attn_scores: scalar::attn_scores,
@@ -407,6 +412,10 @@ impl Kernels {
     }
     pub fn matmul_f16(&self, w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
         unsafe { (self.matmul_f16)(w, x, out, n_tokens) }
+    }
+    /// bf16 weights (bits) × f32 input: bit for bit `matmul_f32` of the same values.
+    pub fn matmul_bf16(&self, w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+        unsafe { (self.matmul_bf16)(w, x, out, n_tokens) }
     }
     /// sum a[i] * b[i] over the shorter length.
     pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {

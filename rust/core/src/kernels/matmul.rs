@@ -20,6 +20,9 @@ pub enum Matrix<'a> {
     F32(&'a [f32]),
     /// f16 bits.
     F16(&'a [u16]),
+    /// bf16 bits: f32 values whose low halves are zero, held in half the bytes (a MoE
+    /// router); the products are bit for bit those of `F32`.
+    Bf16(&'a [u16]),
     Q40(&'a [BlockQ40]),
     Q80(&'a [BlockQ80]),
     /// Q40 repacked by [`PackedQ40::pack`] for the SIMD kernels (Q80 input only).
@@ -37,7 +40,7 @@ impl Matrix<'_> {
     fn len(&self) -> usize {
         match self {
             Matrix::F32(w) => w.len(),
-            Matrix::F16(w) => w.len(),
+            Matrix::F16(w) | Matrix::Bf16(w) => w.len(),
             Matrix::Q40(w) => w.len() * QK,
             Matrix::Q80(w) => w.len() * QK,
             Matrix::Q40Packed(w) => w.n_rows() * w.cols(),
@@ -47,6 +50,7 @@ impl Matrix<'_> {
         match self {
             Matrix::F32(_) => "f32",
             Matrix::F16(_) => "f16",
+            Matrix::Bf16(_) => "bf16",
             Matrix::Q40(_) => "q40",
             Matrix::Q80(_) => "q80",
             Matrix::Q40Packed(_) => "packed q40",
@@ -90,7 +94,8 @@ fn check_shapes(
     cols: usize,
     n_tokens: usize,
 ) -> Result<()> {
-    let quantized = !matches!(w, Matrix::F32(_) | Matrix::F16(_)) || matches!(x, Input::Q80(_));
+    let quantized = !matches!(w, Matrix::F32(_) | Matrix::F16(_) | Matrix::Bf16(_))
+        || matches!(x, Input::Q80(_));
     if n_tokens == 0 {
         return Err(Error::invalid("matmul: n_tokens must be at least 1"));
     }
@@ -131,9 +136,9 @@ fn check_shapes(
     match (w, x) {
         (Matrix::Q40(_) | Matrix::Q80(_), _)
         | (Matrix::Q40Packed(_), Input::Q80(_))
-        | (Matrix::F32(_) | Matrix::F16(_), Input::F32(_)) => Ok(()),
+        | (Matrix::F32(_) | Matrix::F16(_) | Matrix::Bf16(_), Input::F32(_)) => Ok(()),
         _ => Err(Error::invalid(format!(
-            "matmul: {} weights by a {} input is not supported (q40|q80 × q80|f32, packed q40 × q80, f32|f16 × f32)",
+            "matmul: {} weights by a {} input is not supported (q40|q80 × q80|f32, packed q40 × q80, f32|f16|bf16 × f32)",
             w.name(),
             x.name()
         ))),
@@ -178,6 +183,9 @@ fn run_rows(
         }
         (Matrix::F32(w), Input::F32(x)) => k.matmul_f32(&w[r0 * cols..r1 * cols], x, out, n_tokens),
         (Matrix::F16(w), Input::F32(x)) => k.matmul_f16(&w[r0 * cols..r1 * cols], x, out, n_tokens),
+        (Matrix::Bf16(w), Input::F32(x)) => {
+            k.matmul_bf16(&w[r0 * cols..r1 * cols], x, out, n_tokens)
+        }
         _ => unreachable!("pairs checked by check_shapes"),
     }
 }

@@ -10,7 +10,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::block::{f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
+use super::block::{bf16_to_f32, f16_to_f32, f32_to_f16, BlockQ40, BlockQ80, QK};
 use super::packed::{for_each_claimed, CELL, GROUP, PREFETCH_AHEAD};
 use super::shape::{assert_q80_blocks, matmul_rows, packed_shape};
 
@@ -523,39 +523,63 @@ pub mod dotprod {
     packed_kernels!("neon,dotprod", cell_sdot, 4);
 }
 
-/// # Safety
-/// The CPU has NEON.
+/// Four f32 weights at `p`.
 #[target_feature(enable = "neon")]
 #[inline]
-pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [vdupq_n_f32(0.0); 4];
-    let mut i = 0;
-    while i + 16 <= n {
-        for k in 0..4 {
-            acc[k] = vfmaq_f32(
-                acc[k],
-                vld1q_f32(ap.add(i + 4 * k)),
-                vld1q_f32(bp.add(i + 4 * k)),
-            );
-        }
-        i += 16;
-    }
-    while i + 4 <= n {
-        acc[0] = vfmaq_f32(acc[0], vld1q_f32(ap.add(i)), vld1q_f32(bp.add(i)));
-        i += 4;
-    }
-    let mut s = vaddvq_f32(vaddq_f32(
-        vaddq_f32(acc[0], acc[1]),
-        vaddq_f32(acc[2], acc[3]),
-    ));
-    while i < n {
-        s += a[i] * b[i];
-        i += 1;
-    }
-    s
+unsafe fn load4_f32(p: *const f32) -> float32x4_t {
+    vld1q_f32(p)
 }
+
+/// Four bf16 weights at `p` (bits), widened to the f32 values they are the high halves of.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn load4_bf16(p: *const u16) -> float32x4_t {
+    vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p)))
+}
+
+/// The dot product of weights of element type `$t` read by `$load4` (4 at a time) and `$one`
+/// as f32 with f32 `x`: one body for f32 and bf16 weights, so that bf16 weights give bit for
+/// bit the sums of the same values held as f32 (a MoE router held as bf16).
+macro_rules! float_weight_dot {
+    ($t:ty, $load4:ident, $one:expr, $dot:ident) => {
+        /// # Safety
+        /// The CPU has NEON.
+        #[target_feature(enable = "neon")]
+        #[inline]
+        pub unsafe fn $dot(a: &[$t], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let (ap, bp) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            let mut i = 0;
+            while i + 16 <= n {
+                for k in 0..4 {
+                    acc[k] = vfmaq_f32(
+                        acc[k],
+                        $load4(ap.add(i + 4 * k)),
+                        vld1q_f32(bp.add(i + 4 * k)),
+                    );
+                }
+                i += 16;
+            }
+            while i + 4 <= n {
+                acc[0] = vfmaq_f32(acc[0], $load4(ap.add(i)), vld1q_f32(bp.add(i)));
+                i += 4;
+            }
+            let mut s = vaddvq_f32(vaddq_f32(
+                vaddq_f32(acc[0], acc[1]),
+                vaddq_f32(acc[2], acc[3]),
+            ));
+            while i < n {
+                s += $one(a[i]) * b[i];
+                i += 1;
+            }
+            s
+        }
+    };
+}
+
+float_weight_dot!(f32, load4_f32, |v: f32| v, dot_f32);
+float_weight_dot!(u16, load4_bf16, bf16_to_f32, dot_bf16);
 
 /// Four f16 values (bits) to f32 with `fcvtl` (the f16 vector types are not stable Rust).
 #[target_feature(enable = "neon")]
@@ -645,6 +669,15 @@ pub unsafe fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize)
 #[target_feature(enable = "neon")]
 pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
     matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f16(w, x))
+}
+
+/// Bit for bit [`matmul_f32`] of the f32 values whose high halves `w` holds.
+///
+/// # Safety
+/// The CPU has NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn matmul_bf16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_bf16(w, x))
 }
 
 /// Q80 quantization, bit-identical to the scalar one: `fcvtas` rounds half away from zero

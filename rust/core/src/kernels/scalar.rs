@@ -4,7 +4,7 @@
 //! `out` (n_tokens, n_rows): out[t, r] = sum_c w[r, c] * x[t, c]. Quantized rows are blocks of
 //! 32 values along the row, so w is (n_rows, cols / 32) blocks and x (n_tokens, cols / 32).
 
-use super::block::{f16_to_f32, BlockQ40, BlockQ80, QK};
+use super::block::{bf16_to_f32, f16_to_f32, BlockQ40, BlockQ80, QK};
 use super::shape::{matmul_rows, packed_shape};
 
 pub use super::block::quantize_q80;
@@ -76,6 +76,18 @@ pub fn matmul_f32(w: &[f32], x: &[f32], out: &mut [f32], n_tokens: usize) {
 /// out (n_tokens, n_rows) = w (n_rows, cols) F16 bits × x (n_tokens, cols) F32.
 pub fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
     matmul_rows(w, x, out, n_tokens, 1, dot_f16)
+}
+
+/// The same sums as [`dot_f32`] of the f32 values whose high halves `w` holds.
+#[inline]
+pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(&a, b)| bf16_to_f32(a) * b).sum()
+}
+
+/// out (n_tokens, n_rows) = w (n_rows, cols) bf16 bits × x (n_tokens, cols) F32: bit for bit
+/// [`matmul_f32`] of the same values.
+pub fn matmul_bf16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
+    matmul_rows(w, x, out, n_tokens, 1, dot_bf16)
 }
 
 /// Dot product of one Q40 row with an F32 vector (the f32-buffer path).

@@ -9,10 +9,14 @@ use crate::pool::ThreadPool;
 use crate::Result;
 
 /// The kernels' view of a weight tensor multiplied by `x`: the repacked rows when there are
-/// some and the input is Q80 (the packed kernels take Q80 only).
+/// some and the input is Q80 (the packed kernels take Q80 only), the bf16 copy of F32 values
+/// when there is one.
 pub fn matrix_view<'a>(w: &'a Tensor, x: &Input<'_>) -> kernels::Matrix<'a> {
     if let (Some(p), Input::Q80(_)) = (w.packed(), x) {
         return kernels::Matrix::Q40Packed(p);
+    }
+    if let (Some(b), Input::F32(_)) = (w.bf16(), x) {
+        return kernels::Matrix::Bf16(b);
     }
     match w.dtype {
         FloatType::F32 => kernels::Matrix::F32(w.as_f32()),

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use super::config::{bytes_for, is_quantized};
 use crate::format::FloatType;
-use crate::kernels::block::{as_q40, as_q80};
+use crate::kernels::block::{as_q40, as_q80, f32_to_bf16_exact};
 use crate::kernels::{BlockQ40, BlockQ80, PackedQ40};
+use crate::memory::LargeBytes;
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 
@@ -117,6 +118,8 @@ pub struct Tensor {
     range: Range<usize>,
     /// Q40 rows repacked for the SIMD kernels (see `kernels::packed`), when packed.
     packed: Option<Arc<PackedQ40>>,
+    /// F32 values held as bf16 bits (see [`Tensor::held_as_bf16`]), when they lose nothing.
+    bf16: Option<Arc<LargeBytes>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -159,6 +162,7 @@ impl Tensor {
             source,
             range,
             packed: None,
+            bf16: None,
         };
         if !(t.bytes().as_ptr() as usize).is_multiple_of(align) {
             // Only possible for a mapped tensor at an odd offset: copy it.
@@ -198,6 +202,7 @@ impl Tensor {
             source: self.source.clone(),
             range: start..start + r.len() * rb,
             packed: None,
+            bf16: None,
         }
     }
 
@@ -212,6 +217,7 @@ impl Tensor {
             source: Arc::new(AlignedBytes::from_slice(src)?),
             range: 0..len,
             packed: None,
+            bf16: None,
         })
     }
 
@@ -282,6 +288,36 @@ impl Tensor {
         Ok(self)
     }
 
+    /// This F32 tensor held as bf16 (the high halves of its values: half the bytes to read
+    /// and keep, the same products bit for bit) when every value's low half is zero, as in a
+    /// tensor converted from a bf16 checkpoint (Qwen3's MoE routers); then the matmuls read the
+    /// bf16 copy and the mapped rows' pages are released. Other tensors are returned as they
+    /// are.
+    pub fn held_as_bf16(mut self) -> Result<Tensor> {
+        if self.dtype != FloatType::F32 || self.bf16.is_some() {
+            return Ok(self);
+        }
+        let values = self.as_f32();
+        if !values.iter().all(|&v| f32_to_bf16_exact(v).is_some()) {
+            return Ok(self);
+        }
+        let mut held = LargeBytes::zeroed(values.len() * 2)?;
+        for (d, &v) in held.chunks_exact_mut(2).zip(values) {
+            d.copy_from_slice(&f32_to_bf16_exact(v).unwrap_or(0).to_ne_bytes());
+        }
+        self.bf16 = Some(Arc::new(held));
+        self.source.release(self.range.clone());
+        Ok(self)
+    }
+
+    /// The bf16 bits of an F32 tensor [`held_as_bf16`](Self::held_as_bf16), if it is.
+    pub fn bf16(&self) -> Option<&[u16]> {
+        self.bf16.as_deref().map(|b| {
+            // SAFETY: LargeBytes are 64-byte aligned; any bits are a valid u16.
+            unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u16, b.len() / 2) }
+        })
+    }
+
     /// Release the mapped pages of this tensor (it will not be read for a while).
     pub fn release(&self) {
         self.source.release(self.range.clone());
@@ -292,9 +328,15 @@ impl Tensor {
         self.packed.as_deref()
     }
 
-    /// Size in bytes.
+    /// Size in bytes (in the file).
     pub fn nbytes(&self) -> usize {
         self.range.len()
+    }
+
+    /// Bytes a matmul by this tensor reads: [`nbytes`](Self::nbytes), or half of them for
+    /// an F32 tensor held as bf16.
+    pub fn read_bytes(&self) -> usize {
+        self.bf16.as_ref().map_or(self.range.len(), |b| b.len())
     }
 }
 

@@ -640,3 +640,86 @@ fn moe_logits_do_not_depend_on_the_thread_count() {
         }
     }
 }
+
+/// A router whose values are all bf16 (as converted from a bf16 checkpoint) is held as bf16
+/// and gives the same logits to the bit as the same values held as f32, token by token and
+/// batched, in F32 and in packed Q40 with Q80 inputs; a router with any other value stays f32.
+#[test]
+fn a_bf16_router_is_held_as_bf16_and_routes_as_its_f32() {
+    use crate::format::ArchType;
+    for (dtype, bt, pack) in [
+        (FloatType::F32, BufferType::F32, false),
+        (FloatType::Q40, BufferType::Q80, true),
+    ] {
+        let cfg = ModelConfig {
+            arch: ArchType::Qwen3Moe,
+            qk_norm: true,
+            moe: Some(MoeConfig {
+                n_experts: 8,
+                n_active: 2,
+                norm_topk_prob: true,
+            }),
+            ..config(4, 4, RopeType::Falcon, dtype)
+        };
+        let mut full = random_model(&cfg, 23);
+        for (name, (_, _, v)) in full.iter_mut() {
+            if name.ends_with("moe_gate") {
+                v.iter_mut()
+                    .for_each(|x| *x = f32::from_bits(x.to_bits() & 0xFFFF_0000));
+            }
+        }
+        let tensors = encode(&cfg, &mut full);
+        let slice = NodeSlice::new(&cfg, 0, 1).unwrap();
+        let get_part = |name: &str| {
+            let (part, ..) = weights::tensor_part(&cfg, &slice, name)?;
+            part.take(tensors[name].clone())
+        };
+        let weights = |as_f32: bool| {
+            let mut w =
+                Weights::from_parts(&cfg, &slice, true, usize::from(pack), &get_part).unwrap();
+            for (i, l) in w.layers.iter_mut().enumerate() {
+                let Ffn::Moe { router, .. } = &mut l.ffn else {
+                    panic!("a MoE layer")
+                };
+                assert!(
+                    router.bf16().is_some(),
+                    "layer {i}: router not held as bf16"
+                );
+                assert_eq!(router.read_bytes() * 2, router.nbytes());
+                if as_f32 {
+                    *router = tensors[&format!("layers.{i}.moe_gate")].clone();
+                    assert!(router.bf16().is_none());
+                }
+            }
+            w
+        };
+        let run = |as_f32: bool, batched: bool| -> Vec<Vec<f32>> {
+            let mut m = Model::new(cfg.clone(), slice.clone(), weights(as_f32), bt, 0, 2).unwrap();
+            if batched {
+                m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
+                return vec![m.logits.clone()];
+            }
+            TOKENS
+                .iter()
+                .enumerate()
+                .map(|(p, &tok)| {
+                    m.step(&[tok as i64], p as i64, &mut Local).unwrap();
+                    m.logits.clone()
+                })
+                .collect()
+        };
+        for batched in [false, true] {
+            assert!(
+                run(false, batched) == run(true, batched),
+                "{dtype:?} batched {batched}: the bf16 router's logits differ from the f32 one's"
+            );
+        }
+        // one value with a nonzero low half keeps the router in f32
+        let mut r = full["layers.0.moe_gate"].2.clone();
+        r[5] = f32::from_bits(r[5].to_bits() | 1);
+        let b: Vec<u8> = r.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t = Tensor::owned(FloatType::F32, cfg.moe.unwrap().n_experts, cfg.dim, &b).unwrap();
+        let t = t.held_as_bf16().unwrap();
+        assert!(t.bf16().is_none() && t.read_bytes() == t.nbytes());
+    }
+}

@@ -91,7 +91,8 @@ pub struct Weights {
 
 impl Weights {
     /// Bytes of weight matrices this node reads per token (for bandwidth figures; packed
-    /// Q40 has the same size): for a MoE layer the router and `n_active` experts.
+    /// Q40 has the same size): for a MoE layer the router (as held: bf16 when exact) and
+    /// `n_active` experts.
     pub fn matmul_bytes(&self) -> usize {
         let layers: usize = self
             .layers
@@ -107,7 +108,7 @@ impl Weights {
                         router,
                         experts,
                         n_active,
-                    } => router.nbytes() + n_active * experts[0].nbytes(),
+                    } => router.read_bytes() + n_active * experts[0].nbytes(),
                 }
             })
             .sum();
@@ -313,7 +314,8 @@ impl Weights {
             let ffn = match cfg.moe {
                 None => Ffn::Dense(swiglu(&n(""))?),
                 Some(moe) => Ffn::Moe {
-                    router: part(&n("moe_gate"))?,
+                    // held as bf16 where that is exact (a router from a bf16 checkpoint)
+                    router: part(&n("moe_gate"))?.held_as_bf16()?,
                     experts: (0..moe.n_experts)
                         .map(|e| swiglu(&n(&format!("experts.{e}."))))
                         .collect::<Result<_>>()?,
