@@ -138,9 +138,16 @@ unsafe fn load8_bf16(p: *const u16) -> __m256 {
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
 }
 
+/// Eight f16 weights at `p` (bits) as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_f16(p: *const u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
 /// The f32-input kernels for weights of element type `$t` read by `$load8` (8 at a time) and
-/// `$one` (1 at a time) as f32: one body for f32 and bf16 weights, so that bf16 weights give
-/// bit for bit the sums of the same values held as f32 (a MoE router held as bf16).
+/// `$one` (1 at a time) as f32: one body for f32, f16 and bf16 weights, so that bf16 weights
+/// give bit for bit the sums of the same values held as f32 (a MoE router held as bf16).
 macro_rules! float_weight_kernels {
     ($t:ty, $load8:ident, $one:expr, $dot:ident, $matmul:ident, $streams:ident) => {
         /// # Safety
@@ -243,36 +250,14 @@ float_weight_kernels!(
     matmul_bf16,
     matmul_bf16_streams
 );
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
-    let n = w.len().min(x.len());
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let mut a = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for k in 0..4 {
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i + 8 * k) as *const __m128i));
-            a[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i + 8 * k)), a[k]);
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i) as *const __m128i));
-        a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), a[0]);
-        i += 8;
-    }
-    let mut s = hsum(_mm256_add_ps(
-        _mm256_add_ps(a[0], a[1]),
-        _mm256_add_ps(a[2], a[3]),
-    ));
-    while i < n {
-        s += f16_to_f32(w[i]) * x[i];
-        i += 1;
-    }
-    s
-}
+float_weight_kernels!(
+    u16,
+    load8_f16,
+    f16_to_f32,
+    dot_f16,
+    matmul_f16,
+    matmul_f16_streams
+);
 
 /// y += a * x.
 ///
@@ -296,13 +281,6 @@ pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         y[i] += a * x[i];
         i += 1;
     }
-}
-
-/// # Safety
-/// The CPU has AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn matmul_f16(w: &[u16], x: &[f32], out: &mut [f32], n_tokens: usize) {
-    matmul_rows(w, x, out, n_tokens, 1, |w, x| dot_f16(w, x))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -538,8 +538,8 @@ unsafe fn load4_bf16(p: *const u16) -> float32x4_t {
 }
 
 /// The dot product of weights of element type `$t` read by `$load4` (4 at a time) and `$one`
-/// as f32 with f32 `x`: one body for f32 and bf16 weights, so that bf16 weights give bit for
-/// bit the sums of the same values held as f32 (a MoE router held as bf16).
+/// as f32 with f32 `x`: one body for f32, f16 and bf16 weights, so that bf16 weights give bit
+/// for bit the sums of the same values held as f32 (a MoE router held as bf16).
 macro_rules! float_weight_dot {
     ($t:ty, $load4:ident, $one:expr, $dot:ident) => {
         /// # Safety
@@ -580,6 +580,7 @@ macro_rules! float_weight_dot {
 
 float_weight_dot!(f32, load4_f32, |v: f32| v, dot_f32);
 float_weight_dot!(u16, load4_bf16, bf16_to_f32, dot_bf16);
+float_weight_dot!(u16, f16x4_to_f32, f16_to_f32, dot_f16);
 
 /// Four f16 values (bits) to f32 with `fcvtl` (the f16 vector types are not stable Rust).
 #[target_feature(enable = "neon")]
@@ -599,39 +600,6 @@ unsafe fn f16x8_to_f32(p: *const u16) -> [float32x4_t; 2] {
     let (lo, hi): (float32x4_t, float32x4_t);
     asm!("fcvtl {0:v}.4s, {2:v}.4h", "fcvtl2 {1:v}.4s, {2:v}.8h", out(vreg) lo, out(vreg) hi, in(vreg) h, options(pure, nomem, nostack));
     [lo, hi]
-}
-
-/// # Safety
-/// The CPU has NEON.
-#[target_feature(enable = "neon")]
-unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
-    let n = w.len().min(x.len());
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let mut acc = [vdupq_n_f32(0.0); 4];
-    let mut i = 0;
-    while i + 16 <= n {
-        for k in 0..4 {
-            acc[k] = vfmaq_f32(
-                acc[k],
-                f16x4_to_f32(wp.add(i + 4 * k)),
-                vld1q_f32(xp.add(i + 4 * k)),
-            );
-        }
-        i += 16;
-    }
-    while i + 4 <= n {
-        acc[0] = vfmaq_f32(acc[0], f16x4_to_f32(wp.add(i)), vld1q_f32(xp.add(i)));
-        i += 4;
-    }
-    let mut s = vaddvq_f32(vaddq_f32(
-        vaddq_f32(acc[0], acc[1]),
-        vaddq_f32(acc[2], acc[3]),
-    ));
-    while i < n {
-        s += f16_to_f32(w[i]) * x[i];
-        i += 1;
-    }
-    s
 }
 
 /// y += a * x.
