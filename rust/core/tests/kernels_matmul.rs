@@ -206,22 +206,26 @@ fn q80_q80_every_path() {
     );
 }
 
+/// (n_rows, cols, n_tokens) of the f32-input kernels' tests: column counts that are not
+/// multiples of the 8 / 32 unroll; for one token, 4 rows at a time from the 4 quarters, then
+/// the rows left over, and the columns past the last multiple of 16; a MoE router's shape, 2
+/// rows more, and 3 tokens.
+const F32_INPUT_SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (3, 7, 1),
+    (5, 33, 2),
+    (9, 100, 3),
+    (4, 4096, 1),
+    (17, 257, 5),
+    (11, 37, 1),
+    (130, 2048, 1),
+    (128, 2048, 3),
+];
+
 #[test]
 fn f32_and_f16_every_path() {
     let mut rng = rng(4);
-    // column counts that are not multiples of the 8 / 32 unroll
-    for &(n_rows, cols, n_tokens) in &[
-        (1, 1, 1),
-        (3, 7, 1),
-        (5, 33, 2),
-        (9, 100, 3),
-        (4, 4096, 1),
-        (17, 257, 5),
-        // one token: 4 rows at a time from the 4 quarters, then the rows left over; the
-        // columns past the last multiple of 16; a MoE router's shape, and 2 rows more
-        (11, 37, 1),
-        (130, 2048, 1),
-    ] {
+    for &(n_rows, cols, n_tokens) in F32_INPUT_SHAPES {
         let w = random_values(&mut rng, n_rows * cols, 1.0);
         let x = random_values(&mut rng, n_tokens * cols, 1.0);
         let w16: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
@@ -258,21 +262,11 @@ fn f32_and_f16_every_path() {
 
 /// bf16 weights give bit for bit the outputs of the same values held as f32, on every path
 /// and through the pooled `matmul` (a MoE router held as bf16 routes exactly as the f32
-/// one): the shapes of `f32_and_f16_every_path`, weights rounded to bf16 first.
+/// one), weights rounded to bf16 first.
 #[test]
 fn bf16_equals_f32_of_the_same_values_every_path() {
     let mut rng = rng(14);
-    for &(n_rows, cols, n_tokens) in &[
-        (1, 1, 1),
-        (3, 7, 1),
-        (5, 33, 2),
-        (9, 100, 3),
-        (4, 4096, 1),
-        (17, 257, 5),
-        (11, 37, 1),
-        (130, 2048, 1),
-        (128, 2048, 3),
-    ] {
+    for &(n_rows, cols, n_tokens) in F32_INPUT_SHAPES {
         let w: Vec<f32> = random_values(&mut rng, n_rows * cols, 1.0)
             .iter()
             .map(|&v| f32::from_bits(v.to_bits() & 0xFFFF_0000))

@@ -582,27 +582,31 @@ fn qwen3_and_moe_match_the_reference() {
     }
 }
 
+/// A small Qwen3-MoE of 8 experts, `n_active` a token.
+fn moe_config(dtype: FloatType, n_active: usize) -> ModelConfig {
+    ModelConfig {
+        arch: crate::format::ArchType::Qwen3Moe,
+        qk_norm: true,
+        moe: Some(MoeConfig {
+            n_experts: 8,
+            n_active,
+            norm_topk_prob: true,
+        }),
+        ..config(4, 4, RopeType::Falcon, dtype)
+    }
+}
+
 /// Qwen3-MoE's experts run whole per thread (at least two picked experts per thread) or one
 /// after another with each matmul split across the threads (fewer): 1, 2 and 3 threads give
 /// the same logits to the bit, token by token (4 picked experts: 2 threads run them whole, 3
 /// split them) and batched (up to 8 picked), in F32 and in packed Q40 with Q80 inputs.
 #[test]
 fn moe_logits_do_not_depend_on_the_thread_count() {
-    use crate::format::ArchType;
     for (dtype, bt, pack) in [
         (FloatType::F32, BufferType::F32, false),
         (FloatType::Q40, BufferType::Q80, true),
     ] {
-        let cfg = ModelConfig {
-            arch: ArchType::Qwen3Moe,
-            qk_norm: true,
-            moe: Some(MoeConfig {
-                n_experts: 8,
-                n_active: 4,
-                norm_topk_prob: true,
-            }),
-            ..config(4, 4, RopeType::Falcon, dtype)
-        };
+        let cfg = moe_config(dtype, 4);
         let mut full = random_model(&cfg, 19);
         let tensors = encode(&cfg, &mut full);
         let run = |threads: usize, batched: bool| -> Vec<Vec<f32>> {
@@ -646,21 +650,11 @@ fn moe_logits_do_not_depend_on_the_thread_count() {
 /// batched, in F32 and in packed Q40 with Q80 inputs; a router with any other value stays f32.
 #[test]
 fn a_bf16_router_is_held_as_bf16_and_routes_as_its_f32() {
-    use crate::format::ArchType;
     for (dtype, bt, pack) in [
         (FloatType::F32, BufferType::F32, false),
         (FloatType::Q40, BufferType::Q80, true),
     ] {
-        let cfg = ModelConfig {
-            arch: ArchType::Qwen3Moe,
-            qk_norm: true,
-            moe: Some(MoeConfig {
-                n_experts: 8,
-                n_active: 2,
-                norm_topk_prob: true,
-            }),
-            ..config(4, 4, RopeType::Falcon, dtype)
-        };
+        let cfg = moe_config(dtype, 2);
         let mut full = random_model(&cfg, 23);
         for (name, (_, _, v)) in full.iter_mut() {
             if name.ends_with("moe_gate") {
