@@ -596,6 +596,38 @@ fn moe_config(dtype: FloatType, n_active: usize) -> ModelConfig {
     }
 }
 
+/// The weights of a whole model on one node (packed on one thread with `pack`).
+fn one_node_weights(cfg: &ModelConfig, tensors: &HashMap<String, Tensor>, pack: bool) -> Weights {
+    let slice = NodeSlice::new(cfg, 0, 1).unwrap();
+    let get_part = |name: &str| {
+        let (part, ..) = weights::tensor_part(cfg, &slice, name)?;
+        part.take(
+            tensors
+                .get(name)
+                .cloned()
+                .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))?,
+        )
+    };
+    Weights::from_parts(cfg, &slice, true, usize::from(pack), &get_part).unwrap()
+}
+
+/// The logits of `TOKENS` through `m`: after each token, one step at a time, or (`batched`)
+/// after the one step of them all.
+fn step_logits(m: &mut Model, batched: bool) -> Vec<Vec<f32>> {
+    if batched {
+        m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
+        return vec![m.logits.clone()];
+    }
+    TOKENS
+        .iter()
+        .enumerate()
+        .map(|(p, &tok)| {
+            m.step(&[tok as i64], p as i64, &mut Local).unwrap();
+            m.logits.clone()
+        })
+        .collect()
+}
+
 /// Qwen3-MoE's experts run whole per thread (at least two picked experts per thread) or one
 /// after another with each matmul split across the threads (fewer): 1, 2 and 3 threads give
 /// the same logits to the bit, token by token (4 picked experts: 2 threads run them whole, 3
@@ -610,28 +642,10 @@ fn moe_logits_do_not_depend_on_the_thread_count() {
         let mut full = random_model(&cfg, 19);
         let tensors = encode(&cfg, &mut full);
         let run = |threads: usize, batched: bool| -> Vec<Vec<f32>> {
+            let w = one_node_weights(&cfg, &tensors, pack);
             let slice = NodeSlice::new(&cfg, 0, 1).unwrap();
-            let get_part = |name: &str| {
-                let (part, ..) = weights::tensor_part(&cfg, &slice, name)?;
-                part.take(
-                    tensors
-                        .get(name)
-                        .cloned()
-                        .ok_or_else(|| crate::Error::format(format!("no tensor {name}")))?,
-                )
-            };
-            let w = Weights::from_parts(&cfg, &slice, true, usize::from(pack), &get_part).unwrap();
             let mut m = Model::new(cfg.clone(), slice, w, bt, 0, threads).unwrap();
-            if batched {
-                m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
-                return vec![m.logits.clone()];
-            }
-            let mut out = vec![];
-            for (p, &tok) in TOKENS.iter().enumerate() {
-                m.step(&[tok as i64], p as i64, &mut Local).unwrap();
-                out.push(m.logits.clone());
-            }
-            out
+            step_logits(&mut m, batched)
         };
         for batched in [false, true] {
             let one = run(1, batched);
@@ -664,13 +678,8 @@ fn a_bf16_router_is_held_as_bf16_and_routes_as_its_f32() {
         }
         let tensors = encode(&cfg, &mut full);
         let slice = NodeSlice::new(&cfg, 0, 1).unwrap();
-        let get_part = |name: &str| {
-            let (part, ..) = weights::tensor_part(&cfg, &slice, name)?;
-            part.take(tensors[name].clone())
-        };
         let weights = |as_f32: bool| {
-            let mut w =
-                Weights::from_parts(&cfg, &slice, true, usize::from(pack), &get_part).unwrap();
+            let mut w = one_node_weights(&cfg, &tensors, pack);
             for (i, l) in w.layers.iter_mut().enumerate() {
                 let Ffn::Moe { router, .. } = &mut l.ffn else {
                     panic!("a MoE layer")
@@ -689,18 +698,7 @@ fn a_bf16_router_is_held_as_bf16_and_routes_as_its_f32() {
         };
         let run = |as_f32: bool, batched: bool| -> Vec<Vec<f32>> {
             let mut m = Model::new(cfg.clone(), slice.clone(), weights(as_f32), bt, 0, 2).unwrap();
-            if batched {
-                m.step(&ids(&TOKENS), 0, &mut Local).unwrap();
-                return vec![m.logits.clone()];
-            }
-            TOKENS
-                .iter()
-                .enumerate()
-                .map(|(p, &tok)| {
-                    m.step(&[tok as i64], p as i64, &mut Local).unwrap();
-                    m.logits.clone()
-                })
-                .collect()
+            step_logits(&mut m, batched)
         };
         for batched in [false, true] {
             assert!(
