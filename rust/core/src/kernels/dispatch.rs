@@ -373,7 +373,7 @@ impl Kernels {
     /// Packed Q40 (`cells`: all the groups of a matrix of `n_rows` rows, `bpr` blocks per
     /// row) × one Q80 token, over the items of the pass plans `claim` hands out until it
     /// returns `None`: out[r] for the rows r of those items' groups. On a path without
-    /// such a kernel (`has_passes`), each item's groups one by one.
+    /// such a kernel (`has_passes`), the items' groups as row ranges, one by one.
     ///
     /// # Safety
     /// `out` holds `n_rows` values, and no other thread touches the rows of the items
@@ -390,15 +390,21 @@ impl Kernels {
         if let Some(f) = self.matmul_q40x8_q80_passes {
             return f(cells, bpr, x, out, n_rows, claim);
         }
-        let mut groups = Vec::new();
-        while let Some((plan, items)) = claim() {
-            groups.clear();
-            plan.groups_of(items, &mut groups);
-            for &g in &groups {
-                let mut once = Some(g * GROUP..((g + 1) * GROUP).min(n_rows));
-                self.matmul_q40x8_q80_claimed(cells, bpr, x, out, n_rows, &mut || once.take());
+        // the claimed items' groups as row ranges, one by one, through one call (the input
+        // prepared once)
+        let (mut groups, mut next) = (Vec::new(), 0);
+        let mut rows = || {
+            while next == groups.len() {
+                let (plan, items) = claim()?;
+                groups.clear();
+                next = 0;
+                plan.groups_of(items, &mut groups);
             }
-        }
+            next += 1;
+            let g = groups[next - 1];
+            Some(g * GROUP..((g + 1) * GROUP).min(n_rows))
+        };
+        self.matmul_q40x8_q80_claimed(cells, bpr, x, out, n_rows, &mut rows);
     }
     /// Q40 weights × f32 input (the f32-buffer mode).
     pub fn matmul_q40_f32(&self, w: &[BlockQ40], x: &[f32], out: &mut [f32], n_tokens: usize) {
