@@ -13,6 +13,7 @@ __all__ = [
     "FLOAT_TYPES",
     "PROTOCOL_VERSION",
     "AuthenticationError",
+    "BandwidthReader",
     "ModelFormatError",
     "Node",
     "ProtocolError",
@@ -42,6 +43,12 @@ class AuthenticationError(ProtocolError): ...
 def quantize(x: npt.NDArray[np.float32], float_type: str) -> bytes: ...
 def dequantize(data: bytes, float_type: str) -> npt.NDArray[np.float32]: ...
 def read_bandwidth(nbytes: int, nthreads: int, rounds: int = 5) -> float: ...
+@final
+class BandwidthReader:
+    """A buffer that `nthreads` threads read again and again; `read()`: bytes/s of one pass."""
+
+    def __new__(cls, nbytes: int, nthreads: int) -> BandwidthReader: ...
+    def read(self) -> float: ...
 
 # --- format --------------------------------------------------------------------------------
 

@@ -104,35 +104,65 @@ impl std::ops::DerefMut for LargeBytes {
 /// DRAM banks and read slower than one stream. AVX2 loads where the CPU has them. The
 /// reference for the benchmarks' floor, so it takes the best any pattern gets.
 pub fn read_bandwidth(nbytes: usize, n_threads: usize, rounds: usize) -> crate::Result<f64> {
-    let (_, shortest) = stream_layout(nbytes, MAX_READ_STREAMS * n_threads.max(1));
-    if shortest < 4096 || rounds == 0 || n_threads == 0 {
-        return Err(crate::Error::invalid(format!(
-            "read_bandwidth: {nbytes} bytes over {n_threads} threads in {rounds} rounds is too \
-             little to time"
-        )));
+    if rounds == 0 {
+        return Err(crate::Error::invalid(
+            "read_bandwidth: 0 rounds is too little to time",
+        ));
     }
-    let mut pool = crate::pool::ThreadPool::new(n_threads)?;
-    let mut buf = LargeBytes::zeroed(nbytes)?;
-    for (i, chunk) in buf.chunks_mut(4096).enumerate() {
-        chunk.fill(i as u8); // touch every page before timing
+    let mut reader = BandwidthReader::new(nbytes, n_threads)?;
+    Ok((0..rounds).map(|_| reader.read()).fold(0.0, f64::max))
+}
+
+/// A buffer of `nbytes`, allocated and touched once, that `n_threads` threads read again and
+/// again as [`read_bandwidth`] does: [`BandwidthReader::read`] times one pass of each of the
+/// [`READ_PATTERNS`]. For measuring the bandwidth right beside another measurement (a token
+/// of the model, say), many times over, on a machine whose bandwidth changes as other
+/// tenants come and go.
+pub struct BandwidthReader {
+    pool: crate::pool::ThreadPool,
+    buf: LargeBytes,
+    sink: std::sync::atomic::AtomicU64,
+}
+
+impl BandwidthReader {
+    pub fn new(nbytes: usize, n_threads: usize) -> crate::Result<BandwidthReader> {
+        let (_, shortest) = stream_layout(nbytes, MAX_READ_STREAMS * n_threads.max(1));
+        if shortest < 4096 || n_threads == 0 {
+            return Err(crate::Error::invalid(format!(
+                "read_bandwidth: {nbytes} bytes over {n_threads} threads is too little to time"
+            )));
+        }
+        let pool = crate::pool::ThreadPool::new(n_threads)?;
+        let mut buf = LargeBytes::zeroed(nbytes)?;
+        for (i, chunk) in buf.chunks_mut(4096).enumerate() {
+            chunk.fill(i as u8); // touch every page before timing
+        }
+        Ok(BandwidthReader {
+            pool,
+            buf,
+            sink: std::sync::atomic::AtomicU64::new(0),
+        })
     }
-    let sink = std::sync::atomic::AtomicU64::new(0);
-    let mut best = 0.0f64;
-    for _ in 0..rounds {
+
+    /// Bytes per second: the fastest of one pass of each of the [`READ_PATTERNS`].
+    pub fn read(&mut self) -> f64 {
+        let n_threads = self.pool.n_threads();
+        let (buf, sink) = (&self.buf, &self.sink);
+        let mut best = 0.0f64;
         for &(streams, ahead) in READ_PATTERNS {
-            let (starts, len) = stream_layout(nbytes, streams * n_threads);
+            let (starts, len) = stream_layout(buf.len(), streams * n_threads);
             let t0 = std::time::Instant::now();
-            pool.run(|i, _| {
+            self.pool.run(|i, _| {
                 let mine = &starts[i * streams..(i + 1) * streams];
-                let s = sum_streams(&buf, mine, len, ahead);
+                let s = sum_streams(buf, mine, len, ahead);
                 sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
             });
             let bw = (starts.len() * len) as f64 / t0.elapsed().as_secs_f64();
             best = best.max(bw);
         }
+        std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+        best
     }
-    std::hint::black_box(sink.into_inner());
-    Ok(best)
 }
 
 /// The ways [`read_bandwidth`] reads: (streams per thread, prefetch distance in bytes, 0 for
@@ -347,6 +377,11 @@ mod tests {
         assert!(bw > 1e8, "{bw}");
         assert!(super::read_bandwidth(100, 1, 1).is_err());
         assert!(super::read_bandwidth(8 << 20, 1, 0).is_err());
+        // the reader keeps its buffer: every read is a pass over the same bytes
+        let mut r = super::BandwidthReader::new(8 << 20, 2).unwrap();
+        assert!(r.read() > 1e8 && r.read() > 1e8);
+        assert!(super::BandwidthReader::new(100, 1).is_err());
+        assert!(super::BandwidthReader::new(8 << 20, 0).is_err());
         // the streams are disjoint, inside the buffer, and both readers sum exactly them
         let n = 64 * 1024 + 192;
         let b: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();

@@ -62,7 +62,29 @@ fn read_bandwidth(py: Python<'_>, nbytes: usize, nthreads: usize, rounds: usize)
         .py()
 }
 
+/// A `nbytes` buffer (allocated as the repacked weights are, touched once) that `nthreads`
+/// threads read again and again: `read()` is the bandwidth of one pass of each read pattern,
+/// the best, so it can be timed right beside a token, many times over.
+#[pyclass(name = "BandwidthReader", module = "dllama._core")]
+pub struct PyBandwidthReader(dllama_core::memory::BandwidthReader);
+
+#[pymethods]
+impl PyBandwidthReader {
+    #[new]
+    fn new(py: Python<'_>, nbytes: usize, nthreads: usize) -> PyResult<PyBandwidthReader> {
+        py.detach(|| dllama_core::memory::BandwidthReader::new(nbytes, nthreads))
+            .map(PyBandwidthReader)
+            .py()
+    }
+
+    /// Bytes per second, the fastest of one pass of each read pattern.
+    fn read(&mut self, py: Python<'_>) -> f64 {
+        py.detach(|| self.0.read())
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyBandwidthReader>()?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
