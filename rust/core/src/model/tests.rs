@@ -582,6 +582,12 @@ fn qwen3_and_moe_match_the_reference() {
     }
 }
 
+/// (weights, buffers, packed) of the MoE tests: F32, and packed Q40 with Q80 inputs.
+const MOE_RUNS: [(FloatType, BufferType, bool); 2] = [
+    (FloatType::F32, BufferType::F32, false),
+    (FloatType::Q40, BufferType::Q80, true),
+];
+
 /// A small Qwen3-MoE of 8 experts, `n_active` a token.
 fn moe_config(dtype: FloatType, n_active: usize) -> ModelConfig {
     ModelConfig {
@@ -634,10 +640,7 @@ fn step_logits(m: &mut Model, batched: bool) -> Vec<Vec<f32>> {
 /// split them) and batched (up to 8 picked), in F32 and in packed Q40 with Q80 inputs.
 #[test]
 fn moe_logits_do_not_depend_on_the_thread_count() {
-    for (dtype, bt, pack) in [
-        (FloatType::F32, BufferType::F32, false),
-        (FloatType::Q40, BufferType::Q80, true),
-    ] {
+    for (dtype, bt, pack) in MOE_RUNS {
         let cfg = moe_config(dtype, 4);
         let mut full = random_model(&cfg, 19);
         let tensors = encode(&cfg, &mut full);
@@ -664,10 +667,7 @@ fn moe_logits_do_not_depend_on_the_thread_count() {
 /// batched, in F32 and in packed Q40 with Q80 inputs; a router with any other value stays f32.
 #[test]
 fn a_bf16_router_is_held_as_bf16_and_routes_as_its_f32() {
-    for (dtype, bt, pack) in [
-        (FloatType::F32, BufferType::F32, false),
-        (FloatType::Q40, BufferType::Q80, true),
-    ] {
+    for (dtype, bt, pack) in MOE_RUNS {
         let cfg = moe_config(dtype, 2);
         let mut full = random_model(&cfg, 23);
         for (name, (_, _, v)) in full.iter_mut() {
