@@ -298,12 +298,19 @@ impl Tensor {
             return Ok(self);
         }
         let values = self.as_f32();
-        if !values.iter().all(|&v| f32_to_bf16_exact(v).is_some()) {
-            return Ok(self);
-        }
         let mut held = LargeBytes::zeroed(values.len() * 2)?;
-        for (d, &v) in held.chunks_exact_mut(2).zip(values) {
-            d.copy_from_slice(&f32_to_bf16_exact(v).unwrap_or(0).to_ne_bytes());
+        let exact =
+            held.chunks_exact_mut(2)
+                .zip(values)
+                .all(|(d, &v)| match f32_to_bf16_exact(v) {
+                    Some(b) => {
+                        d.copy_from_slice(&b.to_ne_bytes());
+                        true
+                    }
+                    None => false,
+                });
+        if !exact {
+            return Ok(self);
         }
         self.bf16 = Some(Arc::new(held));
         self.source.release(self.range.clone());
